@@ -1,0 +1,245 @@
+"""A typed client for the `protoserve.v1.Explainer` service.
+
+Responses are returned as the protobuf messages themselves: they are the typed contract
+(see explainer_pb2.pyi). gRPC failures propagate unchanged as `grpc.RpcError`, whose
+`code()` and `details()` say what the server refused and why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Literal
+
+import grpc
+import numpy as np
+
+from protoserve_client._stubs.protoserve.v1 import explainer_pb2 as pb
+from protoserve_client._stubs.protoserve.v1 import explainer_pb2_grpc as pb_grpc
+from protoserve_client.tensors import from_tensor, to_tensor
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# float32 rounding over a few hundred components stays far below this.
+ADDITIVITY_RTOL = 1e-4
+
+HeatmapName = Literal["feature_grid", "input", "none"]
+HEATMAP_MODES: dict[str, int] = {
+    "none": pb.HEATMAP_MODE_NONE,
+    "feature_grid": pb.HEATMAP_MODE_FEATURE_GRID,
+    "input": pb.HEATMAP_MODE_INPUT,
+}
+
+InputArray = np.ndarray | pb.Tensor
+
+
+def _input_fields(input: InputArray | None, image: bytes | None) -> dict[str, object]:
+    """The request's `input` or `image` field: exactly one of them must be given."""
+    if (input is None) == (image is None):
+        raise ValueError("give exactly one of `input` (an array) and `image` (encoded PNG/JPEG bytes)")
+    if image is not None:
+        return {"image": bytes(image)}
+    # A ready Tensor is passed through untouched, so callers can send any bytes they like.
+    return {"input": input if isinstance(input, pb.Tensor) else to_tensor(input, field="input")}
+
+
+def predict_request(
+    input: InputArray | None = None,
+    *,
+    image: bytes | None = None,
+    model: str,
+    version: str = "",
+    top_k: int = 5,
+    request_id: str = "",
+) -> pb.PredictRequest:
+    """Build a PredictRequest; `input` is one example without batch dimension."""
+    return pb.PredictRequest(
+        model=model, version=version, top_k=top_k, request_id=request_id, **_input_fields(input, image)
+    )
+
+
+def explain_request(
+    input: InputArray | None = None,
+    *,
+    image: bytes | None = None,
+    model: str,
+    version: str = "",
+    method: str = "",
+    top_k: int = 5,
+    target_class: int | None = None,
+    heatmaps: HeatmapName = "feature_grid",
+    interventions: Iterable[Sequence[str]] = (),
+    request_id: str = "",
+) -> pb.ExplainRequest:
+    """Build an ExplainRequest (also what `ExplainerClient.explain_stream` consumes).
+
+    `target_class=None` leaves the target unset (the predicted class); `interventions` is a
+    list of sets of component ids, each set suppressed together in one intervened prediction.
+    """
+    if heatmaps not in HEATMAP_MODES:
+        raise ValueError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, not {heatmaps!r}")
+    suppress_sets = []
+    for ids in interventions:
+        # A bare string would silently become one id per character.
+        if isinstance(ids, str):
+            raise TypeError(f"each intervention is a list of component ids, got the string {ids!r}")
+        suppress_sets.append(pb.Intervention(suppress=list(ids)))
+    request = pb.ExplainRequest(
+        model=model,
+        version=version,
+        method=method,
+        top_k=top_k,
+        heatmaps=HEATMAP_MODES[heatmaps],
+        interventions=suppress_sets,
+        request_id=request_id,
+        **_input_fields(input, image),
+    )
+    if target_class is not None:
+        request.target_class = target_class
+    return request
+
+
+class ExplainerClient:
+    """Client for one server; use as a context manager, or call `close()`.
+
+    `timeout` (seconds, None for none) is the deadline of every unary call. `credentials`
+    switch to a TLS channel; `token` is sent as ``authorization: Bearer <token>`` metadata on
+    every call (over an insecure channel it travels in clear text).
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.ExplainerStub(self._channel)
+        self._timeout = timeout
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+
+    @property
+    def stub(self) -> pb_grpc.ExplainerStub:
+        """The generated stub on this channel, for requests built by hand."""
+        return self._stub
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ExplainerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def predict(
+        self,
+        input: InputArray | None = None,
+        *,
+        image: bytes | None = None,
+        model: str,
+        version: str = "",
+        top_k: int = 5,
+        request_id: str = "",
+    ) -> pb.PredictResponse:
+        """The bare prediction for one example: `input` (array or Tensor) or `image` bytes."""
+        request = predict_request(
+            input, image=image, model=model, version=version, top_k=top_k, request_id=request_id
+        )
+        return self._stub.Predict(request, timeout=self._timeout, metadata=self._metadata)
+
+    def explain(
+        self,
+        input: InputArray | None = None,
+        *,
+        image: bytes | None = None,
+        model: str,
+        version: str = "",
+        method: str = "",
+        top_k: int = 5,
+        target_class: int | None = None,
+        heatmaps: HeatmapName = "feature_grid",
+        interventions: Iterable[Sequence[str]] = (),
+        request_id: str = "",
+    ) -> pb.ExplainResponse:
+        """The prediction for one example with its explanation; arguments as in `explain_request`."""
+        request = explain_request(
+            input,
+            image=image,
+            model=model,
+            version=version,
+            method=method,
+            top_k=top_k,
+            target_class=target_class,
+            heatmaps=heatmaps,
+            interventions=interventions,
+            request_id=request_id,
+        )
+        return self._stub.Explain(request, timeout=self._timeout, metadata=self._metadata)
+
+    def explain_stream(
+        self, requests: Iterable[pb.ExplainRequest], *, timeout: float | None = None
+    ) -> Iterator[pb.ExplainStreamResponse]:
+        """Send `requests` over one bidirectional stream; yields answers as they finish.
+
+        Answers are matched to requests by `request_id`; a bad request yields an answer whose
+        `error` is set and the stream goes on. The stream has no deadline unless `timeout` is
+        given (the client's unary timeout would cut long streams). The returned iterator is
+        also a `grpc.Call`, so it can be cancelled.
+        """
+        return self._stub.ExplainStream(iter(requests), timeout=timeout, metadata=self._metadata)
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout, metadata=self._metadata)
+
+    def get_model(self, model: str, version: str = "") -> pb.ModelInfo:
+        """The model's info with every method's components; `version=""` is the newest."""
+        request = pb.GetModelRequest(model=model, version=version)
+        return self._stub.GetModel(request, timeout=self._timeout, metadata=self._metadata)
+
+
+def heatmap_arrays(response: pb.ExplainResponse) -> dict[str, np.ndarray]:
+    """Each heatmap of `response` as a float array [H, W], keyed by component id."""
+    return {
+        heatmap.component_id: from_tensor(heatmap.map, field=f"heatmaps[{index}].map")
+        for index, heatmap in enumerate(response.heatmaps)
+    }
+
+
+def additivity_gap(response: pb.ExplainResponse) -> float:
+    """|sum(contribution) + residual_contribution + bias - target_logit| / max(1, |target_logit|)."""
+    # math.fsum: the sum is exact, so the gap measures the server's rounding, not ours.
+    total = math.fsum([c.contribution for c in response.components]
+                      + [response.residual_contribution, response.bias, -response.target_logit])
+    return abs(total) / max(1.0, abs(response.target_logit))
+
+
+def check_additive(response: pb.ExplainResponse, rtol: float = ADDITIVITY_RTOL) -> float:
+    """Return `additivity_gap(response)`; raise ValueError if it exceeds `rtol`.
+
+    Only meaningful for methods whose MethodInfo says `additive`.
+    """
+    gap = additivity_gap(response)
+    if not gap <= rtol:  # also catches NaN
+        raise ValueError(
+            f"not additive: sum of {len(response.components)} contributions + residual "
+            f"{response.residual_contribution:.6g} + bias {response.bias:.6g} misses target logit "
+            f"{response.target_logit:.6g} by a relative {gap:.3g} > rtol {rtol:g}"
+        )
+    return gap

@@ -1,0 +1,77 @@
+"""Conversion between numpy arrays and the wire `Tensor` (little-endian, row-major).
+
+The server decodes requests with `from_tensor` too, so its errors name the field at fault
+and say exactly what is wrong; they are `TensorFormatError`, a `ValueError`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from protoserve_client._stubs.protoserve.v1 import explainer_pb2 as pb
+
+# Wire dtype name -> little-endian numpy dtype.
+WIRE_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "uint8": np.dtype("u1"),
+}
+
+
+class TensorFormatError(ValueError):
+    """A tensor that cannot be encoded or decoded; `field` is the offending field's path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _supported() -> str:
+    return ", ".join(WIRE_DTYPES)
+
+
+def to_tensor(array: np.ndarray, *, field: str = "array") -> pb.Tensor:
+    """Encode `array` (float32, float16 or uint8, any shape) as a `Tensor`.
+
+    Other dtypes are refused rather than converted, so that precision is never lost silently:
+    convert first, e.g. ``array.astype(np.float32)``. `field` names the array in errors.
+    """
+    array = np.asarray(array)
+    name = array.dtype.name
+    if name not in WIRE_DTYPES:
+        raise TensorFormatError(
+            f"{field}.dtype",
+            f"{field} has dtype {name}, not one of {_supported()}; convert it first, e.g. .astype(np.float32)",
+        )
+    # astype to the little-endian dtype is a no-op on little-endian hosts; tobytes is row-major.
+    data = array.astype(WIRE_DTYPES[name], copy=False).tobytes(order="C")
+    return pb.Tensor(dtype=name, shape=array.shape, data=data)
+
+
+def from_tensor(tensor: pb.Tensor, *, field: str = "tensor") -> np.ndarray:
+    """Decode a `Tensor` into an array of its dtype and shape.
+
+    The result is a read-only view of `tensor.data` (no copy); use ``.copy()`` for a writable
+    array. `field` names the tensor in errors, e.g. ``field="input"`` gives
+    "input.data has 100 bytes, shape [1, 28, 28] float32 needs 3136".
+    Raises TensorFormatError (a ValueError) for an unknown dtype, a negative dimension, or a
+    data length that does not match the shape.
+    """
+    dtype = WIRE_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise TensorFormatError(
+            f"{field}.dtype", f"{field}.dtype {tensor.dtype!r} is not supported; expected one of {_supported()}"
+        )
+    shape = list(tensor.shape)
+    if any(dim < 0 for dim in shape):
+        raise TensorFormatError(f"{field}.shape", f"{field}.shape {shape} has a negative dimension")
+    # Python ints: a hostile shape cannot overflow the size computation.
+    needed = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != needed:
+        raise TensorFormatError(
+            f"{field}.data",
+            f"{field}.data has {len(tensor.data)} bytes, shape {shape} {tensor.dtype} needs {needed}",
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

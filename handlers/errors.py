@@ -1,0 +1,26 @@
+"""Errors the handlers raise; the server maps each kind to one gRPC status code."""
+
+
+class ProtoserveError(Exception):
+    """Base of the errors that describe a bad request or a bad archive, never a bug."""
+
+
+class InvalidInputError(ProtoserveError):
+    """A request field is malformed; ``field`` names it (e.g. ``input.shape``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFoundError(ProtoserveError):
+    """A model, version, method or component id that does not exist."""
+
+    def __init__(self, kind: str, name: str, known: list[str] | None = None):
+        hint = f"; known: {', '.join(known[:20])}{' …' if len(known) > 20 else ''}" if known else ""
+        super().__init__(f"{kind} {name!r} not found{hint}")
+        self.kind = kind
+
+
+class ArchiveError(ProtoserveError):
+    """An archive is malformed, tampered with, or does not match its model."""

@@ -1,0 +1,121 @@
+"""A served model as two parts around the explained layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from handlers.model_parts import split, weights_sha256
+
+
+@dataclass
+class InputSpec:
+    """What one example looks like, and how an encoded image becomes one.
+
+    shape : the example's shape without batch dimension, e.g. [1, 28, 28] or [1, 140]
+    image : how to turn an encoded PNG/JPEG into an input (None: tensors only), e.g.
+            ``{"mode": "L", "size": [28, 28], "scale": 1/255, "mean": [0.0], "std": [1.0]}``
+    """
+
+    shape: list[int]
+    dtype: str = "float32"
+    image: dict | None = None
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype, "image": self.image}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "InputSpec":
+        return cls(shape=[int(s) for s in d["shape"]], dtype=d.get("dtype", "float32"), image=d.get("image"))
+
+
+@dataclass
+class ModelParts:
+    """``downstream(upstream(x))`` is the model; ``upstream(x)`` the explained layer.
+
+    upstream   : (B, *input_shape) -> (B, *feature_shape)
+    downstream : (B, *feature_shape) -> (B, K)
+    """
+
+    upstream: nn.Module
+    downstream: nn.Module
+    input_spec: InputSpec
+    labels: list[str]
+    layer: str
+    feature_shape: list[int] = field(default_factory=list)
+    weights_sha256: str = ""
+
+    def __post_init__(self):
+        self.upstream.eval()
+        self.downstream.eval()
+        if not self.feature_shape:
+            with torch.no_grad():
+                probe = torch.zeros(1, *self.input_spec.shape)
+                self.feature_shape = list(self.upstream(probe).shape[1:])
+        if not self.weights_sha256:
+            self.weights_sha256 = weights_sha256(self.upstream, self.downstream)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, layer: str, input_spec: InputSpec, labels: list[str]) -> "ModelParts":
+        upstream, downstream = split(model, layer)
+        return cls(upstream, downstream, input_spec, list(labels), layer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.upstream.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> "ModelParts":
+        self.upstream.to(device)
+        self.downstream.to(device)
+        return self
+
+    def features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """The layer's output for many inputs, in chunks. (N, *input_shape) -> (N, *feature_shape)."""
+        with torch.inference_mode():
+            return torch.cat([self.upstream(x[i:i + batch_size].to(self.device)) for i in range(0, len(x), batch_size)])
+
+    def logits(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """(N, *input_shape) -> (N, K)."""
+        with torch.inference_mode():
+            return torch.cat([self.downstream(self.upstream(x[i:i + batch_size].to(self.device)))
+                              for i in range(0, len(x), batch_size)])
+
+
+def pooled_linear_head(parts: ModelParts, atol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the downstream as global average pooling followed by a linear map.
+
+    Returns ``(weight (K, D), bias (K,))`` with ``downstream(F) == mean_hw(F) @ weight.T + bias``
+    for features ``F`` of shape (B, D, *grid) (a fully connected layer has no grid).
+    The head is probed with constant feature maps and the identity is then checked on
+    random non-negative features.
+
+    Raises
+    ------
+    ValueError
+        If the downstream is not of that form (within ``atol``, relative to the logits' scale).
+    """
+    d, *grid = parts.feature_shape
+    device = parts.device
+    with torch.inference_mode():
+        zero = torch.zeros(1, d, *grid, device=device)
+        bias = parts.downstream(zero)[0]
+        basis = torch.eye(d, device=device).reshape(d, d, *([1] * len(grid))).expand(d, d, *grid)
+        weight = torch.cat([parts.downstream(basis[i:i + 512]) for i in range(0, d, 512)]) - bias
+        weight = weight.T.contiguous()  # (K, D)
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.rand(8, d, *grid, generator=generator).to(device) * torch.rand(8, 1, *([1] * len(grid)), generator=generator).to(device) * 4
+        expected = probe.flatten(2).mean(2) @ weight.T + bias if grid else probe @ weight.T + bias
+        got = parts.downstream(probe)
+        scale = max(1.0, got.abs().max().item())
+    if (got - expected).abs().max().item() > atol * scale:
+        raise ValueError(
+            f"the network after layer {parts.layer!r} is not global average pooling + linear; "
+            "ProtoNMF's decomposition is exact only for such a head: choose the last non-negative layer before it"
+        )
+    return weight, bias

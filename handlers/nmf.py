@@ -1,0 +1,467 @@
+"""Non-negative matrix factorization in PyTorch.
+
+A non-negative ``X`` of shape (n_samples, n_features) is approximated by ``W @ H``
+with ``W`` of shape (n_samples, n_components) and ``H`` (``components_``) of shape
+(n_components, n_features), both non-negative, minimising the Frobenius norm
+``||X - W H||_F``. The estimator follows :class:`sklearn.decomposition.NMF`: the
+constructor only stores parameters, fitted attributes end in ``_`` and ``transform``
+runs the same block update with the dictionary frozen.
+
+Everything runs on the device and in the floating dtype of the input (float32 or
+float64), and is deterministic for a given seed: random numbers are drawn from a
+seeded CPU :class:`torch.Generator` and then moved, so a seed gives the same draws on
+every device.
+
+Internally both factors are stored with the components along the first axis, ``Wt``
+(k, n_samples) and ``H`` (k, n_features), so that the row-by-row HALS updates of
+either factor read and write contiguous memory.
+
+References
+----------
+C. Boutsidis, E. Gallopoulos, "SVD based initialization: A head start for
+nonnegative matrix factorization", Pattern Recognition 41(4), 2008.
+
+A. Cichocki, A.-H. Phan, "Fast local algorithms for large scale nonnegative matrix
+and tensor factorizations", IEICE Trans. Fundamentals E92-A(3), 2009.
+
+N. Gillis, F. Glineur, "Accelerated multiplicative updates and hierarchical
+alternating least squares algorithms for nonnegative matrix factorization",
+Neural Computation 24(4), 2012.
+
+D. D. Lee, H. S. Seung, "Algorithms for non-negative matrix factorization", NIPS 2000.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["NMF", "nnls_encode"]
+
+_INITS = ("random", "nndsvd", "nndsvda", "nndsvdar")
+_SOLVERS = ("hals", "mu")
+
+# Rows of X per block when the exact residual is formed once at the end of a fit;
+# bounds the temporary to 4096 x n_features.
+_RESIDUAL_CHUNK = 4096
+
+# Cap on the inner sweeps per factor and outer iteration (see ``_n_inner``).
+_MAX_INNER = 10
+
+
+def _as_float(X: torch.Tensor, name: str = "X") -> torch.Tensor:
+    """Check a 2-D tensor and give it a float32/float64 dtype (no host sync)."""
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(X).__name__}")
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}")
+    if X.dtype not in (torch.float32, torch.float64):
+        X = X.to(torch.float32)
+    return X
+
+
+def _check_non_negative(X: torch.Tensor) -> None:
+    """Reject NaN, infinite or negative entries (one host sync each; fit time only)."""
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("NMF requires a finite X; got NaN or infinite entries")
+    if bool((X < 0).any()):
+        raise ValueError("NMF requires a non-negative X; got negative entries")
+
+
+def _hals_sweeps(Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int) -> None:
+    """HALS on ``min_{Z >= 0} ||Y - Z^T B||_F`` with ``P = B Y^T``, ``G = B B^T``; in place.
+
+    Each row of ``Z`` (one component) is set to its exact minimiser with the other
+    rows fixed, ``z_j <- max(0, z_j + (p_j - g_j Z) / g_jj)``, so the loss never
+    increases. Only ``P`` and ``G`` are needed: a sweep costs O(k^2 p), not a pass
+    over ``Y``.
+
+    Parameters
+    ----------
+    Z : Tensor of shape (k, p)
+        Current factor, updated in place.
+    P : Tensor of shape (k, p)
+        Cross product of the fixed factor with the data.
+    G : Tensor of shape (k, k)
+        Gram matrix of the fixed factor.
+    n_sweeps : int
+        Number of passes over the k rows.
+    """
+    # Dividing by the diagonal once turns each row update into one matrix-vector
+    # product. A vanishing diagonal (a component that is all zero in the fixed
+    # factor) has p_j = g_j = 0 exactly, so with the floor the row is left as is;
+    # a tiny one is floored to eps, which only shortens the step.
+    d = torch.diagonal(G).clamp_min(torch.finfo(G.dtype).tiny).unsqueeze(1)
+    Pn, Gn = P / d, G / d
+    for _ in range(n_sweeps):
+        for j in range(Z.shape[0]):
+            Z[j].add_(torch.addmv(Pn[j], Z.T, Gn[j], alpha=-1)).clamp_(min=0)
+
+
+def _mu_sweeps(Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int, eps: float) -> None:
+    """Lee-Seung multiplicative updates on the same problem as :func:`_hals_sweeps`; in place.
+
+    ``Z <- Z * P / (G Z)`` never increases the Frobenius loss. ``eps`` guards the
+    division; ``P`` is clamped at 0 so that ``Z`` stays non-negative even for data with
+    negative entries (which :func:`nnls_encode` does not check, to avoid a host sync).
+    Entries at exactly zero stay zero: use a strictly positive initialisation.
+    """
+    P = P.clamp_min(0)
+    for _ in range(n_sweeps):
+        Z.mul_(P / (G @ Z).add_(eps))
+
+
+def _sweeps(solver: str, Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int, eps: float) -> None:
+    if solver == "hals":
+        _hals_sweeps(Z, P, G, n_sweeps)
+    else:
+        _mu_sweeps(Z, P, G, n_sweeps, eps)
+
+
+def _check_solver(solver: str) -> None:
+    if solver not in _SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {_SOLVERS}")
+
+
+def nnls_encode(
+    X: torch.Tensor,
+    H: torch.Tensor,
+    n_iter: int = 50,
+    gram: torch.Tensor | None = None,
+    *,
+    solver: str = "hals",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Non-negative codes ``W`` minimising ``||X - W H||_F`` for a fixed dictionary ``H``.
+
+    Runs exactly ``n_iter`` sweeps of projected HALS (or multiplicative updates) with
+    no tolerance test and no host synchronisation, so its cost is fixed per batch:
+    one product ``X @ H.T`` plus ``n_iter`` sweeps of O(k^2 n_samples). Rows are
+    independent, so any batch of rows can be encoded at once.
+
+    ``W`` starts, row by row, from the best non-negative multiple of the all-ones
+    code, ``w_i = max(0, <x_i, 1^T H>) / ||1^T H||^2 * 1``: deterministic, on the
+    scale of the data, and strictly positive wherever the row can be explained at
+    all (which the multiplicative updates need).
+
+    Parameters
+    ----------
+    X : Tensor of shape (n_samples, n_features)
+        Data to encode; non-negative for NMF (not checked here).
+    H : Tensor of shape (n_components, n_features)
+        Non-negative dictionary. Moved to the device and dtype of ``X`` if needed.
+    n_iter : int, default=50
+        Number of sweeps; 0 returns the initialisation.
+    gram : Tensor of shape (n_components, n_components), optional
+        Precomputed ``H @ H.T``; callers that encode many batches cache it.
+    solver : {"hals", "mu"}, default="hals"
+        Update rule, as in :class:`NMF`.
+    eps : float, default=1e-12
+        Guard on the divisions of the multiplicative updates.
+
+    Returns
+    -------
+    W : Tensor of shape (n_samples, n_components)
+        Non-negative codes, on the device and in the dtype of ``X``.
+    """
+    X = _as_float(X)
+    _check_solver(solver)
+    if n_iter < 0:
+        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    H = _as_float(H, "H").to(device=X.device, dtype=X.dtype)
+    if H.shape[1] != X.shape[1]:
+        raise ValueError(f"X has {X.shape[1]} features but H has {H.shape[1]}")
+    G = H @ H.T if gram is None else gram.to(device=X.device, dtype=X.dtype)
+    if G.shape != (H.shape[0], H.shape[0]):
+        raise ValueError(f"gram must have shape {(H.shape[0], H.shape[0])}, got {tuple(G.shape)}")
+
+    P = H @ X.T  # (k, n_samples)
+    # <x_i, 1^T H> = sum_j P[j, i] and ||1^T H||^2 = sum(G): the ray minimiser needs
+    # no extra pass over X.
+    scale = P.sum(0).clamp_min(0) / G.sum().clamp_min(torch.finfo(X.dtype).tiny)
+    Wt = scale.expand_as(P).clone()
+    _sweeps(solver, Wt, P, G, n_iter, eps)
+    return Wt.T.contiguous()
+
+
+def _n_inner(n_other: int, k: int) -> int:
+    """Inner sweeps per outer iteration for a factor whose data has ``n_other`` columns.
+
+    The products with ``X`` (O(n_data p k)) dominate an outer iteration, while a sweep
+    on fixed ``P`` and ``G`` costs O(p k^2); repeating the cheap sweeps makes each
+    pass over ``X`` count for more (Gillis & Glineur 2012, who take up to
+    ``1 + alpha rho`` sweeps with ``rho`` the ratio of the two costs and alpha = 0.5).
+    Their early exit needs a host sync per sweep, so the count is fixed here and
+    capped, since on a CPU a sweep of a few small kernels is dominated by launch
+    overhead rather than flops.
+    """
+    rho = 1 + n_other / (k + 1)
+    return max(1, min(_MAX_INNER, int(1 + 0.5 * rho)))
+
+
+def _randomized_svd(X: torch.Tensor, k: int, generator: torch.Generator, n_power_iter: int = 4):
+    """Leading ``k`` singular triplets of ``X`` by a seeded randomized range finder.
+
+    Halko, Martinsson & Tropp (2011), with 10 oversamples and QR re-orthonormalised
+    power iterations; the test matrix is drawn on the CPU so the result does not
+    depend on the device's RNG.
+
+    Returns
+    -------
+    U : Tensor of shape (n_samples, k)
+    S : Tensor of shape (k,)
+    Vh : Tensor of shape (k, n_features)
+    """
+    q = min(k + 10, *X.shape)
+    omega = torch.randn(X.shape[1], q, generator=generator, dtype=X.dtype).to(X.device)
+    Q = torch.linalg.qr(X @ omega).Q
+    for _ in range(n_power_iter):
+        # (Q^T X)^T rather than X^T Q: the product with X in its stored layout is faster.
+        Q = torch.linalg.qr((Q.T @ X).T).Q
+        Q = torch.linalg.qr(X @ Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
+    return Q @ Ub[:, :k], S[:k], Vh[:k]
+
+
+def _initialize(X: torch.Tensor, k: int, init: str, random_state: int):
+    """Initial factors ``(Wt, H)`` of shapes (k, n_samples) and (k, n_features)."""
+    generator = torch.Generator().manual_seed(random_state)
+    n, m = X.shape
+
+    if init == "random":
+        # Scaled like sklearn so that W H has the mean of X on average.
+        avg = torch.sqrt(X.mean() / k)
+        H = torch.randn(k, m, generator=generator, dtype=X.dtype).to(X.device).abs_() * avg
+        Wt = torch.randn(k, n, generator=generator, dtype=X.dtype).to(X.device).abs_() * avg
+        return Wt, H
+
+    # NNDSVD (Boutsidis & Gallopoulos 2008): each singular pair (u_j, v_j) is replaced
+    # by the positive or the negative parts of both vectors, whichever has the larger
+    # norm product. For the leading pair of a non-negative X this is |u_1|, |v_1|
+    # (Perron-Frobenius), so one vectorised rule covers every component.
+    U, S, Vh = _randomized_svd(X, k, generator)
+    Ut = U.T
+    tiny = torch.finfo(X.dtype).tiny
+    u_pos, u_neg = Ut.clamp_min(0), (-Ut).clamp_min(0)
+    v_pos, v_neg = Vh.clamp_min(0), (-Vh).clamp_min(0)
+    nu_pos, nu_neg = torch.linalg.vector_norm(u_pos, dim=1), torch.linalg.vector_norm(u_neg, dim=1)
+    nv_pos, nv_neg = torch.linalg.vector_norm(v_pos, dim=1), torch.linalg.vector_norm(v_neg, dim=1)
+    m_pos, m_neg = nu_pos * nv_pos, nu_neg * nv_neg
+    use_pos = (m_pos > m_neg).unsqueeze(1)
+    u = torch.where(use_pos, u_pos / nu_pos.clamp_min(tiny)[:, None], u_neg / nu_neg.clamp_min(tiny)[:, None])
+    v = torch.where(use_pos, v_pos / nv_pos.clamp_min(tiny)[:, None], v_neg / nv_neg.clamp_min(tiny)[:, None])
+    lam = torch.sqrt(S * torch.maximum(m_pos, m_neg)).unsqueeze(1)
+    Wt, H = lam * u, lam * v
+
+    if init == "nndsvda":
+        avg = X.mean()
+        Wt = torch.where(Wt == 0, avg, Wt)
+        H = torch.where(H == 0, avg, H)
+    elif init == "nndsvdar":
+        avg = X.mean()
+        Wt = torch.where(Wt == 0, (avg / 100 * torch.randn(Wt.shape, generator=generator, dtype=X.dtype).to(X.device)).abs(), Wt)
+        H = torch.where(H == 0, (avg / 100 * torch.randn(H.shape, generator=generator, dtype=X.dtype).to(X.device)).abs(), H)
+    return Wt, H
+
+
+def _squared_norm(A: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm of a 2-D tensor, as a float64 scalar tensor.
+
+    A float32 reduction over tens of millions of entries loses about 1e-3 relative
+    accuracy, which would swamp the stopping test; summing row norms in float64 keeps
+    it at float32 rounding for the price of one pass.
+    """
+    return torch.linalg.vector_norm(A, dim=1).double().square().sum()
+
+
+def _residual_norm(X: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
+    """``||X - W H||_F`` formed exactly, in row blocks to bound memory."""
+    sq = sum(
+        _squared_norm(torch.addmm(X[s : s + _RESIDUAL_CHUNK], W[s : s + _RESIDUAL_CHUNK], H, alpha=-1))
+        for s in range(0, X.shape[0], _RESIDUAL_CHUNK)
+    )
+    return math.sqrt(float(sq))
+
+
+class NMF:
+    """Non-negative matrix factorization ``X ~= W H`` for the Frobenius loss.
+
+    Parameters
+    ----------
+    n_components : int
+        Number of components k.
+    init : {"nndsvda", "nndsvd", "nndsvdar", "random"}, default="nndsvda"
+        Initialisation. The NNDSVD variants (Boutsidis & Gallopoulos 2008) start from
+        a seeded randomized truncated SVD and need ``n_components <= min(n_samples,
+        n_features)``; "nndsvda" fills the zeros with the mean of X, "nndsvdar" with
+        small random values, "nndsvd" keeps them (better for sparse factors, but
+        zeros never move under the "mu" solver). "random" draws ``|N(0, 1)|`` scaled
+        by ``sqrt(mean(X) / k)``.
+    solver : {"hals", "mu"}, default="hals"
+        "hals": hierarchical alternating least squares (Cichocki & Phan 2009), exact
+        minimisation over one component of one factor at a time, with several cheap
+        sweeps per pass over X (Gillis & Glineur 2012). "mu": Lee-Seung
+        multiplicative updates. Both never increase the loss.
+    max_iter : int, default=500
+        Maximum number of outer iterations (each updates W then H).
+    tol : float, default=1e-4
+        Stop when the relative error decreased by less than ``tol`` (relative) since
+        the previous check.
+    check_every : int, default=10
+        Iterations between two convergence checks; a check is the only host
+        synchronisation of the loop.
+    random_state : int, default=0
+        Seed of the random draws (randomized SVD, "random" and "nndsvdar").
+    eps : float, default=1e-12
+        Guard on the divisions of the multiplicative updates.
+
+    Attributes
+    ----------
+    components_ : Tensor of shape (n_components, n_features)
+        The dictionary H.
+    n_iter_ : int
+        Number of outer iterations run.
+    reconstruction_err_ : float
+        ``||X - W H||_F`` of the training data at the end of the fit (formed exactly).
+    relative_error_ : float
+        ``reconstruction_err_ / ||X||_F`` (0 for an all-zero X).
+    error_history_ : list of float
+        Relative error at the initialisation and at every check, from the Gram
+        matrices (see :meth:`fit_transform`).
+    n_features_in_ : int
+        Number of features seen during fit.
+    """
+
+    def __init__(
+        self,
+        n_components: int,
+        *,
+        init: str = "nndsvda",
+        solver: str = "hals",
+        max_iter: int = 500,
+        tol: float = 1e-4,
+        check_every: int = 10,
+        random_state: int = 0,
+        eps: float = 1e-12,
+    ) -> None:
+        self.n_components = n_components
+        self.init = init
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.check_every = check_every
+        self.random_state = random_state
+        self.eps = eps
+
+    def _check_params(self, X: torch.Tensor) -> None:
+        k = self.n_components
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"n_components must be a positive int, got {k!r}")
+        if self.init not in _INITS:
+            raise ValueError(f"unknown init {self.init!r}; expected one of {_INITS}")
+        _check_solver(self.solver)
+        if self.init != "random" and k > min(X.shape):
+            raise ValueError(
+                f"init={self.init!r} needs n_components <= min(n_samples, n_features) = "
+                f"{min(X.shape)}, got n_components={k}; use init='random'"
+            )
+        if self.max_iter < 0 or self.check_every < 1 or self.tol < 0:
+            raise ValueError(
+                "need max_iter >= 0, check_every >= 1 and tol >= 0, got "
+                f"max_iter={self.max_iter}, check_every={self.check_every}, tol={self.tol}"
+            )
+
+    def fit_transform(self, X: torch.Tensor) -> torch.Tensor:
+        """Fit the model to ``X`` and return its codes ``W``.
+
+        Each outer iteration computes ``X H^T`` and ``H H^T``, updates W, then
+        ``W^T X`` and ``W^T W`` and updates H. The error at a check comes from those
+        products, ``||X||^2 - 2 <W^T X, H> + <W^T W, H H^T>`` clamped at 0, so the
+        loop never forms ``X - W H``.
+
+        Parameters
+        ----------
+        X : Tensor of shape (n_samples, n_features)
+            Non-negative, finite data; float32 and float64 are kept, other dtypes
+            are converted to float32.
+
+        Returns
+        -------
+        W : Tensor of shape (n_samples, n_components)
+            Non-negative codes, on the device and in the dtype of ``X``.
+        """
+        X = _as_float(X)
+        _check_non_negative(X)
+        self._check_params(X)
+        k = self.n_components
+        n, m = X.shape
+
+        Wt, H = _initialize(X, k, self.init, self.random_state)
+        sq_norm_X = _squared_norm(X)
+        # An all-zero X has error 0; dividing by 1 instead of 0 reports it as such.
+        norm_X = math.sqrt(float(sq_norm_X)) or 1.0
+        inner_W, inner_H = _n_inner(m, k), _n_inner(n, k)
+
+        def relative_error(WtX, WtW, H, HHt):
+            # float64 accumulation; see _squared_norm.
+            sq = sq_norm_X - 2 * torch.sum(WtX * H, dtype=torch.float64) + torch.sum(WtW * HHt, dtype=torch.float64)
+            return math.sqrt(max(float(sq), 0.0)) / norm_X
+
+        G_H = H @ H.T
+        history = [relative_error(Wt @ X, Wt @ Wt.T, H, G_H)]
+        n_iter = 0
+        while n_iter < self.max_iter:
+            n_iter += 1
+            _sweeps(self.solver, Wt, H @ X.T, G_H, inner_W, self.eps)
+            WtX, WtW = Wt @ X, Wt @ Wt.T
+            _sweeps(self.solver, H, WtX, WtW, inner_H, self.eps)
+            G_H = H @ H.T
+            if n_iter % self.check_every == 0 or n_iter == self.max_iter:
+                history.append(relative_error(WtX, WtW, H, G_H))
+                if history[-2] - history[-1] <= self.tol * history[-2]:
+                    break
+
+        W = Wt.T.contiguous()
+        self.components_ = H
+        self.n_iter_ = n_iter
+        self.reconstruction_err_ = _residual_norm(X, W, H)
+        self.relative_error_ = self.reconstruction_err_ / norm_X
+        self.error_history_ = history
+        self.n_features_in_ = m
+        return W
+
+    def fit(self, X: torch.Tensor) -> NMF:
+        """Fit the model to ``X``; see :meth:`fit_transform`.
+
+        Parameters
+        ----------
+        X : Tensor of shape (n_samples, n_features)
+
+        Returns
+        -------
+        self : NMF
+        """
+        self.fit_transform(X)
+        return self
+
+    def transform(self, X: torch.Tensor, n_iter: int = 100) -> torch.Tensor:
+        """Codes of new rows with ``components_`` frozen, by :func:`nnls_encode`.
+
+        Exactly ``n_iter`` sweeps of the fitted solver's update, no tolerance test and
+        no host synchronisation, so a batch has a fixed cost.
+
+        Parameters
+        ----------
+        X : Tensor of shape (n_samples, n_features)
+            Non-negative data (not checked, to avoid a host sync).
+        n_iter : int, default=100
+            Number of sweeps.
+
+        Returns
+        -------
+        W : Tensor of shape (n_samples, n_components)
+        """
+        if not hasattr(self, "components_"):
+            raise RuntimeError("this NMF instance is not fitted yet; call fit or fit_transform first")
+        return nnls_encode(X, self.components_, n_iter, solver=self.solver, eps=self.eps)

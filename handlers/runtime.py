@@ -1,0 +1,107 @@
+"""A loaded archive ready to serve: batched predictions and explanations, no transport."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from handlers.archive import Archive
+from handlers.base import ExplainBatch, Explainer, Explanation
+from handlers.errors import ArchiveError
+from handlers.methods import METHODS
+
+
+@dataclass
+class ExplainItem:
+    """One example's explanation request, already validated.
+
+    input    : (*input_shape) float32
+    target   : the class to explain, or None for the predicted class
+    suppress : intervention sets, each a list of component indices
+    """
+
+    input: torch.Tensor
+    target: int | None
+    suppress: list[list[int]]
+
+
+class ServedModel:
+    """One model version: its parts and explainers on one device."""
+
+    def __init__(self, archive: Archive, device: torch.device | str = "cpu"):
+        self.name, self.version = archive.name, archive.version
+        self.archive = archive
+        self.device = torch.device(device)
+        self.parts = archive.parts.to(self.device)
+        self.default_method = archive.default_method
+        self.explainers: dict[str, Explainer] = {}
+        for method, fitted in archive.methods.items():
+            if method not in METHODS:
+                raise ArchiveError(f"{self.name}-{self.version}: unknown method {method!r}")
+            self.explainers[method] = METHODS[method][1](self.parts, fitted).to(self.device)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.parts.labels
+
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, *input_shape) -> logits (B, K) on the CPU."""
+        with torch.inference_mode():
+            x = inputs.to(self.device, non_blocking=True)
+            return self.parts.downstream(self.parts.upstream(x)).float().cpu()
+
+    def explain(self, method: str, items: list[ExplainItem], heatmaps: str,
+                ) -> tuple[torch.Tensor, Explanation, dict[str, float]]:
+        """Explain a batch with one method.
+
+        ``heatmaps`` is "none", "feature_grid" or "input". Returns the logits (B, K) and the
+        explanation, both on the CPU, and the seconds spent in the "forward" and "explain"
+        stages (the device synchronized at each boundary, so GPU time is counted where it is spent).
+        """
+        start = self._clock()
+        explainer = self.explainers[method]
+        inputs = torch.stack([item.input for item in items]).to(self.device, non_blocking=True)
+        n_interventions = max((len(item.suppress) for item in items), default=0)
+        suppress = torch.zeros(len(items), n_interventions, len(explainer.components), dtype=torch.bool)
+        for b, item in enumerate(items):
+            for m, indices in enumerate(item.suppress):
+                suppress[b, m, indices] = True
+        # Gradient methods (Grad-CAM, SRAE heatmaps) need autograd through the parts.
+        with torch.enable_grad() if explainer.needs_grad else torch.inference_mode():
+            features = self.parts.upstream(inputs)
+            logits = self.parts.downstream(features)
+            forward_done = self._clock()
+            targets = torch.tensor([item.target if item.target is not None else -1 for item in items],
+                                   device=self.device)
+            targets = torch.where(targets < 0, logits.argmax(1), targets)
+            explanation = explainer.explain(ExplainBatch(
+                inputs=inputs, features=features, logits=logits, targets=targets,
+                suppress=suppress.to(self.device), heatmaps=heatmaps != "none"))
+            if heatmaps == "input" and explanation.heatmaps is not None:
+                explanation.heatmaps = self._to_input_size(explanation.heatmaps)
+        result = logits.detach().float().cpu(), _detach_cpu(explanation)
+        return *result, {"forward": forward_done - start, "explain": self._clock() - forward_done}
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _to_input_size(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C, H, W) at the input's size, rescaled so each map keeps its sum."""
+        shape = self.parts.input_spec.shape
+        if len(shape) != 3:
+            return maps
+        size = tuple(shape[1:])
+        up = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+        return up * (maps.shape[2] * maps.shape[3]) / (size[0] * size[1])
+
+
+def _detach_cpu(explanation: Explanation) -> Explanation:
+    fields = {k: (v.detach().float().cpu() if torch.is_tensor(v) and v.is_floating_point() else
+                  v.detach().cpu() if torch.is_tensor(v) else v)
+              for k, v in vars(explanation).items()}
+    return Explanation(**fields)

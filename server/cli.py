@@ -1,0 +1,127 @@
+"""protoserve: serve archives, or build them (package a model, fit more methods)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from server.settings import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.app import App
+
+    settings = Settings(model_store=Path(args.model_store), host=args.host, port=args.port,
+                        metrics_port=args.metrics_port, device=args.device, max_batch_size=args.max_batch_size,
+                        max_delay_ms=args.max_delay_ms, max_queue_size=args.max_queue_size,
+                        shutdown_grace_s=args.grace)
+    asyncio.run(App(settings).run_until_signal())
+    return 0
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help=".npz with x_train, y_train, x_test, y_test")
+    parser.add_argument("--method", action="append", required=True, help="method to fit (repeatable)")
+    parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a method hyperparameter, e.g. protonmf.n_prototypes=5")
+    parser.add_argument("--out", required=True, help="directory to write the archive into (the model store)")
+
+
+def _methods(args: argparse.Namespace) -> dict[str, dict]:
+    from handlers.packaging import parse_params
+
+    methods: dict[str, dict] = {m: {} for m in args.method}
+    for key, value in parse_params(args.param).items():
+        method, _, name = key.partition(".")
+        if method not in methods:
+            raise SystemExit(f"--param {key}: method {method!r} is not among --method {list(methods)}")
+        methods[method][name] = value
+    return methods
+
+
+def _package(args: argparse.Namespace) -> int:
+    from handlers.model import InputSpec
+    from handlers.packaging import load_fit_data, load_model_definition, load_weights, package
+
+    model = load_weights(load_model_definition(args.model_def, json.loads(args.model_kwargs)), args.weights)
+    labels = Path(args.labels).read_text().split() if Path(args.labels).is_file() else args.labels.split(",")
+    image = None
+    if args.image_mode:
+        channels = len(args.image_mode) if args.image_mode != "L" else 1
+        image = {"mode": args.image_mode, "size": args.input_shape[1:], "scale": args.scale,
+                 "mean": args.mean or [0.0] * channels, "std": args.std or [1.0] * channels}
+    package(model, layer=args.layer, input_spec=InputSpec(shape=args.input_shape, image=image), labels=labels,
+            data=load_fit_data(args.data), methods=_methods(args), name=args.name, version=args.version,
+            out_dir=args.out)
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from handlers.packaging import add_methods, load_fit_data
+
+    add_methods(args.archive, load_fit_data(args.data), _methods(args), args.out, version=args.version)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="protoserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve every archive in a model store over gRPC")
+    serve.add_argument("--model-store", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--metrics-port", type=int, default=9100, help="0 disables the metrics endpoint")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    serve.add_argument("--max-batch-size", type=int, default=32)
+    serve.add_argument("--max-delay-ms", type=float, default=2.0)
+    serve.add_argument("--max-queue-size", type=int, default=256)
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    serve.set_defaults(run=_serve)
+
+    pack = sub.add_parser("package", help="package a model definition + weights with fitted methods")
+    pack.add_argument("--model-def", required=True, help="file.py:ClassName or module:ClassName")
+    pack.add_argument("--model-kwargs", default="{}", help="JSON constructor arguments")
+    pack.add_argument("--weights", required=True, help=".safetensors or a state dict saved by torch.save")
+    pack.add_argument("--layer", required=True, help="node of the traced graph to explain (see `protoserve layers`)")
+    pack.add_argument("--input-shape", type=int, nargs="+", required=True, help="one example, e.g. 1 28 28")
+    pack.add_argument("--labels", required=True, help="a file with one label per line, or a comma-separated list")
+    pack.add_argument("--image-mode", default="", help="PIL mode for encoded images (L, RGB); empty: tensors only")
+    pack.add_argument("--scale", type=float, default=1 / 255)
+    pack.add_argument("--mean", type=float, nargs="*")
+    pack.add_argument("--std", type=float, nargs="*")
+    pack.add_argument("--name", required=True)
+    pack.add_argument("--version", required=True)
+    _model_args(pack)
+    pack.set_defaults(run=_package)
+
+    fit = sub.add_parser("fit", help="fit more methods against the model inside an archive")
+    fit.add_argument("archive")
+    fit.add_argument("--version", help="write as this version (default: the archive's)")
+    _model_args(fit)
+    fit.set_defaults(run=_fit)
+
+    layers = sub.add_parser("layers", help="list the layers a model can be explained at")
+    layers.add_argument("--model-def", required=True)
+    layers.add_argument("--model-kwargs", default="{}")
+    layers.set_defaults(run=_layers)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.run(args)
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from handlers.model_parts import layer_names
+    from handlers.packaging import load_model_definition
+
+    print("\n".join(layer_names(load_model_definition(args.model_def, json.loads(args.model_kwargs)))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

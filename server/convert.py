@@ -1,0 +1,131 @@
+"""Request and response conversion between protobuf messages and the handlers' tensors."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from protoserve_client import pb
+from protoserve_client.tensors import TensorFormatError, from_tensor, to_tensor
+
+from handlers.errors import InvalidInputError, NotFoundError
+from handlers.preprocess import input_from_array, input_from_image
+from handlers.runtime import ExplainItem, ServedModel
+from server.registry import ExplainKey
+from server.settings import Settings
+
+HEATMAP_MODES = {
+    pb.HEATMAP_MODE_NONE: "none",
+    pb.HEATMAP_MODE_FEATURE_GRID: "feature_grid",
+    pb.HEATMAP_MODE_INPUT: "input",
+}
+
+
+def decode_input(request, served: ServedModel) -> torch.Tensor:
+    """The request's ``input`` tensor or ``image`` bytes -> float32 (*input_shape)."""
+    has_tensor, has_image = request.HasField("input"), bool(request.image)
+    if has_tensor == has_image:
+        raise InvalidInputError("input", "set exactly one of `input` (a tensor) and `image` (PNG/JPEG bytes)")
+    spec = served.parts.input_spec
+    if has_image:
+        return input_from_image(request.image, spec)
+    try:
+        array = from_tensor(request.input, field="input")
+    except TensorFormatError as exc:
+        raise InvalidInputError(exc.field, str(exc)) from exc
+    return input_from_array(array, spec)
+
+
+def top_k(request, served: ServedModel, settings: Settings) -> int:
+    if request.top_k < 0:
+        raise InvalidInputError("top_k", f"must be >= 0, got {request.top_k}")
+    if request.top_k > settings.max_top_k:
+        raise InvalidInputError("top_k", f"at most {settings.max_top_k}, got {request.top_k}")
+    return min(request.top_k or settings.default_top_k, len(served.labels))
+
+
+def decode_explain(request: pb.ExplainRequest, served: ServedModel, settings: Settings) -> tuple[ExplainKey, ExplainItem]:
+    """Validate an ExplainRequest completely, before it is queued."""
+    method = request.method or served.default_method
+    explainer = served.explainers.get(method)
+    if explainer is None:
+        raise NotFoundError(f"method of model {served.name!r}", method, sorted(served.explainers))
+    if request.heatmaps not in HEATMAP_MODES:
+        raise InvalidInputError("heatmaps", f"unknown heatmap mode {request.heatmaps}")
+    target = None
+    if request.HasField("target_class"):
+        if not 0 <= request.target_class < len(served.labels):
+            raise InvalidInputError("target_class", f"must be in [0, {len(served.labels)}), got {request.target_class}")
+        target = request.target_class
+    if len(request.interventions) > settings.max_interventions:
+        raise InvalidInputError("interventions", f"at most {settings.max_interventions} per request, "
+                                                 f"got {len(request.interventions)}")
+    suppress = []
+    for intervention in request.interventions:
+        indices = []
+        for component_id in intervention.suppress:
+            if component_id not in explainer.component_ids:
+                raise NotFoundError(f"component of method {method!r}", component_id)
+            indices.append(explainer.component_ids[component_id])
+        suppress.append(indices)
+    item = ExplainItem(decode_input(request, served), target, suppress)
+    return ExplainKey(method, HEATMAP_MODES[request.heatmaps]), item
+
+
+def class_scores(logits: torch.Tensor, labels: list[str], k: int) -> list[pb.ClassScore]:
+    """The top-k classes of one logit vector (K,), highest first."""
+    probabilities = torch.softmax(logits.double(), 0)
+    values, indices = logits.topk(k)
+    return [pb.ClassScore(class_index=i, label=labels[i], logit=v, probability=float(probabilities[i]))
+            for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def explain_response(request: pb.ExplainRequest, served: ServedModel, method: str, k: int,
+                     logits: torch.Tensor, row: dict) -> pb.ExplainResponse:
+    """One example's explanation (a row of :class:`handlers.base.Explanation`) as a response."""
+    components = served.explainers[method].components
+    valid = (row["component_index"] >= 0).tolist()
+    index = row["component_index"].tolist()
+    weight, contribution = row["weight"].tolist(), row["contribution"].tolist()
+    response = pb.ExplainResponse(
+        request_id=request.request_id, model=served.name, version=served.version, method=method,
+        prediction=class_scores(logits, served.labels, k),
+        target_class=int(row["target_class"]),
+        target_logit=float(row["target_logit"]), bias=float(row["bias"]),
+        residual_contribution=float(row["residual_contribution"]), residual_share=float(row["residual_share"]),
+    )
+    for j, ok in enumerate(valid):
+        if ok:
+            c = components[index[j]]
+            response.components.add(id=c.id, label=c.label, class_index=c.class_index, weight=weight[j],
+                                    contribution=contribution[j])
+    if row["heatmaps"] is not None:
+        for j, ok in enumerate(valid):
+            if ok:
+                response.heatmaps.add(component_id=components[index[j]].id,
+                                      map=to_tensor(row["heatmaps"][j].numpy().astype("float32")))
+    target = response.target_class
+    for m, intervention in enumerate(request.interventions):
+        intervened = row["intervened_logits"][m]
+        response.interventions.add(suppressed=list(intervention.suppress),
+                                   prediction=class_scores(intervened, served.labels, k),
+                                   target_logit=float(intervened[target]))
+    return response
+
+
+def model_info(served: ServedModel, with_components: bool) -> pb.ModelInfo:
+    spec = served.parts.input_spec
+    info = pb.ModelInfo(name=served.name, version=served.version, input_dtype=spec.dtype,
+                        input_shape=spec.shape, labels=served.labels, default_method=served.default_method,
+                        layer=served.parts.layer, feature_shape=served.parts.feature_shape)
+    for name, explainer in served.explainers.items():
+        method = info.methods.add(name=name, additive=explainer.additive,
+                                  residual_share_definition=explainer.residual_share_definition,
+                                  contribution_definition=explainer.contribution_definition,
+                                  fit_report_json=json.dumps(explainer.fit_report, sort_keys=True))
+        if with_components:
+            exemplars = served.archive.methods[name].exemplars
+            for c in explainer.components:
+                method.components.add(id=c.id, label=c.label, class_index=c.class_index,
+                                      exemplar_png=exemplars.get(c.id, b""))
+    return info

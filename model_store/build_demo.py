@@ -65,14 +65,19 @@ def build_mnist(store: Path, work: Path, force: bool = False) -> Path:
                    out_dir=store, model_card=card)
 
 
+def build_demo_store(store: Path, work: Path, force: bool = False) -> list[Path]:
+    """Every demo archive, into ``store``."""
+    work.mkdir(parents=True, exist_ok=True)
+    return [build_mnist(store, work, force)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=Path("model_store"))
     parser.add_argument("--work", type=Path, default=Path("build/demo"))
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    build_mnist(args.store, args.work, args.force)
+    build_demo_store(args.store, args.work, args.force)
 
 
 if __name__ == "__main__":

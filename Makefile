@@ -1,0 +1,37 @@
+# The README's two commands: `make run` and `make test`. Both create or refresh .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STORE ?= model_store
+HOST ?= 127.0.0.1
+PORT ?= 50051
+METRICS_PORT ?= 9100
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo run test stubs bench clean
+
+# Reinstalled whenever a dependency list changes.
+$(STAMP): pyproject.toml client/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ./client -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The demo archives, built from data shipped inside packages (kept if present).
+demo: $(STAMP)
+	$(PY) -m model_store.build_demo --store $(STORE) --work build/demo
+
+run: demo
+	$(VENV)/bin/protoserve serve --model-store $(STORE) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Regenerate the committed client stubs from proto/ (a test fails if they differ).
+stubs: $(STAMP)
+	$(PY) tools/gen_stubs.py client/src/protoserve_client/_stubs
+
+clean:
+	rm -rf build $(STORE)/*.psar .pytest_cache

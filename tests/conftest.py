@@ -1,0 +1,106 @@
+"""Shared fixtures: the trained demo model, its data, a demo store and a live server.
+
+The demo CNN is trained once per cache directory (``PROTOSERVE_TEST_CACHE``, default
+``build/test-cache``) and reused; everything else is built in temporary directories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from handlers.base import FitData
+from handlers.model import ModelParts
+
+CACHE = Path(os.environ.get("PROTOSERVE_TEST_CACHE", "build/test-cache"))
+
+
+@pytest.fixture(scope="session")
+def mnist_split():
+    from model_store.recipes.mnist import load_mnist
+
+    return load_mnist(seed=0)
+
+
+@pytest.fixture(scope="session")
+def mnist_fit_data(mnist_split) -> FitData:
+    s = mnist_split
+    return FitData(s["x_train"], s["y_train"], s["x_test"], s["y_test"])
+
+
+@pytest.fixture(scope="session")
+def mnist_model():
+    from model_store.build_demo import mnist_model
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model, _ = mnist_model(CACHE)
+    return model
+
+
+@pytest.fixture(scope="session")
+def mnist_parts(mnist_model) -> ModelParts:
+    from model_store.build_demo import MNIST_INPUT
+    from model_store.recipes.mnist import MNIST_LABELS, MNIST_LAYER
+
+    return ModelParts.from_model(mnist_model, MNIST_LAYER, MNIST_INPUT, MNIST_LABELS)
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory, mnist_model) -> Path:
+    """A model store with the demo archive(s), every demo method fitted."""
+    from model_store.build_demo import build_demo_store
+
+    store = tmp_path_factory.mktemp("store")
+    build_demo_store(store, CACHE)
+    return store
+
+
+class RunningServer:
+    """A real protoserve App on loopback, on its own event loop in a thread."""
+
+    def __init__(self, settings):
+        from server.app import App
+
+        self.app = App(settings)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.app.start())
+        self.address = f"127.0.0.1:{self.app.port}"
+
+    def call(self, coroutine, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self):
+        self.call(self.app.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(demo_store):
+    from server.settings import Settings
+
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=free_port(), max_delay_ms=1.0))
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def client(server):
+    from protoserve_client import ExplainerClient
+
+    with ExplainerClient(server.address, timeout=30) as c:
+        yield c

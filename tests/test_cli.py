@@ -1,0 +1,91 @@
+"""The command lines end to end: protoserve-client against a live server, protoserve package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+BIN = Path(sys.executable).parent
+
+
+def test_client_cli_explains_an_image_and_writes_an_overlay(server, mnist_split, tmp_path):
+    digit = (mnist_split["x_test"][0, 0].numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(digit).save(tmp_path / "digit.png")
+    overlay = tmp_path / "overlay.png"
+    result = subprocess.run([BIN / "protoserve-client", "explain", tmp_path / "digit.png", "--model", "mnist",
+                             "--address", server.address, "--suppress", "c0.p0", "--overlay", overlay],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "residual share" in result.stdout and "c0.p0" in result.stdout and "interventions" in result.stdout
+    assert overlay.read_bytes().startswith(b"\x89PNG")
+    assert Image.open(overlay).width > 224  # the input plus heatmap panels
+
+
+def test_client_cli_reports_grpc_errors_with_exit_code_2(server, tmp_path):
+    np.save(tmp_path / "bad.npy", np.zeros((3, 3), np.float32))
+    result = subprocess.run([BIN / "protoserve-client", "explain", tmp_path / "bad.npy", "--model", "mnist",
+                             "--address", server.address], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "INVALID_ARGUMENT" in result.stderr
+
+
+MODEL_DEF = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class TinyNet(nn.Module):
+        def __init__(self, hidden=8):
+            super().__init__()
+            self.conv = nn.Conv1d(1, hidden, 5, padding=2)
+            self.fc = nn.Linear(hidden, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.fc(h.mean(2))
+''')
+
+
+def test_package_a_users_model_from_definition_and_weights(tmp_path):
+    """A model definition and a state dict in, an archive out, served without the definition."""
+    (tmp_path / "tiny.py").write_text(MODEL_DEF)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import tiny
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    model = tiny.TinyNet()
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 1, 20, generator=g)
+    y = torch.arange(90) % 3
+    np.savez(tmp_path / "data.npz", x_train=x[:60].numpy(), y_train=y[:60].numpy(), x_test=x[60:].numpy(),
+             y_test=y[60:].numpy())
+    layers = subprocess.run([BIN / "protoserve", "layers", "--model-def", f"{tmp_path / 'tiny.py'}:TinyNet"],
+                            capture_output=True, text=True, timeout=120)
+    assert "relu" in layers.stdout.split()
+    store = tmp_path / "store"
+    result = subprocess.run([BIN / "protoserve", "package", "--model-def", f"{tmp_path / 'tiny.py'}:TinyNet",
+                             "--weights", tmp_path / "tiny.pt", "--layer", "relu", "--input-shape", "1", "20",
+                             "--labels", "a,b,c", "--data", tmp_path / "data.npz", "--method", "protonmf",
+                             "--param", "protonmf.n_prototypes=2", "--name", "tiny", "--version", "3",
+                             "--out", store], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+    from handlers.archive import read_archive
+    from handlers.runtime import ExplainItem, ServedModel
+
+    served = ServedModel(read_archive(store / "tiny-3.psar"))
+    assert served.parts.feature_shape == [8, 20]
+    logits, e, _ = served.explain("protonmf", [ExplainItem(x[i, :], None, []) for i in range(60, 70)], "feature_grid")
+    with torch.inference_mode():
+        assert torch.allclose(logits, model(x[60:70]), atol=1e-5)
+    assert torch.allclose(e.contribution.sum(1) + e.residual_contribution + e.bias, e.target_logit, atol=1e-5)
+    assert e.heatmaps.shape == (10, 2, 20)  # a 1-D feature grid
+    assert torch.allclose(e.heatmaps.sum(2), e.contribution, atol=1e-5)

@@ -1,0 +1,124 @@
+"""ProtoNMF's exact invariants on the demo model, and the layer rules it relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from handlers.archive import read_archive
+from handlers.base import FitData
+from handlers.methods import protonmf
+from handlers.model import InputSpec, ModelParts, pooled_linear_head
+from handlers.runtime import ExplainItem, ServedModel
+
+
+@pytest.fixture(scope="module")
+def served(demo_store) -> ServedModel:
+    return ServedModel(read_archive(demo_store / "mnist-1.psar"))
+
+
+@pytest.fixture(scope="module")
+def batch(mnist_split):
+    return mnist_split["x_test"][:48]
+
+
+def _explain(served, x, targets=None, suppress=None, heatmaps="feature_grid"):
+    items = [ExplainItem(x[i], None if targets is None else int(targets[i]), [] if suppress is None else suppress[i])
+             for i in range(len(x))]
+    return served.explain("protonmf", items, heatmaps)
+
+
+def test_contributions_residual_and_bias_sum_to_the_logit(served, batch):
+    targets = torch.arange(len(batch)) % 10  # predicted or not, every class
+    logits, e, _ = _explain(served, batch, targets)
+    total = e.contribution.sum(1) + e.residual_contribution + e.bias
+    assert torch.equal(e.target_class, targets)
+    assert torch.allclose(e.target_logit, logits[torch.arange(len(batch)), targets])
+    assert ((total - e.target_logit).abs() <= 1e-4 * e.target_logit.abs().clamp_min(1)).all()
+    assert ((e.residual_share >= 0) & (e.residual_share <= 1)).all()
+
+
+def test_feature_grid_heatmaps_sum_to_contributions(served, batch):
+    _, e, _ = _explain(served, batch)
+    assert e.heatmaps.shape == (len(batch), 3, 7, 7)
+    assert torch.allclose(e.heatmaps.sum((2, 3)), e.contribution, atol=1e-3)
+    _, e_input, _ = _explain(served, batch, heatmaps="input")
+    assert e_input.heatmaps.shape == (len(batch), 3, 28, 28)
+    assert torch.allclose(e_input.heatmaps.sum((2, 3)), e.contribution, atol=1e-3, rtol=1e-3)
+
+
+def test_interventions_subtract_exactly_the_suppressed_contributions(served, batch):
+    ids = served.explainers["protonmf"].component_ids
+    sets = [["c3.p0", "c3.p2", "c8.p1"], ["c1.p1"], []]
+    suppress = [[[ids[i] for i in s] for s in sets]] * len(batch)
+    logits, e, _ = _explain(served, batch, suppress=suppress)
+    assert e.intervened_logits.shape == (len(batch), 3, 10)
+    for m, chosen in enumerate(sets):
+        expected = logits.clone()
+        for cls in {int(i[1]) for i in chosen}:
+            _, per_class, _ = _explain(served, batch, targets=torch.full((len(batch),), cls))
+            drop = sum(per_class.contribution[:, int(i.split(".p")[1])] for i in chosen if int(i[1]) == cls)
+            expected[:, cls] -= drop
+        assert torch.allclose(e.intervened_logits[:, m], expected, atol=1e-4)
+    assert torch.equal(e.intervened_logits[:, 2], logits)
+
+
+def test_fit_report_table3(served):
+    report = served.explainers["protonmf"].fit_report
+    assert report["acc_black_box"] >= 0.97
+    assert report["acc_nmf_plus_residual"] == report["acc_black_box"]
+    assert 0 < report["acc_nmf_only"] <= 1 and 0 < report["acc_residual_only"] <= 1
+    assert set(report["feature_reconstruction_error"]) == set(served.labels)
+    assert set(report["head_reconstruction_error"]) == set(served.labels)
+
+
+def test_explain_is_deterministic_and_batch_independent(served, batch):
+    _, whole, _ = _explain(served, batch)
+    _, alone, _ = _explain(served, batch[5:6])
+    assert torch.allclose(whole.contribution[5], alone.contribution[0], atol=1e-5)
+
+
+class _MLP(nn.Module):
+    """A fully connected network: the layer `relu` has a 1x1 feature grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def _toy_data(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 12, generator=g)
+    y = (x[:, 0, :4].sum(1) > 0).long() + (x[:, 0, 4:8].sum(1) > 1).long()
+    return FitData(x[: n // 2], y[: n // 2], x[n // 2:], y[n // 2:])
+
+
+def test_fully_connected_layer_is_exact():
+    torch.manual_seed(0)
+    parts = ModelParts.from_model(_MLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
+    assert parts.feature_shape == [16]
+    data = _toy_data()
+    fitted = protonmf.fit(parts, data, n_prototypes=2, log=lambda *_: None)
+    assert fitted.fit_report["acc_nmf_plus_residual"] == fitted.fit_report["acc_black_box"]
+    explainer = protonmf.ProtoNMFExplainer(parts, fitted)
+    from handlers.base import ExplainBatch
+
+    with torch.inference_mode():
+        features = parts.upstream(data.x_test)
+        logits = parts.downstream(features)
+        e = explainer.explain(ExplainBatch(data.x_test, features, logits, logits.argmax(1),
+                                           torch.zeros(len(features), 0, 6, dtype=torch.bool), True))
+    assert torch.allclose(e.contribution.sum(1) + e.residual_contribution + e.bias, e.target_logit, atol=1e-5)
+    assert e.heatmaps.shape == (len(features), 2, 1, 1)
+
+
+def test_a_non_linear_head_is_refused(mnist_model):
+    # After `features_8` (a conv) come BN, ReLU, pooling and the head: not pooling + linear.
+    parts = ModelParts.from_model(mnist_model, "features_8", InputSpec(shape=[1, 28, 28]), [str(i) for i in range(10)])
+    with pytest.raises(ValueError, match="not global average pooling"):
+        pooled_linear_head(parts)

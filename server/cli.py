@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     layers.add_argument("--model-kwargs", default="{}")
     layers.set_defaults(run=_layers)
 
+    health = sub.add_parser("health", help="exit 0 if the server at --address reports SERVING (container probes)")
+    health.add_argument("--address", default="127.0.0.1:50051")
+    health.add_argument("--service", default="", help="a service name; empty: the whole server")
+    health.set_defaults(run=_health)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args)
@@ -121,6 +126,22 @@ def _layers(args: argparse.Namespace) -> int:
 
     print("\n".join(layer_names(load_model_definition(args.model_def, json.loads(args.model_kwargs)))))
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                               timeout=3)
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if serving else 1
 
 
 if __name__ == "__main__":

@@ -89,3 +89,12 @@ def test_package_a_users_model_from_definition_and_weights(tmp_path):
     assert torch.allclose(e.contribution.sum(1) + e.residual_contribution + e.bias, e.target_logit, atol=1e-5)
     assert e.heatmaps.shape == (10, 2, 20)  # a 1-D feature grid
     assert torch.allclose(e.heatmaps.sum(2), e.contribution, atol=1e-5)
+
+
+def test_health_command_for_container_probes(server):
+    ok = subprocess.run([BIN / "protoserve", "health", "--address", server.address], capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "SERVING"
+    down = subprocess.run([BIN / "protoserve", "health", "--address", "127.0.0.1:9"], capture_output=True, text=True,
+                          timeout=60)
+    assert down.returncode == 1

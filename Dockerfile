@@ -1,0 +1,30 @@
+# protoserve on CUDA. torch's CUDA wheels bring their own CUDA libraries; the base image
+# provides the driver interface and a Python 3.11 for them.
+#   docker build -t protoserve:0.1.0 .
+#   docker run --gpus all -p 50051:50051 -p 9100:9100 -v $PWD/model_store:/models protoserve:0.1.0
+FROM nvidia/cuda:13.0.1-base-ubuntu22.04 AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml ./
+COPY client ./client
+COPY server ./server
+COPY handlers ./handlers
+COPY model_store ./model_store
+RUN python3.11 -m venv /opt/protoserve \
+ && /opt/protoserve/bin/pip install --no-cache-dir ./client . 
+
+FROM nvidia/cuda:13.0.1-base-ubuntu22.04
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin protoserve
+COPY --from=build /opt/protoserve /opt/protoserve
+ENV PATH=/opt/protoserve/bin:$PATH PYTHONUNBUFFERED=1
+USER 10001
+VOLUME ["/models"]
+EXPOSE 50051 9100
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["protoserve", "health", "--address", "127.0.0.1:50051"]
+ENTRYPOINT ["protoserve", "serve", "--model-store", "/models", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100"]

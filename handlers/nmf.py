@@ -8,7 +8,7 @@ constructor only stores parameters, fitted attributes end in ``_`` and ``transfo
 runs the same block update with the dictionary frozen.
 
 Everything runs on the device and in the floating dtype of the input (float32 or
-float64), and is deterministic for a given seed: random numbers are drawn from a
+float64; other dtypes become float32), and is deterministic for a given seed: random numbers are drawn from a
 seeded CPU :class:`torch.Generator` and then moved, so a seed gives the same draws on
 every device.
 
@@ -88,18 +88,23 @@ def _hals_sweeps(Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: in
     n_sweeps : int
         Number of passes over the k rows.
     """
-    # Dividing by the diagonal once turns each row update into one matrix-vector
-    # product. A vanishing diagonal (a component that is all zero in the fixed
-    # factor) has p_j = g_j = 0 exactly, so with the floor the row is left as is;
-    # a tiny one is floored to eps, which only shortens the step.
+    # Dividing by the diagonal once and zeroing it turns the row update into one
+    # matrix-vector product and a clamp, z_j <- max(0, p_j / g_jj - sum_{i != j}
+    # (g_ji / g_jj) z_i). A zero diagonal means the fixed factor has an all-zero
+    # component, whose p_j and g_j are exactly zero: the row is set to 0, which is as
+    # good as any value since the loss does not depend on it.
     d = torch.diagonal(G).clamp_min(torch.finfo(G.dtype).tiny).unsqueeze(1)
-    Pn, Gn = P / d, G / d
+    Pn, Gn = P / d, (G / d).fill_diagonal_(0)
+    # Row views made once: per-call overhead dominates for small batches.
+    rows, p_rows, g_rows, Zt = Z.unbind(0), Pn.unbind(0), Gn.unbind(0), Z.T
     for _ in range(n_sweeps):
-        for j in range(Z.shape[0]):
-            Z[j].add_(torch.addmv(Pn[j], Z.T, Gn[j], alpha=-1)).clamp_(min=0)
+        for z, p, g in zip(rows, p_rows, g_rows):
+            torch.clamp(torch.addmv(p, Zt, g, alpha=-1), min=0, out=z)
 
 
-def _mu_sweeps(Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int, eps: float) -> None:
+def _mu_sweeps(
+    Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int, eps: float
+) -> None:
     """Lee-Seung multiplicative updates on the same problem as :func:`_hals_sweeps`; in place.
 
     ``Z <- Z * P / (G Z)`` never increases the Frobenius loss. ``eps`` guards the
@@ -112,11 +117,23 @@ def _mu_sweeps(Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int,
         Z.mul_(P / (G @ Z).add_(eps))
 
 
-def _sweeps(solver: str, Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int, eps: float) -> None:
+def _sweeps(
+    solver: str, Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int, eps: float
+) -> None:
+    """``n_sweeps`` in-place updates of ``Z`` by the named solver's rule."""
     if solver == "hals":
         _hals_sweeps(Z, P, G, n_sweeps)
     else:
         _mu_sweeps(Z, P, G, n_sweeps, eps)
+
+
+def _codes_cross(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``H @ X.T`` of shape (k, n_samples), contiguous.
+
+    Computed as ``(X @ H.T).T``: BLAS is much slower (up to 20x on small CPU
+    matrices) when the large operand is the transposed one.
+    """
+    return (X @ H.T).T.contiguous()
 
 
 def _check_solver(solver: str) -> None:
@@ -124,6 +141,7 @@ def _check_solver(solver: str) -> None:
         raise ValueError(f"unknown solver {solver!r}; expected one of {_SOLVERS}")
 
 
+@torch.no_grad()  # the solvers update in place; no gradient flows through a fit
 def nnls_encode(
     X: torch.Tensor,
     H: torch.Tensor,
@@ -176,11 +194,11 @@ def nnls_encode(
     if G.shape != (H.shape[0], H.shape[0]):
         raise ValueError(f"gram must have shape {(H.shape[0], H.shape[0])}, got {tuple(G.shape)}")
 
-    P = H @ X.T  # (k, n_samples)
+    P = _codes_cross(X, H)
     # <x_i, 1^T H> = sum_j P[j, i] and ||1^T H||^2 = sum(G): the ray minimiser needs
     # no extra pass over X.
     scale = P.sum(0).clamp_min(0) / G.sum().clamp_min(torch.finfo(X.dtype).tiny)
-    Wt = scale.expand_as(P).clone()
+    Wt = scale.expand_as(P).contiguous()
     _sweeps(solver, Wt, P, G, n_iter, eps)
     return Wt.T.contiguous()
 
@@ -188,24 +206,26 @@ def nnls_encode(
 def _n_inner(n_other: int, k: int) -> int:
     """Inner sweeps per outer iteration for a factor whose data has ``n_other`` columns.
 
-    The products with ``X`` (O(n_data p k)) dominate an outer iteration, while a sweep
-    on fixed ``P`` and ``G`` costs O(p k^2); repeating the cheap sweeps makes each
-    pass over ``X`` count for more (Gillis & Glineur 2012, who take up to
-    ``1 + alpha rho`` sweeps with ``rho`` the ratio of the two costs and alpha = 0.5).
-    Their early exit needs a host sync per sweep, so the count is fixed here and
-    capped, since on a CPU a sweep of a few small kernels is dominated by launch
-    overhead rather than flops.
+    The products with ``X`` (O(n_samples n_features k)) dominate an outer iteration,
+    while a sweep on fixed ``P`` and ``G`` costs only O(p k^2) for a factor with ``p``
+    columns, so repeating the sweeps makes each pass over ``X`` count for more.
+    Gillis & Glineur (2012) take up to ``1 + alpha rho`` sweeps, ``rho = 1 + n_other /
+    (k + 1)`` the ratio of the two costs and alpha = 0.5, with an early exit that would
+    need a host sync per sweep; here the count is fixed and capped, because a sweep
+    of k small kernels costs launch overhead rather than flops.
     """
     rho = 1 + n_other / (k + 1)
-    return max(1, min(_MAX_INNER, int(1 + 0.5 * rho)))
+    return min(_MAX_INNER, int(1 + 0.5 * rho))
 
 
-def _randomized_svd(X: torch.Tensor, k: int, generator: torch.Generator, n_power_iter: int = 4):
+def _randomized_svd(X: torch.Tensor, k: int, generator: torch.Generator):
     """Leading ``k`` singular triplets of ``X`` by a seeded randomized range finder.
 
     Halko, Martinsson & Tropp (2011), with 10 oversamples and QR re-orthonormalised
-    power iterations; the test matrix is drawn on the CPU so the result does not
-    depend on the device's RNG.
+    power iterations, as many as :func:`sklearn.utils.extmath.randomized_svd` takes
+    (7 for k < 0.1 min(X.shape), else 4): on data with a flat spectrum the better
+    singular vectors save more NMF iterations than they cost. The test matrix is drawn
+    on the CPU so that it does not depend on the device's RNG.
 
     Returns
     -------
@@ -214,14 +234,19 @@ def _randomized_svd(X: torch.Tensor, k: int, generator: torch.Generator, n_power
     Vh : Tensor of shape (k, n_features)
     """
     q = min(k + 10, *X.shape)
-    omega = torch.randn(X.shape[1], q, generator=generator, dtype=X.dtype).to(X.device)
-    Q = torch.linalg.qr(X @ omega).Q
+    n_power_iter = 7 if k < 0.1 * min(X.shape) else 4
+    Q = torch.linalg.qr(X @ _randn((X.shape[1], q), generator, X)).Q
     for _ in range(n_power_iter):
         # (Q^T X)^T rather than X^T Q: the product with X in its stored layout is faster.
         Q = torch.linalg.qr((Q.T @ X).T).Q
         Q = torch.linalg.qr(X @ Q).Q
     Ub, S, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
     return Q @ Ub[:, :k], S[:k], Vh[:k]
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws made on the CPU, then moved to the device and dtype of ``like``."""
+    return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
 def _initialize(X: torch.Tensor, k: int, init: str, random_state: int):
@@ -232,8 +257,8 @@ def _initialize(X: torch.Tensor, k: int, init: str, random_state: int):
     if init == "random":
         # Scaled like sklearn so that W H has the mean of X on average.
         avg = torch.sqrt(X.mean() / k)
-        H = torch.randn(k, m, generator=generator, dtype=X.dtype).to(X.device).abs_() * avg
-        Wt = torch.randn(k, n, generator=generator, dtype=X.dtype).to(X.device).abs_() * avg
+        H = _randn((k, m), generator, X).abs_() * avg
+        Wt = _randn((k, n), generator, X).abs_() * avg
         return Wt, H
 
     # NNDSVD (Boutsidis & Gallopoulos 2008): each singular pair (u_j, v_j) is replaced
@@ -241,18 +266,19 @@ def _initialize(X: torch.Tensor, k: int, init: str, random_state: int):
     # norm product. For the leading pair of a non-negative X this is |u_1|, |v_1|
     # (Perron-Frobenius), so one vectorised rule covers every component.
     U, S, Vh = _randomized_svd(X, k, generator)
-    Ut = U.T
-    tiny = torch.finfo(X.dtype).tiny
-    u_pos, u_neg = Ut.clamp_min(0), (-Ut).clamp_min(0)
+    u_pos, u_neg = U.T.clamp_min(0), (-U.T).clamp_min(0)
     v_pos, v_neg = Vh.clamp_min(0), (-Vh).clamp_min(0)
-    nu_pos, nu_neg = torch.linalg.vector_norm(u_pos, dim=1), torch.linalg.vector_norm(u_neg, dim=1)
-    nv_pos, nv_neg = torch.linalg.vector_norm(v_pos, dim=1), torch.linalg.vector_norm(v_neg, dim=1)
-    m_pos, m_neg = nu_pos * nv_pos, nu_neg * nv_neg
-    use_pos = (m_pos > m_neg).unsqueeze(1)
-    u = torch.where(use_pos, u_pos / nu_pos.clamp_min(tiny)[:, None], u_neg / nu_neg.clamp_min(tiny)[:, None])
-    v = torch.where(use_pos, v_pos / nv_pos.clamp_min(tiny)[:, None], v_neg / nv_neg.clamp_min(tiny)[:, None])
-    lam = torch.sqrt(S * torch.maximum(m_pos, m_neg)).unsqueeze(1)
-    Wt, H = lam * u, lam * v
+    nu_pos, nu_neg, nv_pos, nv_neg = (
+        torch.linalg.vector_norm(part, dim=1) for part in (u_pos, u_neg, v_pos, v_neg)
+    )
+    use_pos = nu_pos * nv_pos > nu_neg * nv_neg
+    u, nu = torch.where(use_pos[:, None], u_pos, u_neg), torch.where(use_pos, nu_pos, nu_neg)
+    v, nv = torch.where(use_pos[:, None], v_pos, v_neg), torch.where(use_pos, nv_pos, nv_neg)
+    # Unit parts scaled by sqrt(s_j ||u|| ||v||); an all-zero part stays zero.
+    lam = torch.sqrt(S * nu * nv)
+    tiny = torch.finfo(X.dtype).tiny
+    Wt = u * (lam / nu.clamp_min(tiny))[:, None]
+    H = v * (lam / nv.clamp_min(tiny))[:, None]
 
     if init == "nndsvda":
         avg = X.mean()
@@ -260,8 +286,8 @@ def _initialize(X: torch.Tensor, k: int, init: str, random_state: int):
         H = torch.where(H == 0, avg, H)
     elif init == "nndsvdar":
         avg = X.mean()
-        Wt = torch.where(Wt == 0, (avg / 100 * torch.randn(Wt.shape, generator=generator, dtype=X.dtype).to(X.device)).abs(), Wt)
-        H = torch.where(H == 0, (avg / 100 * torch.randn(H.shape, generator=generator, dtype=X.dtype).to(X.device)).abs(), H)
+        Wt = torch.where(Wt == 0, _randn(Wt.shape, generator, X).abs_() * (avg / 100), Wt)
+        H = torch.where(H == 0, _randn(H.shape, generator, X).abs_() * (avg / 100), H)
     return Wt, H
 
 
@@ -277,10 +303,8 @@ def _squared_norm(A: torch.Tensor) -> torch.Tensor:
 
 def _residual_norm(X: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
     """``||X - W H||_F`` formed exactly, in row blocks to bound memory."""
-    sq = sum(
-        _squared_norm(torch.addmm(X[s : s + _RESIDUAL_CHUNK], W[s : s + _RESIDUAL_CHUNK], H, alpha=-1))
-        for s in range(0, X.shape[0], _RESIDUAL_CHUNK)
-    )
+    blocks = zip(X.split(_RESIDUAL_CHUNK), W.split(_RESIDUAL_CHUNK))
+    sq = sum(_squared_norm(torch.addmm(X_b, W_b, H, alpha=-1)) for X_b, W_b in blocks)
     return math.sqrt(float(sq))
 
 
@@ -301,13 +325,14 @@ class NMF:
     solver : {"hals", "mu"}, default="hals"
         "hals": hierarchical alternating least squares (Cichocki & Phan 2009), exact
         minimisation over one component of one factor at a time, with several cheap
-        sweeps per pass over X (Gillis & Glineur 2012). "mu": Lee-Seung
-        multiplicative updates. Both never increase the loss.
+        sweeps per pass over X (Gillis & Glineur 2012); entries are clamped at 0, so
+        the factors can be sparse. "mu": Lee-Seung multiplicative updates. Both never
+        increase the loss.
     max_iter : int, default=500
         Maximum number of outer iterations (each updates W then H).
     tol : float, default=1e-4
         Stop when the relative error decreased by less than ``tol`` (relative) since
-        the previous check.
+        the previous check; with ``tol=0``, stop once it no longer decreases.
     check_every : int, default=10
         Iterations between two convergence checks; a check is the only host
         synchronisation of the loop.
@@ -372,6 +397,7 @@ class NMF:
                 f"max_iter={self.max_iter}, check_every={self.check_every}, tol={self.tol}"
             )
 
+    @torch.no_grad()
     def fit_transform(self, X: torch.Tensor) -> torch.Tensor:
         """Fit the model to ``X`` and return its codes ``W``.
 
@@ -404,8 +430,9 @@ class NMF:
         inner_W, inner_H = _n_inner(m, k), _n_inner(n, k)
 
         def relative_error(WtX, WtW, H, HHt):
-            # float64 accumulation; see _squared_norm.
-            sq = sq_norm_X - 2 * torch.sum(WtX * H, dtype=torch.float64) + torch.sum(WtW * HHt, dtype=torch.float64)
+            # Accumulated in float64, see _squared_norm; float() is the host sync.
+            cross = torch.sum(WtX * H, dtype=torch.float64)
+            sq = sq_norm_X - 2 * cross + torch.sum(WtW * HHt, dtype=torch.float64)
             return math.sqrt(max(float(sq), 0.0)) / norm_X
 
         G_H = H @ H.T
@@ -413,7 +440,7 @@ class NMF:
         n_iter = 0
         while n_iter < self.max_iter:
             n_iter += 1
-            _sweeps(self.solver, Wt, H @ X.T, G_H, inner_W, self.eps)
+            _sweeps(self.solver, Wt, _codes_cross(X, H), G_H, inner_W, self.eps)
             WtX, WtW = Wt @ X, Wt @ Wt.T
             _sweeps(self.solver, H, WtX, WtW, inner_H, self.eps)
             G_H = H @ H.T
@@ -456,12 +483,12 @@ class NMF:
         X : Tensor of shape (n_samples, n_features)
             Non-negative data (not checked, to avoid a host sync).
         n_iter : int, default=100
-            Number of sweeps.
+            Number of sweeps; 0 returns the initialisation of :func:`nnls_encode`.
 
         Returns
         -------
         W : Tensor of shape (n_samples, n_components)
         """
         if not hasattr(self, "components_"):
-            raise RuntimeError("this NMF instance is not fitted yet; call fit or fit_transform first")
+            raise RuntimeError("this NMF instance is not fitted yet; call fit first")
         return nnls_encode(X, self.components_, n_iter, solver=self.solver, eps=self.eps)

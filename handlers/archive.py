@@ -34,6 +34,7 @@ from handlers.base import Component, FittedMethod
 from handlers.errors import ArchiveError
 from handlers.model import InputSpec, ModelParts
 from handlers.model_parts import UnsafeGraphError, dump_graph_module, load_graph_module
+from handlers.onnx_backend import export_part
 
 FORMAT = "protoserve-archive"
 FORMAT_VERSION = 1
@@ -54,6 +55,7 @@ class Archive:
     methods: dict[str, FittedMethod]
     default_method: str
     manifest: dict
+    onnx_parts: dict[str, bytes] | None = None  # "upstream"/"downstream" -> ONNX bytes, when packaged with them
 
 
 def archive_filename(name: str, version: str) -> str:
@@ -62,11 +64,15 @@ def archive_filename(name: str, version: str) -> str:
 
 def write_archive(directory: Path | str, name: str, version: str, parts: ModelParts,
                   methods: list[FittedMethod], default_method: str | None = None,
-                  model_card: dict | None = None) -> Path:
+                  model_card: dict | None = None, backend: str = "torch") -> Path:
     """Write ``directory/<name>-<version>.psar`` and return its path.
 
     ``model_card`` is free-form JSON about the model (training data, held-out accuracy).
+    ``backend="onnx"`` also stores ONNX exports of the parts and makes ONNX Runtime the
+    archive's preferred backend for the forward pass.
     """
+    if backend not in ("torch", "onnx"):
+        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     for label, value in (("name", name), ("version", version)):
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
             raise ValueError(f"model {label} {value!r} may hold only letters, digits, '.', '_' and '-'")
@@ -77,6 +83,12 @@ def write_archive(directory: Path | str, name: str, version: str, parts: ModelPa
         graph, weights = dump_graph_module(module.to("cpu"))
         members[f"model/{part_name}.graph.json"] = graph
         members[f"model/{part_name}.safetensors"] = weights
+    if backend == "onnx":
+        example = torch.zeros(2, *parts.input_spec.shape)
+        with torch.no_grad():
+            features = parts.upstream(example)
+        members["model/upstream.onnx"] = export_part(parts.upstream, example)
+        members["model/downstream.onnx"] = export_part(parts.downstream, features)
     method_entries = {}
     for fitted in methods:
         prefix = f"methods/{fitted.name}"
@@ -110,6 +122,7 @@ def write_archive(directory: Path | str, name: str, version: str, parts: ModelPa
         "methods": method_entries,
         "default_method": default_method or methods[0].name,
         "model_card": model_card or {},
+        "backend": backend,
         "written_by": _tool_versions(),
         "members": {path: hashlib.sha256(data).hexdigest() for path, data in sorted(members.items())},
     }
@@ -196,7 +209,11 @@ def _build(members: dict[str, bytes]) -> Archive:
                                             entry["fit_report"], exemplars)
     if manifest["default_method"] not in methods:
         raise ArchiveError(f"default method {manifest['default_method']!r} is not in the archive")
-    return Archive(manifest["name"], manifest["version"], parts, methods, manifest["default_method"], manifest)
+    onnx_parts = None
+    if manifest.get("backend") == "onnx":
+        onnx_parts = {part: members[f"model/{part}.onnx"] for part in ("upstream", "downstream")}
+    return Archive(manifest["name"], manifest["version"], parts, methods, manifest["default_method"], manifest,
+                   onnx_parts)
 
 
 def _tool_versions() -> dict:

@@ -66,12 +66,12 @@ def fit_methods(parts: ModelParts, data: FitData, methods: dict[str, dict], log=
 
 def package(model: nn.Module, *, layer: str, input_spec: InputSpec, labels: list[str], data: FitData,
             methods: dict[str, dict], name: str, version: str, out_dir: Path | str, model_card: dict | None = None,
-            log=print) -> Path:
+            backend: str = "torch", log=print) -> Path:
     """Split ``model`` at ``layer``, fit ``methods`` and write the archive into ``out_dir``."""
     parts = ModelParts.from_model(model, layer, input_spec, labels)
     log(f"split at {layer!r}: features {parts.feature_shape}; weights sha256 {parts.weights_sha256[:12]}…")
     fitted = fit_methods(parts, data, methods, log=log)
-    path = write_archive(out_dir, name, version, parts, fitted, model_card=model_card)
+    path = write_archive(out_dir, name, version, parts, fitted, model_card=model_card, backend=backend)
     log(f"wrote {path}")
     return path
 
@@ -82,7 +82,8 @@ def add_methods(archive_path: Path | str, data: FitData, methods: dict[str, dict
     archive = read_archive(archive_path)
     fitted = {**archive.methods, **{m.name: m for m in fit_methods(archive.parts, data, methods, log=log)}}
     path = write_archive(out_dir, archive.name, version or archive.version, archive.parts, list(fitted.values()),
-                         default_method=archive.default_method, model_card=archive.manifest.get("model_card"))
+                         default_method=archive.default_method, model_card=archive.manifest.get("model_card"),
+                         backend=archive.manifest.get("backend", "torch"))
     log(f"wrote {path}")
     return path
 

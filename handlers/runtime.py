@@ -12,6 +12,7 @@ from handlers.archive import Archive
 from handlers.base import ExplainBatch, Explainer, Explanation
 from handlers.errors import ArchiveError
 from handlers.methods import METHODS
+from handlers.onnx_backend import OnnxPart
 
 
 @dataclass
@@ -31,12 +32,24 @@ class ExplainItem:
 class ServedModel:
     """One model version: its parts and explainers on one device."""
 
-    def __init__(self, archive: Archive, device: torch.device | str = "cpu"):
+    def __init__(self, archive: Archive, device: torch.device | str = "cpu", backend: str = "archive"):
+        """``backend``: "torch", "onnx" (ONNX Runtime for the forward pass; the archive must carry
+        ONNX parts) or "archive" (what the archive prefers)."""
         self.name, self.version = archive.name, archive.version
         self.archive = archive
         self.device = torch.device(device)
         self.parts = archive.parts.to(self.device)
         self.default_method = archive.default_method
+        self.backend = archive.manifest.get("backend", "torch") if backend == "archive" else backend
+        if self.backend == "onnx":
+            if archive.onnx_parts is None:
+                raise ArchiveError(f"{self.name}-{self.version}: no ONNX parts; package it with --backend onnx")
+            self._upstream = OnnxPart(archive.onnx_parts["upstream"], self.device)
+            self._downstream = OnnxPart(archive.onnx_parts["downstream"], self.device)
+        elif self.backend == "torch":
+            self._upstream, self._downstream = self.parts.upstream, self.parts.downstream
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
         self.explainers: dict[str, Explainer] = {}
         for method, fitted in archive.methods.items():
             if method not in METHODS:
@@ -51,7 +64,7 @@ class ServedModel:
         """(B, *input_shape) -> logits (B, K) on the CPU."""
         with torch.inference_mode():
             x = inputs.to(self.device, non_blocking=True)
-            return self.parts.downstream(self.parts.upstream(x)).float().cpu()
+            return self._downstream(self._upstream(x)).float().cpu()
 
     def explain(self, method: str, items: list[ExplainItem], heatmaps: str,
                 ) -> tuple[torch.Tensor, Explanation, dict[str, float]]:
@@ -69,10 +82,12 @@ class ServedModel:
         for b, item in enumerate(items):
             for m, indices in enumerate(item.suppress):
                 suppress[b, m, indices] = True
-        # Gradient methods (Grad-CAM, SRAE heatmaps) need autograd through the parts.
+        # Gradient methods (Grad-CAM, SRAE heatmaps) need autograd through the torch parts.
+        upstream, downstream = ((self.parts.upstream, self.parts.downstream) if explainer.needs_grad
+                                else (self._upstream, self._downstream))
         with torch.enable_grad() if explainer.needs_grad else torch.inference_mode():
-            features = self.parts.upstream(inputs)
-            logits = self.parts.downstream(features)
+            features = upstream(inputs)
+            logits = downstream(features)
             forward_done = self._clock()
             targets = torch.tensor([item.target if item.target is not None else -1 for item in items],
                                    device=self.device)

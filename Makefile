@@ -8,7 +8,7 @@ PORT ?= 50051
 METRICS_PORT ?= 9100
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo run test stubs bench clean
+.PHONY: venv demo run test stubs bench soak clean
 
 # Reinstalled whenever a dependency list changes.
 $(STAMP): pyproject.toml client/pyproject.toml
@@ -35,3 +35,15 @@ stubs: $(STAMP)
 
 clean:
 	rm -rf build $(STORE)/*.psar .pytest_cache
+
+# Benchmarks (issue 7): MODE=quick on this machine (< 5 min), MODE=full on GPU machines.
+MODE ?= quick
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m bench.run --mode $(MODE)
+
+# Soak (issue 8): a real server on loopback, 3000 mixed good/bad/expiring requests (or 120 s) at
+# concurrency 64; fails on UNKNOWN/INTERNAL, a wrong answer or RSS growth. SOAK_ARGS to change.
+SOAK_ARGS ?= --requests 3000 --duration 120 --concurrency 64
+soak: demo
+	$(PY) tools/soak.py --store $(STORE) $(SOAK_ARGS)

@@ -1,0 +1,420 @@
+"""protoserve benchmarks: every figure a ratio of two things measured side by side in one run.
+
+    python -m bench.run --mode quick   # this 2-core machine, under 5 minutes
+    python -m bench.run --mode full    # GPU machines: more repeats, larger runs
+
+Writes ``bench/results.json`` and the table between the markers in ``BENCHMARKS.md``.
+Timed pairs are interleaved (A, B, A, B, …) so drift on a shared machine hits both sides;
+each figure is a ratio of medians and comes with the spread of its repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from handlers.archive import Archive, read_archive, write_archive
+from handlers.base import Component, ExplainBatch, FittedMethod
+from handlers.methods.protonmf import ProtoNMFExplainer
+from handlers.model import InputSpec, ModelParts, pooled_linear_head
+from handlers.nmf import NMF
+from handlers.runtime import ExplainItem, ServedModel
+
+ROOT = Path(__file__).resolve().parent.parent
+GOALS = {"explain_over_predict": "<= 1.10", "dff_step_over_ours": ">= 20", "sklearn_over_fit": ">= 3",
+         "grpc_overhead_ms": "<= 1", "batching_efficiency": ">= 0.8"}
+MODES = {
+    "quick": {"repeats": 7, "nmf_images": 200, "latency_calls": 300, "batch_rounds": 6, "memory_requests": 10_000},
+    "full": {"repeats": 30, "nmf_images": 200, "latency_calls": 2000, "batch_rounds": 40, "memory_requests": 10_000},
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(functions: dict, repeats: int, device: torch.device, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, the calls interleaved round by round."""
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """Ratio of medians, with the range of per-round ratios as its spread."""
+    rounds = [a / b for a, b in zip(numerator, denominator)]
+    return {"value": statistics.median(numerator) / statistics.median(denominator),
+            "spread": [min(rounds), max(rounds)],
+            "numerator_ms": 1000 * statistics.median(numerator), "denominator_ms": 1000 * statistics.median(denominator)}
+
+
+# ------------------------------------------------------------------------ model fixtures
+
+def torchvision_parts(name: str, layer: str, device: torch.device) -> ModelParts:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    labels = [f"class{i}" for i in range(1000)]
+    spec = InputSpec(shape=[3, 224, 224], image={"mode": "RGB", "size": [224, 224], "scale": 1 / 255,
+                                                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+    return ModelParts.from_model(model, layer, spec, labels).to(device)
+
+
+def synthetic_protonmf(parts: ModelParts, n_prototypes: int, seed: int = 0) -> FittedMethod:
+    """ProtoNMF factors of the right shapes for a model whose classes have no data here.
+
+    The prototypes are random non-negative vectors; coefficients and residual prototypes
+    follow from the real head exactly as in the fit. The per-request cost does not depend
+    on the values, only on the shapes.
+    """
+    weight, bias = pooled_linear_head(parts)
+    weight, bias = weight.cpu(), bias.cpu()
+    k, d = weight.shape
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand(k, n_prototypes, d, generator=g)
+    coefficients = torch.linalg.lstsq(prototypes.transpose(1, 2), weight.unsqueeze(2)).solution.squeeze(2)
+    residual = weight - torch.einsum("kp,kpd->kd", coefficients, prototypes)
+    components = [Component(f"c{c}.p{i}", f"{parts.labels[c]} prototype {i}", c)
+                  for c in range(k) for i in range(n_prototypes)]
+    return FittedMethod("protonmf", {"prototypes_": prototypes, "coefficients_": coefficients,
+                                     "residual_prototypes_": residual, "bias_": bias},
+                        components, {"n_prototypes": n_prototypes, "synthetic": True}, {})
+
+
+def served(parts: ModelParts, fitted: FittedMethod, device: torch.device) -> ServedModel:
+    return ServedModel(Archive("bench", "1", parts, {fitted.name: fitted}, fitted.name, {}), device)
+
+
+# ------------------------------------------------------------------------ figures
+
+def explain_over_predict(device, cfg) -> dict:
+    """Figure 1: Explain (ProtoNMF, feature-grid heatmaps, one intervention) over Predict, ResNet-50, batch 8."""
+    parts = torchvision_parts("resnet50", "layer4_2_relu_2", device)
+    model = served(parts, synthetic_protonmf(parts, 3), device)
+    x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    items = [ExplainItem(x[i], None, [[0, 1, 2]]) for i in range(8)]
+    times = interleaved({"predict": lambda: model.predict(x),
+                         "explain": lambda: model.explain("protonmf", items, "feature_grid")},
+                        cfg["repeats"], device)
+    return ratio(times["explain"], times["predict"])
+
+
+def dff_over_ours(device, cfg) -> dict:
+    """Figure 2: pytorch-grad-cam's DeepFeatureFactorization over our ProtoNMF explanation, ResNet-50 layer4,
+    5 components, batch 8: the explanation step alone on the same activations, and end to end."""
+    from pytorch_grad_cam import DeepFeatureFactorization
+    from pytorch_grad_cam.feature_factorization.deep_feature_factorization import dff
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval().to(device)
+    parts = torchvision_parts("resnet50", "layer4_2_relu_2", device)
+    ours = served(parts, synthetic_protonmf(parts, 5), device)
+    explainer = ours.explainers["protonmf"]
+    x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.inference_mode():
+        features = parts.upstream(x)
+        logits = parts.downstream(features)
+    activations = features.cpu().numpy()
+    batch = ExplainBatch(x, features, logits, logits.argmax(1), torch.zeros(8, 1, len(explainer.components),
+                                                                            dtype=torch.bool, device=device), True)
+
+    def our_step():
+        with torch.inference_mode():
+            explainer.explain(batch)
+
+    step = interleaved({"dff": lambda: dff(activations.copy(), n_components=5), "ours": our_step},
+                       cfg["repeats"], device)
+    dff_cam = DeepFeatureFactorization(model=model, target_layer=model.layer4, computation_on_concepts=model.fc)
+    items = [ExplainItem(x[i].cpu(), None, []) for i in range(8)]
+    end_to_end = interleaved({"dff": lambda: dff_cam(x, n_components=5),
+                              "ours": lambda: ours.explain("protonmf", items, "input")},
+                             max(3, cfg["repeats"] // 2), device)
+    return {"step": ratio(step["dff"], step["ours"]), "end_to_end": ratio(end_to_end["dff"], end_to_end["ours"])}
+
+
+def sklearn_over_fit(device, cfg) -> dict:
+    """Figure 3: scikit-learn NMF (cd, nndsvda) over our NMF fit to the same relative error,
+    on a class feature matrix: ResNet-50 layer4 features of N images (N·49 × 2048), 5 components."""
+    from sklearn.decomposition import NMF as SklearnNMF
+
+    parts = torchvision_parts("resnet50", "layer4_2_relu_2", device)
+    x = torch.rand(cfg["nmf_images"], 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    features = parts.features(x, batch_size=25).clamp_min(0)
+    matrix = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1]).float()
+    dense = matrix.cpu().numpy().astype(np.float32)
+    norm = float(np.linalg.norm(dense))
+
+    def sklearn_fit():
+        model = SklearnNMF(5, solver="cd", init="nndsvda", random_state=0, max_iter=400)
+        w = model.fit_transform(dense)
+        return float(np.linalg.norm(dense - w @ model.components_)) / norm
+
+    sk_error = sklearn_fit()
+    # The iterations our solver needs to reach sklearn's error, read off one probing fit; the timed
+    # fits then run exactly that many (tol=0), so both sides stop at the same error.
+    probe = NMF(5, init="nndsvda", solver="hals", max_iter=3000, tol=0.0, check_every=1).fit(matrix.to(device))
+    needed = next((i for i, e in enumerate(probe.error_history_) if e <= sk_error), probe.n_iter_)
+    ours = NMF(5, init="nndsvda", solver="hals", max_iter=max(needed, 1), tol=0.0)
+
+    def our_fit():
+        ours.fit(matrix.to(device))
+
+    times = interleaved({"sklearn": sklearn_fit, "ours": our_fit}, max(2, cfg["repeats"] // 3), device, warmup=0)
+    sk_times, ours_times = times["sklearn"], times["ours"]
+    ours_error, ours_iter = float(ours.relative_error_), ours.n_iter_
+    result = ratio(sk_times, ours_times)
+    result.update(matrix_shape=list(matrix.shape), sklearn_relative_error=sk_error, ours_relative_error=ours_error,
+                  ours_iterations=ours_iter)
+    return result
+
+
+def start_server(store: Path, port: int, metrics_port: int) -> subprocess.Popen:
+    process = subprocess.Popen([str(Path(sys.executable).parent / "protoserve"), "serve", "--model-store", str(store),
+                                "--port", str(port), "--metrics-port", str(metrics_port), "--max-delay-ms", "0"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.time() + 300
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.time() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return process
+            except grpc.RpcError:
+                time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"server did not start: {process.stderr.read()}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+
+
+def rss_mib(pid: int, key: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mnist_store() -> Path:
+    store = ROOT / "model_store"
+    if not (store / "mnist-1.psar").exists():
+        subprocess.run([sys.executable, "-m", "model_store.build_demo", "--store", str(store), "--work",
+                        str(ROOT / "build/demo")], check=True, cwd=ROOT)
+    return store
+
+
+def grpc_overhead_and_memory(device, cfg) -> dict:
+    """Figure 4 (p50 Explain over gRPC minus in process, MNIST, concurrency 1) and the RSS growth of
+    figure 6 over many requests, on the demo model."""
+    from protoserve_client import ExplainerClient
+
+    store = mnist_store()
+    model = ServedModel(read_archive(store / "mnist-1.psar"), device)
+    x = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(4))
+    item = [ExplainItem(x, None, [[0]])]
+    port = free_port()
+    server = start_server(store, port, free_port())
+    try:
+        with ExplainerClient(f"127.0.0.1:{port}") as client:
+            array = x.numpy()
+            remote = lambda: client.explain(array, model="mnist", method="protonmf", heatmaps="feature_grid",  # noqa: E731
+                                            interventions=[["c0.p0"]])
+            local = lambda: model.explain("protonmf", item, "feature_grid")  # noqa: E731
+            times = interleaved({"grpc": remote, "in_process": local}, cfg["latency_calls"], device, warmup=20)
+            p50 = {k: statistics.median(v) * 1000 for k, v in times.items()}
+            p99 = {k: float(np.percentile(v, 99) * 1000) for k, v in times.items()}
+            rss_start = rss_mib(server.pid)
+            asyncio.run(_load(f"127.0.0.1:{port}", "mnist", [array], cfg["memory_requests"], concurrency=8))
+            rss_end = rss_mib(server.pid)
+    finally:
+        stop_server(server)
+    return {"grpc_overhead_ms": p50["grpc"] - p50["in_process"], "p50_ms": p50, "p99_ms": p99,
+            "memory": {"requests": cfg["memory_requests"], "rss_after_warmup_mib": rss_start,
+                       "rss_after_mib": rss_end, "growth_mib": rss_end - rss_start}}
+
+
+async def _load(address: str, model: str, inputs: list[np.ndarray], total: int, concurrency: int,
+                heatmaps=None) -> float:
+    """Send ``total`` Explain requests from ``concurrency`` tasks; returns the elapsed seconds."""
+    import grpc
+    from protoserve_client import pb, pb_grpc, to_tensor
+
+    requests = [pb.ExplainRequest(model=model, input=to_tensor(a), heatmaps=heatmaps or pb.HEATMAP_MODE_NONE)
+                for a in inputs]
+    counter = iter(range(total))
+    async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.ExplainerStub(channel)
+
+        async def worker(w: int):
+            for i in counter:
+                await stub.Explain(requests[(i + w) % len(requests)], timeout=120)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return time.perf_counter() - start
+
+
+def batching_efficiency(device, cfg) -> dict:
+    """Figure 5: Explain throughput over gRPC at concurrency 32 over in-process throughput at batch 32,
+    ResNet-18 (ProtoNMF, 3 prototypes × 1000 classes); and the server's peak RSS (figure 6)."""
+    parts = torchvision_parts("resnet18", "layer4_1_relu_1", device)
+    fitted = synthetic_protonmf(parts, 3)
+    model = served(parts, fitted, device)
+    x = torch.rand(32, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    items = [ExplainItem(x[i], None, []) for i in range(32)]
+    rounds = cfg["batch_rounds"]
+    local = interleaved({"batch32": lambda: model.explain("protonmf", items, "none")}, rounds, device)["batch32"]
+    in_process = 32 / statistics.median(local)
+    with tempfile.TemporaryDirectory() as store:
+        write_archive(store, "resnet18", "1", parts.to("cpu"), [fitted])
+        port = free_port()
+        server = start_server(Path(store), port, free_port())
+        try:
+            arrays = [x[i].numpy() for i in range(32)]
+            asyncio.run(_load(f"127.0.0.1:{port}", "resnet18", arrays, 64, concurrency=32))  # warm-up
+            elapsed = asyncio.run(_load(f"127.0.0.1:{port}", "resnet18", arrays, 32 * rounds, concurrency=32))
+            peak = rss_mib(server.pid, "VmHWM")
+        finally:
+            stop_server(server)
+    over_grpc = 32 * rounds / elapsed
+    return {"value": over_grpc / in_process, "grpc_examples_per_s": over_grpc,
+            "in_process_examples_per_s": in_process, "server_peak_rss_mib": peak}
+
+
+def per_method(device, cfg) -> dict:
+    """Figure 7: Explain over Predict per method on the demo model, batch 8, in process."""
+    archive = read_archive(mnist_store() / "mnist-1.psar")
+    model = ServedModel(archive, device)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    out = {}
+    for method, explainer in model.explainers.items():
+        items = [ExplainItem(x[i], None, [[0]]) for i in range(8)]
+        times = interleaved({"predict": lambda: model.predict(x),
+                             "explain": lambda: model.explain(method, items, "feature_grid")},
+                            cfg["repeats"] * 3, device, warmup=3)
+        out[method] = ratio(times["explain"], times["predict"])
+    return out
+
+
+# ------------------------------------------------------------------------ report
+
+def machine() -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
+            "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def table(results: dict) -> str:
+    f = results["figures"]
+    rows = [
+        ("explain_over_predict", "Explain/Predict, ResNet-50 layer4, 3×1000 prototypes, batch 8",
+         f["explain_over_predict"]),
+        ("dff_step_over_ours", "pytorch-grad-cam DFF step / our step, 5 components, batch 8", f["dff_over_ours"]["step"]),
+        ("dff_end_to_end_over_ours", "DFF / ours, end to end incl. forward", f["dff_over_ours"]["end_to_end"]),
+        ("sklearn_over_fit", f"sklearn NMF(cd) / our NMF, same error, {f['sklearn_over_fit']['matrix_shape']}",
+         f["sklearn_over_fit"]),
+    ]
+    lines = ["| figure | what | value | spread | goal |", "|---|---|---|---|---|"]
+    for key, what, r in rows:
+        lines.append(f"| `{key}` | {what} | {r['value']:.3f} | {r['spread'][0]:.3f}–{r['spread'][1]:.3f} | "
+                     f"{GOALS.get(key, '')} |")
+    g = f["grpc"]
+    lines.append(f"| `grpc_overhead_ms` | p50 Explain over gRPC − in process, MNIST, concurrency 1 "
+                 f"({g['p50_ms']['grpc']:.2f} − {g['p50_ms']['in_process']:.2f} ms) | {g['grpc_overhead_ms']:.2f} ms "
+                 f"| p99 {g['p99_ms']['grpc']:.2f} / {g['p99_ms']['in_process']:.2f} ms | {GOALS['grpc_overhead_ms']} |")
+    b = f["batching_efficiency"]
+    lines.append(f"| `batching_efficiency` | gRPC at concurrency 32 / in process at batch 32, ResNet-18 "
+                 f"({b['grpc_examples_per_s']:.1f} / {b['in_process_examples_per_s']:.1f} examples/s) | "
+                 f"{b['value']:.3f} | | {GOALS['batching_efficiency']} |")
+    m = g["memory"]
+    lines.append(f"| `server_peak_rss_mib` | server peak RSS, concurrency-32 ResNet-18 run | "
+                 f"{b['server_peak_rss_mib']:.0f} MiB | | |")
+    lines.append(f"| `rss_growth_mib` | server RSS growth over {m['requests']} requests after warm-up (MNIST) | "
+                 f"{m['growth_mib']:+.1f} MiB | {m['rss_after_warmup_mib']:.0f} → {m['rss_after_mib']:.0f} MiB | |")
+    for method, r in f["per_method"].items():
+        lines.append(f"| `explain_over_predict[{method}]` | demo MNIST model, batch 8 | {r['value']:.3f} | "
+                     f"{r['spread'][0]:.3f}–{r['spread'][1]:.3f} | |")
+    return "\n".join(lines)
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    m = results["machine"]
+    block = (f"{begin}\nMode `{results['mode']}`, {results['date']}, {m['device']}, torch {m['torch']}, "
+             f"{m['threads']} threads. Command: `{results['command']}`\n\n{table(results)}\n{end}")
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    path.write_text(head + block + rest.split(end, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results.json")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    cfg = MODES[args.mode]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    figures = {}
+    for name, fn in [("explain_over_predict", explain_over_predict), ("dff_over_ours", dff_over_ours),
+                     ("sklearn_over_fit", sklearn_over_fit), ("grpc", grpc_overhead_and_memory),
+                     ("batching_efficiency", batching_efficiency), ("per_method", per_method)]:
+        log(f"bench: {name} …")
+        start = time.perf_counter()
+        figures[name] = fn(device, cfg)
+        log(f"bench: {name} done in {time.perf_counter() - start:.0f}s")
+    results = {"mode": args.mode, "date": datetime.date.today().isoformat(), "machine": machine(),
+               "command": f"make bench MODE={args.mode}", "seconds": time.perf_counter() - started,
+               "figures": figures}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    write_markdown(results, args.markdown)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

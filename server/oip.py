@@ -1,0 +1,386 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol (KServe v2) beside protoserve.v1.
+
+A thin servicer over the same :class:`~server.registry.ModelRegistry` and batchers as
+``protoserve.v1.Explainer``: it decodes OIP tensors, validates the explanation options
+through :mod:`server.convert`, submits every example of a batched input to the model's
+batcher concurrently (so they batch with each other and with other clients' requests), and
+returns the prediction and its explanation as named output tensors. No model logic here.
+
+ModelInfer
+----------
+Input: one tensor named ``input`` of shape ``[N, *input_shape]`` (N >= 1), datatype FP32,
+FP16 or UINT8 (UINT8 is scaled like image pixels), in ``raw_input_contents`` or in the typed
+``contents`` (``fp32_contents``; ``uint_contents`` for UINT8; FP16 only raw).
+
+Request parameters (all optional):
+
+================  ==============  =====================================================
+name              type            meaning
+================  ==============  =====================================================
+``method``        string          explanation method (default: the model's default)
+``target_class``  int64           class to explain (default: each example's prediction)
+``suppress``      string          component ids to suppress, comma-separated: one
+                                  intervention set; several sets separated by ``;``
+``heatmaps``      string          ``none`` (default), ``feature_grid`` or ``input``
+``explain``       bool            ``false``: the bare prediction (``logits`` only)
+================  ==============  =====================================================
+
+Outputs (N examples, K classes, C components reported per example, M intervention sets):
+
+===========================  ========  ==============  ===================================
+name                         datatype  shape           holds
+===========================  ========  ==============  ===================================
+``logits``                   FP32      [N, K]          the model's logits
+``target_class``             INT64     [N]             the explained class
+``target_logit``             FP32      [N]             the logit of the target class
+``component_ids``            BYTES     [N, C]          component ids ("" pads)
+``component_weights``        FP32      [N, C]          per-input weights (0 pads)
+``component_contributions``  FP32      [N, C]          contributions to the target logit
+``bias``                     FP32      [N]             additive bias
+``residual_contribution``    FP32      [N]             what the components do not carry
+``residual_share``           FP32      [N]             in [0, 1]
+``heatmaps``                 FP32      [N, C, H, W]    only when ``heatmaps`` is not none
+``intervened_logits``        FP32      [N, M, K]       only when ``suppress`` is given
+===========================  ========  ==============  ===================================
+
+For an additive method, ``sum(component_contributions) + residual_contribution + bias ==
+target_logit`` per example. Outputs are returned in ``raw_output_contents`` (BYTES as
+4-byte little-endian length-prefixed strings), as Triton does; ``outputs`` in the request
+selects a subset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import math
+import struct
+import time
+
+import grpc
+import numpy as np
+import torch
+from protoserve_client import pb
+from protoserve_client._stubs.inference import grpc_service_pb2 as oip
+from protoserve_client._stubs.inference import grpc_service_pb2_grpc as oip_grpc
+from protoserve_client.tensors import to_tensor
+
+from handlers.errors import InvalidInputError
+from handlers.preprocess import input_from_array
+from handlers.runtime import ExplainItem, ServedModel
+from server import convert
+from server.metrics import Metrics
+from server.registry import LoadedModel, ModelRegistry, PredictKey
+from server.servicer import _RpcScope
+from server.settings import Settings
+
+OIP_SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "protoserve"
+PLATFORM = "pytorch"
+INPUT_NAME = "input"
+
+# OIP datatype -> (little-endian numpy dtype, typed contents field or None if raw only).
+INPUT_DATATYPES: dict[str, tuple[np.dtype, str | None]] = {
+    "FP32": (np.dtype("<f4"), "fp32_contents"),
+    "FP16": (np.dtype("<f2"), None),
+    "UINT8": (np.dtype("u1"), "uint_contents"),
+}
+# An archive's input dtype -> the OIP datatype its metadata advertises.
+DATATYPE_OF = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}
+HEATMAP_ENUM = {name: value for value, name in convert.HEATMAP_MODES.items()}
+
+# Parameters this servicer reads, and the protocol-level ones clients may send (ignored here).
+KNOWN_PARAMETERS = ("method", "target_class", "suppress", "heatmaps", "explain")
+IGNORED_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end",
+                                "content_type", "headers", "binary_data_output"})
+# decode_explain's fields, named as this protocol's request parameters.
+PARAMETER_FIELDS = {"target_class": "parameters.target_class", "heatmaps": "parameters.heatmaps",
+                    "interventions": "parameters.suppress"}
+
+
+def output_metadata(served: ServedModel) -> list[tuple[str, str, list[int]]]:
+    """Every output ModelInfer can return for ``served``: (name, datatype, shape), -1 = variable."""
+    k = len(served.labels)
+    return [
+        ("logits", "FP32", [-1, k]),
+        ("target_class", "INT64", [-1]),
+        ("target_logit", "FP32", [-1]),
+        ("component_ids", "BYTES", [-1, -1]),
+        ("component_weights", "FP32", [-1, -1]),
+        ("component_contributions", "FP32", [-1, -1]),
+        ("bias", "FP32", [-1]),
+        ("residual_contribution", "FP32", [-1]),
+        ("residual_share", "FP32", [-1]),
+        ("heatmaps", "FP32", [-1, -1, -1, -1]),
+        ("intervened_logits", "FP32", [-1, -1, k]),
+    ]
+
+
+# ------------------------------------------------------------------------- requests
+
+
+class InferOptions:
+    """The request parameters of ModelInfer, type-checked."""
+
+    def __init__(self, parameters) -> None:
+        unknown = sorted(set(parameters) - set(KNOWN_PARAMETERS) - IGNORED_PARAMETERS)
+        if unknown:
+            raise InvalidInputError(f"parameters.{unknown[0]}",
+                                    f"unknown parameter; known: {', '.join(KNOWN_PARAMETERS)}")
+        self.method = _param(parameters, "method", "string_param", "")
+        self.heatmaps = _param(parameters, "heatmaps", "string_param", "none")
+        self.explain = _param(parameters, "explain", "bool_param", True)
+        suppress = _param(parameters, "suppress", "string_param", "")
+        self.suppress = [ids for part in suppress.split(";")
+                         if (ids := [i.strip() for i in part.split(",") if i.strip()])]
+        self.target_class: int | None = None
+        if "target_class" in parameters:
+            value = parameters["target_class"]
+            kind = value.WhichOneof("parameter_choice")
+            if kind not in ("int64_param", "uint64_param"):
+                raise InvalidInputError("parameters.target_class", f"must be an int64 parameter, got {kind}")
+            self.target_class = getattr(value, kind)
+        if self.heatmaps not in HEATMAP_ENUM:
+            raise InvalidInputError("parameters.heatmaps",
+                                    f"{self.heatmaps!r} is not one of {', '.join(HEATMAP_ENUM)}")
+
+
+def _param(parameters, name: str, kind: str, default):
+    if name not in parameters:
+        return default
+    got = parameters[name].WhichOneof("parameter_choice")
+    if got != kind:
+        raise InvalidInputError(f"parameters.{name}", f"must be a {kind.removesuffix('_param')} parameter, got {got}")
+    return getattr(parameters[name], kind)
+
+
+def decode_batch(request: oip.ModelInferRequest, served: ServedModel, settings: Settings) -> np.ndarray:
+    """The request's one input tensor -> an array (N, *input_shape) of its wire dtype."""
+    spec = served.parts.input_spec
+    if len(request.inputs) != 1:
+        raise InvalidInputError("inputs", f"expected exactly one input tensor named {INPUT_NAME!r}, "
+                                          f"got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if tensor.name != INPUT_NAME:
+        raise InvalidInputError("inputs[0].name", f"expected {INPUT_NAME!r}, got {tensor.name!r}")
+    if tensor.datatype not in INPUT_DATATYPES:
+        raise InvalidInputError("inputs[0].datatype", f"{tensor.datatype!r} is not one of "
+                                                      f"{', '.join(INPUT_DATATYPES)}")
+    dtype, typed_field = INPUT_DATATYPES[tensor.datatype]
+    shape = list(tensor.shape)
+    if len(shape) != len(spec.shape) + 1 or shape[1:] != list(spec.shape) or shape[0] < 1:
+        raise InvalidInputError("inputs[0].shape", f"expected [N, {', '.join(map(str, spec.shape))}] with N >= 1 "
+                                                   f"(a batch of examples), got {shape}")
+    if shape[0] > settings.max_queue_size:
+        raise InvalidInputError("inputs[0].shape", f"at most {settings.max_queue_size} examples per request, "
+                                                   f"got {shape[0]}")
+    count = math.prod(shape)
+    example_bytes = count // shape[0] * dtype.itemsize
+    if example_bytes > settings.max_input_bytes:
+        raise InvalidInputError("inputs[0]", f"{example_bytes} bytes per example is more than the limit of "
+                                             f"{settings.max_input_bytes}")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidInputError("raw_input_contents", f"has {len(request.raw_input_contents)} entries for "
+                                                          f"{len(request.inputs)} input(s)")
+        if tensor.HasField("contents"):
+            raise InvalidInputError("inputs[0].contents", "set raw_input_contents or contents, not both")
+        data = request.raw_input_contents[0]
+        if len(data) != count * dtype.itemsize:
+            raise InvalidInputError("raw_input_contents[0]", f"has {len(data)} bytes, shape {shape} "
+                                                             f"{tensor.datatype} needs {count * dtype.itemsize}")
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    if typed_field is None:
+        raise InvalidInputError("inputs[0].contents", f"{tensor.datatype} has no typed contents; "
+                                                      f"send it in raw_input_contents")
+    values = getattr(tensor.contents, typed_field)
+    if len(values) != count:
+        raise InvalidInputError(f"inputs[0].contents.{typed_field}",
+                                f"has {len(values)} values, shape {shape} needs {count}")
+    if dtype == np.uint8:
+        array = np.fromiter(values, dtype=np.uint32, count=count)
+        if array.size and array.max() > 255:
+            raise InvalidInputError(f"inputs[0].contents.{typed_field}", "UINT8 values must be at most 255")
+        return array.astype(np.uint8).reshape(shape)
+    return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
+
+
+def requested_outputs(request: oip.ModelInferRequest, served: ServedModel) -> list[str] | None:
+    if not request.outputs:
+        return None
+    known = [name for name, _, _ in output_metadata(served)]
+    names = []
+    for i, output in enumerate(request.outputs):
+        if output.name not in known:
+            raise InvalidInputError(f"outputs[{i}].name", f"{output.name!r} is not an output; known: {', '.join(known)}")
+        names.append(output.name)
+    return names
+
+
+# ------------------------------------------------------------------------ responses
+
+
+def explanation_outputs(served: ServedModel, method: str, results: list) -> dict[str, np.ndarray]:
+    """Stack the per-example (logits, row) results of an explanation into named arrays."""
+    components = served.explainers[method].components
+    rows = [row for _, row in results]
+    index = torch.stack([row["component_index"] for row in rows])  # (N, C)
+    valid = index >= 0
+    zero = torch.zeros((), dtype=torch.float32)
+    outputs = {
+        "logits": torch.stack([logits for logits, _ in results]),
+        "target_class": torch.stack([row["target_class"] for row in rows]).long(),
+        "target_logit": torch.stack([row["target_logit"] for row in rows]),
+        "component_ids": np.array([[components[j].id if j >= 0 else "" for j in line] for line in index.tolist()],
+                                  dtype=object).reshape(index.shape),
+        "component_weights": torch.where(valid, torch.stack([row["weight"] for row in rows]), zero),
+        "component_contributions": torch.where(valid, torch.stack([row["contribution"] for row in rows]), zero),
+        "bias": torch.stack([row["bias"] for row in rows]),
+        "residual_contribution": torch.stack([row["residual_contribution"] for row in rows]),
+        "residual_share": torch.stack([row["residual_share"] for row in rows]),
+    }
+    if rows[0]["heatmaps"] is not None:
+        outputs["heatmaps"] = torch.stack([row["heatmaps"] for row in rows])
+    if rows[0]["intervened_logits"].shape[0] > 0:
+        outputs["intervened_logits"] = torch.stack([row["intervened_logits"] for row in rows])
+    return {name: value.numpy() if torch.is_tensor(value) else value for name, value in outputs.items()}
+
+
+def _raw(datatype: str, array: np.ndarray) -> bytes:
+    if datatype == "BYTES":
+        items = [s.encode() if isinstance(s, str) else bytes(s) for s in array.reshape(-1)]
+        return b"".join(struct.pack("<I", len(item)) + item for item in items)
+    dtype = {"FP32": "<f4", "INT64": "<i8"}[datatype]
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def encode_response(request: oip.ModelInferRequest, served: ServedModel, method: str,
+                    outputs: dict[str, np.ndarray], wanted: list[str] | None) -> oip.ModelInferResponse:
+    datatypes = {name: datatype for name, datatype, _ in output_metadata(served)}
+    response = oip.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
+    if method:
+        response.parameters["method"].string_param = method
+    for name in wanted or list(outputs):
+        if name not in outputs:
+            raise InvalidInputError("outputs", f"{name!r} is not produced by this request (heatmaps need the "
+                                               f"heatmaps parameter, intervened_logits the suppress parameter, "
+                                               f"explanation outputs explain=true)")
+        array = outputs[name]
+        response.outputs.add(name=name, datatype=datatypes[name], shape=array.shape)
+        response.raw_output_contents.append(_raw(datatypes[name], array))
+    return response
+
+
+# ------------------------------------------------------------------------- servicer
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics):
+        self.registry = registry
+        self.settings = settings
+        self.metrics = metrics
+        try:
+            self.version = importlib.metadata.version("protoserve")
+        except importlib.metadata.PackageNotFoundError:
+            self.version = "0+unknown"
+
+    async def ServerLive(self, request, context) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
+        models = self.registry.all()
+        return oip.ServerReadyResponse(ready=bool(models) and all(m.batcher.alive for m in models))
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
+        # Unknown models are simply not ready (as Triton answers), not an error.
+        versions = self.registry.models.get(request.name, {})
+        if request.version:
+            model = versions.get(request.version)
+        else:
+            model = self.registry.get(request.name) if versions else None
+        return oip.ModelReadyResponse(ready=model is not None and model.batcher.alive)
+
+    async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=["parameters"])
+
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
+        async with self._rpc("ModelMetadata", request.name, context):
+            served = self.registry.get(request.name, request.version).served
+            spec = served.parts.input_spec
+            response = oip.ModelMetadataResponse(
+                name=served.name, versions=[m.served.version for m in self.registry.all() if m.served.name == served.name],
+                platform=PLATFORM)
+            response.inputs.add(name=INPUT_NAME, datatype=DATATYPE_OF.get(spec.dtype, "FP32"), shape=[-1, *spec.shape])
+            for name, datatype, shape in output_metadata(served):
+                response.outputs.add(name=name, datatype=datatype, shape=shape)
+            return response
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
+        async with self._rpc("ModelInfer", request.model_name, context):
+            model = self.registry.get(request.model_name, request.model_version)
+            served = model.served
+            start = time.perf_counter()
+            options = InferOptions(request.parameters)
+            wanted = requested_outputs(request, served)
+            batch = decode_batch(request, served, self.settings)
+            spec = served.parts.input_spec
+            inputs = [input_from_array(batch[i], spec, field="inputs[0]") for i in range(len(batch))]
+            deadline = None if context.time_remaining() is None else time.monotonic() + context.time_remaining()
+            if not options.explain:
+                self.metrics.stage_duration.labels(served.name, "preprocess").observe(time.perf_counter() - start)
+                logits = await _submit_all(model, inputs, PredictKey(), deadline)
+                outputs, method = {"logits": torch.stack(logits).numpy()}, ""
+            else:
+                key, items = self._explain_items(request, served, options, batch, inputs)
+                self.metrics.stage_duration.labels(served.name, "preprocess").observe(time.perf_counter() - start)
+                results = await _submit_all(model, items, key, deadline)
+                outputs, method = explanation_outputs(served, key.method, results), key.method
+            start = time.perf_counter()
+            response = encode_response(request, served, method, outputs, wanted)
+            self.metrics.stage_duration.labels(served.name, "encode").observe(time.perf_counter() - start)
+            if method:
+                self._count_top_components(served, method, outputs)
+            return response
+
+    def _explain_items(self, request, served: ServedModel, options: InferOptions, batch: np.ndarray,
+                       inputs: list[torch.Tensor]):
+        """Validate method, target class and suppressed ids once, through convert.decode_explain."""
+        template = pb.ExplainRequest(
+            model=served.name, version=served.version, method=options.method, input=to_tensor(batch[0]),
+            heatmaps=HEATMAP_ENUM[options.heatmaps],
+            interventions=[pb.Intervention(suppress=ids) for ids in options.suppress])
+        if options.target_class is not None:
+            template.target_class = options.target_class
+        try:
+            key, first = convert.decode_explain(template, served, self.settings)
+        except InvalidInputError as exc:
+            if exc.field in PARAMETER_FIELDS:
+                raise InvalidInputError(PARAMETER_FIELDS[exc.field], str(exc).partition(": ")[2]) from exc
+            raise
+        return key, [ExplainItem(x, first.target, first.suppress) for x in inputs]
+
+    def _count_top_components(self, served: ServedModel, method: str, outputs: dict[str, np.ndarray]) -> None:
+        contributions = np.abs(outputs["component_contributions"])
+        for ids, row in zip(outputs["component_ids"], contributions):
+            if len(row) and ids[int(row.argmax())]:
+                self.metrics.component_uses.labels(served.name, method, ids[int(row.argmax())]).inc()
+
+    def _rpc(self, rpc: str, model: str, context) -> _RpcScope:
+        return _RpcScope(self, rpc, model, context)
+
+    def _record(self, rpc: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
+        label = model if model in self.registry.models else ""
+        self.metrics.requests.labels(rpc, label, code.name).inc()
+        self.metrics.request_duration.labels(rpc, label).observe(seconds)
+
+
+async def _submit_all(model: LoadedModel, payloads: list, key, deadline: float | None) -> list:
+    """Submit every example at once (they batch); the first failure fails the request."""
+    tasks = [asyncio.ensure_future(model.batcher.submit(p, key=key, deadline=deadline)) for p in payloads]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -11,10 +11,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from protoserve_client import pb, pb_grpc
 
+from server import security
+from server.drain import DrainInterceptor
 from server.metrics import Metrics
+from server.oip import OIP_SERVICE, InferenceServicer, oip_grpc
 from server.registry import ModelRegistry, resolve_device
 from server.servicer import ExplainerServicer
 from server.settings import Settings
+from server.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -32,45 +36,72 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.port = settings.port
         self._metrics_server = None
+        self.supervisor: WorkerSupervisor | None = None
+        self.drain = DrainInterceptor()
 
     async def start(self) -> None:
+        # Security settings fail fast, before any model is loaded.
+        credentials = security.server_credentials(self.settings)
+        interceptors = [self.drain, *security.interceptors(self.settings)]
         device = resolve_device(self.settings.device)
         # Loading (and CUDA initialisation) is blocking work: keep it off the event loop.
         await asyncio.to_thread(self.registry.load_store, device)
         self.registry.start()
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
                    ("grpc.max_send_message_length", self.settings.max_message_bytes)]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(self.registry, self.settings, self.metrics),
                                                 self.server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.registry, self.settings, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [EXPLAINER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            [EXPLAINER_SERVICE, OIP_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         await self.server.start()
         if self.settings.metrics_port:
             self._metrics_server, _ = self.metrics.serve(self.settings.host, self.settings.metrics_port)
-        for service in ("", EXPLAINER_SERVICE):
+        for service in ("", EXPLAINER_SERVICE, OIP_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %d model(s) on %s:%d (device %s)", len(self.registry.models), self.settings.host,
-                 self.port, device)
+        # While a batch worker is down (and being restarted) the services that use it are NOT_SERVING.
+        self.supervisor = WorkerSupervisor(self.registry, self.health, (EXPLAINER_SERVICE, OIP_SERVICE),
+                                           self.metrics, backoff_s=self.settings.restart_backoff_s)
+        self.supervisor.start()
+        log.info("serving %d model(s) on %s:%d (device %s%s%s)", len(self.registry.models), self.settings.host,
+                 self.port, device, ", TLS" if credentials is not None else "",
+                 ", bearer tokens" if self.settings.auth_token_file is not None else "")
 
     async def stop(self) -> None:
-        """Drain: health NOT_SERVING, refuse new rpcs, let in-flight ones finish within the grace period."""
+        """Drain: health NOT_SERVING, refuse new rpcs, let in-flight ones finish within the grace period.
+
+        New rpcs are refused with UNAVAILABLE until none has arrived for ``drain_quiet_s`` (at most
+        half the grace period): only then does the grpc server stop, so that no call it had received
+        but not yet handed over is cancelled (see server/drain.py).
+        """
         await self.health.enter_graceful_shutdown()
+        self.drain.start()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         if self.server is not None:
+            await self.drain.wait_quiet(self.settings.drain_quiet_s, max_s=self.settings.shutdown_grace_s / 2)
             await self.server.stop(self.settings.shutdown_grace_s)
+            if self.drain.refused:
+                log.info("refused %d rpc(s) while draining", self.drain.refused)
         await self.registry.close(self.settings.shutdown_grace_s)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
 
     async def run_until_signal(self) -> None:
-        await self.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a signal while loading still drains
             loop.add_signal_handler(sig, stop.set)
+        await self.start()
         await stop.wait()
         log.info("shutting down")
         await self.stop()

@@ -16,11 +16,25 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import App
 
     settings = Settings(model_store=Path(args.model_store), host=args.host, port=args.port,
-                        metrics_port=args.metrics_port, device=args.device, max_batch_size=args.max_batch_size,
+                        metrics_port=args.metrics_port, device=args.device, backend=args.backend, max_batch_size=args.max_batch_size,
                         max_delay_ms=args.max_delay_ms, max_queue_size=args.max_queue_size,
-                        shutdown_grace_s=args.grace)
-    asyncio.run(App(settings).run_until_signal())
+                        shutdown_grace_s=args.grace,
+                        max_message_bytes=args.max_message_bytes, max_input_bytes=args.max_input_bytes,
+                        max_top_k=args.max_top_k, max_interventions=args.max_interventions,
+                        tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
+                        tls_client_ca=_path(args.tls_client_ca), auth_token_file=_path(args.auth_token_file))
+    from server.security import SecurityConfigError
+
+    try:
+        asyncio.run(App(settings).run_until_signal())
+    except SecurityConfigError as exc:
+        print(f"protoserve serve: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +70,7 @@ def _package(args: argparse.Namespace) -> int:
                  "mean": args.mean or [0.0] * channels, "std": args.std or [1.0] * channels}
     package(model, layer=args.layer, input_spec=InputSpec(shape=args.input_shape, image=image), labels=labels,
             data=load_fit_data(args.data), methods=_methods(args), name=args.name, version=args.version,
-            out_dir=args.out)
+            out_dir=args.out, backend=args.backend)
     return 0
 
 
@@ -77,10 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--metrics-port", type=int, default=9100, help="0 disables the metrics endpoint")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    serve.add_argument("--backend", default="archive", choices=["archive", "torch", "onnx"],
+                       help="forward pass in torch or ONNX Runtime; archive: as each archive prefers")
     serve.add_argument("--max-batch-size", type=int, default=32)
-    serve.add_argument("--max-delay-ms", type=float, default=2.0)
+    serve.add_argument("--max-delay-ms", type=float, default=0.0,
+                       help="extra wait for a fuller batch; 0 batches what queued while the worker was busy")
     serve.add_argument("--max-queue-size", type=int, default=256)
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    limits = Settings(model_store=Path("."))  # the documented defaults (docs/limits.md)
+    serve.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
+                       help="largest gRPC message received or sent (gRPC answers RESOURCE_EXHAUSTED beyond)")
+    serve.add_argument("--max-input-bytes", type=int, default=limits.max_input_bytes,
+                       help="largest input tensor data or encoded image per request")
+    serve.add_argument("--max-top-k", type=int, default=limits.max_top_k)
+    serve.add_argument("--max-interventions", type=int, default=limits.max_interventions,
+                       help="intervention sets per Explain request")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (needs --tls-key)")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    serve.add_argument("--auth-token-file",
+                       help="file of bearer tokens, one per line: rpcs need `authorization: Bearer <token>` "
+                            "(health and reflection stay open)")
     serve.set_defaults(run=_serve)
 
     pack = sub.add_parser("package", help="package a model definition + weights with fitted methods")
@@ -94,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     pack.add_argument("--scale", type=float, default=1 / 255)
     pack.add_argument("--mean", type=float, nargs="*")
     pack.add_argument("--std", type=float, nargs="*")
+    pack.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                      help="onnx: also store ONNX exports of the parts and prefer ONNX Runtime for the forward pass")
     pack.add_argument("--name", required=True)
     pack.add_argument("--version", required=True)
     _model_args(pack)

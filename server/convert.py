@@ -21,11 +21,18 @@ HEATMAP_MODES = {
 }
 
 
-def decode_input(request, served: ServedModel) -> torch.Tensor:
-    """The request's ``input`` tensor or ``image`` bytes -> float32 (*input_shape)."""
+def decode_input(request, served: ServedModel, settings: Settings | None = None) -> torch.Tensor:
+    """The request's ``input`` tensor or ``image`` bytes -> float32 (*input_shape).
+
+    With ``settings``, more than ``settings.max_input_bytes`` of tensor data or image bytes is refused.
+    """
     has_tensor, has_image = request.HasField("input"), bool(request.image)
     if has_tensor == has_image:
         raise InvalidInputError("input", "set exactly one of `input` (a tensor) and `image` (PNG/JPEG bytes)")
+    if settings is not None:
+        field, size = ("image", len(request.image)) if has_image else ("input.data", len(request.input.data))
+        if size > settings.max_input_bytes:
+            raise InvalidInputError(field, f"{size} bytes is more than the limit of {settings.max_input_bytes}")
     spec = served.parts.input_spec
     if has_image:
         return input_from_image(request.image, spec)
@@ -68,7 +75,7 @@ def decode_explain(request: pb.ExplainRequest, served: ServedModel, settings: Se
                 raise NotFoundError(f"component of method {method!r}", component_id)
             indices.append(explainer.component_ids[component_id])
         suppress.append(indices)
-    item = ExplainItem(decode_input(request, served), target, suppress)
+    item = ExplainItem(decode_input(request, served, settings), target, suppress)
     return ExplainKey(method, HEATMAP_MODES[request.heatmaps]), item
 
 

@@ -34,6 +34,8 @@ class Metrics:
                                  registry=r)
         self.dropped = Counter("protoserve_dropped_requests", "Requests dropped before compute.",
                                ["model", "reason"], registry=r)
+        self.worker_restarts = Counter("protoserve_worker_restarts", "Batch workers restarted after a crash.",
+                                       ["model"], registry=r)
         self.component_uses = Counter("protoserve_component_reported",
                                       "Times a component was the top contributor of an explanation.",
                                       ["model", "method", "component"], registry=r)

@@ -45,11 +45,15 @@ class LoadedModel:
         # One compute thread per model: batches of a model run one after another.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{served.name}")
         self.batcher = DynamicBatcher(
-            self._process, max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
+            self._run_batch, max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
             max_queue_size=settings.max_queue_size, executor=self._executor,
             observer=BatcherMetrics(metrics, served.name), name=self.label)
 
-    def _process(self, key, payloads: list) -> list:
+    def _run_batch(self, key, payloads: list) -> list:
+        # ``process`` is looked up per batch, so tests can wrap it (fault injection, a busy worker).
+        return self.process(key, payloads)
+
+    def process(self, key, payloads: list) -> list:
         """Runs in the compute thread: one batch -> one result per payload."""
         stage = self.metrics.stage_duration
         name = self.served.name
@@ -92,7 +96,7 @@ class ModelRegistry:
             raise FileNotFoundError(f"model store {store} is not a directory")
         for path in sorted(store.glob(f"*{ARCHIVE_SUFFIX}")):
             try:
-                served = ServedModel(read_archive(path), device)
+                served = ServedModel(read_archive(path), device, self.settings.backend)
             except ArchiveError as exc:
                 self.load_errors[path.name] = str(exc)
                 log.error("refusing archive %s: %s", path.name, exc)

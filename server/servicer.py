@@ -35,7 +35,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             model = self.registry.get(request.model, request.version)
             served = model.served
             k = convert.top_k(request, served, self.settings)
-            x = convert.decode_input(request, served)
+            x = convert.decode_input(request, served, self.settings)
             logits = await model.batcher.submit(x, key=PredictKey(), deadline=_deadline(context))
             return pb.PredictResponse(request_id=request.request_id, model=served.name, version=served.version,
                                       prediction=convert.class_scores(logits, served.labels, k))
@@ -84,8 +84,15 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
         async def read_all() -> int:
             tasks = []
-            async for request in request_iterator:
-                tasks.append(asyncio.create_task(answer(request)))
+            try:
+                async for request in request_iterator:
+                    tasks.append(asyncio.create_task(answer(request)))
+            except Exception:
+                # Reading failed (e.g. an undecodable message): answer what was read, then end
+                # the stream with that error's status (below) instead of leaving it open.
+                await asyncio.gather(*tasks)
+                await answers.put(None)
+                raise
             await asyncio.gather(*tasks)
             await answers.put(None)
             return len(tasks)
@@ -94,8 +101,16 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         try:
             while (message := await answers.get()) is not None:
                 yield message
+            error = reader.exception() if reader.done() and not reader.cancelled() else None
         finally:
             reader.cancel()
+        if error is not None:
+            code = status_for(error)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("ExplainStream failed reading requests", exc_info=error)
+            if field_of(error):
+                context.set_trailing_metadata((("protoserve-field", field_of(error)),))
+            await context.abort(code, str(error))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async with self._rpc("ListModels", "", context):

@@ -1,4 +1,11 @@
-"""Service settings: one place for every knob, with documented defaults."""
+"""Service settings: one place for every knob, with documented defaults.
+
+Per-request limits (docs/limits.md has the full table): ``max_message_bytes`` (gRPC itself,
+RESOURCE_EXHAUSTED), ``max_input_bytes`` (the ``input.data`` / ``image`` bytes of one request),
+``max_top_k``, ``max_interventions``; heatmaps are returned only for the reported components,
+so their number is bounded by the method's components. Security: ``tls_*`` and
+``auth_token_file`` (see server/security.py); the server binds to loopback unless told otherwise.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,19 @@ class Settings:
     port: int = 50051
     metrics_port: int = 9100         # 0: no metrics endpoint
     device: str = "auto"             # "auto": CUDA when present, else CPU
+    backend: str = "archive"         # forward pass: "torch", "onnx", or "archive" (what each archive prefers)
     max_batch_size: int = 32
-    max_delay_ms: float = 2.0        # how long a batch waits for more requests after its first
+    max_delay_ms: float = 0.0        # extra wait for more requests after the first; 0: take what queued while busy
     max_queue_size: int = 256        # per model; a full queue answers RESOURCE_EXHAUSTED at once
     max_message_bytes: int = 64 << 20
     max_top_k: int = 1000
     max_interventions: int = 64      # intervention sets per request
     default_top_k: int = 5
     shutdown_grace_s: float = 10.0
+    max_input_bytes: int = 16 << 20  # bytes of `input.data` or `image` per request; more: INVALID_ARGUMENT
+    tls_cert: Path | None = None     # PEM certificate chain; with tls_key: serve TLS only
+    tls_key: Path | None = None      # PEM private key
+    tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates signed by it (mutual TLS)
+    auth_token_file: Path | None = None  # bearer tokens, one per line; rpcs without one: UNAUTHENTICATED
+    drain_quiet_s: float = 0.5       # shutdown: refuse new rpcs until none came for this long (at most grace / 2)
+    restart_backoff_s: float = 0.5   # a crashed batch worker is restarted after this (doubling while it keeps crashing)

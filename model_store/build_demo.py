@@ -42,18 +42,23 @@ MNIST_INPUT = InputSpec(shape=[1, 28, 28], image={"mode": "L", "size": [28, 28],
                                                   "mean": [0.0], "std": [1.0]})
 
 
-def mnist_model(work: Path) -> tuple[MnistCNN, dict]:
-    """The trained demo CNN, from the cache in ``work`` (if trained by this recipe) or trained now."""
-    weights, card = work / "mnist_cnn.safetensors", work / "mnist_cnn.metrics.json"
-    if weights.exists() and card.exists() and json.loads(card.read_text()).get("epochs") == DEFAULT_EPOCHS:
-        model = MnistCNN()
+def cached_model(work: Path, stem: str, model_class, epochs: int, train) -> tuple:
+    """A recipe's trained model and metrics, from ``work`` when trained by this recipe (same
+    epochs), else trained now with ``train(seed=0)`` and cached."""
+    weights, card = work / f"{stem}.safetensors", work / f"{stem}.metrics.json"
+    if weights.exists() and card.exists() and json.loads(card.read_text()).get("epochs") == epochs:
+        model = model_class()
         model.load_state_dict(load_file(weights))
         return model.eval(), json.loads(card.read_text())
-    model, metrics = train_mnist_cnn(seed=0)
+    model, metrics = train(seed=0)
     work.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     card.write_text(json.dumps(metrics, indent=2))
     return model, metrics
+
+
+def mnist_model(work: Path) -> tuple[MnistCNN, dict]:
+    return cached_model(work, "mnist_cnn", MnistCNN, DEFAULT_EPOCHS, train_mnist_cnn)
 
 
 def mnist_fit_data(work: Path) -> FitData:
@@ -79,17 +84,7 @@ def build_mnist(store: Path, work: Path, force: bool = False) -> Path:
 
 
 def ecg_model(work: Path) -> tuple[EcgCNN, dict]:
-    """The trained ECG CNN, from the cache in ``work`` (if trained by this recipe) or trained now."""
-    weights, card = work / "ecg_cnn.safetensors", work / "ecg_cnn.metrics.json"
-    if weights.exists() and card.exists() and json.loads(card.read_text()).get("epochs") == ECG_DEFAULT_EPOCHS:
-        model = EcgCNN()
-        model.load_state_dict(load_file(weights))
-        return model.eval(), json.loads(card.read_text())
-    model, metrics = train_ecg_cnn(seed=0)
-    work.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-    card.write_text(json.dumps(metrics, indent=2))
-    return model, metrics
+    return cached_model(work, "ecg_cnn", EcgCNN, ECG_DEFAULT_EPOCHS, train_ecg_cnn)
 
 
 def ecg_fit_data(work: Path) -> FitData:

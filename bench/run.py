@@ -30,7 +30,6 @@ import torchvision
 
 from handlers.archive import Archive, read_archive, write_archive
 from handlers.base import Component, ExplainBatch, FittedMethod
-from handlers.methods.protonmf import ProtoNMFExplainer
 from handlers.model import InputSpec, ModelParts, pooled_linear_head
 from handlers.nmf import NMF
 from handlers.runtime import ExplainItem, ServedModel

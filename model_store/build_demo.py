@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from handlers.archive import archive_filename, write_archive
 from handlers.base import FitData
@@ -28,6 +28,7 @@ from model_store.recipes.ecg import ECG_LABELS, ECG_LAYER, ECG_LENGTH, ECG_OTHER
 from model_store.recipes.ecg import train_ecg_cnn
 from model_store.recipes.mnist import (DEFAULT_EPOCHS, MNIST_LABELS, MNIST_LAYER, MnistCNN, load_mnist,
                                       train_mnist_cnn)
+from model_store.recipes.training import save_trained
 
 MNIST_NAME, MNIST_VERSION = "mnist", "1"
 MNIST_METHODS: dict[str, dict] = {"protonmf": {"n_prototypes": 3}, "coupled_nmf": {"n_concepts": 10}, "srae": {"n_xfeatures": 5}, "gradcam_rules": {"q": 10},
@@ -51,9 +52,7 @@ def cached_model(work: Path, stem: str, model_class, epochs: int, train) -> tupl
         model.load_state_dict(load_file(weights))
         return model.eval(), json.loads(card.read_text())
     model, metrics = train(seed=0)
-    work.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-    card.write_text(json.dumps(metrics, indent=2))
+    save_trained(work, stem, model, metrics)
     return model, metrics
 
 

@@ -16,7 +16,7 @@ import torch
 
 from handlers.archive import ARCHIVE_SUFFIX, read_archive
 from handlers.errors import ArchiveError, NotFoundError
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ServedModel
 from server.batcher import DynamicBatcher
 from server.metrics import BatcherMetrics, Metrics
 from server.settings import Settings

@@ -24,17 +24,16 @@ which writes ``DIR/ecg_cnn.safetensors`` (the state dict) and ``DIR/ecg_cnn.metr
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from model_store.recipes.training import recipe_main
 
 #: Class names of ECG5000 (UCR labels 1..5, served as class indices 0..4).
 ECG_LABELS: list[str] = ["normal", "r_on_t_pvc", "pvc", "supraventricular", "unclassified"]
@@ -228,20 +227,7 @@ def train_ecg_cnn(seed: int = 0, epochs: int = DEFAULT_EPOCHS,
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: train, then write the weights and metrics to ``--out``."""
-    from safetensors.torch import save_file
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="seed of everything random")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
-    args = parser.parse_args(argv)
-    model, metrics = train_ecg_cnn(seed=args.seed, epochs=args.epochs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out / "ecg_cnn.safetensors"))
-    (args.out / "ecg_cnn.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"test accuracy {metrics['test_accuracy']:.4f}  train accuracy {metrics['train_accuracy']:.4f}  "
-          f"time {metrics['train_seconds']:.1f}s  -> {args.out}")
+    recipe_main(argv, __doc__.splitlines()[0], "ecg_cnn", train_ecg_cnn, DEFAULT_EPOCHS)
 
 
 if __name__ == "__main__":

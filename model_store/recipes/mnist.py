@@ -14,17 +14,16 @@ which writes ``DIR/mnist_cnn.safetensors`` (the state dict) and
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from model_store.recipes.training import recipe_main
 
 #: Class names, index ``i`` is digit ``str(i)``.
 MNIST_LABELS: list[str] = [str(d) for d in range(10)]
@@ -309,24 +308,7 @@ def train_mnist_cnn(
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: train, then write the weights and metrics to ``--out``."""
-    from safetensors.torch import save_file
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="seed of everything random")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
-    args = parser.parse_args(argv)
-
-    model, metrics = train_mnist_cnn(seed=args.seed, epochs=args.epochs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out / "mnist_cnn.safetensors"))
-    (args.out / "mnist_cnn.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(
-        f"test accuracy {metrics['test_accuracy']:.4f}  "
-        f"train accuracy {metrics['train_accuracy']:.4f}  "
-        f"time {metrics['train_seconds']:.1f}s  -> {args.out}"
-    )
+    recipe_main(argv, __doc__.splitlines()[0], "mnist_cnn", train_mnist_cnn, DEFAULT_EPOCHS)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ nonnegative matrix factorization", Pattern Recognition 41(4), 2008.
 A. Cichocki, A.-H. Phan, "Fast local algorithms for large scale nonnegative matrix
 and tensor factorizations", IEICE Trans. Fundamentals E92-A(3), 2009.
 
+N. B. Erichson, A. Mendible, S. Wihlborn, J. N. Kutz, "Randomized nonnegative matrix
+factorization", Pattern Recognition Letters 104, 2018.
+
 N. Gillis, F. Glineur, "Accelerated multiplicative updates and hierarchical
 alternating least squares algorithms for nonnegative matrix factorization",
 Neural Computation 24(4), 2012.
@@ -40,7 +43,11 @@ import torch
 __all__ = ["NMF", "nnls_encode"]
 
 _INITS = ("random", "nndsvd", "nndsvda", "nndsvdar")
-_SOLVERS = ("hals", "mu")
+_SOLVERS = ("hals", "rhals", "mu")
+_ENCODERS = ("hals", "mu")
+
+# Extra columns of the randomized range finder beyond n_components (Halko et al. 2011).
+_OVERSAMPLES = 10
 
 # Rows of X per block when the exact residual is formed once at the end of a fit;
 # bounds the temporary to 4096 x n_features.
@@ -62,10 +69,12 @@ def _as_float(X: torch.Tensor, name: str = "X") -> torch.Tensor:
 
 
 def _check_non_negative(X: torch.Tensor) -> None:
-    """Reject NaN, infinite or negative entries (one host sync each; fit time only)."""
-    if not bool(torch.isfinite(X).all()):
+    """Reject NaN, infinite or negative entries (one pass and one host sync; fit time only)."""
+    # NaN propagates into both extremes, an infinity shows in one of them.
+    low, high = (float(v) for v in torch.aminmax(X))
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("NMF requires a finite X; got NaN or infinite entries")
-    if bool((X < 0).any()):
+    if low < 0:
         raise ValueError("NMF requires a non-negative X; got negative entries")
 
 
@@ -120,11 +129,11 @@ def _mu_sweeps(
 def _sweeps(
     solver: str, Z: torch.Tensor, P: torch.Tensor, G: torch.Tensor, n_sweeps: int, eps: float
 ) -> None:
-    """``n_sweeps`` in-place updates of ``Z`` by the named solver's rule."""
-    if solver == "hals":
-        _hals_sweeps(Z, P, G, n_sweeps)
-    else:
+    """``n_sweeps`` in-place updates of ``Z`` by the named solver's rule ("rhals" uses HALS's)."""
+    if solver == "mu":
         _mu_sweeps(Z, P, G, n_sweeps, eps)
+    else:
+        _hals_sweeps(Z, P, G, n_sweeps)
 
 
 def _codes_cross(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -136,9 +145,9 @@ def _codes_cross(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return (X @ H.T).T.contiguous()
 
 
-def _check_solver(solver: str) -> None:
-    if solver not in _SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {_SOLVERS}")
+def _check_solver(solver: str, allowed: tuple[str, ...] = _SOLVERS) -> None:
+    if solver not in allowed:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {allowed}")
 
 
 @torch.no_grad()  # the solvers update in place; no gradient flows through a fit
@@ -184,7 +193,7 @@ def nnls_encode(
         Non-negative codes, on the device and in the dtype of ``X``.
     """
     X = _as_float(X)
-    _check_solver(solver)
+    _check_solver(solver, _ENCODERS)
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
     H = _as_float(H, "H").to(device=X.device, dtype=X.dtype)
@@ -218,30 +227,28 @@ def _n_inner(n_other: int, k: int) -> int:
     return min(_MAX_INNER, int(1 + 0.5 * rho))
 
 
-def _randomized_svd(X: torch.Tensor, k: int, generator: torch.Generator):
-    """Leading ``k`` singular triplets of ``X`` by a seeded randomized range finder.
+def _range_basis(X: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Orthonormal basis ``Q`` of the leading column space of ``X``, by a seeded range finder.
 
     Halko, Martinsson & Tropp (2011), with 10 oversamples and QR re-orthonormalised
     power iterations, as many as :func:`sklearn.utils.extmath.randomized_svd` takes
     (7 for k < 0.1 min(X.shape), else 4): on data with a flat spectrum the better
-    singular vectors save more NMF iterations than they cost. The test matrix is drawn
-    on the CPU so that it does not depend on the device's RNG.
+    basis saves more NMF iterations than it costs. The test matrix is drawn on the CPU
+    so that it does not depend on the device's RNG.
 
     Returns
     -------
-    U : Tensor of shape (n_samples, k)
-    S : Tensor of shape (k,)
-    Vh : Tensor of shape (k, n_features)
+    Q : Tensor of shape (n_samples, l)
+        ``l = min(k + 10, n_samples, n_features)`` orthonormal columns.
     """
-    q = min(k + 10, *X.shape)
+    q = min(k + _OVERSAMPLES, *X.shape)
     n_power_iter = 7 if k < 0.1 * min(X.shape) else 4
     Q = torch.linalg.qr(X @ _randn((X.shape[1], q), generator, X)).Q
     for _ in range(n_power_iter):
         # (Q^T X)^T rather than X^T Q: the product with X in its stored layout is faster.
         Q = torch.linalg.qr((Q.T @ X).T).Q
         Q = torch.linalg.qr(X @ Q).Q
-    Ub, S, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
-    return Q @ Ub[:, :k], S[:k], Vh[:k]
+    return Q
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -249,9 +256,13 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tenso
     return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
-def _initialize(X: torch.Tensor, k: int, init: str, random_state: int):
-    """Initial factors ``(Wt, H)`` of shapes (k, n_samples) and (k, n_features)."""
-    generator = torch.Generator().manual_seed(random_state)
+def _initialize(X: torch.Tensor, k: int, init: str, generator: torch.Generator,
+                sketch: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Initial factors ``(Wt, H)`` of shapes (k, n_samples) and (k, n_features).
+
+    ``sketch`` is ``(Q, Q^T X)`` from :func:`_range_basis` when the caller has one;
+    the NNDSVD variants otherwise compute it.
+    """
     n, m = X.shape
 
     if init == "random":
@@ -264,8 +275,14 @@ def _initialize(X: torch.Tensor, k: int, init: str, random_state: int):
     # NNDSVD (Boutsidis & Gallopoulos 2008): each singular pair (u_j, v_j) is replaced
     # by the positive or the negative parts of both vectors, whichever has the larger
     # norm product. For the leading pair of a non-negative X this is |u_1|, |v_1|
-    # (Perron-Frobenius), so one vectorised rule covers every component.
-    U, S, Vh = _randomized_svd(X, k, generator)
+    # (Perron-Frobenius), so one vectorised rule covers every component. The singular
+    # triplets are those of the sketch, a randomized truncated SVD.
+    if sketch is None:
+        Q = _range_basis(X, k, generator)
+        sketch = Q, Q.T @ X
+    Q, QtX = sketch
+    Ub, S, Vh = torch.linalg.svd(QtX, full_matrices=False)
+    U, S, Vh = Q @ Ub[:, :k], S[:k], Vh[:k]
     u_pos, u_neg = U.T.clamp_min(0), (-U.T).clamp_min(0)
     v_pos, v_neg = Vh.clamp_min(0), (-Vh).clamp_min(0)
     nu_pos, nu_neg, nv_pos, nv_neg = (
@@ -322,12 +339,20 @@ class NMF:
         small random values, "nndsvd" keeps them (better for sparse factors, but
         zeros never move under the "mu" solver). "random" draws ``|N(0, 1)|`` scaled
         by ``sqrt(mean(X) / k)``.
-    solver : {"hals", "mu"}, default="hals"
+    solver : {"hals", "rhals", "mu"}, default="hals"
         "hals": hierarchical alternating least squares (Cichocki & Phan 2009), exact
         minimisation over one component of one factor at a time, with several cheap
         sweeps per pass over X (Gillis & Glineur 2012); entries are clamped at 0, so
-        the factors can be sparse. "mu": Lee-Seung multiplicative updates. Both never
-        increase the loss.
+        the factors can be sparse. "rhals": randomized HALS (Erichson et al. 2018),
+        the same updates on ``Q Q^T X``, the projection of X onto its leading
+        ``n_components + 10`` dimensions found by a randomized range finder, so an
+        iteration costs O((n_samples + n_features) n_components^2) rather than a pass
+        over X; once that stops paying (the exact error, measured at each check, fell
+        by less than ``tol``) the fit returns to the factors of the last check if the
+        error rose and continues with "hals" on X itself, so it converges to a
+        solution of the original problem. Much faster when X is large and
+        n_components small. "mu": Lee-Seung multiplicative updates. None of them
+        increases the error from one check to the next.
     max_iter : int, default=500
         Maximum number of outer iterations (each updates W then H).
     tol : float, default=1e-4
@@ -353,7 +378,8 @@ class NMF:
         ``reconstruction_err_ / ||X||_F`` (0 for an all-zero X).
     error_history_ : list of float
         Relative error at the initialisation and at every check, from the Gram
-        matrices (see :meth:`fit_transform`).
+        matrices (see :meth:`fit_transform`); non-increasing. A check whose factors
+        "rhals" discards is not recorded.
     n_features_in_ : int
         Number of features seen during fit.
     """
@@ -402,7 +428,8 @@ class NMF:
         """Fit the model to ``X`` and return its codes ``W``.
 
         Each outer iteration computes ``X H^T`` and ``H H^T``, updates W, then
-        ``W^T X`` and ``W^T W`` and updates H. The error at a check comes from those
+        ``W^T X`` and ``W^T W`` and updates H ("rhals" forms the products with ``Q Q^T X``
+        in place of X while it runs projected). The error at a check comes from those
         products, ``||X||^2 - 2 <W^T X, H> + <W^T W, H H^T>`` clamped at 0, so the
         loop never forms ``X - W H``.
 
@@ -423,11 +450,15 @@ class NMF:
         k = self.n_components
         n, m = X.shape
 
-        Wt, H = _initialize(X, k, self.init, self.random_state)
+        generator = torch.Generator().manual_seed(self.random_state)
+        sketch = None
+        if self.solver == "rhals":
+            Q = _range_basis(X, k, generator)
+            sketch = Q, Q.T @ X  # (n, l), (l, m)
+        Wt, H = _initialize(X, k, self.init, generator, sketch)
         sq_norm_X = _squared_norm(X)
         # An all-zero X has error 0; dividing by 1 instead of 0 reports it as such.
         norm_X = math.sqrt(float(sq_norm_X)) or 1.0
-        inner_W, inner_H = _n_inner(m, k), _n_inner(n, k)
 
         def relative_error(WtX, WtW, H, HHt):
             # Accumulated in float64, see _squared_norm; float() is the host sync.
@@ -435,19 +466,49 @@ class NMF:
             sq = sq_norm_X - 2 * cross + torch.sum(WtW * HHt, dtype=torch.float64)
             return math.sqrt(max(float(sq), 0.0)) / norm_X
 
+        def inner_sweeps(projected: bool) -> tuple[int, int]:
+            # Projected, a "pass over the data" is a product with the l-column sketch.
+            if projected:
+                return (_n_inner(sketch[0].shape[1], k),) * 2
+            return _n_inner(m, k), _n_inner(n, k)
+
+        projected = sketch is not None
+        inner_W, inner_H = inner_sweeps(projected)
         G_H = H @ H.T
         history = [relative_error(Wt @ X, Wt @ Wt.T, H, G_H)]
+        Q, QtX = sketch if projected else (None, None)
+        last_check = (Wt.clone(), H.clone()) if projected else None
         n_iter = 0
         while n_iter < self.max_iter:
             n_iter += 1
-            _sweeps(self.solver, Wt, _codes_cross(X, H), G_H, inner_W, self.eps)
-            WtX, WtW = Wt @ X, Wt @ Wt.T
+            if projected:
+                P = (H @ QtX.T) @ Q.T  # H (Q Q^T X)^T, (k, n)
+            else:
+                P = _codes_cross(X, H)
+            _sweeps(self.solver, Wt, P, G_H, inner_W, self.eps)
+            WtW = Wt @ Wt.T
+            WtX = (Wt @ Q) @ QtX if projected else Wt @ X
             _sweeps(self.solver, H, WtX, WtW, inner_H, self.eps)
             G_H = H @ H.T
             if n_iter % self.check_every == 0 or n_iter == self.max_iter:
-                history.append(relative_error(WtX, WtW, H, G_H))
-                if history[-2] - history[-1] <= self.tol * history[-2]:
-                    break
+                error = relative_error(Wt @ X if projected else WtX, WtW, H, G_H)
+                improved = history[-1] - error > self.tol * history[-1]
+                if projected and not improved:
+                    # The projected problem no longer pays: go on with X itself, from the
+                    # last checked factors if these are worse, so the error never rises.
+                    projected = False
+                    inner_W, inner_H = inner_sweeps(projected)
+                    if error > history[-1]:
+                        Wt, H = last_check
+                        G_H = H @ H.T
+                    else:
+                        history.append(error)
+                else:
+                    history.append(error)
+                    if not improved:
+                        break
+                    if projected:
+                        last_check = (Wt.clone(), H.clone())
 
         W = Wt.T.contiguous()
         self.components_ = H
@@ -475,7 +536,7 @@ class NMF:
     def transform(self, X: torch.Tensor, n_iter: int = 100) -> torch.Tensor:
         """Codes of new rows with ``components_`` frozen, by :func:`nnls_encode`.
 
-        Exactly ``n_iter`` sweeps of the fitted solver's update, no tolerance test and
+        Exactly ``n_iter`` sweeps of the fitted solver's update (HALS for "rhals"), no tolerance test and
         no host synchronisation, so a batch has a fixed cost.
 
         Parameters
@@ -491,4 +552,5 @@ class NMF:
         """
         if not hasattr(self, "components_"):
             raise RuntimeError("this NMF instance is not fitted yet; call fit first")
-        return nnls_encode(X, self.components_, n_iter, solver=self.solver, eps=self.eps)
+        solver = "mu" if self.solver == "mu" else "hals"
+        return nnls_encode(X, self.components_, n_iter, solver=solver, eps=self.eps)

@@ -44,7 +44,7 @@ def _grid(features: torch.Tensor) -> torch.Tensor:
     return features.flatten(2) if features.dim() > 2 else features.unsqueeze(2)
 
 
-def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 3, solver: str = "hals",
+def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 3, solver: str = "rhals",
         init: str = "nndsvda", max_iter: int = 500, tol: float = 1e-4, random_state: int = 0,
         log=print) -> FittedMethod:
     """Fit ProtoNMF on ``data.x_train`` and report on ``data.x_test``.

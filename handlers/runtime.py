@@ -29,12 +29,22 @@ class ExplainItem:
     suppress: list[list[int]]
 
 
+# Reduced precision for the backbone (the parts up to the explained layer); see ServedModel.
+AUTOCAST_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 class ServedModel:
     """One model version: its parts and explainers on one device."""
 
-    def __init__(self, archive: Archive, device: torch.device | str = "cpu", backend: str = "archive"):
+    def __init__(self, archive: Archive, device: torch.device | str = "cpu", backend: str = "archive",
+                 autocast: str = "none"):
         """``backend``: "torch", "onnx" (ONNX Runtime for the forward pass; the archive must carry
-        ONNX parts) or "archive" (what the archive prefers)."""
+        ONNX parts) or "archive" (what the archive prefers). ``autocast``: "float16" or "bfloat16"
+        runs the backbone (input to the explained layer) under :func:`torch.autocast`; its features
+        are cast back to float32, so the head and every method's math stay in float32 and the
+        explanation stays exact for the logits it reports (torch backend only)."""
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)}, got {autocast!r}")
         self.name, self.version = archive.name, archive.version
         self.archive = archive
         self.device = torch.device(device)
@@ -50,6 +60,9 @@ class ServedModel:
             self._upstream, self._downstream = self.parts.upstream, self.parts.downstream
         else:
             raise ValueError(f"unknown backend {backend!r}")
+        self.autocast_dtype = AUTOCAST_DTYPES[autocast]
+        if self.autocast_dtype is not None and self.backend != "torch":
+            raise ArchiveError(f"{self.name}-{self.version}: autocast needs the torch backend, not {self.backend!r}")
         self.explainers: dict[str, Explainer] = {}
         for method, fitted in archive.methods.items():
             if method not in METHODS:
@@ -63,8 +76,7 @@ class ServedModel:
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, *input_shape) -> logits (B, K) on the CPU."""
         with torch.inference_mode():
-            x = inputs.to(self.device, non_blocking=True)
-            return self._downstream(self._upstream(x)).float().cpu()
+            return self._downstream(self._backbone(self._upstream, self._to_device(inputs))).float().cpu()
 
     def explain(self, method: str, items: list[ExplainItem], heatmaps: str,
                 ) -> tuple[torch.Tensor, Explanation, dict[str, float]]:
@@ -76,7 +88,7 @@ class ServedModel:
         """
         start = self._clock()
         explainer = self.explainers[method]
-        inputs = torch.stack([item.input for item in items]).to(self.device, non_blocking=True)
+        inputs = self._to_device(torch.stack([item.input for item in items]))
         n_interventions = max((len(item.suppress) for item in items), default=0)
         suppress = torch.zeros(len(items), n_interventions, len(explainer.components), dtype=torch.bool)
         for b, item in enumerate(items):
@@ -86,7 +98,7 @@ class ServedModel:
         upstream, downstream = ((self.parts.upstream, self.parts.downstream) if explainer.needs_grad
                                 else (self._upstream, self._downstream))
         with torch.enable_grad() if explainer.needs_grad else torch.inference_mode():
-            features = upstream(inputs)
+            features = self._backbone(upstream, inputs)
             logits = downstream(features)
             forward_done = self._clock()
             targets = torch.tensor([item.target if item.target is not None else -1 for item in items],
@@ -99,6 +111,20 @@ class ServedModel:
                 explanation.heatmaps = self._to_input_size(explanation.heatmaps)
         result = logits.detach().float().cpu(), _detach_cpu(explanation)
         return *result, {"forward": forward_done - start, "explain": self._clock() - forward_done}
+
+    def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Host batch -> device; to a GPU from page-locked memory, so the copy is asynchronous."""
+        if self.device.type != "cuda":
+            return inputs
+        return inputs.pin_memory().to(self.device, non_blocking=True)
+
+    def _backbone(self, upstream, inputs: torch.Tensor) -> torch.Tensor:
+        """The explained layer's features, float32; computed under autocast when configured."""
+        if self.autocast_dtype is None:
+            return upstream(inputs)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            features = upstream(inputs)
+        return features.float()
 
     def _clock(self) -> float:
         if self.device.type == "cuda":

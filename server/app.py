@@ -7,6 +7,7 @@ import logging
 import signal
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from protoserve_client import pb, pb_grpc
@@ -44,6 +45,8 @@ class App:
         credentials = security.server_credentials(self.settings)
         interceptors = [self.drain, *security.interceptors(self.settings)]
         device = resolve_device(self.settings.device)
+        if self.settings.intra_op_threads:
+            torch.set_num_threads(self.settings.intra_op_threads)  # process-wide, compute threads included
         # Loading (and CUDA initialisation) is blocking work: keep it off the event loop.
         await asyncio.to_thread(self.registry.load_store, device)
         self.registry.start()

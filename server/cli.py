@@ -16,7 +16,9 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import App
 
     settings = Settings(model_store=Path(args.model_store), host=args.host, port=args.port,
-                        metrics_port=args.metrics_port, device=args.device, backend=args.backend, max_batch_size=args.max_batch_size,
+                        metrics_port=args.metrics_port, device=args.device, backend=args.backend,
+                        autocast=args.autocast, intra_op_threads=args.intra_op_threads,
+                        max_batch_size=args.max_batch_size,
                         max_delay_ms=args.max_delay_ms, max_queue_size=args.max_queue_size,
                         shutdown_grace_s=args.grace,
                         max_message_bytes=args.max_message_bytes, max_input_bytes=args.max_input_bytes,
@@ -93,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     serve.add_argument("--backend", default="archive", choices=["archive", "torch", "onnx"],
                        help="forward pass in torch or ONNX Runtime; archive: as each archive prefers")
+    serve.add_argument("--autocast", default="none", choices=["none", "float16", "bfloat16"],
+                       help="run each model's backbone in reduced precision (GPU); heads and explanations "
+                            "stay float32")
+    serve.add_argument("--intra-op-threads", type=int, default=0,
+                       help="torch CPU threads; 0: one per core. 1 lowers latency for small models on few cores")
     serve.add_argument("--max-batch-size", type=int, default=32)
     serve.add_argument("--max-delay-ms", type=float, default=0.0,
                        help="extra wait for a fuller batch; 0 batches what queued while the worker was busy")

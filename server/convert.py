@@ -81,10 +81,10 @@ def decode_explain(request: pb.ExplainRequest, served: ServedModel, settings: Se
 
 def class_scores(logits: torch.Tensor, labels: list[str], k: int) -> list[pb.ClassScore]:
     """The top-k classes of one logit vector (K,), highest first."""
-    probabilities = torch.softmax(logits.double(), 0)
     values, indices = logits.topk(k)
-    return [pb.ClassScore(class_index=i, label=labels[i], logit=v, probability=float(probabilities[i]))
-            for v, i in zip(values.tolist(), indices.tolist())]
+    probabilities = torch.softmax(logits.double(), 0)[indices]  # one gather, not k tensor indexings
+    return [pb.ClassScore(class_index=i, label=labels[i], logit=v, probability=p)
+            for v, i, p in zip(values.tolist(), indices.tolist(), probabilities.tolist())]
 
 
 def explain_response(request: pb.ExplainRequest, served: ServedModel, method: str, k: int,
@@ -107,10 +107,10 @@ def explain_response(request: pb.ExplainRequest, served: ServedModel, method: st
             response.components.add(id=c.id, label=c.label, class_index=c.class_index, weight=weight[j],
                                     contribution=contribution[j])
     if row["heatmaps"] is not None:
+        maps = row["heatmaps"].numpy()  # float32 (C, H, W), see runtime._detach_cpu
         for j, ok in enumerate(valid):
             if ok:
-                response.heatmaps.add(component_id=components[index[j]].id,
-                                      map=to_tensor(row["heatmaps"][j].numpy().astype("float32")))
+                response.heatmaps.add(component_id=components[index[j]].id, map=to_tensor(maps[j]))
     target = response.target_class
     for m, intervention in enumerate(request.interventions):
         intervened = row["intervened_logits"][m]

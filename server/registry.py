@@ -42,6 +42,8 @@ class LoadedModel:
         self.served = served
         self.metrics = metrics
         self.label = f"{served.name}:{served.version}"
+        # Label lookups cost microseconds each; the compute stages are resolved once.
+        self._stages = {stage: metrics.stage_duration.labels(served.name, stage) for stage in ("forward", "explain")}
         # One compute thread per model: batches of a model run one after another.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{served.name}")
         self.batcher = DynamicBatcher(
@@ -55,17 +57,15 @@ class LoadedModel:
 
     def process(self, key, payloads: list) -> list:
         """Runs in the compute thread: one batch -> one result per payload."""
-        stage = self.metrics.stage_duration
-        name = self.served.name
         if isinstance(key, PredictKey):
             start = time.perf_counter()
             logits = self.served.predict(torch.stack(payloads))
-            stage.labels(name, "forward").observe(time.perf_counter() - start)
+            self._stages["forward"].observe(time.perf_counter() - start)
             return list(logits)
         logits, explanation, timings = self.served.explain(key.method, payloads, key.heatmaps)
         for stage_name, seconds in timings.items():
-            stage.labels(name, stage_name).observe(seconds)
-        residual_metric = self.metrics.residual_share.labels(name, key.method)
+            self._stages[stage_name].observe(seconds)
+        residual_metric = self.metrics.residual_share.labels(self.served.name, key.method)
         for share in explanation.residual_share.tolist():
             residual_metric.observe(share)
         return [(logits[i], _row(explanation, i)) for i in range(len(payloads))]
@@ -96,7 +96,7 @@ class ModelRegistry:
             raise FileNotFoundError(f"model store {store} is not a directory")
         for path in sorted(store.glob(f"*{ARCHIVE_SUFFIX}")):
             try:
-                served = ServedModel(read_archive(path), device, self.settings.backend)
+                served = ServedModel(read_archive(path), device, self.settings.backend, self.settings.autocast)
             except ArchiveError as exc:
                 self.load_errors[path.name] = str(exc)
                 log.error("refusing archive %s: %s", path.name, exc)

@@ -21,6 +21,10 @@ class Settings:
     metrics_port: int = 9100         # 0: no metrics endpoint
     device: str = "auto"             # "auto": CUDA when present, else CPU
     backend: str = "archive"         # forward pass: "torch", "onnx", or "archive" (what each archive prefers)
+    autocast: str = "none"           # "float16" / "bfloat16": the backbone in reduced precision (GPU), math in float32
+    intra_op_threads: int = 0        # torch CPU threads; 0: torch's default (one per core). 1 suits small models
+                                     # on few cores: their ops gain nothing from a second thread, which would
+                                     # compete with gRPC's threads for the cores
     max_batch_size: int = 32
     max_delay_ms: float = 0.0        # extra wait for more requests after the first; 0: take what queued while busy
     max_queue_size: int = 256        # per model; a full queue answers RESOURCE_EXHAUSTED at once
@@ -36,3 +40,11 @@ class Settings:
     auth_token_file: Path | None = None  # bearer tokens, one per line; rpcs without one: UNAUTHENTICATED
     drain_quiet_s: float = 0.5       # shutdown: refuse new rpcs until none came for this long (at most grace / 2)
     restart_backoff_s: float = 0.5   # a crashed batch worker is restarted after this (doubling while it keeps crashing)
+
+    def __post_init__(self) -> None:
+        if self.autocast not in ("none", "float16", "bfloat16"):
+            raise ValueError(f"autocast must be none, float16 or bfloat16, got {self.autocast!r}")
+        if self.autocast != "none" and self.backend == "onnx":
+            raise ValueError("autocast applies to the torch backend; it cannot be combined with backend='onnx'")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads must be >= 0 (0: torch's default), got {self.intra_op_threads}")

@@ -71,7 +71,7 @@ def _as_float(X: torch.Tensor, name: str = "X") -> torch.Tensor:
 def _check_non_negative(X: torch.Tensor) -> None:
     """Reject NaN, infinite or negative entries (one pass and one host sync; fit time only)."""
     # NaN propagates into both extremes, an infinity shows in one of them.
-    low, high = (float(v) for v in torch.aminmax(X))
+    low, high = torch.stack(torch.aminmax(X)).tolist()
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("NMF requires a finite X; got NaN or infinite entries")
     if low < 0:

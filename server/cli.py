@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from server.settings import Settings
+from server.settings import AUTOCAST_CHOICES, Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     serve.add_argument("--backend", default="archive", choices=["archive", "torch", "onnx"],
                        help="forward pass in torch or ONNX Runtime; archive: as each archive prefers")
-    serve.add_argument("--autocast", default="none", choices=["none", "float16", "bfloat16"],
+    serve.add_argument("--autocast", default="none", choices=AUTOCAST_CHOICES,
                        help="run each model's backbone in reduced precision (GPU); heads and explanations "
                             "stay float32")
     serve.add_argument("--intra-op-threads", type=int, default=0,

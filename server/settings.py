@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+AUTOCAST_CHOICES = ("none", "float16", "bfloat16")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -42,8 +44,8 @@ class Settings:
     restart_backoff_s: float = 0.5   # a crashed batch worker is restarted after this (doubling while it keeps crashing)
 
     def __post_init__(self) -> None:
-        if self.autocast not in ("none", "float16", "bfloat16"):
-            raise ValueError(f"autocast must be none, float16 or bfloat16, got {self.autocast!r}")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {self.autocast!r}")
         if self.autocast != "none" and self.backend == "onnx":
             raise ValueError("autocast applies to the torch backend; it cannot be combined with backend='onnx'")
         if self.intra_op_threads < 0:

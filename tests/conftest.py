@@ -12,11 +12,34 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from handlers.base import FitData
-from handlers.model import ModelParts
+from handlers.model import InputSpec, ModelParts
 
 CACHE = Path(os.environ.get("PROTOSERVE_TEST_CACHE", "build/test-cache"))
+
+
+class _MLP(nn.Module):
+    """A fully connected network: the layer `relu` has a 1x1 feature grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def fully_connected_problem(n_train: int, n_test: int) -> tuple[ModelParts, FitData]:
+    """An untrained 12-16-3 MLP split at its hidden ReLU, and 3-class data (seed 0 for both)."""
+    torch.manual_seed(0)
+    parts = ModelParts.from_model(_MLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
+    x = torch.randn(n_train + n_test, 1, 12, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0, :4].sum(1) > 0).long() + (x[:, 0, 4:8].sum(1) > 1).long()
+    return parts, FitData(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
 
 
 @pytest.fixture(scope="session")

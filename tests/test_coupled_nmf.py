@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import nnls
-from torch import nn
 
+from conftest import fully_connected_problem
 from handlers.archive import read_archive
-from handlers.base import ExplainBatch, FitData
+from handlers.base import ExplainBatch
 from handlers.methods import coupled_nmf
 from handlers.model import InputSpec, ModelParts
 from handlers.runtime import ExplainItem, ServedModel
@@ -198,23 +198,9 @@ def test_multiplicative_updates_decrease_the_objective(options):
     assert objectives[0] > objectives[1] > objectives[2]
 
 
-class _MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(12, 16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
 
 def test_one_dimensional_inputs_and_a_fully_connected_layer():
-    torch.manual_seed(0)
-    parts = ModelParts.from_model(_MLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(160, 1, 12, generator=g)
-    y = (x[:, 0, :4].sum(1) > 0).long() + (x[:, 0, 4:8].sum(1) > 1).long()
-    data = FitData(x[:100], y[:100], x[100:], y[100:])
+    parts, data = fully_connected_problem(100, 60)
     fitted = coupled_nmf.fit(parts, data, n_concepts=3, max_iter=20, log=lambda *_: None)
     assert fitted.hyperparameters["layers"] == ["relu"] and fitted.exemplars == {}
     assert fitted.factors["pixel_offset_"] < 0  # standard-normal inputs are shifted to be non-negative

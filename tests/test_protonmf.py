@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
+from conftest import fully_connected_problem
 from handlers.archive import read_archive
-from handlers.base import FitData
 from handlers.methods import protonmf
 from handlers.model import InputSpec, ModelParts, pooled_linear_head
 from handlers.runtime import ExplainItem, ServedModel
@@ -79,30 +78,11 @@ def test_explain_is_deterministic_and_batch_independent(served, batch):
     assert torch.allclose(whole.contribution[5], alone.contribution[0], atol=1e-5)
 
 
-class _MLP(nn.Module):
-    """A fully connected network: the layer `relu` has a 1x1 feature grid."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(12, 16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-def _toy_data(n=120, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 12, generator=g)
-    y = (x[:, 0, :4].sum(1) > 0).long() + (x[:, 0, 4:8].sum(1) > 1).long()
-    return FitData(x[: n // 2], y[: n // 2], x[n // 2:], y[n // 2:])
 
 
 def test_fully_connected_layer_is_exact():
-    torch.manual_seed(0)
-    parts = ModelParts.from_model(_MLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
+    parts, data = fully_connected_problem(60, 60)
     assert parts.feature_shape == [16]
-    data = _toy_data()
     fitted = protonmf.fit(parts, data, n_prototypes=2, log=lambda *_: None)
     assert fitted.fit_report["acc_nmf_plus_residual"] == fitted.fit_report["acc_black_box"]
     explainer = protonmf.ProtoNMFExplainer(parts, fitted)

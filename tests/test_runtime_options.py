@@ -9,10 +9,10 @@ import pytest
 import torch
 from protoserve_client import ExplainerClient, additivity_gap
 
+from conftest import RunningServer
 from handlers.archive import read_archive
 from handlers.runtime import ExplainItem, ServedModel
 from server.settings import Settings
-from tests.conftest import RunningServer
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import fully_connected_problem
 from handlers.archive import read_archive
 from handlers.base import ExplainBatch, FitData
 from handlers.methods import srae
-from handlers.model import InputSpec, ModelParts
 from handlers.runtime import ExplainItem, ServedModel
 
 NAME = srae.NAME
@@ -234,23 +234,9 @@ def test_factors_of_another_layer_are_refused(mnist_parts, small_fit):
         srae.SRAEExplainer(mnist_parts, wrong)
 
 
-class _MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(12, 16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
 
 def test_fully_connected_layer():
-    torch.manual_seed(0)
-    parts = ModelParts.from_model(_MLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(240, 1, 12, generator=g)
-    y = (x[:, 0, :4].sum(1) > 0).long() + (x[:, 0, 4:8].sum(1) > 1).long()
-    data = FitData(x[:160], y[:160], x[160:], y[160:])
+    parts, data = fully_connected_problem(160, 80)
     fitted = srae.fit(parts, data, n_xfeatures=3, epochs=3, **QUIET)
     assert "locality" not in fitted.fit_report and not fitted.exemplars
     explainer = srae.SRAEExplainer(parts, fitted)

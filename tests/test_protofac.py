@@ -62,20 +62,33 @@ def test_simplex_projection_matches_a_bisection_reference():
     assert torch.allclose(protofac.project_to_simplex(w), w, atol=1e-12)  # idempotent on the simplex
 
 
-def test_simplex_codes_satisfy_the_optimality_conditions():
+def test_simplex_least_squares_is_exact_and_kkt_violation_detects_suboptimal_codes():
     generator = torch.Generator().manual_seed(1)
     prototypes = torch.rand(12, 40, generator=generator, dtype=torch.float64)
+    prototypes[5] = prototypes[3]  # duplicated prototypes must not break the support's inverse
     features = torch.rand(30, 40, generator=generator, dtype=torch.float64) * 1.5
+    features[0] = 0  # an all-zero row: the point of the hull nearest the origin
     gram = prototypes @ prototypes.T
-    w = protofac.simplex_codes(features, prototypes, gram, protofac.solver_step(gram), 1000)
+    w = protofac.simplex_least_squares(features, prototypes, gram, 24)
     assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(30, dtype=torch.float64))
     # KKT of min ||a - wH||^2 on the simplex: the gradient is constant (= mu) on the support
     # and no smaller off it.
     gradient = w @ gram - features @ prototypes.T
-    support = w > 1e-9
+    support = w > 0
     mu = (gradient * support).sum(1) / support.sum(1)
-    assert ((gradient - mu[:, None]).abs()[support] < 1e-5).all()
-    assert (gradient - mu[:, None] > -1e-5).all()
+    assert ((gradient - mu[:, None]).abs()[support] < 1e-8).all()
+    assert (gradient - mu[:, None] > -1e-8).all()
+    assert (protofac.simplex_kkt_violation(w, features, prototypes) < 1e-9).all()
+    # A truncated run is still on the simplex, is no worse than the best vertex, and is flagged.
+    early = protofac.simplex_least_squares(features, prototypes, gram, 1)
+    assert torch.allclose(early.sum(1), torch.ones(30, dtype=torch.float64)) and (early >= 0).all()
+    objective = lambda codes: ((features - codes @ prototypes) ** 2).sum(1)  # noqa: E731
+    vertices = ((features.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(2).min(1).values
+    assert (objective(early) <= vertices + 1e-9).all() and (objective(w) <= objective(early) + 1e-9).all()
+    assert (protofac.simplex_kkt_violation(early, features, prototypes) > 1e-6).any()
+    # float32 inputs give float32 codes, equal to the float64 ones to float32 rounding.
+    w32 = protofac.simplex_least_squares(features.float(), prototypes.float(), gram.float(), 24)
+    assert w32.dtype == torch.float32 and torch.allclose(w32.double(), w, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -83,6 +96,7 @@ def test_simplex_codes_satisfy_the_optimality_conditions():
 def test_fit_report_factors_and_real_prototypes(mnist_parts, small_fit, small_data):
     report, factors = small_fit.fit_report, small_fit.factors
     json.dumps(report)  # serializable
+    assert 0 < report["solver_converged"] <= 1 and small_fit.hyperparameters["solver_iter"] == 10
     for key in ("acc_vs_oracle", "acc_vs_ground_truth", "f_loss", "f_loss_nmf"):
         assert key in report and key in report["layers"][mnist_parts.layer]
         assert 0 <= report[key] <= (1 if key.startswith("acc") else float("inf"))
@@ -135,6 +149,8 @@ def test_weights_contributions_and_interventions_are_exact(mnist_parts, explaine
     # An independent computation of the surrogate f_down(w'H), one intervention at a time.
     prototypes = explainer.prototypes_
     features = batch.features.clamp_min(0).flatten(1)
+    # The weights are the simplex least-squares codes themselves, not an approximation.
+    assert (protofac.simplex_kkt_violation(w, features, prototypes) < 1e-5).all()
     rows = torch.arange(16)
 
     def surrogate(weights):
@@ -190,6 +206,8 @@ def test_demo_archives_serve_protofac_with_the_acceptance_accuracy(demo_store, n
     archive = read_archive(demo_store / f"{name}-1.psar")
     fitted = archive.methods["protofac"]
     report = fitted.fit_report
+    # The served solver's step budget suffices: every held-out code is optimal.
+    assert report["solver_converged"] == 1.0
     for key in ("acc_vs_oracle", "acc_vs_ground_truth", "f_loss", "f_loss_nmf"):
         assert key in report and key in report["layers"][archive.parts.layer]
     assert report["acc_vs_oracle"] >= 0.97

@@ -37,6 +37,8 @@ from handlers.runtime import ExplainItem, ServedModel
 ROOT = Path(__file__).resolve().parent.parent
 GOALS = {"explain_over_predict": "<= 1.10", "dff_step_over_ours": ">= 20", "sklearn_over_fit": ">= 3",
          "grpc_overhead_ms": "<= 1", "batching_efficiency": ">= 0.8"}
+# OpenBLAS's idle threads busy-wait this long after a call before they sleep (2^28 TSC cycles at >= 2.5 GHz).
+OPENBLAS_SPIN_S = 0.15
 MODES = {
     "quick": {"repeats": 7, "nmf_images": 200, "latency_calls": 300, "batch_rounds": 6, "memory_requests": 10_000},
     "full": {"repeats": 30, "nmf_images": 200, "latency_calls": 2000, "batch_rounds": 40, "memory_requests": 10_000},
@@ -53,9 +55,9 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved(functions: dict, repeats: int, device: torch.device, warmup: int = 1,
-                block: int = 1) -> dict[str, list[float]]:
+                block: int = 1, settle_s: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call of each function, interleaved round by round; each round makes ``block``
-    calls of one function, then of the next."""
+    calls of one function, then of the next, each after an untimed pause of ``settle_s``."""
     for fn in functions.values():
         for _ in range(warmup):
             fn()
@@ -63,6 +65,7 @@ def interleaved(functions: dict, repeats: int, device: torch.device, warmup: int
     for _ in range(repeats):
         for name, fn in functions.items():
             for _ in range(block):
+                time.sleep(settle_s)
                 sync(device)
                 start = time.perf_counter()
                 fn()
@@ -152,13 +155,15 @@ def dff_over_ours(device, cfg) -> dict:
         with torch.inference_mode():
             explainer.explain(batch)
 
+    # OpenBLAS's idle threads spin for about 0.1 s after each of dff's calls (2^28 cycles) and would
+    # take the cores from torch's threads in the next call: each call starts after they sleep.
     step = interleaved({"dff": lambda: dff(activations.copy(), n_components=5), "ours": our_step},
-                       cfg["repeats"], device)
+                       cfg["repeats"], device, settle_s=OPENBLAS_SPIN_S)
     dff_cam = DeepFeatureFactorization(model=model, target_layer=model.layer4, computation_on_concepts=model.fc)
     items = [ExplainItem(x[i].cpu(), None, []) for i in range(8)]
     end_to_end = interleaved({"dff": lambda: dff_cam(x, n_components=5),
                               "ours": lambda: ours.explain("protonmf", items, "input")},
-                             max(3, cfg["repeats"] // 2), device)
+                             max(3, cfg["repeats"] // 2), device, settle_s=OPENBLAS_SPIN_S)
     return {"step": ratio(step["dff"], step["ours"]), "end_to_end": ratio(end_to_end["dff"], end_to_end["ours"])}
 
 
@@ -188,7 +193,8 @@ def sklearn_over_fit(device, cfg) -> dict:
         model.fit(matrix)  # forms its final error exactly, as sklearn_fit does
         errors["ours"], errors["ours_iterations"] = model.relative_error_, model.n_iter_
 
-    times = interleaved({"sklearn": sklearn_fit, "ours": our_fit}, max(2, cfg["repeats"] // 3), device, warmup=0)
+    times = interleaved({"sklearn": sklearn_fit, "ours": our_fit}, max(2, cfg["repeats"] // 3), device, warmup=0,
+                        settle_s=OPENBLAS_SPIN_S)
     result = ratio(times["sklearn"], times["ours"])
     result.update(matrix_shape=list(matrix.shape), sklearn_relative_error=errors["sklearn"],
                   ours_relative_error=errors["ours"], sklearn_iterations=errors["sklearn_iterations"],
@@ -401,9 +407,17 @@ def per_method(device, cfg) -> dict:
 # ------------------------------------------------------------------------ report
 
 def machine() -> dict:
+    """What ran the figures, including the BLAS kernel the numpy/scikit-learn peers got: `make bench`
+    unsets OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which this machine sets for old OpenBLAS builds and
+    which would hold the peers to an older, slower kernel."""
+    from threadpoolctl import threadpool_info
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    blas = sorted({f"{p['internal_api']} {p.get('architecture')}" for p in threadpool_info()
+                   if p["user_api"] == "blas"})
     return {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
-            "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "peer_blas": ", ".join(blas)}
 
 
 def table(results: dict) -> str:
@@ -452,7 +466,8 @@ def write_markdown(results: dict, path: Path) -> None:
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
     m = results["machine"]
     block = (f"{begin}\nMode `{results['mode']}`, {results['date']}, {m['device']}, torch {m['torch']}, "
-             f"{m['threads']} threads. Command: `{results['command']}`\n\n{table(results)}\n{end}")
+             f"{m['threads']} threads, peers' BLAS {m['peer_blas']}. Command: `{results['command']}`\n\n"
+             f"{table(results)}\n{end}")
     text = path.read_text() if path.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
     if begin not in text:
         text += f"\n{begin}\n{end}\n"
@@ -470,9 +485,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     figures = {}
-    for name, fn in [("explain_over_predict", explain_over_predict), ("dff_over_ours", dff_over_ours),
-                     ("sklearn_over_fit", sklearn_over_fit), ("grpc", grpc_overhead_and_memory),
-                     ("batching_efficiency", batching_efficiency), ("per_method", per_method)]:
+    # Batching first, while this process is as fresh as the server it is compared with: after the
+    # ResNet-50 figures, its in-process ResNet-18 batches ran about 1.4x faster than in a fresh process
+    # (see BENCHMARKS.md).
+    for name, fn in [("batching_efficiency", batching_efficiency), ("explain_over_predict", explain_over_predict),
+                     ("dff_over_ours", dff_over_ours), ("sklearn_over_fit", sklearn_over_fit),
+                     ("grpc", grpc_overhead_and_memory), ("per_method", per_method)]:
         log(f"bench: {name} …")
         start = time.perf_counter()
         figures[name] = fn(device, cfg)

@@ -39,6 +39,8 @@ GOALS = {"explain_over_predict": "<= 1.10", "dff_step_over_ours": ">= 20", "skle
          "grpc_overhead_ms": "<= 1", "batching_efficiency": ">= 0.8"}
 # OpenBLAS's idle threads busy-wait this long after a call before they sleep (2^28 TSC cycles at >= 2.5 GHz).
 OPENBLAS_SPIN_S = 0.15
+# The server's timed stages of an Explain (protoserve_stage_duration_seconds{stage}).
+SERVER_STAGES = ("preprocess", "queue", "forward", "explain", "encode")
 MODES = {
     "quick": {"repeats": 7, "nmf_images": 200, "latency_calls": 300, "batch_rounds": 6, "memory_requests": 10_000},
     "full": {"repeats": 30, "nmf_images": 200, "latency_calls": 2000, "batch_rounds": 40, "memory_requests": 10_000},
@@ -65,7 +67,8 @@ def interleaved(functions: dict, repeats: int, device: torch.device, warmup: int
     for _ in range(repeats):
         for name, fn in functions.items():
             for _ in range(block):
-                time.sleep(settle_s)
+                if settle_s:
+                    time.sleep(settle_s)
                 sync(device)
                 start = time.perf_counter()
                 fn()
@@ -311,9 +314,6 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
                        "rss_after_mib": rss_end, "growth_mib": rss_end - rss_start}}
 
 
-SERVER_STAGES = ("preprocess", "queue", "forward", "explain", "encode")
-
-
 def server_seconds(metrics_port: int) -> dict[str, float]:
     """Total seconds the server has spent in Explain handlers ("handler") and in each stage, from its
     Prometheus endpoint."""
@@ -439,8 +439,8 @@ def table(results: dict) -> str:
                      f"{GOALS.get(key, '')} |")
     g = f["grpc"]
     lines.append(f"| `grpc_overhead_ms` | p50 Explain over gRPC − in process (both 1 torch thread), MNIST, "
-                 f"concurrency 1 ({g['p50_ms']['grpc']:.2f} − {g['p50_ms']['in_process']:.2f} ms); a bare gRPC health check "
-                 f"takes {g['p50_ms']['grpc_health_check']:.2f} ms. Server means per call: handler "
+                 f"concurrency 1 ({g['p50_ms']['grpc']:.2f} − {g['p50_ms']['in_process']:.2f} ms); a bare gRPC "
+                 f"health check takes {g['p50_ms']['grpc_health_check']:.2f} ms. Server means per call: handler "
                  f"{g['server_mean_ms']['handler']:.2f} ms (decode {g['server_mean_ms']['preprocess']:.2f}, queue "
                  f"{g['server_mean_ms']['queue']:.2f}, forward {g['server_mean_ms']['forward']:.2f}, explain "
                  f"{g['server_mean_ms']['explain']:.2f}, encode {g['server_mean_ms']['encode']:.2f}, hand-offs "

@@ -39,8 +39,8 @@ weights are the simplex-constrained least-squares code
 found by a fixed number of primal active-set steps (:func:`simplex_least_squares`, the Gram
 matrix cached), exact once each row's support is found. The same solver gives the held-out W
 of the fit report, so the reported accuracies are those of the served explanation, and the
-report says on what share of held-out rows it had converged in that many steps. The surrogate's prediction is
-f_down(wH). ProtoFac is not additive; a prototype's contribution is the drop of the
+report says on what share of held-out rows it had converged in that many steps. The
+surrogate's prediction is f_down(wH). ProtoFac is not additive; a prototype's contribution is the drop of the
 surrogate's target logit when its weight is set to zero,
 c_i = f_down(wH)[t] − f_down(w_{−i}H)[t], and an intervention evaluates f_down(w'H) with
 the suppressed weights zeroed and *not* renormalized (so suppression removes the

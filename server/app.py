@@ -14,6 +14,7 @@ from protoserve_client import pb, pb_grpc
 
 from server import security
 from server.drain import DrainInterceptor
+from server.memory import keep_freed_memory
 from server.metrics import Metrics
 from server.oip import OIP_SERVICE, InferenceServicer, oip_grpc
 from server.registry import ModelRegistry, resolve_device
@@ -45,6 +46,7 @@ class App:
         credentials = security.server_credentials(self.settings)
         interceptors = [self.drain, *security.interceptors(self.settings)]
         device = resolve_device(self.settings.device)
+        keep_freed_memory(self.settings.keep_freed_mib)  # before the compute threads start
         if self.settings.intra_op_threads:
             torch.set_num_threads(self.settings.intra_op_threads)  # process-wide, compute threads included
         # Loading (and CUDA initialisation) is blocking work: keep it off the event loop.

@@ -18,6 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(model_store=Path(args.model_store), host=args.host, port=args.port,
                         metrics_port=args.metrics_port, device=args.device, backend=args.backend,
                         autocast=args.autocast, intra_op_threads=args.intra_op_threads,
+                        keep_freed_mib=args.keep_freed_mib,
                         max_batch_size=args.max_batch_size,
                         max_delay_ms=args.max_delay_ms, max_queue_size=args.max_queue_size,
                         shutdown_grace_s=args.grace,
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve every archive in a model store over gRPC")
+    limits = Settings(model_store=Path("."))  # the documented defaults (docs/limits.md)
     serve.add_argument("--model-store", required=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
@@ -100,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                             "stay float32")
     serve.add_argument("--intra-op-threads", type=int, default=0,
                        help="torch CPU threads; 0: one per core. 1 lowers latency for small models on few cores")
+    serve.add_argument("--keep-freed-mib", type=int, default=limits.keep_freed_mib,
+                       help="allocations up to this size come from one heap that keeps freed memory for the "
+                            "next batch (glibc); 0: glibc's defaults, which page-fault large activations anew")
     serve.add_argument("--max-batch-size", type=int, default=32)
     serve.add_argument("--max-delay-ms", type=float, default=0.0,
                        help="extra wait for a fuller batch; 0 batches what queued while the worker was busy")
     serve.add_argument("--max-queue-size", type=int, default=256)
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
-    limits = Settings(model_store=Path("."))  # the documented defaults (docs/limits.md)
     serve.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
                        help="largest gRPC message received or sent (gRPC answers RESOURCE_EXHAUSTED beyond)")
     serve.add_argument("--max-input-bytes", type=int, default=limits.max_input_bytes,

@@ -27,6 +27,8 @@ class Settings:
     intra_op_threads: int = 0        # torch CPU threads; 0: torch's default (one per core). 1 suits small models
                                      # on few cores: their ops gain nothing from a second thread, which would
                                      # compete with gRPC's threads for the cores
+    keep_freed_mib: int = 1024       # allocations up to this size come from one heap that keeps freed memory
+                                     # for the next batch (glibc; server/memory.py); 0: glibc's defaults
     max_batch_size: int = 32
     max_delay_ms: float = 0.0        # extra wait for more requests after the first; 0: take what queued while busy
     max_queue_size: int = 256        # per model; a full queue answers RESOURCE_EXHAUSTED at once
@@ -50,3 +52,5 @@ class Settings:
             raise ValueError("autocast applies to the torch backend; it cannot be combined with backend='onnx'")
         if self.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 0 (0: torch's default), got {self.intra_op_threads}")
+        if self.keep_freed_mib < 0:
+            raise ValueError(f"keep_freed_mib must be >= 0 (0: glibc's defaults), got {self.keep_freed_mib}")

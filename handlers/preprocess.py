@@ -30,10 +30,10 @@ def input_from_array(array: np.ndarray, spec: InputSpec, field: str = "input") -
     if array.dtype == np.uint8:
         scale = (spec.image or {}).get("scale", 1 / 255)
         return torch.from_numpy(array.astype(np.float32) * np.float32(scale))
-    values = torch.from_numpy(array.astype(np.float32, copy=True))  # the wire buffer is read-only
-    if not torch.isfinite(values).all():
+    values = array.astype(np.float32, copy=True)  # the wire buffer is read-only
+    if not np.isfinite(values).all():
         raise InvalidInputError(f"{field}.data", "contains NaN or infinity")
-    return values
+    return torch.from_numpy(values)
 
 
 def input_from_image(data: bytes, spec: InputSpec, field: str = "image") -> torch.Tensor:

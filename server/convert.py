@@ -12,6 +12,7 @@ from handlers.errors import InvalidInputError, NotFoundError
 from handlers.preprocess import input_from_array, input_from_image
 from handlers.runtime import ExplainItem, ServedModel
 from server.registry import ExplainKey
+from server.results import ExplainedRow, Scores
 from server.settings import Settings
 
 HEATMAP_MODES = {
@@ -79,44 +80,33 @@ def decode_explain(request: pb.ExplainRequest, served: ServedModel, settings: Se
     return ExplainKey(method, HEATMAP_MODES[request.heatmaps]), item
 
 
-def class_scores(logits: torch.Tensor, labels: list[str], k: int) -> list[pb.ClassScore]:
-    """The top-k classes of one logit vector (K,), highest first."""
-    values, indices = logits.topk(k)
-    probabilities = torch.softmax(logits.double(), 0)[indices]  # one gather, not k tensor indexings
-    return [pb.ClassScore(class_index=i, label=labels[i], logit=v, probability=p)
-            for v, i, p in zip(values.tolist(), indices.tolist(), probabilities.tolist())]
+def add_class_scores(target, scores: Scores, labels: list[str], k: int) -> None:
+    """Append the top-k classes of ``scores``, highest first, to the repeated ClassScore field ``target``."""
+    for index, logit, probability in zip(*scores.top(k)):
+        target.add(class_index=index, label=labels[index], logit=logit, probability=probability)
 
 
 def explain_response(request: pb.ExplainRequest, served: ServedModel, method: str, k: int,
-                     logits: torch.Tensor, row: dict) -> pb.ExplainResponse:
-    """One example's explanation (a row of :class:`handlers.base.Explanation`) as a response."""
+                     row: ExplainedRow) -> pb.ExplainResponse:
+    """One example's explanation as a response: numpy slices and protobuf only (see server/results.py)."""
     components = served.explainers[method].components
-    valid = (row["component_index"] >= 0).tolist()
-    index = row["component_index"].tolist()
-    weight, contribution = row["weight"].tolist(), row["contribution"].tolist()
     response = pb.ExplainResponse(
         request_id=request.request_id, model=served.name, version=served.version, method=method,
-        prediction=class_scores(logits, served.labels, k),
-        target_class=int(row["target_class"]),
-        target_logit=float(row["target_logit"]), bias=float(row["bias"]),
-        residual_contribution=float(row["residual_contribution"]), residual_share=float(row["residual_share"]),
-    )
-    for j, ok in enumerate(valid):
-        if ok:
-            c = components[index[j]]
-            response.components.add(id=c.id, label=c.label, class_index=c.class_index, weight=weight[j],
-                                    contribution=contribution[j])
-    if row["heatmaps"] is not None:
-        maps = row["heatmaps"].numpy()  # float32 (C, H, W), see runtime._detach_cpu
-        for j, ok in enumerate(valid):
-            if ok:
-                response.heatmaps.add(component_id=components[index[j]].id, map=to_tensor(maps[j]))
-    target = response.target_class
-    for m, intervention in enumerate(request.interventions):
-        intervened = row["intervened_logits"][m]
-        response.interventions.add(suppressed=list(intervention.suppress),
-                                   prediction=class_scores(intervened, served.labels, k),
-                                   target_logit=float(intervened[target]))
+        target_class=row.target_class, target_logit=row.target_logit, bias=row.bias,
+        residual_contribution=row.residual_contribution, residual_share=row.residual_share)
+    add_class_scores(response.prediction, row.scores, served.labels, k)
+    reported = [(j, components[c]) for j, c in enumerate(row.component_index.tolist()) if c >= 0]
+    weight, contribution = row.weight.tolist(), row.contribution.tolist()
+    for j, c in reported:
+        response.components.add(id=c.id, label=c.label, class_index=c.class_index, weight=weight[j],
+                                contribution=contribution[j])
+    if row.heatmaps is not None:
+        for j, c in reported:
+            response.heatmaps.add(component_id=c.id, map=to_tensor(row.heatmaps[j]))
+    for intervention, scores in zip(request.interventions, row.intervened):
+        answer = response.interventions.add(suppressed=intervention.suppress,
+                                            target_logit=float(scores.logits[row.target_class]))
+        add_class_scores(answer.prediction, scores, served.labels, k)
     return response
 
 

@@ -71,6 +71,7 @@ from handlers.runtime import ExplainItem, ServedModel
 from server import convert
 from server.metrics import Metrics
 from server.registry import LoadedModel, ModelRegistry, PredictKey
+from server.results import ExplainedRow
 from server.servicer import _RpcScope
 from server.settings import Settings
 
@@ -220,30 +221,28 @@ def requested_outputs(request: oip.ModelInferRequest, served: ServedModel) -> li
 # ------------------------------------------------------------------------ responses
 
 
-def explanation_outputs(served: ServedModel, method: str, results: list) -> dict[str, np.ndarray]:
-    """Stack the per-example (logits, row) results of an explanation into named arrays."""
+def explanation_outputs(served: ServedModel, method: str, rows: list[ExplainedRow]) -> dict[str, np.ndarray]:
+    """Stack the per-example rows of an explanation into named arrays."""
     components = served.explainers[method].components
-    rows = [row for _, row in results]
-    index = torch.stack([row["component_index"] for row in rows])  # (N, C)
+    index = np.stack([row.component_index for row in rows])  # (N, C)
     valid = index >= 0
-    zero = torch.zeros((), dtype=torch.float32)
     outputs = {
-        "logits": torch.stack([logits for logits, _ in results]),
-        "target_class": torch.stack([row["target_class"] for row in rows]).long(),
-        "target_logit": torch.stack([row["target_logit"] for row in rows]),
+        "logits": np.stack([row.scores.logits for row in rows]),
+        "target_class": np.array([row.target_class for row in rows], dtype=np.int64),
+        "target_logit": np.array([row.target_logit for row in rows], dtype=np.float32),
         "component_ids": np.array([[components[j].id if j >= 0 else "" for j in line] for line in index.tolist()],
                                   dtype=object).reshape(index.shape),
-        "component_weights": torch.where(valid, torch.stack([row["weight"] for row in rows]), zero),
-        "component_contributions": torch.where(valid, torch.stack([row["contribution"] for row in rows]), zero),
-        "bias": torch.stack([row["bias"] for row in rows]),
-        "residual_contribution": torch.stack([row["residual_contribution"] for row in rows]),
-        "residual_share": torch.stack([row["residual_share"] for row in rows]),
+        "component_weights": np.where(valid, np.stack([row.weight for row in rows]), np.float32(0)),
+        "component_contributions": np.where(valid, np.stack([row.contribution for row in rows]), np.float32(0)),
+        "bias": np.array([row.bias for row in rows], dtype=np.float32),
+        "residual_contribution": np.array([row.residual_contribution for row in rows], dtype=np.float32),
+        "residual_share": np.array([row.residual_share for row in rows], dtype=np.float32),
     }
-    if rows[0]["heatmaps"] is not None:
-        outputs["heatmaps"] = torch.stack([row["heatmaps"] for row in rows])
-    if rows[0]["intervened_logits"].shape[0] > 0:
-        outputs["intervened_logits"] = torch.stack([row["intervened_logits"] for row in rows])
-    return {name: value.numpy() if torch.is_tensor(value) else value for name, value in outputs.items()}
+    if rows[0].heatmaps is not None:
+        outputs["heatmaps"] = np.stack([row.heatmaps for row in rows])
+    if rows[0].intervened:
+        outputs["intervened_logits"] = np.stack([np.stack([s.logits for s in row.intervened]) for row in rows])
+    return outputs
 
 
 def _raw(datatype: str, array: np.ndarray) -> bytes:
@@ -328,13 +327,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             deadline = None if context.time_remaining() is None else time.monotonic() + context.time_remaining()
             if not options.explain:
                 self.metrics.stage_duration.labels(served.name, "preprocess").observe(time.perf_counter() - start)
-                logits = await _submit_all(model, inputs, PredictKey(), deadline)
-                outputs, method = {"logits": torch.stack(logits).numpy()}, ""
+                scores = await _submit_all(model, inputs, PredictKey(), deadline)
+                outputs, method = {"logits": np.stack([s.logits for s in scores])}, ""
             else:
                 key, items = self._explain_items(request, served, options, batch, inputs)
                 self.metrics.stage_duration.labels(served.name, "preprocess").observe(time.perf_counter() - start)
-                results = await _submit_all(model, items, key, deadline)
-                outputs, method = explanation_outputs(served, key.method, results), key.method
+                rows = await _submit_all(model, items, key, deadline)
+                outputs, method = explanation_outputs(served, key.method, rows), key.method
             start = time.perf_counter()
             response = encode_response(request, served, method, outputs, wanted)
             self.metrics.stage_duration.labels(served.name, "encode").observe(time.perf_counter() - start)

@@ -19,6 +19,7 @@ from handlers.errors import ArchiveError, NotFoundError
 from handlers.runtime import ServedModel
 from server.batcher import DynamicBatcher
 from server.metrics import BatcherMetrics, Metrics
+from server.results import explained_rows, ranked_scores
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,23 +62,18 @@ class LoadedModel:
             start = time.perf_counter()
             logits = self.served.predict(torch.stack(payloads))
             self._stages["forward"].observe(time.perf_counter() - start)
-            return list(logits)
+            return ranked_scores(logits)
         logits, explanation, timings = self.served.explain(key.method, payloads, key.heatmaps)
         for stage_name, seconds in timings.items():
             self._stages[stage_name].observe(seconds)
         residual_metric = self.metrics.residual_share.labels(self.served.name, key.method)
         for share in explanation.residual_share.tolist():
             residual_metric.observe(share)
-        return [(logits[i], _row(explanation, i)) for i in range(len(payloads))]
+        return explained_rows(logits, explanation)
 
     async def close(self, grace_s: float) -> None:
         await self.batcher.close(grace_s)
         self._executor.shutdown(wait=False)
-
-
-def _row(explanation, i: int) -> dict:
-    """One example's slice of a batched explanation."""
-    return {k: (v[i] if torch.is_tensor(v) else v) for k, v in vars(explanation).items()}
 
 
 class ModelRegistry:

@@ -36,9 +36,10 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             served = model.served
             k = convert.top_k(request, served, self.settings)
             x = convert.decode_input(request, served, self.settings)
-            logits = await model.batcher.submit(x, key=PredictKey(), deadline=_deadline(context))
-            return pb.PredictResponse(request_id=request.request_id, model=served.name, version=served.version,
-                                      prediction=convert.class_scores(logits, served.labels, k))
+            scores = await model.batcher.submit(x, key=PredictKey(), deadline=_deadline(context))
+            response = pb.PredictResponse(request_id=request.request_id, model=served.name, version=served.version)
+            convert.add_class_scores(response.prediction, scores, served.labels, k)
+            return response
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         async with self._rpc("Explain", request.model, context):
@@ -51,9 +52,9 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         start = time.perf_counter()
         key, item = convert.decode_explain(request, served, self.settings)
         self.metrics.stage_duration.labels(served.name, "preprocess").observe(time.perf_counter() - start)
-        logits, row = await model.batcher.submit(item, key=key, deadline=deadline)
+        row = await model.batcher.submit(item, key=key, deadline=deadline)
         start = time.perf_counter()
-        response = convert.explain_response(request, served, key.method, k, logits, row)
+        response = convert.explain_response(request, served, key.method, k, row)
         self.metrics.stage_duration.labels(served.name, "encode").observe(time.perf_counter() - start)
         if response.components:
             top = max(response.components, key=lambda c: abs(c.contribution))

@@ -33,10 +33,11 @@ class _MLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-def fully_connected_problem(n_train: int, n_test: int) -> tuple[ModelParts, FitData]:
-    """An untrained 12-16-3 MLP split at its hidden ReLU, and 3-class data (seed 0 for both)."""
+def fully_connected_problem(n_train: int, n_test: int, layer: str = "relu") -> tuple[ModelParts, FitData]:
+    """An untrained 12-16-3 MLP split at its hidden ReLU (or at ``fc1``, before it), and 3-class
+    data (seed 0 for both)."""
     torch.manual_seed(0)
-    parts = ModelParts.from_model(_MLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
+    parts = ModelParts.from_model(_MLP(), layer, InputSpec(shape=[1, 12]), ["a", "b", "c"])
     x = torch.randn(n_train + n_test, 1, 12, generator=torch.Generator().manual_seed(0))
     y = (x[:, 0, :4].sum(1) > 0).long() + (x[:, 0, 4:8].sum(1) > 1).long()
     return parts, FitData(x[:n_train], y[:n_train], x[n_train:], y[n_train:])

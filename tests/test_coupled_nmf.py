@@ -216,6 +216,25 @@ def test_one_dimensional_inputs_and_a_fully_connected_layer():
         e.weight @ fitted.factors["neuron_factors_0_"].T / features.clamp_min(0), max=1).nan_to_num(0)), atol=1e-5)
 
 
+def test_removals_run_the_downstream_unless_the_layer_and_head_make_them_linear():
+    """At a non-negative layer before a linear head, removed logits are a product with the head's
+    weight; at a layer that can be negative (the head then starts with a ReLU) the downstream runs."""
+    sets = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 1]], dtype=torch.bool).expand(60, 3, 3)
+    for layer, linear in (("relu", True), ("fc1", False)):
+        parts, data = fully_connected_problem(100, 60, layer)
+        explainer = coupled_nmf.CoupledNMFExplainer(parts, coupled_nmf.fit(parts, data, n_concepts=3, max_iter=20,
+                                                                           log=lambda *_: None))
+        assert (explainer.head_weight_ is not None) == linear
+        with torch.inference_mode():
+            features = parts.upstream(data.x_test)
+            logits = parts.downstream(features)
+            f = explainer.encode(data.x_test, features)[0]
+            got = explainer.removed_logits(features, logits, f, sets)
+            by_hand = torch.stack([parts.downstream(v) for v in explainer.remove(features, f, sets).unbind(1)], 1)
+        assert (features < 0).any() != linear
+        assert torch.allclose(got, by_hand, atol=1e-5)
+
+
 def test_factors_refuse_another_layer(fitted, mnist_model):
     other = ModelParts.from_model(mnist_model, "features_6", InputSpec(shape=[1, 28, 28]), [str(i) for i in range(10)])
     with pytest.raises(ValueError, match="fitted at layer"):

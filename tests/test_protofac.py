@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
+from conftest import fully_connected_problem
 from handlers.archive import read_archive
 from handlers.base import ExplainBatch, FitData, FittedMethod
 from handlers.methods import protofac
+from handlers.model import InputSpec, ModelParts
 from handlers.runtime import ExplainItem, ServedModel
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -178,6 +181,38 @@ def test_weights_contributions_and_interventions_are_exact(mnist_parts, explaine
     assert e.heatmaps.shape == (16, k, 7, 7) and (e.heatmaps >= 0).all()
     assert torch.allclose(e.heatmaps.sum((1, 2, 3)), torch.ones(16), atol=1e-5)
     assert (e.heatmaps.sum((2, 3))[w == 0] == 0).all()
+
+
+class _DeepMLP(nn.Module):
+    """12-16-16-3 with ReLUs: after its first ReLU the head is not linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_surrogate_logits_by_the_head_weights_or_the_downstream(deep):
+    """Before a linear head the surrogate's logits are w @ (the prototypes' logits) + bias; before
+    a deeper head the downstream runs on wH. Either way they are f_down(wH)."""
+    parts, data = fully_connected_problem(300, 40)
+    if deep:
+        torch.manual_seed(0)
+        parts = ModelParts.from_model(_DeepMLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
+    fitted = protofac.fit(parts, data, n_prototypes=4, epochs=1, eval_size=40, nmf_max_iter=10, k_sweep=(2,),
+                          progress=False, log=lambda _: None)
+    explainer = protofac.ProtoFacExplainer(parts, fitted)
+    assert (explainer.prototype_logits_ is None) == deep
+    suppress = torch.tensor([[True, False, True, False]]).expand(40, 1, 4)
+    e = explainer.explain(_batch(parts, data.x_test, suppress))
+    with torch.inference_mode():
+        expected = parts.downstream(e.weight * ~suppress[:, 0] @ explainer.prototypes_)
+        full = parts.downstream(e.weight @ explainer.prototypes_)
+    assert torch.allclose(e.intervened_logits[:, 0], expected, atol=1e-5)
+    assert torch.allclose(e.residual_contribution, e.target_logit - full[torch.arange(40), e.target_class], atol=1e-5)
 
 
 def test_explain_is_batch_independent_on_the_fitted_surrogate(mnist_parts, explainer, mnist_fit_data):

@@ -65,7 +65,7 @@ from torch import fx, nn
 
 from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
 from handlers.exemplars import crops_png
-from handlers.model import ModelParts
+from handlers.model import ModelParts, pooled_linear_head
 from handlers.model_parts import trace
 from handlers.nmf import NMF, nnls_encode
 
@@ -509,6 +509,13 @@ class CoupledNMFExplainer(Explainer):
         self.gram_ = self.dictionary_ @ self.dictionary_.T + self.alpha * torch.eye(d, device=self.dictionary_.device)
         self.pixel_masks_ = self.pixel_factors_.sum(0).T.contiguous()  # (d, H·W), original units
         self._taps = tap_module(self.model.upstream, self.layers[:-1])
+        # A non-negative layer (a ReLU's output) followed by an average-pool + linear head makes
+        # every removal a product with the head's weight (see removed_logits). The head is probed
+        # on non-negative activations only, which is all such a layer produces.
+        self.head_weight_ = None
+        if self.model.layer in non_negative_layers(self.model.upstream):
+            with contextlib.suppress(ValueError):
+                self.head_weight_ = pooled_linear_head(self.model)[0]  # (K, C)
 
     def to(self, device):
         for name in ("pixel_factors_", "view_scales_", "pixel_offset_", "probe_codes_", "probe_index_",
@@ -560,12 +567,31 @@ class CoupledNMFExplainer(Explainer):
         """
         a = features.float()
         positive = a.clamp_min(0)
-        pooled = _pool(positive)  # (B, C)
-        removed = torch.einsum("bmd,bd,cd->bmc", sets.float(), f, self.neuron_factors_[-1])
-        ratio = torch.where(pooled.unsqueeze(1) > 0, removed / pooled.unsqueeze(1).clamp_min(_EPS),
-                            torch.zeros_like(removed)).clamp_max(1)
+        ratio = self._removal_ratio(_pool(positive), f, sets)
         ratio = ratio.reshape(*ratio.shape, *([1] * (a.dim() - 2)))
         return a.unsqueeze(1) - positive.unsqueeze(1) * ratio
+
+    def _removal_ratio(self, pooled: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+        """(B, M, C): the share ``r`` of each channel that each concept set removes (see :meth:`remove`)."""
+        removed = torch.einsum("bmd,bd,cd->bmc", sets.float(), f, self.neuron_factors_[-1])
+        return torch.where(pooled.unsqueeze(1) > 0, removed / pooled.unsqueeze(1).clamp_min(_EPS),
+                           torch.zeros_like(removed)).clamp_max(1)
+
+    def removed_logits(self, features: torch.Tensor, logits: torch.Tensor, f: torch.Tensor,
+                       sets: torch.Tensor) -> torch.Tensor:
+        """(B, M, K): the logits with each concept set removed, ``downstream(remove(...))``.
+
+        For a non-negative layer and an average-pool + linear head, ``r`` is constant over the grid,
+        so ``downstream(a - a r) = logits - (mean_hw(a) * r) @ weight.T``: no (B, M, C, *grid)
+        activation is formed and the head is not run again.
+        """
+        if self.head_weight_ is None:
+            removed = self.remove(features, f, sets)
+            b, m = sets.shape[:2]
+            return self.model.downstream(removed.reshape(b * m, *removed.shape[2:])).float().reshape(b, m, -1)
+        pooled = _pool(features.float().clamp_min(0))
+        lost = pooled.unsqueeze(1) * self._removal_ratio(pooled, f, sets)  # (B, M, C)
+        return logits.float().unsqueeze(1) - lost @ self.head_weight_.T
 
     def nearest_probes(self, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's kNN analysis: the probe examples nearest in concept space (cosine).
@@ -589,13 +615,10 @@ class CoupledNMFExplainer(Explainer):
     def explain(self, batch: ExplainBatch) -> Explanation:
         f, residual_share, _ = self.encode(batch.inputs, batch.features)
         b, d = f.shape
-        m = batch.suppress.shape[1]
-        # One downstream pass: each concept alone (contributions), then the requested sets.
+        # One pass: each concept alone (contributions), then the requested sets.
         singles = torch.eye(d, device=f.device).expand(b, d, d)
         sets = torch.cat([singles, batch.suppress.to(f.dtype)], 1)  # (B, d + M, d)
-        removed = self.remove(batch.features, f, sets)
-        logits = self.model.downstream(removed.reshape(b * (d + m), *removed.shape[2:])).float()
-        logits = logits.reshape(b, d + m, -1)
+        logits = self.removed_logits(batch.features, batch.logits, f, sets)
         t = batch.targets
         rows = torch.arange(b, device=t.device)
         target_logit = batch.logits.float()[rows, t]

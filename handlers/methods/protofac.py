@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
 from handlers.exemplars import png_bytes, to_uint8_image
-from handlers.model import ModelParts
+from handlers.model import ModelParts, pooled_linear_head
 from handlers.nmf import NMF, nnls_encode
 
 NAME = "protofac"
@@ -611,10 +611,20 @@ class ProtoFacExplainer(Explainer):
         with torch.inference_mode():
             device = model.device
             self.zero_logits_ = model.downstream(torch.zeros(1, *model.feature_shape, device=device))[0].float().cpu()
+        # An average-pool + linear head is affine in the reconstruction wH: the logits of any
+        # weights w are w @ (each prototype's logits without the bias) + bias (see explain).
+        try:
+            weight, _ = pooled_linear_head(model)
+        except ValueError:
+            self.prototype_logits_ = None
+        else:
+            pooled = self.prototypes_.reshape(k, model.feature_shape[0], -1).mean(2)  # (k, C)
+            self.prototype_logits_ = pooled @ weight.cpu().T  # (k, K)
 
     def to(self, device):
-        for name in ("prototypes_", "prototype_inputs_", "gram_", "zero_logits_"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("prototypes_", "prototype_inputs_", "gram_", "zero_logits_", "prototype_logits_"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def explain(self, batch: ExplainBatch) -> Explanation:
@@ -626,8 +636,11 @@ class ProtoFacExplainer(Explainer):
         keep_one_out = 1 - torch.eye(k, device=w.device, dtype=w.dtype)
         keep_requested = (~batch.suppress).to(w.dtype)  # (B, M, k)
         sets = torch.cat([w.unsqueeze(1), w.unsqueeze(1) * keep_one_out, w.unsqueeze(1) * keep_requested], 1)
-        logits = self.model.downstream((sets @ self.prototypes_).reshape(-1, *batch.features.shape[1:]))
-        logits = logits.float().reshape(b, sets.shape[1], -1)  # (B, 1 + k + M, K)
+        if self.prototype_logits_ is not None:
+            logits = sets @ self.prototype_logits_ + self.zero_logits_  # (B, 1 + k + M, K)
+        else:
+            logits = self.model.downstream((sets @ self.prototypes_).reshape(-1, *batch.features.shape[1:]))
+            logits = logits.float().reshape(b, sets.shape[1], -1)
         t = batch.targets
         target_of_set = logits.gather(2, t.view(b, 1, 1).expand(b, sets.shape[1], 1)).squeeze(2)  # (B, 1 + k + M)
         surrogate_target = target_of_set[:, 0]

@@ -82,6 +82,8 @@ def test_simplex_least_squares_is_exact_and_kkt_violation_detects_suboptimal_cod
     assert ((gradient - mu[:, None]).abs()[support] < 1e-8).all()
     assert (gradient - mu[:, None] > -1e-8).all()
     assert (protofac.simplex_kkt_violation(w, features, prototypes) < 1e-9).all()
+    # Stopping once every row is optimal (the CPU default) changes nothing: optimal rows stay put.
+    assert torch.equal(protofac.simplex_least_squares(features, prototypes, gram, 24, stop_when_optimal=False), w)
     # A truncated run is still on the simplex, is no worse than the best vertex, and is flagged.
     early = protofac.simplex_least_squares(features, prototypes, gram, 1)
     assert torch.allclose(early.sum(1), torch.ones(30, dtype=torch.float64)) and (early >= 0).all()

@@ -98,7 +98,7 @@ def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
 
 
 def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Tensor,
-                          n_iter: int) -> torch.Tensor:
+                          n_iter: int, stop_when_optimal: bool | None = None) -> torch.Tensor:
     """w = argmin over the simplex of ‖a − wH‖², row by row, by ``n_iter`` primal active-set steps.
 
     Every row starts at the best single prototype; each step solves the equality-constrained
@@ -110,7 +110,9 @@ def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram
     factorization. Every iterate is on the simplex and the objective never increases; a row
     whose support is optimal stays put, so once every row has converged (in about as many
     steps as its support has prototypes, plus one per drop; :func:`simplex_kkt_violation`
-    tells) the result is exact to float64 rounding. Fixed shapes, no host synchronisation.
+    tells) the result is exact to float64 rounding. Fixed shapes; on a GPU no host
+    synchronisation (on the CPU the loop stops early once every row is optimal, with the same
+    result).
 
     Parameters
     ----------
@@ -121,7 +123,10 @@ def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram
     gram : Tensor of shape (k, k)
         HHᵀ (cached by callers).
     n_iter : int
-        Fixed number of steps (no tolerance test).
+        Number of steps (no tolerance test).
+    stop_when_optimal : bool, optional
+        Stop before ``n_iter`` steps once every row is optimal (the result is the same). Default:
+        on the CPU only, where the test needs no device synchronisation.
 
     Returns
     -------
@@ -141,6 +146,10 @@ def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram
     w = eye[first]
     inverse = torch.zeros(b, k, k, dtype=dtype, device=c.device)  # G_SS⁻¹, zero off S
     inverse[rows, first, first] = 1 / g.diagonal()[first]
+    # Without a device to wait for, the loop can stop once no row moves; on a GPU that test would
+    # synchronize every step, so there it always runs n_iter steps.
+    if stop_when_optimal is None:
+        stop_when_optimal = c.device.type == "cpu"
     for _ in range(n_iter):
         # The minimizer z on S: G_SS⁻¹(c − μ1) with μ chosen so that Σz = 1.
         x_c, x_1 = (inverse * c.unsqueeze(1)).sum(2), inverse.sum(2)
@@ -166,6 +175,8 @@ def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram
         support = torch.where(is_blocked.unsqueeze(1), support & ~is_index[leave],
                               support | (add.unsqueeze(1) & is_index[enter]))
         w = w * support
+        if stop_when_optimal and not bool((add | is_blocked).any()):
+            break  # every row is optimal and would stay put: the remaining steps change nothing
     return (w / w.sum(1, keepdim=True)).to(features.dtype)
 
 

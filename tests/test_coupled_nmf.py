@@ -3,6 +3,7 @@ exactly the target logit's change when a concept is removed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -126,14 +127,21 @@ def test_weights_residual_share_and_heatmaps(explainer, batch):
                           / torch.linalg.vector_norm(views, dim=1), atol=1e-6)
 
 
-def test_fold_in_solves_the_stated_least_squares(explainer, batch):
+def test_fold_in_solves_the_stated_least_squares(explainer, fitted, mnist_parts, batch):
     x, features, _ = batch
     with torch.inference_mode():
         f, _, views = explainer.encode(x[:8], features[:8])
+    assert fitted.hyperparameters["fold_in_solver"] == "active_set"
     dictionary = explainer.dictionary_.double().numpy()
     for got, view in zip(f, views):
         exact, _ = nnls(dictionary.T, view.double().numpy())
-        assert np.allclose(got.numpy(), exact, atol=1e-3)
+        assert np.allclose(got.numpy(), exact, atol=1e-5)
+    # Archives fitted before the exact fold-in keep their 50 HALS sweeps, close to the optimum.
+    hyper = {**fitted.hyperparameters, "fold_in_solver": "hals", "fold_in_iter": 50}
+    older = coupled_nmf.CoupledNMFExplainer(mnist_parts, dataclasses.replace(fitted, hyperparameters=hyper))
+    with torch.inference_mode():
+        swept = older.encode(x[:8], features[:8])[0]
+    assert not torch.equal(swept, f) and torch.allclose(swept, f, atol=1e-2)
 
 
 def test_removing_a_concept_changes_the_target_logit_by_its_contribution(explainer, fitted, mnist_parts, batch):

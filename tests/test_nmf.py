@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from handlers.active_set import active_set_codes, kkt_violation
 from handlers.nmf import NMF, nnls_encode
 
 INITS = ["random", "nndsvd", "nndsvda", "nndsvdar"]
 SOLVERS = ["hals", "rhals", "mu"]
-ENCODERS = ["hals", "mu"]  # nnls_encode: "rhals" fits with HALS sweeps
+ENCODERS = ["hals", "mu"]  # nnls_encode's sweeps ("rhals" fits with HALS sweeps); "active_set" below
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -190,6 +191,32 @@ def test_transform_zero_iterations_is_the_initialisation():
     W0 = model.transform(X, n_iter=0)
     s = model.components_.sum(0)
     torch.testing.assert_close(W0, (X @ s / (s @ s))[:, None].expand(-1, 3))
+
+
+def test_active_set_encoder_is_exact_and_stopping_early_changes_nothing():
+    from scipy.optimize import nnls
+
+    X = _data(dtype=torch.float64)
+    H = NMF(6, max_iter=50).fit(X).components_.double()
+    H[4] = H[2]  # duplicated dictionary rows must not break the support's inverse
+    X[0] = 0  # an all-zero row: the zero code
+    W = nnls_encode(X, H, 12, solver="active_set")
+    assert W.dtype == torch.float64 and (W >= 0).all() and torch.equal(W[0], torch.zeros(6, dtype=torch.float64))
+    for w, x in zip(W, X):
+        _, exact_residual = nnls(H.T.numpy(), x.numpy())
+        assert torch.linalg.vector_norm(x - w @ H).item() == pytest.approx(exact_residual, rel=1e-10, abs=1e-12)
+    gram = H @ H.T
+    assert (kkt_violation(W, X @ H.T, gram, simplex=False) < 1e-8).all()  # the solver's ridge: 1e-10
+    # The CPU stops once every row is optimal; running every step gives the same codes.
+    assert torch.equal(active_set_codes(X @ H.T, gram, 12, simplex=False, stop_when_optimal=False), W)
+    # Truncated, the codes are feasible, no worse than zero, and flagged as not optimal.
+    early = nnls_encode(X, H, 1, solver="active_set")
+    assert (early >= 0).all()
+    assert ((X - early @ H).norm(dim=1) <= X.norm(dim=1) + 1e-12).all()
+    assert (kkt_violation(early, X @ H.T, gram, simplex=False) > 1e-6).any()
+    # float32 data gives float32 codes equal to the float64 ones to float32 rounding.
+    w32 = nnls_encode(X.float(), H.float(), 12, solver="active_set")
+    assert w32.dtype == torch.float32 and torch.allclose(w32.double(), W, atol=1e-4)
 
 
 @pytest.mark.parametrize("solver", ENCODERS)

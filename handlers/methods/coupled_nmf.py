@@ -37,7 +37,8 @@ kNN analysis of held-out examples in concept space among the probe examples.
 
 Per request, with the factors fixed, the input is folded in: f ≥ 0 minimizing
 Σ_i ‖d_i − P_i f‖² + Σ_j ‖a_j − O_j f‖² (+ λ‖f‖² for "l2"), in the same normalized
-units, by a fixed number of projected HALS sweeps (:func:`handlers.nmf.nnls_encode`).
+units, exactly, by active-set steps (:func:`handlers.nmf.nnls_encode`, ``solver="active_set"``;
+archives fitted before it used 50 projected HALS sweeps, which they keep).
 A concept's weight is f_d; its contribution is defined by intervention on the deepest
 analysed layer, the explained layer whose activation a (C, *grid) the downstream
 consumes: the concept carries o_d f_d of each channel's pooled activation ā, so removing
@@ -70,6 +71,7 @@ from handlers.model_parts import trace
 from handlers.nmf import NMF, nnls_encode
 
 NAME = "coupled_nmf"
+FOLD_IN_SOLVER = "active_set"  # the exact per-request fold-in (archives record theirs)
 REGULARIZATIONS = ("unit_norm", "l2")
 EXEMPLAR_EXAMPLES = 4
 _EPS = 1e-12
@@ -160,7 +162,7 @@ def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int 
         layers: list[str] | None = None, regularization: str = "unit_norm", alpha: float = 1e-3,
         group_sparsity: float = 0.0, class_groups: dict[str, list[int]] | None = None,
         max_iter: int = 300, inner_iter: int = 10, tol: float = 1e-4, check_every: int = 10,
-        fold_in_iter: int = 50,
+        fold_in_iter: int | None = None,
         n_top_classes: int = 3, n_top_examples: int = 8, n_eigenvalues: int = 3, knn: int = 5,
         random_state: int = 0, log=print) -> FittedMethod:
     """Fit the coupled NMF on a probe subset of ``data.x_train``; report on ``data.x_test``.
@@ -180,7 +182,8 @@ def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int 
     max_iter, inner_iter, tol, check_every : multiplicative updates: at most ``max_iter``
         passes over the data, each updating W then F ``inner_iter`` times; stop when the
         objective falls by less than ``tol`` (relative) over ``check_every`` passes.
-    fold_in_iter : HALS sweeps of the per-request fold-in.
+    fold_in_iter : active-set steps of the per-request fold-in; None: 2 * n_concepts, room for
+        every concept to enter and leave once (on the CPU it stops once every code is optimal).
 
     Returns
     -------
@@ -222,6 +225,7 @@ def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int 
         + ", ".join(f"{name} ({size})" for name, size in zip(analysed, sizes[n_in:])))
 
     lam = alpha if regularization == "l2" else 0.0
+    fold_in_iter = 2 * n_concepts if fold_in_iter is None else fold_in_iter
     W, F, n_iter, objective = _coupled_mu(X, n_concepts, lam=lam, unit_norm=regularization == "unit_norm",
                                           mu=group_sparsity, groups=group_of_class[probe_y], max_iter=max_iter,
                                           inner_iter=inner_iter, tol=tol, check_every=check_every,
@@ -239,14 +243,14 @@ def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int 
         # The probe examples placed in concept space by the per-request solver, so that a
         # request's nearest probe examples are found in one geometry.
         "probe_codes_": nnls_encode(X.T, W.T, fold_in_iter, gram=W.T @ W + lam * torch.eye(n_concepts),
-                                    solver="hals"),
+                                    solver=FOLD_IN_SOLVER),
         "probe_index_": probe_index.contiguous(),
         "probe_labels_": probe_y.contiguous(),
     }
     hyper = {"n_concepts": n_concepts, "n_probe": n, "layers": analysed, "regularization": regularization,
              "alpha": alpha, "group_sparsity": group_sparsity, "class_groups": groups, "max_iter": max_iter,
              "inner_iter": inner_iter, "tol": tol, "check_every": check_every, "fold_in_iter": fold_in_iter,
-             "fold_in_solver": "hals",
+             "fold_in_solver": FOLD_IN_SOLVER,
              "n_top_classes": n_top_classes, "n_top_examples": n_top_examples, "n_eigenvalues": n_eigenvalues,
              "knn": knn, "random_state": random_state,
              "neurons": "channels, each example's activation pooled by the spatial mean; negatives clipped to 0",
@@ -474,6 +478,7 @@ class CoupledNMFExplainer(Explainer):
         hyper = fitted.hyperparameters
         self.layers = list(hyper["layers"])
         self.fold_in_iter = int(hyper["fold_in_iter"])
+        self.fold_in_solver = hyper["fold_in_solver"]
         self.alpha = float(hyper["alpha"]) if hyper["regularization"] == "l2" else 0.0
         self.pixel_factors_ = f["pixel_factors_"].float()  # (C_in, H·W, d)
         self.neuron_factors_ = [f[f"neuron_factors_{j}_"].float() for j in range(len(self.layers))]  # (C_j, d)
@@ -546,7 +551,7 @@ class CoupledNMFExplainer(Explainer):
         scales = self.view_scales_
         x = torch.cat([(pixels / scales[:n_in, None]).flatten(1),
                        *(v / s for v, s in zip(layer_views, scales[n_in:]))], 1)
-        f = nnls_encode(x, self.dictionary_, self.fold_in_iter, gram=self.gram_, solver="hals")
+        f = nnls_encode(x, self.dictionary_, self.fold_in_iter, gram=self.gram_, solver=self.fold_in_solver)
         norm = torch.linalg.vector_norm(x, dim=1)
         error = torch.linalg.vector_norm(x - f @ self.dictionary_, dim=1)
         share = torch.where(norm > 0, error / norm.clamp_min(_EPS), torch.zeros_like(norm)).clamp(0, 1)

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from handlers.active_set import active_set_codes, kkt_violation
 from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
 from handlers.exemplars import png_bytes, to_uint8_image
 from handlers.model import ModelParts, pooled_linear_head
@@ -99,20 +100,8 @@ def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
 
 def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Tensor,
                           n_iter: int, stop_when_optimal: bool | None = None) -> torch.Tensor:
-    """w = argmin over the simplex of ‖a − wH‖², row by row, by ``n_iter`` primal active-set steps.
-
-    Every row starts at the best single prototype; each step solves the equality-constrained
-    least squares on the row's support S (Σw = 1, w = 0 off S) and either moves there and adds
-    the prototype whose gradient most violates the optimality conditions, or, when that
-    solution leaves the simplex, steps to the simplex's boundary and drops the prototype that
-    reached zero. The inverse of each row's G_SS (G = HHᵀ) is kept up to date by one rank-one
-    update per step, so a step costs a few batched matrix-vector products and no
-    factorization. Every iterate is on the simplex and the objective never increases; a row
-    whose support is optimal stays put, so once every row has converged (in about as many
-    steps as its support has prototypes, plus one per drop; :func:`simplex_kkt_violation`
-    tells) the result is exact to float64 rounding. Fixed shapes; on a GPU no host
-    synchronisation (on the CPU the loop stops early once every row is optimal, with the same
-    result).
+    """w = argmin over the simplex of ‖a − wH‖², row by row, by ``n_iter`` primal active-set steps
+    (:func:`handlers.active_set.active_set_codes`; on the CPU it stops once every row is optimal).
 
     Parameters
     ----------
@@ -125,74 +114,21 @@ def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram
     n_iter : int
         Number of steps (no tolerance test).
     stop_when_optimal : bool, optional
-        Stop before ``n_iter`` steps once every row is optimal (the result is the same). Default:
-        on the CPU only, where the test needs no device synchronisation.
+        See :func:`handlers.active_set.active_set_codes`.
 
     Returns
     -------
     Tensor of shape (B, k) on the simplex, of ``features``' dtype.
     """
-    dtype = torch.float64  # the support's inverse is updated in place step after step
-    k = gram.shape[0]
-    scale = gram.diagonal().to(dtype).mean().clamp_min(1e-30)
-    eye = torch.eye(k, dtype=dtype, device=gram.device)
-    is_index = eye.bool()
-    g = gram.to(dtype) + 1e-10 * scale * eye  # a ridge keeps G_SS invertible for collinear prototypes
-    c = (features @ prototypes.T).to(dtype)  # (B, k); the objective is ½wᵀGw − cᵀw
-    b = len(c)
-    rows = torch.arange(b, device=c.device)
-    first = (0.5 * g.diagonal() - c).argmin(1)
-    support = is_index[first]
-    w = eye[first]
-    inverse = torch.zeros(b, k, k, dtype=dtype, device=c.device)  # G_SS⁻¹, zero off S
-    inverse[rows, first, first] = 1 / g.diagonal()[first]
-    # Without a device to wait for, the loop can stop once no row moves; on a GPU that test would
-    # synchronize every step, so there it always runs n_iter steps.
-    if stop_when_optimal is None:
-        stop_when_optimal = c.device.type == "cpu"
-    for _ in range(n_iter):
-        # The minimizer z on S: G_SS⁻¹(c − μ1) with μ chosen so that Σz = 1.
-        x_c, x_1 = (inverse * c.unsqueeze(1)).sum(2), inverse.sum(2)
-        z = x_c + ((1 - x_c.sum(1, keepdim=True)) / x_1.sum(1, keepdim=True)) * x_1
-        blocked = support & (z < 0)
-        is_blocked = blocked.any(1)
-        ratio = torch.where(blocked, w / (w - z), torch.ones_like(w))  # in [0, 1) where blocked
-        alpha, leave = ratio.min(1)
-        w = (w + alpha.unsqueeze(1) * (z - w)).clamp_min(0)
-        gradient = w @ g - c
-        s = support.to(dtype)
-        mu = (gradient * s).sum(1) / s.sum(1)  # the gradient is constant on S at z
-        outside, enter = torch.where(support, torch.inf, gradient).min(1)
-        add = ~is_blocked & (outside < mu - 1e-10 * scale)
-        # Rank-one update of G_SS⁻¹: bordering to add ``enter``, or removing ``leave``.
-        g_enter = g[enter]  # (B, k)
-        column = (inverse * g_enter.unsqueeze(1)).sum(2)  # G_SS⁻¹ g_S,enter
-        schur = g_enter.gather(1, enter.unsqueeze(1)).squeeze(1) - (g_enter * column).sum(1)
-        u = torch.where(is_blocked.unsqueeze(1), inverse[rows, :, leave], column - eye[enter])
-        coefficient = torch.where(is_blocked, -1 / inverse[rows, leave, leave],
-                                  torch.where(add, 1 / schur, torch.zeros_like(schur)))
-        inverse.addcmul_(coefficient.view(b, 1, 1) * u.unsqueeze(2), u.unsqueeze(1))
-        support = torch.where(is_blocked.unsqueeze(1), support & ~is_index[leave],
-                              support | (add.unsqueeze(1) & is_index[enter]))
-        w = w * support
-        if stop_when_optimal and not bool((add | is_blocked).any()):
-            break  # every row is optimal and would stay put: the remaining steps change nothing
-    return (w / w.sum(1, keepdim=True)).to(features.dtype)
+    w = active_set_codes(features @ prototypes.T, gram, n_iter, simplex=True, stop_when_optimal=stop_when_optimal)
+    return w.to(features.dtype)
 
 
 def simplex_kkt_violation(w: torch.Tensor, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """How far each code is from optimal: (B,) ≥ 0, relative to the scale of HHᵀ.
-
-    The optimality conditions of min ‖a − wH‖² on the simplex: the gradient wG − aHᵀ equals
-    some μ on the support and is at least μ off it. Returns the largest deviation per row.
-    """
-    w, features, prototypes = w.double(), features.double(), prototypes.double()
-    gram = prototypes @ prototypes.T
-    gradient = w @ gram - features @ prototypes.T
-    support = w > 0
-    mu = (gradient * support).sum(1, keepdim=True) / support.sum(1, keepdim=True)
-    deviation = torch.where(support, (gradient - mu).abs(), (mu - gradient).clamp_min(0))
-    return deviation.max(1).values / gram.diagonal().mean().clamp_min(1e-30)
+    """How far each code is from optimal: (B,) ≥ 0, relative to the scale of HHᵀ
+    (:func:`handlers.active_set.kkt_violation` on the simplex)."""
+    features, prototypes = features.double(), prototypes.double()
+    return kkt_violation(w, features @ prototypes.T, prototypes @ prototypes.T, simplex=True)
 
 
 # ----------------------------------------------------------------------------- candidates

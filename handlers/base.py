@@ -65,6 +65,8 @@ class ExplainBatch:
     targets  : (B,) int64, the explained class of each example
     suppress : (B, M, N) bool, M intervention sets over the method's N components
     heatmaps : whether to compute heatmaps
+    taps     : what the explainer's ``tapped_upstream`` returned besides ``features``, when
+               the forward pass ran it; None: the explainer computes what it needs itself
     """
 
     inputs: torch.Tensor
@@ -73,6 +75,7 @@ class ExplainBatch:
     targets: torch.Tensor
     suppress: torch.Tensor
     heatmaps: bool
+    taps: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -114,6 +117,9 @@ class Explainer(ABC):
     residual_share_definition: ClassVar[str]
     contribution_definition: ClassVar[str]
     needs_grad: ClassVar[bool] = False  # explain() runs under inference_mode unless True
+    # A module (B, *input_shape) -> (features, *taps) that the torch forward pass runs instead of
+    # the upstream, for methods that also read other layers (``ExplainBatch.taps``).
+    tapped_upstream: torch.nn.Module | None = None
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         self.model = model

@@ -95,10 +95,14 @@ class ServedModel:
             for m, indices in enumerate(item.suppress):
                 suppress[b, m, indices] = True
         # Gradient methods (Grad-CAM, SRAE heatmaps) need autograd through the torch parts.
-        upstream, downstream = ((self.parts.upstream, self.parts.downstream) if explainer.needs_grad
+        torch_parts = explainer.needs_grad or self.backend == "torch"
+        upstream, downstream = ((self.parts.upstream, self.parts.downstream) if torch_parts
                                 else (self._upstream, self._downstream))
+        # A method that reads other layers gets them from the same forward pass (torch parts only).
+        tapped = torch_parts and explainer.tapped_upstream is not None
         with torch.enable_grad() if explainer.needs_grad else torch.inference_mode():
-            features = self._backbone(upstream, inputs)
+            out = self._backbone(explainer.tapped_upstream if tapped else upstream, inputs)
+            features, taps = (out[0], tuple(out[1:])) if tapped else (out, None)
             logits = downstream(features)
             forward_done = self._clock()
             targets = torch.tensor([item.target if item.target is not None else -1 for item in items],
@@ -106,7 +110,7 @@ class ServedModel:
             targets = torch.where(targets < 0, logits.argmax(1), targets)
             explanation = explainer.explain(ExplainBatch(
                 inputs=inputs, features=features, logits=logits, targets=targets,
-                suppress=suppress.to(self.device), heatmaps=heatmaps != "none"))
+                suppress=suppress.to(self.device), heatmaps=heatmaps != "none", taps=taps))
             if heatmaps == "input" and explanation.heatmaps is not None:
                 explanation.heatmaps = self._to_input_size(explanation.heatmaps)
         result = logits.detach().float().cpu(), _detach_cpu(explanation)
@@ -118,13 +122,13 @@ class ServedModel:
             return inputs
         return inputs.pin_memory().to(self.device, non_blocking=True)
 
-    def _backbone(self, upstream, inputs: torch.Tensor) -> torch.Tensor:
-        """The explained layer's features, float32; computed under autocast when configured."""
+    def _backbone(self, upstream, inputs: torch.Tensor):
+        """The explained layer's features (and any taps), float32; computed under autocast when configured."""
         if self.autocast_dtype is None:
             return upstream(inputs)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            features = upstream(inputs)
-        return features.float()
+            out = upstream(inputs)
+        return tuple(t.float() for t in out) if isinstance(out, tuple) else out.float()
 
     def _clock(self) -> float:
         if self.device.type == "cuda":

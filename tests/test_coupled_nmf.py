@@ -267,6 +267,28 @@ def test_demo_archive_serves_coupled_nmf_with_input_size_heatmaps(served, mnist_
     assert len(report["concepts"]) == 10 and report["fit_seconds"] > 0
 
 
+def test_one_forward_pass_gives_the_explained_and_the_analysed_layers(served, mnist_split):
+    x = mnist_split["x_test"][:6]
+    items = [ExplainItem(x[i], None, [[3]]) for i in range(6)]
+    first_conv = next(m for m in served.parts.upstream.modules() if isinstance(m, torch.nn.Conv2d))
+    calls = []
+    hook = first_conv.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        _, e, _ = served.explain(coupled_nmf.NAME, items, "none")
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    # The same as an explainer that computes the analysed layers itself.
+    explainer = served.explainers[coupled_nmf.NAME]
+    suppress = torch.zeros(6, 1, 10, dtype=torch.bool)
+    suppress[:, 0, 3] = True
+    with torch.inference_mode():
+        features = served.parts.upstream(x)
+        logits = served.parts.downstream(features)
+        alone = explainer.explain(ExplainBatch(x, features, logits, logits.argmax(1), suppress, False))
+    assert torch.equal(alone.weight, e.weight) and torch.equal(alone.contribution, e.contribution)
+
+
 def test_live_server_explains_with_coupled_nmf(client, mnist_split):
     info = client.get_model("mnist")
     method = next(m for m in info.methods if m.name == coupled_nmf.NAME)

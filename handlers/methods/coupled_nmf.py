@@ -100,12 +100,14 @@ def non_negative_layers(upstream: nn.Module) -> list[str]:
     return names
 
 
-def tap_module(upstream: nn.Module, layers: list[str]) -> fx.GraphModule:
-    """The upstream cut short to return the pooled activations of ``layers``.
+def tap_module(upstream: nn.Module, layers: list[str], keep_output: bool = True) -> fx.GraphModule:
+    """The upstream, also returning the pooled activations of ``layers``.
 
-    Returns a module ``(B, *input_shape) -> tuple of (B, C_j)``, sharing the upstream's
-    submodules. Each activation is pooled right where it is computed, so an in-place
-    operation further down the graph cannot alter it.
+    Returns a module ``(B, *input_shape) -> (output, *taps)`` with ``taps[j]`` of shape
+    (B, C_j), sharing the upstream's submodules, so that one forward pass gives the
+    explained layer and every analysed layer; without ``keep_output``, the upstream cut
+    short after the deepest tap, returning the taps alone. Each activation is pooled right
+    where it is computed, so an in-place operation further down the graph cannot alter it.
 
     Raises
     ------
@@ -115,7 +117,7 @@ def tap_module(upstream: nn.Module, layers: list[str]) -> fx.GraphModule:
     gm = upstream if isinstance(upstream, fx.GraphModule) else trace(upstream)
     graph = fx.Graph()
     copied: dict[fx.Node, fx.Node] = {}
-    graph.graph_copy(gm.graph, copied)
+    output = graph.graph_copy(gm.graph, copied)
     by_name = {node.name: copy for node, copy in copied.items()}
     missing = [name for name in layers if name not in by_name]
     if missing:
@@ -124,11 +126,12 @@ def tap_module(upstream: nn.Module, layers: list[str]) -> fx.GraphModule:
     for name in layers:
         with graph.inserting_after(by_name[name]):
             pooled.append(graph.call_function(_pool, (by_name[name],)))
-    graph.output(tuple(pooled))
+    graph.output((output, *pooled) if keep_output else tuple(pooled))
     module = fx.GraphModule(gm, graph, class_name="Taps")
-    module.graph.eliminate_dead_code()  # everything after the deepest tap
-    module.recompile()
-    module.delete_all_unused_submodules()
+    if not keep_output:
+        module.graph.eliminate_dead_code()  # everything after the deepest tap
+        module.recompile()
+        module.delete_all_unused_submodules()
     return module.eval()
 
 
@@ -294,7 +297,8 @@ def _raw_views(parts: ModelParts, taps: fx.GraphModule, pixel_offset: torch.Tens
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].to(parts.device)
             pixels = (xb.reshape(len(xb), n_in, -1) - pixel_offset.to(xb.device)[:, None]).clamp_min(0)
-            layer_views = [*taps(xb), _pool(parts.upstream(xb))]
+            features, *layer_views = taps(xb)
+            layer_views.append(_pool(features))
             chunks.append([*pixels.unbind(1), *(v.float().clamp_min(0) for v in layer_views)])
     return [torch.cat([c[v] for c in chunks]).float().cpu() for v in range(len(chunks[0]))]
 
@@ -411,7 +415,8 @@ def _held_out(explainer: "CoupledNMFExplainer", parts: ModelParts, data: FitData
     with torch.inference_mode():
         for i in range(0, len(data.x_test), 256):
             xb = data.x_test[i:i + 256].to(parts.device)
-            f, share, x = explainer.encode(xb, parts.upstream(xb))
+            features, *taps = explainer.tapped_upstream(xb)
+            f, share, x = explainer.encode(xb, features, taps)
             codes.append(f.cpu())
             shares.append(share.cpu())
             x_test.append(x.cpu())
@@ -513,7 +518,10 @@ class CoupledNMFExplainer(Explainer):
         d = self.dictionary_.shape[0]
         self.gram_ = self.dictionary_ @ self.dictionary_.T + self.alpha * torch.eye(d, device=self.dictionary_.device)
         self.pixel_masks_ = self.pixel_factors_.sum(0).T.contiguous()  # (d, H·W), original units
-        self._taps = tap_module(self.model.upstream, self.layers[:-1])
+        # The torch forward pass runs the tapped upstream (batch.taps); otherwise the analysed
+        # layers are computed again, by the upstream cut short after the deepest one.
+        self.tapped_upstream = tap_module(self.model.upstream, self.layers[:-1])
+        self._taps = tap_module(self.model.upstream, self.layers[:-1], keep_output=False)
         # A non-negative layer (a ReLU's output) followed by an average-pool + linear head makes
         # every removal a product with the head's weight (see removed_logits). The head is probed
         # on non-negative activations only, which is all such a layer produces.
@@ -530,7 +538,8 @@ class CoupledNMFExplainer(Explainer):
         self._build()
         return self
 
-    def encode(self, inputs: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(self, inputs: torch.Tensor, features: torch.Tensor, taps: tuple[torch.Tensor, ...] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fold inputs into the concepts with the factors fixed (call without autograd,
         e.g. under ``torch.inference_mode()``, as :meth:`explain` is).
 
@@ -538,6 +547,7 @@ class CoupledNMFExplainer(Explainer):
         ----------
         inputs : (B, *input_shape)
         features : (B, *feature_shape), the explained layer's activation for ``inputs``
+        taps : the pooled analysed layers, ``tapped_upstream(inputs)[1:]``; None: computed here
 
         Returns
         -------
@@ -547,7 +557,8 @@ class CoupledNMFExplainer(Explainer):
         """
         b, n_in = len(inputs), len(self.pixel_offset_)
         pixels = (inputs.float().reshape(b, n_in, -1) - self.pixel_offset_[:, None]).clamp_min(0)
-        layer_views = [*(v.float().clamp_min(0) for v in self._taps(inputs)), _pool(features.float().clamp_min(0))]
+        taps = self._taps(inputs) if taps is None else taps
+        layer_views = [*(v.float().clamp_min(0) for v in taps), _pool(features.float().clamp_min(0))]
         scales = self.view_scales_
         x = torch.cat([(pixels / scales[:n_in, None]).flatten(1),
                        *(v / s for v, s in zip(layer_views, scales[n_in:]))], 1)
@@ -618,7 +629,7 @@ class CoupledNMFExplainer(Explainer):
         return self.probe_index_[where], similarity
 
     def explain(self, batch: ExplainBatch) -> Explanation:
-        f, residual_share, _ = self.encode(batch.inputs, batch.features)
+        f, residual_share, _ = self.encode(batch.inputs, batch.features, batch.taps)
         b, d = f.shape
         # One pass: each concept alone (contributions), then the requested sets.
         singles = torch.eye(d, device=f.device).expand(b, d, d)

@@ -116,7 +116,9 @@ class Explainer(ABC):
     additive: ClassVar[bool]
     residual_share_definition: ClassVar[str]
     contribution_definition: ClassVar[str]
-    needs_grad: ClassVar[bool] = False  # explain() runs under inference_mode unless True
+    # explain() runs under inference_mode unless True; then under enable_grad, with features that
+    # require grad and logits computed from them (the upstream records no graph).
+    needs_grad: ClassVar[bool] = False
     # A module (B, *input_shape) -> (features, *taps) that the torch forward pass runs instead of
     # the upstream, for methods that also read other layers (``ExplainBatch.taps``).
     tapped_upstream: torch.nn.Module | None = None

@@ -100,9 +100,13 @@ class ServedModel:
                                 else (self._upstream, self._downstream))
         # A method that reads other layers gets them from the same forward pass (torch parts only).
         tapped = torch_parts and explainer.tapped_upstream is not None
-        with torch.enable_grad() if explainer.needs_grad else torch.inference_mode():
+        # Gradients are taken from the explained layer on (Grad-CAM): the upstream records no graph.
+        with torch.no_grad() if explainer.needs_grad else torch.inference_mode():
             out = self._backbone(explainer.tapped_upstream if tapped else upstream, inputs)
+        with torch.enable_grad() if explainer.needs_grad else torch.inference_mode():
             features, taps = (out[0], tuple(out[1:])) if tapped else (out, None)
+            if explainer.needs_grad:
+                features.requires_grad_(True)
             logits = downstream(features)
             forward_done = self._clock()
             targets = torch.tensor([item.target if item.target is not None else -1 for item in items],

@@ -116,9 +116,10 @@ class Explainer(ABC):
     additive: ClassVar[bool]
     residual_share_definition: ClassVar[str]
     contribution_definition: ClassVar[str]
-    # explain() runs under inference_mode unless True; then under enable_grad, with features that
-    # require grad and logits computed from them (the upstream records no graph).
-    needs_grad: ClassVar[bool] = False
+    # explain() runs under inference_mode unless True (per instance: it may depend on the model);
+    # then under enable_grad, with features that require grad and logits computed from them (the
+    # upstream records no graph).
+    needs_grad: bool = False
     # A module (B, *input_shape) -> (features, *taps) that the torch forward pass runs instead of
     # the upstream, for methods that also read other layers (``ExplainBatch.taps``).
     tapped_upstream: torch.nn.Module | None = None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from handlers.model_parts import split, weights_sha256
+from handlers.model_parts import non_negative_layers, split, weights_sha256
 
 
 @dataclass
@@ -91,9 +91,9 @@ def pooled_linear_head(parts: ModelParts, atol: float = 1e-4) -> tuple[torch.Ten
     """Read the downstream as global average pooling followed by a linear map.
 
     Returns ``(weight (K, D), bias (K,))`` with ``downstream(F) == mean_hw(F) @ weight.T + bias``
-    for features ``F`` of shape (B, D, *grid) (a fully connected layer has no grid).
+    for non-negative features ``F`` of shape (B, D, *grid) (a fully connected layer has no grid).
     The head is probed with constant feature maps and the identity is then checked on
-    random non-negative features.
+    random non-negative features (a head starting with a ReLU passes: on those it is linear).
 
     Raises
     ------
@@ -119,3 +119,19 @@ def pooled_linear_head(parts: ModelParts, atol: float = 1e-4) -> tuple[torch.Ten
             "ProtoNMF's decomposition is exact only for such a head: choose the last non-negative layer before it"
         )
     return weight, bias
+
+
+def linear_head_weight(parts: ModelParts) -> torch.Tensor | None:
+    """The weight (K, D) of an average-pool + linear head after a non-negative layer, else None.
+
+    When the explained layer is a ReLU's output, every feature map the methods derive from it by
+    scaling channels stays non-negative, and then ``downstream(F) = mean_hw(F) @ weight.T + bias``
+    holds exactly: removing channels or concepts changes the logits by a product with the weight,
+    and no downstream pass is needed.
+    """
+    if parts.layer not in non_negative_layers(parts.upstream):
+        return None
+    try:
+        return pooled_linear_head(parts)[0]
+    except ValueError:
+        return None

@@ -380,3 +380,20 @@ def _decode(value, env: dict[str, fx.Node]):
         return value
     raise UnsafeGraphError(f"unknown argument {value!r}")
 
+
+_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6)
+_NON_NEGATIVE_FUNCTIONS = {torch.relu, F.relu}
+
+
+def non_negative_layers(upstream: nn.Module) -> list[str]:
+    """Names of the upstream's ReLU nodes, in graph order: the default analysed layers."""
+    gm = upstream if isinstance(upstream, fx.GraphModule) else trace(upstream)
+    names = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NON_NEGATIVE_MODULES):
+            names.append(node.name)
+        elif node.op == "call_function" and node.target in _NON_NEGATIVE_FUNCTIONS:
+            names.append(node.name)
+        elif node.op == "call_method" and node.target == "relu":
+            names.append(node.name)
+    return names

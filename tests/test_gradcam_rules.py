@@ -12,11 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from handlers.archive import read_archive
 from handlers.base import ExplainBatch, FitData
 from handlers.methods import METHODS
 from handlers.methods.eclat import eclat
 from handlers.methods.gradcam_rules import NAME, GradCAMRulesExplainer, _mine_rules, _shared_groups, fit
 from handlers.model import pooled_linear_head
+from handlers.runtime import ExplainItem, ServedModel
 
 
 # ---------------------------------------------------------------- eclat and rule mining
@@ -117,6 +119,14 @@ def fitted(mnist_parts, mnist_fit_data):
 @pytest.fixture(scope="module")
 def explainer(mnist_parts, fitted):
     return GradCAMRulesExplainer(mnist_parts, fitted)
+
+
+@pytest.fixture(scope="module")
+def gradient_explainer(mnist_parts, fitted):
+    """The same rules through autograd and the downstream, as for a head that is not linear."""
+    explainer = GradCAMRulesExplainer(mnist_parts, fitted)
+    explainer.head_weight_, explainer.needs_grad = None, True
+    return explainer
 
 
 def explain(parts, explainer, x, targets=None, suppress=None, heatmaps=True):
@@ -292,16 +302,51 @@ def test_explain_is_batch_independent(mnist_parts, explainer, mnist_fit_data):
         assert torch.allclose(one.contribution[0], whole.contribution[i], atol=1e-5)
 
 
-def test_explain_rebuilds_a_missing_graph(mnist_parts, explainer, mnist_fit_data):
+def test_linear_head_in_closed_form_equals_autograd_and_the_downstream(explainer, gradient_explainer, mnist_parts,
+                                                                        mnist_fit_data):
+    """The MNIST head is average pooling + linear after a ReLU: Grad-CAM's weights and the zeroed
+    logits come in closed form, and agree with the gradient and downstream passes."""
+    assert explainer.head_weight_ is not None and not explainer.needs_grad
+    x = mnist_fit_data.x_test[:16]
+    suppress = torch.rand(16, 2, len(explainer.components), generator=torch.Generator().manual_seed(3)) < 0.1
+    _, _, closed = explain(mnist_parts, explainer, x, suppress=suppress)
+    _, _, by_gradient = explain(mnist_parts, gradient_explainer, x, suppress=suppress)
+    assert torch.equal(closed.component_index, by_gradient.component_index)
+    for name in ("weight", "contribution", "residual_share", "heatmaps", "intervened_logits"):
+        assert torch.allclose(getattr(closed, name), getattr(by_gradient, name), atol=1e-5), name
+
+
+def test_explain_rebuilds_a_missing_graph(mnist_parts, gradient_explainer, mnist_fit_data):
     x = mnist_fit_data.x_test[::100]
-    suppress = torch.ones(len(x), 1, len(explainer.components), dtype=torch.bool)
-    _, _, expected = explain(mnist_parts, explainer, x, suppress=suppress)
+    suppress = torch.ones(len(x), 1, len(gradient_explainer.components), dtype=torch.bool)
+    _, _, expected = explain(mnist_parts, gradient_explainer, x, suppress=suppress)
     with torch.no_grad():  # as with frozen parameters: features without a graph
         features = mnist_parts.upstream(x)
         logits = mnist_parts.downstream(features)
-    out = explainer.explain(ExplainBatch(x, features, logits, logits.argmax(1), suppress, True))
+    out = gradient_explainer.explain(ExplainBatch(x, features, logits, logits.argmax(1), suppress, True))
     for name in ("component_index", "weight", "contribution", "residual_share", "heatmaps", "intervened_logits"):
         assert torch.allclose(getattr(out, name).float(), getattr(expected, name).float(), atol=1e-5), name
+
+
+def test_runtime_gradient_path_starts_at_the_layer(demo_store, mnist_fit_data):
+    """Through the runtime, a gradient explainer gets features that require grad (the upstream
+    records no graph) and gives what the closed form gives."""
+    served = ServedModel(read_archive(demo_store / "mnist-1.psar"))
+    items = [ExplainItem(x, None, [[0, 1]]) for x in mnist_fit_data.x_test[:8]]
+    logits, closed, _ = served.explain(NAME, items, "feature_grid")
+    explainer = served.explainers[NAME]
+    explainer.head_weight_, explainer.needs_grad = None, True
+    seen, original = [], explainer.explain
+
+    def recording(batch):
+        seen.append(batch.features.is_leaf and batch.features.requires_grad)
+        return original(batch)
+
+    explainer.explain = recording
+    gradient_logits, by_gradient, _ = served.explain(NAME, items, "feature_grid")
+    assert seen == [True] and torch.equal(logits, gradient_logits)
+    for name in ("weight", "contribution", "heatmaps", "intervened_logits"):
+        assert torch.allclose(getattr(closed, name), getattr(by_gradient, name), atol=1e-5), name
 
 
 # ---------------------------------------------------------------- through the live server

@@ -66,8 +66,8 @@ from torch import fx, nn
 
 from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
 from handlers.exemplars import crops_png
-from handlers.model import ModelParts, pooled_linear_head
-from handlers.model_parts import trace
+from handlers.model import ModelParts, linear_head_weight
+from handlers.model_parts import non_negative_layers, trace
 from handlers.nmf import NMF, nnls_encode
 
 NAME = "coupled_nmf"
@@ -75,8 +75,6 @@ FOLD_IN_SOLVER = "active_set"  # the exact per-request fold-in (archives record 
 REGULARIZATIONS = ("unit_norm", "l2")
 EXEMPLAR_EXAMPLES = 4
 _EPS = 1e-12
-_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6)
-_NON_NEGATIVE_FUNCTIONS = {torch.relu, torch.nn.functional.relu}
 
 
 # --------------------------------------------------------------------------- views
@@ -84,20 +82,6 @@ _NON_NEGATIVE_FUNCTIONS = {torch.relu, torch.nn.functional.relu}
 def _pool(t: torch.Tensor) -> torch.Tensor:
     """(B, C, *grid) -> (B, C) by the spatial mean; (B, C) unchanged."""
     return t.flatten(2).mean(2) if t.dim() > 2 else t
-
-
-def non_negative_layers(upstream: nn.Module) -> list[str]:
-    """Names of the upstream's ReLU nodes, in graph order: the default analysed layers."""
-    gm = upstream if isinstance(upstream, fx.GraphModule) else trace(upstream)
-    names = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NON_NEGATIVE_MODULES):
-            names.append(node.name)
-        elif node.op == "call_function" and node.target in _NON_NEGATIVE_FUNCTIONS:
-            names.append(node.name)
-        elif node.op == "call_method" and node.target == "relu":
-            names.append(node.name)
-    return names
 
 
 def tap_module(upstream: nn.Module, layers: list[str], keep_output: bool = True) -> fx.GraphModule:
@@ -522,13 +506,8 @@ class CoupledNMFExplainer(Explainer):
         # layers are computed again, by the upstream cut short after the deepest one.
         self.tapped_upstream = tap_module(self.model.upstream, self.layers[:-1])
         self._taps = tap_module(self.model.upstream, self.layers[:-1], keep_output=False)
-        # A non-negative layer (a ReLU's output) followed by an average-pool + linear head makes
-        # every removal a product with the head's weight (see removed_logits). The head is probed
-        # on non-negative activations only, which is all such a layer produces.
-        self.head_weight_ = None
-        if self.model.layer in non_negative_layers(self.model.upstream):
-            with contextlib.suppress(ValueError):
-                self.head_weight_ = pooled_linear_head(self.model)[0]  # (K, C)
+        # Makes every removal a product with the head's weight (see removed_logits).
+        self.head_weight_ = linear_head_weight(self.model)
 
     def to(self, device):
         for name in ("pixel_factors_", "view_scales_", "pixel_offset_", "probe_codes_", "probe_index_",

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
 from handlers.exemplars import crops_png
 from handlers.methods.eclat import eclat, tidsets
-from handlers.model import ModelParts
+from handlers.model import ModelParts, linear_head_weight
 
 NAME = "gradcam_rules"
 EXEMPLAR_PATCHES = 3  # strongest supporting patches drawn after a rule's filter averages
@@ -457,7 +457,6 @@ def _held_out_matches(parts: ModelParts, data: FitData, fitted: FittedMethod, ba
 class GradCAMRulesExplainer(Explainer):
     name = NAME
     additive = False
-    needs_grad = True
     residual_share_definition = (
         "sum over filters d outside the active rules of P_d / sum over all filters of P_d, with "
         "P_d = sum_hw ReLU(alpha_d F_d,hw) the filter's positive Grad-CAM evidence for the target "
@@ -495,10 +494,16 @@ class GradCAMRulesExplainer(Explainer):
             members = row.nonzero().flatten()
             index[i, :len(members)] = members
         self._filter_index = index
+        # After a non-negative layer, an average-pool + linear head gives Grad-CAM's weights and
+        # every zeroed-filter logit in closed form: no gradient and no downstream pass.
+        self.head_weight_ = linear_head_weight(model)  # (K, D) or None
+        self.needs_grad = self.head_weight_ is None
 
     def to(self, device):
-        for name in ("component_filters_", "class_components_", "filter_reference_", "_filters", "_filter_index"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("component_filters_", "class_components_", "filter_reference_", "_filters", "_filter_index",
+                     "head_weight_"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def explain(self, batch: ExplainBatch) -> Explanation:
@@ -506,12 +511,16 @@ class GradCAMRulesExplainer(Explainer):
         b = len(t)
         rows = torch.arange(b, device=t.device)
         features, logits = batch.features, batch.logits
-        if not features.requires_grad:
-            # Features computed without a graph (e.g. frozen parameters): rebuild it from the layer on.
-            with torch.enable_grad():
-                features = batch.features.detach().requires_grad_(True)
-                logits = self.model.downstream(features)
-        alpha = gradcam_weights(features, logits, t)  # (B, D)
+        if self.head_weight_ is not None:
+            # ∂logit_t/∂F[d, h, w] = weight[t, d] / HW at every position.
+            alpha = self.head_weight_[t] / math.prod(features.shape[2:])
+        else:
+            if not features.requires_grad:
+                # Features computed without a graph (e.g. frozen parameters): rebuild it from the layer on.
+                with torch.enable_grad():
+                    features = batch.features.detach().requires_grad_(True)
+                    logits = self.model.downstream(features)
+            alpha = gradcam_weights(features, logits, t)  # (B, D)
         with torch.no_grad():
             features = features.detach()
             f = features.float()
@@ -534,9 +543,12 @@ class GradCAMRulesExplainer(Explainer):
             # One downstream pass: each returned rule zeroed alone, then each intervention's union.
             suppressed = (batch.suppress.float() @ self.component_filters_).clamp_max(1)  # (B, M, D)
             zeroed = torch.cat([masks, suppressed], 1)  # (B, C+M, D)
-            n_sets = zeroed.shape[1]
-            perturbed = (f[:, None] * (1 - zeroed)[..., None, None]).to(features.dtype)
-            out = self.model.downstream(perturbed.flatten(0, 1)).float().reshape(b, n_sets, -1)
+            if self.head_weight_ is not None:
+                # downstream(F (1 - z)) = logits - (mean_hw(F) z) @ weight.T, z constant over the grid.
+                out = batch.logits.detach().float()[:, None] - (f.flatten(2).mean(2)[:, None] * zeroed) @ self.head_weight_.T
+            else:
+                perturbed = (f[:, None] * (1 - zeroed)[..., None, None]).to(features.dtype)
+                out = self.model.downstream(perturbed.flatten(0, 1)).float().reshape(b, zeroed.shape[1], -1)
             c = masks.shape[1]
             contribution = (target_logit[:, None] - out[:, :c].gather(2, t[:, None, None].expand(-1, c, 1))[..., 0])
             contribution = contribution * active

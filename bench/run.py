@@ -357,7 +357,9 @@ async def _load(address: str, model: str, inputs: list[np.ndarray], total: int, 
 
 def batching_efficiency(device, cfg) -> dict:
     """Figure 5: Explain throughput over gRPC at concurrency 32 over in-process throughput at batch 32,
-    ResNet-18 (ProtoNMF, 3 prototypes × 1000 classes); and the server's peak RSS (figure 6)."""
+    ResNet-18 (ProtoNMF, 3 prototypes × 1000 classes); the server's peak RSS (figure 6); and, from a
+    second server run side by side with glibc's default allocation (``--keep-freed-mib 0``), what
+    keeping freed memory for the next batch is worth (server/memory.py)."""
     parts = torchvision_parts("resnet18", "layer4_1_relu_1", device)
     fitted = synthetic_protonmf(parts, 3)
     model = served(parts, fitted, device)
@@ -366,29 +368,41 @@ def batching_efficiency(device, cfg) -> dict:
     rounds = cfg["batch_rounds"]
     with tempfile.TemporaryDirectory() as store:
         write_archive(store, "resnet18", "1", parts.to("cpu"), [fitted])
-        port = free_port()
-        server = start_server(Path(store), port, free_port())
+        ports = {"grpc": free_port(), "grpc_default_heap": free_port()}
+        servers = {}
         try:
+            servers["grpc"] = start_server(Path(store), ports["grpc"], free_port())
+            servers["grpc_default_heap"] = start_server(Path(store), ports["grpc_default_heap"], free_port(),
+                                                        "--keep-freed-mib", "0")
             arrays = [x[i].numpy() for i in range(32)]
-            address = f"127.0.0.1:{port}"
-            asyncio.run(_load(address, "resnet18", arrays, 64, concurrency=32))  # warm-up
-            # Rounds alternate: 96 requests at concurrency 32 over gRPC (the queue refills while a batch
-            # runs), then one batch of 32 in process with the server idle, so drift of a shared machine
-            # falls on both sides.
+            # Rounds alternate: 96 requests at concurrency 32 to each server (the queue refills while a
+            # batch runs), then one batch of 32 in process with both servers idle, so drift of a shared
+            # machine falls on every side.
             per_round = 96
-            times = interleaved({"grpc": lambda: asyncio.run(_load(address, "resnet18", arrays, per_round,
-                                                                   concurrency=32)),
+
+            def load(name: str):
+                return lambda: asyncio.run(_load(f"127.0.0.1:{ports[name]}", "resnet18", arrays, per_round,
+                                                 concurrency=32))
+
+            for name in servers:
+                asyncio.run(_load(f"127.0.0.1:{ports[name]}", "resnet18", arrays, 64, concurrency=32))  # warm-up
+            times = interleaved({"grpc": load("grpc"), "grpc_default_heap": load("grpc_default_heap"),
                                  "in_process": lambda: model.explain("protonmf", items, "none")},
                                 rounds, device)
-            peak = rss_mib(server.pid, "VmHWM")
+            peak = rss_mib(servers["grpc"].pid, "VmHWM")
+            peak_default = rss_mib(servers["grpc_default_heap"].pid, "VmHWM")
         finally:
-            stop_server(server)
+            for server in servers.values():
+                stop_server(server)
     over_grpc = per_round / statistics.median(times["grpc"])
     in_process = 32 / statistics.median(times["in_process"])
     rounds_efficiency = [(per_round / g) / (32 / p) for g, p in zip(times["grpc"], times["in_process"])]
     return {"value": over_grpc / in_process, "spread": [min(rounds_efficiency), max(rounds_efficiency)],
             "grpc_examples_per_s": over_grpc,
-            "in_process_examples_per_s": in_process, "server_peak_rss_mib": peak}
+            "in_process_examples_per_s": in_process, "server_peak_rss_mib": peak,
+            "kept_heap": {**ratio(times["grpc_default_heap"], times["grpc"]),
+                          "default_heap_examples_per_s": per_round / statistics.median(times["grpc_default_heap"]),
+                          "default_heap_peak_rss_mib": peak_default}}
 
 
 def per_method(device, cfg) -> dict:
@@ -456,6 +470,11 @@ def table(results: dict) -> str:
     lines.append(f"| `batching_efficiency` | gRPC at concurrency 32 / in process at batch 32, ResNet-18 "
                  f"({b['grpc_examples_per_s']:.1f} / {b['in_process_examples_per_s']:.1f} examples/s) | "
                  f"{b['value']:.3f} | {b['spread'][0]:.3f}–{b['spread'][1]:.3f} | {GOALS['batching_efficiency']} |")
+    k = b["kept_heap"]
+    lines.append(f"| `kept_heap_speedup` | the same server with glibc's default allocation (`--keep-freed-mib 0`) "
+                 f"side by side: its time per round / ours ({k['default_heap_examples_per_s']:.1f} examples/s, peak "
+                 f"RSS {k['default_heap_peak_rss_mib']:.0f} MiB) | {k['value']:.3f} | "
+                 f"{k['spread'][0]:.3f}–{k['spread'][1]:.3f} | |")
     m = g["memory"]
     lines.append(f"| `server_peak_rss_mib` | server peak RSS, concurrency-32 ResNet-18 run | "
                  f"{b['server_peak_rss_mib']:.0f} MiB | | |")

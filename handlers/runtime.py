@@ -94,7 +94,7 @@ class ServedModel:
         for b, item in enumerate(items):
             for m, indices in enumerate(item.suppress):
                 suppress[b, m, indices] = True
-        # Gradient methods (Grad-CAM, SRAE heatmaps) need autograd through the torch parts.
+        # Gradient methods (Grad-CAM rules before a head that is not linear) need the torch parts.
         torch_parts = explainer.needs_grad or self.backend == "torch"
         upstream, downstream = ((self.parts.upstream, self.parts.downstream) if torch_parts
                                 else (self._upstream, self._downstream))

@@ -137,6 +137,23 @@ def explain_over_predict(device, cfg) -> dict:
     return ratio(times["explain"], times["predict"])
 
 
+def onnx_over_torch(device, cfg) -> dict:
+    """Explain (as in figure 1) with ONNX Runtime for the forward pass over the torch backend, ResNet-50,
+    batch 8: the archive carries ONNX exports of its parts (CUDA provider on a GPU, CPU provider here)."""
+    parts = torchvision_parts("resnet50", "layer4_2_relu_2", device)
+    with tempfile.TemporaryDirectory() as store:
+        archive = read_archive(write_archive(store, "resnet50", "1", parts.to("cpu"), [synthetic_protonmf(parts, 3)],
+                                             backend="onnx"))
+    models = {backend: ServedModel(archive, device, backend=backend) for backend in ("onnx", "torch")}
+    x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    items = [ExplainItem(x[i], None, [[0, 1, 2]]) for i in range(8)]
+    times = interleaved({backend: (lambda m=m: m.explain("protonmf", items, "feature_grid"))
+                         for backend, m in models.items()}, cfg["repeats"], device)
+    logits = {backend: m.predict(x) for backend, m in models.items()}
+    return {**ratio(times["onnx"], times["torch"]),
+            "max_logit_difference": float((logits["onnx"] - logits["torch"]).abs().max())}
+
+
 def dff_over_ours(device, cfg) -> dict:
     """Figure 2: pytorch-grad-cam's DeepFeatureFactorization over our ProtoNMF explanation, ResNet-50 layer4,
     5 components, batch 8: the explanation step alone on the same activations, and end to end."""
@@ -444,6 +461,8 @@ def table(results: dict) -> str:
     rows = [
         ("explain_over_predict", "Explain/Predict, ResNet-50 layer4, 3×1000 prototypes, batch 8",
          f["explain_over_predict"]),
+        ("onnx_over_torch", "Explain with ONNX Runtime / torch for the forward pass, ResNet-50, batch 8; logits "
+         "differ by at most {:.1e}".format(f["onnx_over_torch"]["max_logit_difference"]), f["onnx_over_torch"]),
         ("dff_step_over_ours", "pytorch-grad-cam DFF step / our step, 5 components, batch 8", f["dff_over_ours"]["step"]),
         ("dff_end_to_end_over_ours", "DFF / ours, end to end incl. forward", f["dff_over_ours"]["end_to_end"]),
         ("sklearn_over_fit", "sklearn NMF(cd) / our NMF(rhals), same tol, {}; errors {:.4f} / {:.4f}{}".format(
@@ -513,7 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     # ResNet-18 ran about 1.4x faster after the ResNet-50 figures than in a fresh process: frees of
     # large blocks had raised glibc's dynamic mmap threshold there.
     keep_freed_memory(Settings(model_store=ROOT).keep_freed_mib)
-    for name, fn in [("explain_over_predict", explain_over_predict), ("dff_over_ours", dff_over_ours),
+    for name, fn in [("explain_over_predict", explain_over_predict), ("onnx_over_torch", onnx_over_torch),
+                     ("dff_over_ours", dff_over_ours),
                      ("sklearn_over_fit", sklearn_over_fit), ("grpc", grpc_overhead_and_memory),
                      ("batching_efficiency", batching_efficiency), ("per_method", per_method)]:
         log(f"bench: {name} …")

@@ -41,6 +41,9 @@ class OnnxPart:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Idle intra-op threads would busy-wait after each run and take the cores from the torch
+        # explanation math that follows (BENCHMARKS.md, onnx_over_torch).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model_bytes, options, providers=providers)
         self.device = device
 

@@ -72,6 +72,7 @@ def test_fit_report_has_the_concepts_and_layer_similarities(fitted, mnist_fit_da
         assert concept["dominant_group"]["group"] == concept["top_classes"][0]["class"]  # groups = classes here
         assert len(concept["top_examples"]) == 8 and set(concept["top_examples"]) <= probe
     assert sum(c["mass_share"] for c in report["concepts"]) == pytest.approx(1, abs=1e-5)
+    assert report["fold_in_converged"] == 1.0  # 2 x n_concepts active-set steps sufficed for every held-out code
     for name, neurons in (("features_2", 32), ("features_6", 64), ("features_10", 128)):
         layer = report["layers"][name]
         s = torch.tensor(layer["similarity"])
@@ -264,7 +265,7 @@ def test_demo_archive_serves_coupled_nmf_with_input_size_heatmaps(served, mnist_
     assert grid.heatmaps.shape == at_input.heatmaps.shape == (6, 10, 28, 28)
     assert torch.allclose(grid.heatmaps, at_input.heatmaps, atol=1e-6)
     report = served.explainers[coupled_nmf.NAME].fit_report
-    assert len(report["concepts"]) == 10 and report["fit_seconds"] > 0
+    assert len(report["concepts"]) == 10 and report["fit_seconds"] > 0 and report["fold_in_converged"] == 1.0
 
 
 def test_one_forward_pass_gives_the_explained_and_the_analysed_layers(served, mnist_split):

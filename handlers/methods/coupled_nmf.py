@@ -64,6 +64,7 @@ import time
 import torch
 from torch import fx, nn
 
+from handlers.active_set import kkt_violation
 from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
 from handlers.exemplars import crops_png
 from handlers.model import ModelParts, linear_head_weight
@@ -405,6 +406,8 @@ def _held_out(explainer: "CoupledNMFExplainer", parts: ModelParts, data: FitData
             shares.append(share.cpu())
             x_test.append(x.cpu())
     codes, shares, x_test = torch.cat(codes), torch.cat(shares), torch.cat(x_test).T
+    dictionary, gram = explainer.dictionary_.cpu(), explainer.gram_.cpu()
+    violation = kkt_violation(codes, x_test.T @ dictionary.T, gram, simplex=False)
     ids, _ = explainer.nearest_probes(codes.to(parts.device), knn)
     # probe_index_ is sorted, so a neighbour's position among the probes is found by bisection.
     neighbour_labels = explainer.probe_labels_[torch.searchsorted(explainer.probe_index_, ids)].cpu()
@@ -412,7 +415,9 @@ def _held_out(explainer: "CoupledNMFExplainer", parts: ModelParts, data: FitData
     predicted = parts.logits(data.x_test).argmax(1).cpu()
     return {
         "reconstruction_error": {"probe": per_view(X - W @ F, X),
-                                 "test": per_view(x_test - explainer.dictionary_.cpu().T @ codes.T, x_test)},
+                                 "test": per_view(x_test - dictionary.T @ codes.T, x_test)},
+        # The share of held-out codes that are optimal (KKT) after the fold-in's fixed steps.
+        "fold_in_converged": float((violation <= 1e-6).double().mean()),
         "residual_share_test": {"mean": float(shares.mean()), "median": float(shares.median()),
                                 "max": float(shares.max())},
         "knn": {"k": knn, "majority_matches_label": float((majority == data.y_test).double().mean()),

@@ -101,6 +101,24 @@ def layer_names(model: nn.Module) -> list[str]:
     return [n.name for n in trace(model).graph.nodes if n.op in ("call_module", "call_function", "call_method")]
 
 
+_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6)
+_NON_NEGATIVE_FUNCTIONS = {torch.relu, F.relu}
+
+
+def non_negative_layers(upstream: nn.Module) -> list[str]:
+    """Names of the upstream's ReLU nodes (whose outputs are never negative), in graph order."""
+    gm = upstream if isinstance(upstream, fx.GraphModule) else trace(upstream)
+    names = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NON_NEGATIVE_MODULES):
+            names.append(node.name)
+        elif node.op == "call_function" and node.target in _NON_NEGATIVE_FUNCTIONS:
+            names.append(node.name)
+        elif node.op == "call_method" and node.target == "relu":
+            names.append(node.name)
+    return names
+
+
 def split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Cut ``model`` at the node named ``layer``.
 
@@ -379,21 +397,3 @@ def _decode(value, env: dict[str, fx.Node]):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise UnsafeGraphError(f"unknown argument {value!r}")
-
-
-_NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6)
-_NON_NEGATIVE_FUNCTIONS = {torch.relu, F.relu}
-
-
-def non_negative_layers(upstream: nn.Module) -> list[str]:
-    """Names of the upstream's ReLU nodes, in graph order: the default analysed layers."""
-    gm = upstream if isinstance(upstream, fx.GraphModule) else trace(upstream)
-    names = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NON_NEGATIVE_MODULES):
-            names.append(node.name)
-        elif node.op == "call_function" and node.target in _NON_NEGATIVE_FUNCTIONS:
-            names.append(node.name)
-        elif node.op == "call_method" and node.target == "relu":
-            names.append(node.name)
-    return names

@@ -87,13 +87,18 @@ class ModelParts:
                               for i in range(0, len(x), batch_size)])
 
 
+_NOT_POOLED_LINEAR = ("the network after layer {layer!r} is not global average pooling + linear; ProtoNMF's "
+                      "decomposition is exact only for such a head: choose the last non-negative layer before it")
+
+
 def pooled_linear_head(parts: ModelParts, atol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """Read the downstream as global average pooling followed by a linear map.
 
     Returns ``(weight (K, D), bias (K,))`` with ``downstream(F) == mean_hw(F) @ weight.T + bias``
     for non-negative features ``F`` of shape (B, D, *grid) (a fully connected layer has no grid).
-    The head is probed with constant feature maps and the identity is then checked on
-    random non-negative features (a head starting with a ReLU passes: on those it is linear).
+    The head must first be affine between random non-negative features (three small passes);
+    it is then probed with constant feature maps, one per channel, and the identity is checked
+    on the random features (a head starting with a ReLU passes: on those it is linear).
 
     Raises
     ------
@@ -103,21 +108,23 @@ def pooled_linear_head(parts: ModelParts, atol: float = 1e-4) -> tuple[torch.Ten
     d, *grid = parts.feature_shape
     device = parts.device
     with torch.inference_mode():
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.rand(8, d, *grid, generator=generator).to(device) * torch.rand(8, 1, *([1] * len(grid)), generator=generator).to(device) * 4
+        # Affine on the segment between two probes, checked first: a deep head is refused after
+        # three small passes instead of one pass per channel.
+        halves = parts.downstream(torch.cat([probe, probe.flip(0), (probe + probe.flip(0)) / 2]))
+        got, flipped, middle = halves.split(len(probe))
+        if (middle - (got + flipped) / 2).abs().max().item() > atol * max(1.0, got.abs().max().item()):
+            raise ValueError(_NOT_POOLED_LINEAR.format(layer=parts.layer))
         zero = torch.zeros(1, d, *grid, device=device)
         bias = parts.downstream(zero)[0]
         basis = torch.eye(d, device=device).reshape(d, d, *([1] * len(grid))).expand(d, d, *grid)
         weight = torch.cat([parts.downstream(basis[i:i + 512]) for i in range(0, d, 512)]) - bias
         weight = weight.T.contiguous()  # (K, D)
-        generator = torch.Generator().manual_seed(0)
-        probe = torch.rand(8, d, *grid, generator=generator).to(device) * torch.rand(8, 1, *([1] * len(grid)), generator=generator).to(device) * 4
         expected = probe.flatten(2).mean(2) @ weight.T + bias if grid else probe @ weight.T + bias
-        got = parts.downstream(probe)
         scale = max(1.0, got.abs().max().item())
     if (got - expected).abs().max().item() > atol * scale:
-        raise ValueError(
-            f"the network after layer {parts.layer!r} is not global average pooling + linear; "
-            "ProtoNMF's decomposition is exact only for such a head: choose the last non-negative layer before it"
-        )
+        raise ValueError(_NOT_POOLED_LINEAR.format(layer=parts.layer))
     return weight, bias
 
 

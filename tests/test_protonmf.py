@@ -100,5 +100,12 @@ def test_fully_connected_layer_is_exact():
 def test_a_non_linear_head_is_refused(mnist_model):
     # After `features_8` (a conv) come BN, ReLU, pooling and the head: not pooling + linear.
     parts = ModelParts.from_model(mnist_model, "features_8", InputSpec(shape=[1, 28, 28]), [str(i) for i in range(10)])
-    with pytest.raises(ValueError, match="not global average pooling"):
-        pooled_linear_head(parts)
+    batches = []
+    hook = parts.downstream.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    try:
+        with pytest.raises(ValueError, match="not global average pooling"):
+            pooled_linear_head(parts)
+    finally:
+        hook.remove()
+    # Refused by the affinity probe (24 feature maps), before one pass per channel (128 more).
+    assert batches == [24]

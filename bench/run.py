@@ -319,7 +319,7 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
             server_ms = {k: 1000 * (after[k] - before.get(k, 0.0)) / calls for k in after}
             server_ms["transport_and_client"] = 1000 * statistics.mean(times["grpc"]) - server_ms["handler"]
             # What the handler spends outside its timed stages: the hops to the compute thread and
-            # back, the batcher's bookkeeping, metrics.
+            # back, the batch's host rows, the batcher's bookkeeping, metrics.
             server_ms["hand_offs"] = server_ms["handler"] - sum(server_ms[k] for k in SERVER_STAGES)
             p50 = {k: statistics.median(v) * 1000 for k, v in times.items()}
             p99 = {k: float(np.percentile(v, 99) * 1000) for k, v in times.items()}

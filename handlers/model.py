@@ -109,7 +109,8 @@ def pooled_linear_head(parts: ModelParts, atol: float = 1e-4) -> tuple[torch.Ten
     device = parts.device
     with torch.inference_mode():
         generator = torch.Generator().manual_seed(0)
-        probe = torch.rand(8, d, *grid, generator=generator).to(device) * torch.rand(8, 1, *([1] * len(grid)), generator=generator).to(device) * 4
+        probe = (torch.rand(8, d, *grid, generator=generator)
+                 * torch.rand(8, 1, *([1] * len(grid)), generator=generator) * 4).to(device)
         # Affine on the segment between two probes, checked first: a deep head is refused after
         # three small passes instead of one pass per channel.
         halves = parts.downstream(torch.cat([probe, probe.flip(0), (probe + probe.flip(0)) / 2]))

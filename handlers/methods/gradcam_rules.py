@@ -540,12 +540,14 @@ class GradCAMRulesExplainer(Explainer):
             masks = masks.gather(1, order[:, :, None].expand_as(masks)) * active[:, :, None]
             weight = torch.where(active, strength.gather(1, order), torch.zeros_like(strength))
 
-            # One downstream pass: each returned rule zeroed alone, then each intervention's union.
+            # One pass (of the head's weight or the downstream): each returned rule zeroed alone, then
+            # each intervention's union.
             suppressed = (batch.suppress.float() @ self.component_filters_).clamp_max(1)  # (B, M, D)
             zeroed = torch.cat([masks, suppressed], 1)  # (B, C+M, D)
             if self.head_weight_ is not None:
                 # downstream(F (1 - z)) = logits - (mean_hw(F) z) @ weight.T, z constant over the grid.
-                out = batch.logits.detach().float()[:, None] - (f.flatten(2).mean(2)[:, None] * zeroed) @ self.head_weight_.T
+                lost = (f.flatten(2).mean(2)[:, None] * zeroed) @ self.head_weight_.T
+                out = batch.logits.detach().float()[:, None] - lost
             else:
                 perturbed = (f[:, None] * (1 - zeroed)[..., None, None]).to(features.dtype)
                 out = self.model.downstream(perturbed.flatten(0, 1)).float().reshape(b, zeroed.shape[1], -1)

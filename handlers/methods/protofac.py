@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from handlers.active_set import active_set_codes, kkt_violation
 from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
 from handlers.exemplars import png_bytes, to_uint8_image
-from handlers.model import ModelParts, pooled_linear_head
+from handlers.model import ModelParts, linear_head_weight
 from handlers.nmf import NMF, nnls_encode
 
 NAME = "protofac"
@@ -560,11 +560,9 @@ class ProtoFacExplainer(Explainer):
             self.zero_logits_ = model.downstream(torch.zeros(1, *model.feature_shape, device=device))[0].float().cpu()
         # An average-pool + linear head is affine in the reconstruction wH: the logits of any
         # weights w are w @ (each prototype's logits without the bias) + bias (see explain).
-        try:
-            weight, _ = pooled_linear_head(model)
-        except ValueError:
-            self.prototype_logits_ = None
-        else:
+        weight = linear_head_weight(model)
+        self.prototype_logits_ = None
+        if weight is not None:
             pooled = self.prototypes_.reshape(k, model.feature_shape[0], -1).mean(2)  # (k, C)
             self.prototype_logits_ = pooled @ weight.cpu().T  # (k, K)
 
@@ -578,7 +576,7 @@ class ProtoFacExplainer(Explainer):
         features = clip_features(batch.features)  # (B, m)
         b, k = len(features), self.prototypes_.shape[0]
         w = simplex_least_squares(features, self.prototypes_, self.gram_, self.n_iter)  # (B, k)
-        # Every weight vector the answer needs, through the downstream in one pass:
+        # Every weight vector the answer needs, in one pass (of the head's weights or the downstream):
         # w itself, w without each prototype (contributions), and each intervention.
         keep_one_out = 1 - torch.eye(k, device=w.device, dtype=w.dtype)
         keep_requested = (~batch.suppress).to(w.dtype)  # (B, M, k)

@@ -129,7 +129,7 @@ class InterventionResult(_message.Message):
     def __init__(self, suppressed: _Optional[_Iterable[str]] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_logit: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "method", "prediction", "target_class", "target_logit", "components", "bias", "residual_contribution", "residual_share", "heatmaps", "interventions")
+    __slots__ = ("request_id", "model", "version", "method", "prediction", "target_class", "target_logit", "components", "bias", "residual_contribution", "residual_share", "heatmaps", "interventions", "additive", "additivity_gap")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,8 @@ class ExplainResponse(_message.Message):
     RESIDUAL_SHARE_FIELD_NUMBER: _ClassVar[int]
     HEATMAPS_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    ADDITIVE_FIELD_NUMBER: _ClassVar[int]
+    ADDITIVITY_GAP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: str
@@ -156,7 +158,9 @@ class ExplainResponse(_message.Message):
     residual_share: float
     heatmaps: _containers.RepeatedCompositeFieldContainer[Heatmap]
     interventions: _containers.RepeatedCompositeFieldContainer[InterventionResult]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_class: _Optional[int] = ..., target_logit: _Optional[float] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., bias: _Optional[float] = ..., residual_contribution: _Optional[float] = ..., residual_share: _Optional[float] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., interventions: _Optional[_Iterable[_Union[InterventionResult, _Mapping]]] = ...) -> None: ...
+    additive: bool
+    additivity_gap: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_class: _Optional[int] = ..., target_logit: _Optional[float] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., bias: _Optional[float] = ..., residual_contribution: _Optional[float] = ..., residual_share: _Optional[float] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., interventions: _Optional[_Iterable[_Union[InterventionResult, _Mapping]]] = ..., additive: _Optional[bool] = ..., additivity_gap: _Optional[float] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message", "field")
@@ -225,7 +229,7 @@ class MethodInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., additive: _Optional[bool] = ..., residual_share_definition: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentInfo, _Mapping]]] = ..., fit_report_json: _Optional[str] = ..., contribution_definition: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "input_dtype", "input_shape", "labels", "methods", "default_method", "layer", "feature_shape")
+    __slots__ = ("name", "version", "input_dtype", "input_shape", "labels", "methods", "default_method", "layer", "feature_shape", "backend", "execution_provider")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +239,8 @@ class ModelInfo(_message.Message):
     DEFAULT_METHOD_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_dtype: str
@@ -244,4 +250,6 @@ class ModelInfo(_message.Message):
     default_method: str
     layer: str
     feature_shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_dtype: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., default_method: _Optional[str] = ..., layer: _Optional[str] = ..., feature_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    backend: str
+    execution_provider: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_dtype: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., default_method: _Optional[str] = ..., layer: _Optional[str] = ..., feature_shape: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., execution_provider: _Optional[str] = ...) -> None: ...

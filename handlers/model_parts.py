@@ -1,4 +1,4 @@
-"""Split a model at a layer, and store the parts without pickle.
+"""Split a model at a layer, and store and run the parts without generating code.
 
 A model is traced with ``torch.fx`` and cut at one node of the traced graph (a module's
 output or a functional op such as ``relu``):
@@ -6,11 +6,15 @@ output or a functional op such as ``relu``):
 * ``upstream``: input -> features at the layer, ``(B, *input_shape) -> (B, *feature_shape)``;
 * ``downstream``: features -> logits, ``(B, *feature_shape) -> (B, K)``.
 
-Archives must never execute code when loaded, so a part is stored as a JSON description of
-its graph whose every operation comes from a fixed allow-list (standard ``torch.nn``
-layers rebuilt from their constructor arguments, a few torch functions and tensor
-methods), plus its weights in safetensors. ``torch.export``'s own loader is not used
-because it falls back to ``pickle`` for some members.
+Each part becomes a :class:`GraphProgram`: a list of steps over a fixed allow-list
+(standard ``torch.nn`` layers rebuilt from their constructor arguments, a few torch
+functions and tensor methods) that ``forward`` interprets one by one. Archives store a
+part as the JSON description of its steps plus its weights in safetensors, and loading
+builds the same object from them: nothing in an archive is ever turned into Python source
+(``torch.fx``'s code generation pastes names into the ``forward`` it writes and executes,
+so an archive's strings would become code), and every name, argument name and argument
+value is checked against a strict pattern or an allow-list first. ``torch.export``'s own
+loader is not used either, because it falls back to ``pickle`` for some members.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import hashlib
 import inspect
 import json
 import operator
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +50,7 @@ SAFE_MODULES: dict[str, type[nn.Module]] = {
 }
 
 # Free functions a stored graph may call, by their qualified name.
-SAFE_FUNCTIONS: dict[str, object] = {
+SAFE_FUNCTIONS: dict[str, Callable] = {
     "operator.add": operator.add,
     "operator.sub": operator.sub,
     "operator.mul": operator.mul,
@@ -83,7 +90,26 @@ SAFE_METHODS = frozenset({
     "contiguous", "add", "mul", "permute", "transpose", "sigmoid", "tanh", "clamp", "max",
 })
 
+# Keyword names a stored call to a function or method may pass (module constructors take
+# the names of their own signature).
+SAFE_KEYWORDS = frozenset({
+    "dim", "keepdim", "start_dim", "end_dim", "inplace", "kernel_size", "stride", "padding", "dilation",
+    "ceil_mode", "return_indices", "count_include_pad", "divisor_override", "output_size", "p", "training",
+    "min", "max", "approximate", "dtype", "_stacklevel", "alpha", "other", "input", "shape", "weight", "bias",
+    "tensors", "negative_slope",
+})
+
+# Every name in a stored graph is checked against these before anything is built.
+_NODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9_]{1,64}")
+_STRING_VALUE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")  # "tanh", "same", "zeros", …
+MAX_NODES = 20_000
+MAX_PATH_DEPTH = 16
+MAX_ARGUMENT_DEPTH = 8
+MAX_ARGUMENT_ITEMS = 4096
+
 _CONSTRUCTOR_SKIP = {"self", "device", "dtype"}
+_OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
 
 
 class UnsafeGraphError(ValueError):
@@ -101,33 +127,197 @@ def layer_names(model: nn.Module) -> list[str]:
     return [n.name for n in trace(model).graph.nodes if n.op in ("call_module", "call_function", "call_method")]
 
 
+# --------------------------------------------------------------------------- programs
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument that is the value of an earlier step, by the step's name."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation: ``name = target(*args, **kwargs)`` (``op`` says how ``target`` is found).
+
+    op     : "get_attr", "call_module", "call_function" or "call_method"
+    target : an attribute or module path of the program, an allow-listed function or method name
+    args, kwargs : plain values, with :class:`Ref` for the values of earlier steps
+    """
+
+    name: str
+    op: str
+    target: str
+    args: tuple = ()
+    kwargs: dict | None = None
+    function: Callable | None = None  # a call_function's callable (resolved from the allow-list)
+
+
+@dataclass
+class Program:
+    """What a :class:`GraphProgram` interprets.
+
+    input_name  : the name its input is known by
+    steps       : the operations in order
+    output      : the returned value, with :class:`Ref` to steps
+    description : what an archive stores; None for programs derived in process (taps)
+    """
+
+    input_name: str
+    steps: list[Step]
+    output: Any
+    description: dict | None = None
+
+
+_RESERVED_NAMES = frozenset({"program", "with_taps", "_plan", "_release"})
+
+
+class GraphProgram(nn.Module):
+    """A part of a model as a list of steps that ``forward`` interprets; no code is generated.
+
+    Submodules, parameters and buffers are registered under the same names as in the traced
+    model, so ``state_dict`` (and :func:`weights_sha256`) are the same as the traced part's.
+    The program itself lives in the attribute ``program`` (so no submodule may be named
+    ``program``, ``with_taps``, ``_plan`` or ``_release``). Intermediate values are released after their last use, as generated code would.
+    """
+
+    def __init__(self, root: nn.Module, program: Program):
+        super().__init__()
+        reserved = sorted(set(root._modules) & _RESERVED_NAMES)
+        if reserved:
+            raise UnsafeGraphError(f"a module may not be named {reserved[0]!r}: GraphProgram uses that name")
+        for name, child in root.named_children():
+            self.add_module(name, child)
+        for name, tensor in root.named_parameters(recurse=False):
+            self.register_parameter(name, tensor)
+        for name, tensor in root.named_buffers(recurse=False):
+            self.register_buffer(name, tensor)
+        self.program = program
+        # Modules are moved in place by ``.to()``, so holding them is safe; a tensor attribute
+        # is read at each call.
+        self._plan = []
+        for step in program.steps:
+            if step.op == "get_attr":
+                owner, _, leaf = step.target.rpartition(".")
+                self._plan.append(("attr", self.get_submodule(owner) if owner else self, leaf))
+            elif step.op == "call_method":
+                self._plan.append(("method", step.target, None))
+            else:
+                target = self.get_submodule(step.target) if step.op == "call_module" else step.function
+                self._plan.append(("call", target, None))
+        last_use: dict[str, int] = {}
+        for i, step in enumerate(program.steps):
+            for ref in _refs((step.args, step.kwargs)):
+                last_use[ref] = i
+        kept = set(_refs(program.output))
+        self._release = [tuple(n for n, j in last_use.items() if j == i and n not in kept)
+                         for i in range(len(program.steps))]
+
+    def forward(self, x):
+        env = {self.program.input_name: x}
+        for step, (kind, target, leaf), release in zip(self.program.steps, self._plan, self._release):
+            if kind == "attr":
+                env[step.name] = getattr(target, leaf)
+                continue
+            args = _fill(step.args, env)
+            kwargs = _fill(step.kwargs, env) if step.kwargs else {}
+            env[step.name] = (target(*args, **kwargs) if kind == "call"
+                              else getattr(args[0], target)(*args[1:], **kwargs))
+            for name in release:
+                del env[name]
+        return _fill(self.program.output, env)
+
+    def with_taps(self, layers: list[str], transform: Callable[[torch.Tensor], torch.Tensor],
+                  keep_output: bool = True) -> "GraphProgram":
+        """This program also returning ``transform`` of the values of ``layers``.
+
+        Returns a program ``input -> (output, *taps)`` sharing this one's modules; each tap is
+        transformed right where its layer is computed, so an in-place operation further on
+        cannot alter it. Without ``keep_output``, the program ends after the deepest tap and
+        returns the taps alone.
+
+        Raises
+        ------
+        ValueError
+            If a name is not a step of this program.
+        """
+        names = [step.name for step in self.program.steps]
+        missing = [name for name in layers if name not in names]
+        if missing:
+            raise ValueError(f"layers {missing} are not nodes of the graph; choose among {sorted(names)}")
+        steps, taps = [], []
+        for step in self.program.steps:
+            steps.append(step)
+            for j, name in enumerate(layers):
+                if step.name == name:
+                    tap = f"{name}__tap{j}"
+                    steps.append(Step(tap, "call_function", "transform", (Ref(name),), None, transform))
+                    taps.append(Ref(tap))
+        if keep_output:
+            output = (self.program.output, *taps)
+        else:
+            tap_names = {t.name for t in taps}
+            deepest = max((i for i, step in enumerate(steps) if step.name in tap_names), default=-1)
+            steps, output = steps[:deepest + 1], tuple(taps)
+        return GraphProgram(self, Program(self.program.input_name, steps, output)).eval()
+
+
+def _fill(value, env: dict):
+    """``value`` with every :class:`Ref` replaced by its step's value."""
+    kind = type(value)
+    if kind is Ref:
+        return env[value.name]
+    if kind is tuple or kind is list:
+        return kind(_fill(v, env) for v in value)
+    if kind is dict:
+        return {k: _fill(v, env) for k, v in value.items()}
+    if kind is slice:
+        return slice(_fill(value.start, env), _fill(value.stop, env), _fill(value.step, env))
+    return value
+
+
+def _refs(value):
+    """The step names that ``value`` refers to."""
+    kind = type(value)
+    if kind is Ref:
+        yield value.name
+    elif kind is tuple or kind is list:
+        for v in value:
+            yield from _refs(v)
+    elif kind is dict:
+        for v in value.values():
+            yield from _refs(v)
+    elif kind is slice:
+        yield from _refs((value.start, value.stop, value.step))
+
+
 _NON_NEGATIVE_MODULES = (nn.ReLU, nn.ReLU6)
 _NON_NEGATIVE_FUNCTIONS = {torch.relu, F.relu}
 
 
-def non_negative_layers(upstream: nn.Module) -> list[str]:
-    """Names of the upstream's ReLU nodes (whose outputs are never negative), in graph order."""
-    gm = upstream if isinstance(upstream, fx.GraphModule) else trace(upstream)
+def non_negative_layers(program: GraphProgram) -> list[str]:
+    """Names of the program's ReLU steps (whose outputs are never negative), in order."""
     names = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NON_NEGATIVE_MODULES):
-            names.append(node.name)
-        elif node.op == "call_function" and node.target in _NON_NEGATIVE_FUNCTIONS:
-            names.append(node.name)
-        elif node.op == "call_method" and node.target == "relu":
-            names.append(node.name)
+    for step in program.program.steps:
+        if ((step.op == "call_module" and isinstance(program.get_submodule(step.target), _NON_NEGATIVE_MODULES))
+                or (step.op == "call_function" and step.function in _NON_NEGATIVE_FUNCTIONS)
+                or (step.op == "call_method" and step.target == "relu")):
+            names.append(step.name)
     return names
 
 
-def split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+def split(model: nn.Module, layer: str) -> tuple[GraphProgram, GraphProgram]:
     """Cut ``model`` at the node named ``layer``.
 
     Returns
     -------
-    upstream : fx.GraphModule
+    upstream : GraphProgram
         ``(B, *input_shape) -> (B, *feature_shape)``.
-    downstream : fx.GraphModule
+    downstream : GraphProgram
         ``(B, *feature_shape) -> (B, K)``.
+
+    Both are built from their stored description, as an archive's parts are, so a model
+    that packages is a model that loads.
 
     Raises
     ------
@@ -135,6 +325,8 @@ def split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]
         If no node has that name, or the downstream reads any value computed before the
         layer other than the layer itself (a skip connection around it), so the layer
         does not separate the graph.
+    UnsafeGraphError
+        If a part uses an operation that archives do not allow.
     """
     gm = trace(model)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -172,12 +364,13 @@ def split(model: nn.Module, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]
         else:
             mapped[node] = downstream_graph.node_copy(node, lambda n: mapped[n] if n in mapped else _copy_attr(n, downstream_graph, mapped))
 
-    upstream = fx.GraphModule(gm, upstream_graph, class_name="Upstream")
-    downstream = fx.GraphModule(gm, downstream_graph, class_name="Downstream")
-    for part in (upstream, downstream):
+    parts = []
+    for graph in (upstream_graph, downstream_graph):
+        part = fx.GraphModule(gm, graph)
         part.delete_all_unused_submodules()
-        part.eval()
-    return upstream, downstream
+        description, tensors = _describe(part)
+        parts.append(_build(description, tensors))
+    return parts[0], parts[1]
 
 
 def _copy_attr(node: fx.Node, graph: fx.Graph, mapped: dict[fx.Node, fx.Node]) -> fx.Node:
@@ -209,16 +402,40 @@ def weights_sha256(*parts: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def dump_graph_module(gm: fx.GraphModule) -> tuple[bytes, bytes]:
-    """Describe ``gm`` as (graph JSON, safetensors weights); raise UnsafeGraphError if it
-    uses anything a loader would refuse."""
+def dump_graph_module(program: GraphProgram) -> tuple[bytes, bytes]:
+    """Describe a part as (graph JSON, safetensors weights)."""
+    description = program.program.description
+    if description is None:
+        raise UnsafeGraphError("this program was derived in process (e.g. with taps) and cannot be stored")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in program.state_dict().items()}
+    return json.dumps(description, sort_keys=True).encode(), save_safetensors(tensors)
+
+
+def load_graph_module(graph_json: bytes, weights: bytes) -> GraphProgram:
+    """Rebuild a part from :func:`dump_graph_module`'s output, executing nothing from it.
+
+    Every name is checked against a strict pattern; every module type, function, method and
+    keyword name against the allow-lists; arguments must be JSON scalars (strings short
+    identifiers such as ``"tanh"``), lists, or tagged tuples, slices and dtypes; the weights
+    must match the rebuilt modules' names and shapes exactly.
+    """
+    try:
+        description = json.loads(graph_json)
+        tensors = load_safetensors(weights)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise UnsafeGraphError(f"malformed graph description or weights: {exc}") from exc
+    return _build(description, tensors)
+
+
+def _describe(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A traced part as (description, weights); raise UnsafeGraphError for anything a loader
+    would refuse."""
     modules: dict[str, dict] = {}
     nodes: list[dict] = []
     for node in gm.graph.nodes:
         entry = {"name": node.name, "op": node.op, "args": _encode(node.args), "kwargs": _encode(node.kwargs)}
         if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            modules[node.target] = _describe_module(module, node.target)
+            modules[node.target] = _describe_module(gm.get_submodule(node.target), node.target)
             entry["target"] = node.target
         elif node.op == "call_function":
             name = _FUNCTION_NAMES.get(id(node.target))
@@ -232,75 +449,8 @@ def dump_graph_module(gm: fx.GraphModule) -> tuple[bytes, bytes]:
         else:  # placeholder, get_attr, output
             entry["target"] = str(node.target)
         nodes.append(entry)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in gm.state_dict().items()}
-    graph = {"format_version": GRAPH_FORMAT_VERSION, "modules": modules, "nodes": nodes}
-    return json.dumps(graph, sort_keys=True).encode(), save_safetensors(tensors)
-
-
-def load_graph_module(graph_json: bytes, weights: bytes) -> fx.GraphModule:
-    """Rebuild a part from :func:`dump_graph_module`'s output, executing nothing from it.
-
-    Every module type, function and method is looked up in the allow-lists; constructor
-    arguments must be JSON scalars or lists; the weights must match the rebuilt modules'
-    names and shapes exactly.
-    """
-    try:
-        spec = json.loads(graph_json)
-        if spec.get("format_version") != GRAPH_FORMAT_VERSION:
-            raise UnsafeGraphError(f"graph format version {spec.get('format_version')!r} is not {GRAPH_FORMAT_VERSION}")
-        root = nn.Module()
-        for qualname, desc in spec["modules"].items():
-            cls = SAFE_MODULES.get(desc["type"])
-            if cls is None:
-                raise UnsafeGraphError(f"module type {desc['type']!r} is not allowed in archives")
-            _check_plain(desc["kwargs"], f"module {qualname}")
-            _set_submodule(root, qualname, cls(**desc["kwargs"]))
-        tensors = load_safetensors(weights)
-        attr_names = [n["target"] for n in spec["nodes"] if n["op"] == "get_attr"]
-        for name in attr_names:
-            if name not in tensors:
-                raise UnsafeGraphError(f"weights lack the attribute {name!r}")
-            owner, _, leaf = name.rpartition(".")
-            parent = root.get_submodule(owner) if owner else root
-            parent.register_buffer(leaf, tensors[name])
-        missing, unexpected = root.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise UnsafeGraphError(f"weights do not match the graph: missing {missing}, unexpected {unexpected}")
-        graph = fx.Graph()
-        env: dict[str, fx.Node] = {}
-        for entry in spec["nodes"]:
-            op, target = entry["op"], entry["target"]
-            args = _decode(entry["args"], env)
-            kwargs = _decode(entry["kwargs"], env)
-            if op == "placeholder":
-                node = graph.placeholder(target)
-            elif op == "output":
-                graph.output(args[0])
-                continue
-            elif op == "get_attr":
-                node = graph.get_attr(target)
-            elif op == "call_module":
-                if target not in spec["modules"]:
-                    raise UnsafeGraphError(f"node {entry['name']!r} calls an undeclared module {target!r}")
-                node = graph.call_module(target, tuple(args), kwargs)
-            elif op == "call_function":
-                if target not in SAFE_FUNCTIONS:
-                    raise UnsafeGraphError(f"function {target!r} is not allowed in archives")
-                node = graph.call_function(SAFE_FUNCTIONS[target], tuple(args), kwargs)
-            elif op == "call_method":
-                if target not in SAFE_METHODS:
-                    raise UnsafeGraphError(f"method {target!r} is not allowed in archives")
-                node = graph.call_method(target, tuple(args), kwargs)
-            else:
-                raise UnsafeGraphError(f"unknown node op {op!r}")
-            env[entry["name"]] = node
-        gm = fx.GraphModule(root, graph)
-    except UnsafeGraphError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise UnsafeGraphError(f"malformed graph description: {exc}") from exc
-    gm.eval()
-    return gm
+    tensors = {k: v.detach() for k, v in gm.state_dict().items()}
+    return {"format_version": GRAPH_FORMAT_VERSION, "modules": modules, "nodes": nodes}, tensors
 
 
 def _describe_module(module: nn.Module, qualname: str) -> dict:
@@ -317,36 +467,155 @@ def _describe_module(module: nn.Module, qualname: str) -> dict:
             value = getattr(module, param.name)
         else:
             continue
-        if isinstance(value, tuple):
-            value = list(value)
-        kwargs[param.name] = value
+        kwargs[param.name] = list(value) if isinstance(value, tuple) else value
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         kwargs["elementwise_affine" if isinstance(module, nn.LayerNorm) else "affine"] = module.weight is not None
-    _check_plain(kwargs, f"module {qualname}")
     return {"type": cls_name, "kwargs": kwargs}
 
 
-def _check_plain(value, where: str) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise UnsafeGraphError(f"{where}: non-string key {k!r}")
-            _check_plain(v, where)
-    elif isinstance(value, list):
+def _build(description, tensors: dict[str, torch.Tensor]) -> GraphProgram:
+    """The one way a program is made from a description: everything checked, nothing generated."""
+    try:
+        if not isinstance(description, dict) or description.get("format_version") != GRAPH_FORMAT_VERSION:
+            raise UnsafeGraphError(f"not a graph description of format version {GRAPH_FORMAT_VERSION}")
+        modules, nodes = description.get("modules"), description.get("nodes")
+        if not isinstance(modules, dict) or not isinstance(nodes, list):
+            raise UnsafeGraphError("a graph description needs `modules` (an object) and `nodes` (a list)")
+        if len(modules) > MAX_NODES or len(nodes) > MAX_NODES:
+            raise UnsafeGraphError(f"more than {MAX_NODES} modules or nodes")
+        root = nn.Module()
+        # Modules are made without memory; the stored weights are assigned to them below.
+        with torch.device("meta"):
+            for qualname, desc in modules.items():
+                _set_submodule(root, _checked_path(qualname, "module path"), _make_module(qualname, desc))
+        attributes = [n.get("target") for n in nodes if isinstance(n, dict) and n.get("op") == "get_attr"]
+        for path in attributes:
+            path = _checked_path(path, "attribute path")
+            if path not in tensors:
+                raise UnsafeGraphError(f"the weights lack the attribute {_show(path)}")
+            owner, _, leaf = path.rpartition(".")
+            parent = _get_or_make(root, owner)
+            if leaf not in parent._buffers and leaf not in parent._parameters:
+                parent.register_buffer(leaf, torch.empty(0, device="meta"))
+        missing, unexpected = root.load_state_dict(tensors, strict=False, assign=True)
+        if missing or unexpected:
+            raise UnsafeGraphError(f"the weights do not match the graph: missing {_show(missing)}, "
+                                   f"unexpected {_show(unexpected)}")
+        input_name, steps, output = _steps(nodes, set(modules))
+        return GraphProgram(root, Program(input_name, steps, output, description)).eval()
+    except UnsafeGraphError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise UnsafeGraphError(f"malformed graph description: {_show(str(exc))}") from exc
+
+
+def _make_module(qualname: str, desc) -> nn.Module:
+    if not isinstance(desc, dict) or not isinstance(desc.get("type"), str) or not isinstance(desc.get("kwargs"), dict):
+        raise UnsafeGraphError(f"module {_show(qualname)}: needs a `type` and `kwargs`")
+    cls = SAFE_MODULES.get(desc["type"])
+    if cls is None:
+        raise UnsafeGraphError(f"module type {_show(desc['type'])} is not allowed in archives")
+    accepted = set(inspect.signature(cls.__init__).parameters) - _CONSTRUCTOR_SKIP
+    for key, value in desc["kwargs"].items():
+        if key not in accepted:
+            raise UnsafeGraphError(f"module {_show(qualname)}: {cls.__name__} takes no argument {_show(key)}")
+        _check_value(value, f"module {_show(qualname)} argument {key}", 0)
+    return cls(**desc["kwargs"])
+
+
+def _steps(nodes: list, module_paths: set[str]) -> tuple[str, list[Step], Any]:
+    """The nodes as checked steps: (input name, steps, output)."""
+    seen: set[str] = set()
+    input_name, steps, output = None, [], None
+    for i, entry in enumerate(nodes):
+        if not isinstance(entry, dict) or set(entry) != {"name", "op", "target", "args", "kwargs"}:
+            raise UnsafeGraphError(f"node {i}: needs exactly name, op, target, args and kwargs")
+        name, op, target = entry["name"], entry["op"], entry["target"]
+        if not isinstance(name, str) or not _NODE_NAME.fullmatch(name) or name in seen:
+            raise UnsafeGraphError(f"node {i}: name {_show(name)} is not an identifier, or is used twice")
+        if op not in _OPS or not isinstance(target, str):
+            raise UnsafeGraphError(f"node {name}: unknown op {_show(op)}")
+        if output is not None:
+            raise UnsafeGraphError(f"node {name} follows the output")
+        args, kwargs = _decode(entry["args"], seen, 0), _decode(entry["kwargs"], seen, 0)
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+            raise UnsafeGraphError(f"node {name}: args must be a list and kwargs a dict")
+        if op == "placeholder":
+            if input_name is not None or steps or not _NODE_NAME.fullmatch(target):
+                raise UnsafeGraphError(f"node {name}: one input, first, named by an identifier")
+            input_name = name
+        elif op == "output":
+            if len(args) != 1 or kwargs:
+                raise UnsafeGraphError("the output node takes one argument")
+            output = args[0]
+        else:
+            for key in kwargs:
+                if op != "call_module" and key not in SAFE_KEYWORDS:
+                    raise UnsafeGraphError(f"node {name}: keyword {_show(key)} is not allowed")
+            function = None
+            if op == "call_module" and target not in module_paths:
+                raise UnsafeGraphError(f"node {name} calls an undeclared module {_show(target)}")
+            if op == "call_module" and kwargs:
+                raise UnsafeGraphError(f"node {name}: module calls take no keywords")
+            if op == "call_function":
+                function = SAFE_FUNCTIONS.get(target)
+                if function is None:
+                    raise UnsafeGraphError(f"function {_show(target)} is not allowed in archives")
+            if op == "call_method" and (target not in SAFE_METHODS or not args):
+                raise UnsafeGraphError(f"method {_show(target)} is not allowed in archives")
+            if op == "get_attr":
+                _checked_path(target, "attribute path")
+            steps.append(Step(name, op, target, tuple(args), kwargs or None, function))
+        seen.add(name)
+    if input_name is None or output is None:
+        raise UnsafeGraphError("a graph needs one input and one output node")
+    return input_name, steps, output
+
+
+def _checked_path(path, what: str) -> str:
+    """A dotted path of module or attribute names, each plain (letters, digits, ``_``)."""
+    segments = path.split(".") if isinstance(path, str) else []
+    if not segments or len(segments) > MAX_PATH_DEPTH or not all(_PATH_SEGMENT.fullmatch(s) for s in segments):
+        raise UnsafeGraphError(f"{what} {_show(path)} is not a dotted path of plain names")
+    return path
+
+
+def _check_value(value, where: str, depth: int) -> None:
+    """A constructor argument: None, a bool or number, a short identifier string, or a list of them."""
+    if isinstance(value, list):
+        if depth >= MAX_ARGUMENT_DEPTH or len(value) > MAX_ARGUMENT_ITEMS:
+            raise UnsafeGraphError(f"{where}: nested too deep or too long")
         for v in value:
-            _check_plain(v, where)
-    elif not (value is None or isinstance(value, (bool, int, float, str))):
-        raise UnsafeGraphError(f"{where}: argument {value!r} is not a JSON scalar")
+            _check_value(v, where, depth + 1)
+    elif isinstance(value, str):
+        if not _STRING_VALUE.fullmatch(value):
+            raise UnsafeGraphError(f"{where}: string {_show(value)} is not a short identifier")
+    elif not (value is None or isinstance(value, (bool, int, float))):
+        raise UnsafeGraphError(f"{where}: {_show(value)} is not a JSON scalar")
 
 
 def _set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
-    *path, leaf = qualname.split(".")
-    parent = root
-    for part in path:
-        if not hasattr(parent, part):
-            parent.add_module(part, nn.Module())
-        parent = getattr(parent, part)
+    owner, _, leaf = qualname.rpartition(".")
+    parent = _get_or_make(root, owner)
+    if leaf in parent._modules:
+        raise UnsafeGraphError(f"module path {_show(qualname)} is declared twice")
     parent.add_module(leaf, module)
+
+
+def _get_or_make(root: nn.Module, path: str) -> nn.Module:
+    """The container module at ``path``, made (empty) where missing."""
+    parent = root
+    for part in path.split(".") if path else ():
+        if part not in parent._modules:
+            parent.add_module(part, nn.Module())
+        parent = parent._modules[part]
+    return parent
+
+
+def _show(value, limit: int = 80) -> str:
+    """A value from an archive, quoted and cut short, for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _encode(value):
@@ -371,29 +640,46 @@ def _encode(value):
 
 
 _DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool")}
+_TAGS = ("node", "tuple", "dict", "slice", "ellipsis", "dtype")
 
 
-def _decode(value, env: dict[str, fx.Node]):
+def _decode(value, defined: set[str], depth: int):
+    """Stored arguments -> values, with :class:`Ref` to earlier steps; everything checked."""
+    if depth > MAX_ARGUMENT_DEPTH:
+        raise UnsafeGraphError("arguments nested too deep")
     if isinstance(value, list):
-        return [_decode(v, env) for v in value]
+        if len(value) > MAX_ARGUMENT_ITEMS:
+            raise UnsafeGraphError("an argument list is too long")
+        return [_decode(v, defined, depth + 1) for v in value]
     if isinstance(value, dict):
-        if "node" in value:
-            if value["node"] not in env:
-                raise UnsafeGraphError(f"argument refers to unknown node {value['node']!r}")
-            return env[value["node"]]
-        if "tuple" in value:
-            return tuple(_decode(v, env) for v in value["tuple"])
-        if "dict" in value:
-            return {k: _decode(v, env) for k, v in value["dict"].items()}
-        if "slice" in value:
-            return slice(*(_decode(v, env) for v in value["slice"]))
-        if "ellipsis" in value:
+        if len(value) != 1 or next(iter(value)) not in _TAGS:
+            raise UnsafeGraphError(f"unknown argument encoding {_show(sorted(value))}")
+        tag, inner = next(iter(value.items()))
+        if tag == "node":
+            if inner not in defined:
+                raise UnsafeGraphError(f"an argument refers to an unknown or later node {_show(inner)}")
+            return Ref(inner)
+        if tag == "dict":
+            if not isinstance(inner, dict) or len(inner) > MAX_ARGUMENT_ITEMS:
+                raise UnsafeGraphError("a dict argument must be an object")
+            for key in inner:
+                if not _NODE_NAME.fullmatch(key):
+                    raise UnsafeGraphError(f"keyword {_show(key)} is not an identifier")
+            return {k: _decode(v, defined, depth + 1) for k, v in inner.items()}
+        if tag in ("tuple", "slice"):
+            if not isinstance(inner, list) or (tag == "slice" and len(inner) != 3):
+                raise UnsafeGraphError(f"a {tag} argument must be a list")
+            items = [_decode(v, defined, depth + 1) for v in inner]
+            return tuple(items) if tag == "tuple" else slice(*items)
+        if tag == "ellipsis":
             return Ellipsis
-        if "dtype" in value:
-            if value["dtype"] not in _DTYPES:
-                raise UnsafeGraphError(f"dtype {value['dtype']!r} is not allowed")
-            return _DTYPES[value["dtype"]]
-        raise UnsafeGraphError(f"unknown argument encoding {sorted(value)}")
-    if value is None or isinstance(value, (bool, int, float, str)):
+        if inner not in _DTYPES:
+            raise UnsafeGraphError(f"dtype {_show(inner)} is not allowed")
+        return _DTYPES[inner]
+    if isinstance(value, str):
+        if not _STRING_VALUE.fullmatch(value):
+            raise UnsafeGraphError(f"string argument {_show(value)} is not a short identifier")
         return value
-    raise UnsafeGraphError(f"unknown argument {value!r}")
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    raise UnsafeGraphError(f"unknown argument {_show(value)}")

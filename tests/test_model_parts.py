@@ -59,20 +59,22 @@ def test_a_functional_relu_node_can_be_the_layer():
         assert torch.allclose(restored(upstream(x)), model(x))
 
 
-class _Custom(nn.Module):
+class _Unlisted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.act = nn.Hardswish()  # a torch.nn leaf module outside the allow-list
+
     def forward(self, x):
-        return x * 2
+        return torch.exp(self.act(self.fc(x)))
 
 
-class _LeafTracer(torch.fx.Tracer):
-    """Keeps user modules as leaves (by default their ops are traced through and stored)."""
-
-    def is_leaf_module(self, module, qualname):
-        return isinstance(module, _Custom) or super().is_leaf_module(module, qualname)
+def test_operations_outside_the_allow_list_cannot_be_packaged():
+    with pytest.raises(UnsafeGraphError, match="Hardswish is not allowed"):
+        split(_Unlisted().eval(), "fc")
 
 
-def test_modules_outside_the_allow_list_cannot_be_stored():
-    model = nn.Sequential(nn.Linear(2, 2), _Custom()).eval()
-    gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
-    with pytest.raises(UnsafeGraphError, match="not allowed"):
-        dump_graph_module(gm)
+def test_parts_keep_the_traced_models_parameter_names():
+    upstream, downstream = split(_Functional().eval(), "relu")
+    assert sorted(upstream.state_dict()) == ["conv.bias", "conv.weight"]
+    assert sorted(downstream.state_dict()) == ["fc.bias", "fc.weight"]

@@ -62,13 +62,12 @@ import math
 import time
 
 import torch
-from torch import fx, nn
 
 from handlers.active_set import kkt_violation
 from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
 from handlers.exemplars import crops_png
 from handlers.model import ModelParts, linear_head_weight
-from handlers.model_parts import non_negative_layers, trace
+from handlers.model_parts import GraphProgram, non_negative_layers
 from handlers.nmf import NMF, nnls_encode
 
 NAME = "coupled_nmf"
@@ -85,7 +84,7 @@ def _pool(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).mean(2) if t.dim() > 2 else t
 
 
-def tap_module(upstream: nn.Module, layers: list[str], keep_output: bool = True) -> fx.GraphModule:
+def tap_module(upstream: GraphProgram, layers: list[str], keep_output: bool = True) -> GraphProgram:
     """The upstream, also returning the pooled activations of ``layers``.
 
     Returns a module ``(B, *input_shape) -> (output, *taps)`` with ``taps[j]`` of shape
@@ -99,25 +98,7 @@ def tap_module(upstream: nn.Module, layers: list[str], keep_output: bool = True)
     ValueError
         If a name is not a node of the upstream's graph.
     """
-    gm = upstream if isinstance(upstream, fx.GraphModule) else trace(upstream)
-    graph = fx.Graph()
-    copied: dict[fx.Node, fx.Node] = {}
-    output = graph.graph_copy(gm.graph, copied)
-    by_name = {node.name: copy for node, copy in copied.items()}
-    missing = [name for name in layers if name not in by_name]
-    if missing:
-        raise ValueError(f"layers {missing} are not nodes of the upstream graph; choose among {sorted(by_name)}")
-    pooled = []
-    for name in layers:
-        with graph.inserting_after(by_name[name]):
-            pooled.append(graph.call_function(_pool, (by_name[name],)))
-    graph.output((output, *pooled) if keep_output else tuple(pooled))
-    module = fx.GraphModule(gm, graph, class_name="Taps")
-    if not keep_output:
-        module.graph.eliminate_dead_code()  # everything after the deepest tap
-        module.recompile()
-        module.delete_all_unused_submodules()
-    return module.eval()
+    return upstream.with_taps(layers, _pool, keep_output)
 
 
 def _pixel_layout(input_shape: list[int]) -> tuple[int, tuple[int, int]]:
@@ -272,7 +253,7 @@ def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int 
     return fitted
 
 
-def _raw_views(parts: ModelParts, taps: fx.GraphModule, pixel_offset: torch.Tensor, x: torch.Tensor,
+def _raw_views(parts: ModelParts, taps: GraphProgram, pixel_offset: torch.Tensor, x: torch.Tensor,
                batch_size: int = 256) -> list[torch.Tensor]:
     """The views of many inputs in original units: one (N, H·W) per input channel, then one
     (N, C_j) per analysed layer (the explained layer last)."""

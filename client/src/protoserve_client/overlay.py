@@ -1,9 +1,15 @@
 """Heatmap overlays drawn with numpy and Pillow only (no matplotlib).
 
 The picture is a row of panels: the input alone, then one panel per component with the
-component's heatmap blended over the input as a colour map. Images are scaled to
-PANEL_SIZE pixels on their longer side (nearest neighbour when enlarging, so a 28x28 digit
-stays crisp); 1-D series are drawn as a line plot whose background carries the heatmap.
+component's heatmap blended over the input, and under them a legend of the colour scale.
+Heatmaps are signed (a contribution can be negative), so the colour scale is diverging and
+centred on zero: red where a map is positive, blue where it is negative, more opaque the
+larger the value, and the input untouched where it is zero. One scale, +-(the largest |value|
+among the drawn maps), is shared by all panels, so they can be compared with each other.
+
+Images are scaled to PANEL_SIZE pixels on their longer side (nearest neighbour when
+enlarging, so a 28x28 digit stays crisp); 1-D series are drawn as a line plot whose
+background carries the heatmap.
 """
 
 from __future__ import annotations
@@ -21,26 +27,30 @@ PANEL_SIZE = 224                 # longer side of an image panel, pixels
 SERIES_PANEL = (448, 160)        # width, height of a series panel
 TITLE_HEIGHT = 18                # strip above each panel for its title
 GAP = 4                          # between panels
-HEATMAP_ALPHA = 0.5              # opacity of the colour map over the input
+MAX_ALPHA = 0.75                 # opacity of the colour at the ends of the scale (+-scale)
 MAX_COMPONENT_PANELS = 4
-
-# A jet-like colour map: (position in [0, 1], RGB in [0, 1]) anchors, linearly interpolated.
-_COLORMAP_POSITIONS = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
-_COLORMAP_COLORS = np.array([
-    [0.0, 0.0, 0.5],   # dark blue: lowest
-    [0.0, 0.0, 1.0],
-    [0.0, 1.0, 1.0],
-    [1.0, 1.0, 0.0],
-    [1.0, 0.0, 0.0],
-    [0.5, 0.0, 0.0],   # dark red: highest
-])
+POSITIVE_RGB = np.array([214.0, 39.0, 40.0])   # red: the map is above zero
+NEGATIVE_RGB = np.array([31.0, 119.0, 180.0])  # blue: the map is below zero
+LEGEND_HEIGHT = 34               # strip under the panels: colour bar and its values
+LEGEND_BAR = (257, 10)           # width (odd: one column is exactly zero), height of the colour bar
 
 
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (any shape S) to uint8 RGB colours of shape S + (3,)."""
-    values = np.clip(values, 0.0, 1.0)
-    channels = [np.interp(values, _COLORMAP_POSITIONS, _COLORMAP_COLORS[:, c]) for c in range(3)]
-    return np.round(np.stack(channels, axis=-1) * 255).astype(np.uint8)
+def shared_scale(heatmaps: Sequence[np.ndarray]) -> float:
+    """The largest |value| of all `heatmaps`: the colour scale runs from -scale to +scale."""
+    return max((float(np.max(np.abs(heatmap))) for heatmap in heatmaps), default=0.0)
+
+
+def blend_signed(background: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
+    """Blend the diverging colour of `values` (shape S) over `background` (uint8 RGB, S + (3,)).
+
+    A value v gets red (v > 0) or blue (v < 0) at opacity MAX_ALPHA * |v| / scale, clipped to
+    MAX_ALPHA; zero (and any value when `scale` is 0) leaves the background as it is.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    unit = np.clip(values / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(values)
+    alpha = (MAX_ALPHA * np.abs(unit))[..., np.newaxis]
+    colour = np.where((unit > 0)[..., np.newaxis], POSITIVE_RGB, NEGATIVE_RGB)
+    return np.round(background * (1.0 - alpha) + colour * alpha).astype(np.uint8)
 
 
 def _rescale_to_unit(values: np.ndarray) -> np.ndarray:
@@ -91,16 +101,46 @@ def _draw_series(background: Image.Image, series: np.ndarray) -> Image.Image:
     return background
 
 
-def _blend_heatmap(panel: Image.Image, heatmap: np.ndarray, *, series: bool) -> Image.Image:
+def _blend_heatmap(panel: Image.Image, heatmap: np.ndarray, scale: float, *, series: bool) -> Image.Image:
     """Blend `heatmap` (any 2-D grid, or 1-D for series) over `panel`, resized to fit it."""
     grid = np.atleast_2d(np.squeeze(heatmap))
     if series:
         # A series map is a profile along time: stretch it over the panel's full height.
         grid = grid.mean(axis=0, keepdims=True)
-    unit = _rescale_to_unit(grid).astype(np.float32)
-    resized = Image.fromarray(unit).resize(panel.size, Image.Resampling.BILINEAR)
-    colors = Image.fromarray(colormap(np.asarray(resized)))
-    return Image.blend(panel, colors, HEATMAP_ALPHA)
+    # Resized as signed floats ("F" mode), so interpolation never moves a zero away from zero.
+    resized = Image.fromarray(grid.astype(np.float32)).resize(panel.size, Image.Resampling.BILINEAR)
+    return Image.fromarray(blend_signed(np.asarray(panel, dtype=np.float64), np.asarray(resized), scale))
+
+
+def legend_labels(scale: float) -> tuple[str, str, str]:
+    """The values written under the colour bar's left end, centre and right end."""
+    return f"{-scale:+.3g}", "0", f"{scale:+.3g}"
+
+
+def _legend(width: int, scale: float) -> Image.Image:
+    """The colour bar from -scale (left) through 0 to +scale (right), drawn over white, with its values."""
+    legend = Image.new("RGB", (width, LEGEND_HEIGHT), (255, 255, 255))
+    bar_width, bar_height = LEGEND_BAR
+    values = np.broadcast_to(np.linspace(-1.0, 1.0, bar_width), (bar_height, bar_width))
+    bar = blend_signed(np.full((bar_height, bar_width, 3), 255.0), values, 1.0)
+    left = (width - bar_width) // 2
+    legend.paste(Image.fromarray(bar), (left, 4))
+    draw = ImageDraw.Draw(legend)
+    low, zero, high = legend_labels(scale)
+    text_top = 6 + bar_height
+    draw.text((left, text_top), low, fill=(0, 0, 0))
+    draw.text((left + (bar_width - draw.textlength(zero)) / 2, text_top), zero, fill=(0, 0, 0))
+    draw.text((left + bar_width - draw.textlength(high), text_top), high, fill=(0, 0, 0))
+    caption = "heatmap"
+    draw.text((left - draw.textlength(caption) - 8, 3), caption, fill=(0, 0, 0))
+    return legend
+
+
+def _with_legend(row: Image.Image, scale: float) -> Image.Image:
+    picture = Image.new("RGB", (row.width, row.height + LEGEND_HEIGHT), (255, 255, 255))
+    picture.paste(row, (0, 0))
+    picture.paste(_legend(row.width, scale), (0, row.height))
+    return picture
 
 
 def _titled_row(panels: Sequence[tuple[str, Image.Image]], cell: tuple[int, int]) -> Image.Image:
@@ -123,23 +163,25 @@ def _titled_row(panels: Sequence[tuple[str, Image.Image]], cell: tuple[int, int]
 
 
 def render_overlay(input_array: np.ndarray, heatmaps: Sequence[tuple[str, np.ndarray]]) -> Image.Image:
-    """The row of panels: the input titled "input", then each (title, heatmap) over it.
+    """The row of panels: the input titled "input", then each (title, heatmap) over it; the legend under them.
 
     `input_array` is anything `displayable` accepts; a 1-D result is drawn as a line plot.
-    Heatmaps are min-max scaled per panel and stretched over the whole input, which assumes
-    the explained layer's grid covers the input (true for convolutional models).
+    All heatmaps share one colour scale centred on zero (`shared_scale`). They are stretched
+    over the whole input, which assumes the explained layer's grid covers the input (true for
+    convolutional models).
     """
     drawable = displayable(input_array)
+    scale = shared_scale([heatmap for _, heatmap in heatmaps])
     if drawable.ndim == 1:
         blank = Image.new("RGB", SERIES_PANEL, (255, 255, 255))
         panels = [("input", _draw_series(blank.copy(), drawable))]
-        panels += [(title, _draw_series(_blend_heatmap(blank, heatmap, series=True), drawable))
+        panels += [(title, _draw_series(_blend_heatmap(blank, heatmap, scale, series=True), drawable))
                    for title, heatmap in heatmaps]
-        return _titled_row(panels, SERIES_PANEL)
+        return _with_legend(_titled_row(panels, SERIES_PANEL), scale)
     base = _image_panel(drawable)
-    panels = [("input", base)] + [(title, _blend_heatmap(base, heatmap, series=False))
+    panels = [("input", base)] + [(title, _blend_heatmap(base, heatmap, scale, series=False))
                                    for title, heatmap in heatmaps]
-    return _titled_row(panels, (PANEL_SIZE, PANEL_SIZE))
+    return _with_legend(_titled_row(panels, (PANEL_SIZE, PANEL_SIZE)), scale)
 
 
 def top_component_heatmaps(

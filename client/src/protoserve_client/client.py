@@ -1,19 +1,20 @@
 """A typed client for the `protoserve.v1.Explainer` service.
 
 Responses are returned as the protobuf messages themselves: they are the typed contract
-(see explainer_pb2.pyi). gRPC failures propagate unchanged as `grpc.RpcError`, whose
-`code()` and `details()` say what the server refused and why.
+(see explainer_pb2.pyi). Every failed rpc raises `ExplainerError`, which carries the status
+code, the request field at fault and the server's message.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from protoserve_client._stubs.protoserve.v1 import explainer_pb2 as pb
 from protoserve_client._stubs.protoserve.v1 import explainer_pb2_grpc as pb_grpc
@@ -24,6 +25,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # float32 rounding over a few hundred components stays far below this.
 ADDITIVITY_RTOL = 1e-4
 
+# The trailer in which the server names the request field at fault (INVALID_ARGUMENT).
+FIELD_TRAILER = "protoserve-field"
+
 HeatmapName = Literal["feature_grid", "input", "none"]
 HEATMAP_MODES: dict[str, int] = {
     "none": pb.HEATMAP_MODE_NONE,
@@ -32,6 +36,39 @@ HEATMAP_MODES: dict[str, int] = {
 }
 
 InputArray = np.ndarray | pb.Tensor
+Response = TypeVar("Response", bound=Message)
+
+
+class ExplainerError(grpc.RpcError):
+    """An rpc that failed: refused by the server, or the server could not be reached.
+
+    ``code()`` is the `grpc.StatusCode` (e.g. INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE),
+    ``field()`` the request field at fault ("" when the error is not about one field) and
+    ``details()`` the message. It is a `grpc.RpcError` with the methods of a failed call, so
+    code written against the raw stubs' errors keeps working.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, field: str = ""):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details, self._field = code, details, field
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> ExplainerError:
+        """Read the status, details and field trailer of a failed call."""
+        # A failed call is also a grpc.Call; a bare RpcError (never raised by grpcio itself) has no status.
+        if not isinstance(error, grpc.Call):
+            return cls(grpc.StatusCode.UNKNOWN, str(error))
+        field = dict(error.trailing_metadata() or ()).get(FIELD_TRAILER, "")
+        return cls(error.code(), error.details() or "", field)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def field(self) -> str:
+        return self._field
 
 
 def _input_fields(input: InputArray | None, image: bytes | None) -> dict[str, object]:
@@ -162,7 +199,7 @@ class ExplainerClient:
         request = predict_request(
             input, image=image, model=model, version=version, top_k=top_k, request_id=request_id
         )
-        return self._stub.Predict(request, timeout=self._timeout, metadata=self._metadata)
+        return self._unary(self._stub.Predict, request)
 
     def explain(
         self,
@@ -191,27 +228,49 @@ class ExplainerClient:
             interventions=interventions,
             request_id=request_id,
         )
-        return self._stub.Explain(request, timeout=self._timeout, metadata=self._metadata)
+        return self._unary(self._stub.Explain, request)
 
     def explain_stream(
         self, requests: Iterable[pb.ExplainRequest], *, timeout: float | None = None
-    ) -> Iterator[pb.ExplainStreamResponse]:
+    ) -> ExplainStream:
         """Send `requests` over one bidirectional stream; yields answers as they finish.
 
         Answers are matched to requests by `request_id`; a bad request yields an answer whose
         `error` is set and the stream goes on. The stream has no deadline unless `timeout` is
-        given (the client's unary timeout would cut long streams). The returned iterator is
-        also a `grpc.Call`, so it can be cancelled.
+        given (the client's unary timeout would cut long streams). A stream that fails as a
+        whole raises `ExplainerError`; `cancel()` ends it early.
         """
-        return self._stub.ExplainStream(iter(requests), timeout=timeout, metadata=self._metadata)
+        return ExplainStream(self._stub.ExplainStream(iter(requests), timeout=timeout, metadata=self._metadata))
 
     def list_models(self) -> pb.ListModelsResponse:
-        return self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout, metadata=self._metadata)
+        return self._unary(self._stub.ListModels, pb.ListModelsRequest())
 
     def get_model(self, model: str, version: str = "") -> pb.ModelInfo:
         """The model's info with every method's components; `version=""` is the newest."""
-        request = pb.GetModelRequest(model=model, version=version)
-        return self._stub.GetModel(request, timeout=self._timeout, metadata=self._metadata)
+        return self._unary(self._stub.GetModel, pb.GetModelRequest(model=model, version=version))
+
+    def _unary(self, rpc: Callable[..., Response], request: Message) -> Response:
+        try:
+            return rpc(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise ExplainerError.from_rpc_error(error) from error
+
+
+class ExplainStream(Iterator[pb.ExplainStreamResponse]):
+    """The answers of one ExplainStream call, in the order they finish."""
+
+    def __init__(self, call: grpc.Call):
+        self._call = call  # the stub's answer: an iterator of responses and a grpc.Call
+
+    def __next__(self) -> pb.ExplainStreamResponse:
+        try:
+            return next(self._call)
+        except grpc.RpcError as error:
+            raise ExplainerError.from_rpc_error(error) from error
+
+    def cancel(self) -> bool:
+        """End the stream now; the server stops working on it."""
+        return self._call.cancel()
 
 
 def heatmap_arrays(response: pb.ExplainResponse) -> dict[str, np.ndarray]:

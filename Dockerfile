@@ -1,5 +1,6 @@
-# protoserve on CUDA. torch's CUDA wheels bring their own CUDA libraries; the base image
-# provides the driver interface and a Python 3.11 for them.
+# protoserve on CUDA. torch's CUDA wheels bring their own CUDA 13 libraries; the base image
+# provides the driver interface and a Python 3.11 for them. The `gpu` extra installs
+# onnxruntime-gpu (CUDA 13 too), so `--backend onnx` runs on the GPU as well.
 #   docker build -t protoserve:0.1.0 .
 #   docker run --gpus all -p 50051:50051 -p 9100:9100 -v $PWD/model_store:/models protoserve:0.1.0
 FROM nvidia/cuda:13.0.1-base-ubuntu22.04 AS build
@@ -13,7 +14,7 @@ COPY server ./server
 COPY handlers ./handlers
 COPY model_store ./model_store
 RUN python3.11 -m venv /opt/protoserve \
- && /opt/protoserve/bin/pip install --no-cache-dir ./client . 
+ && /opt/protoserve/bin/pip install --no-cache-dir ./client ".[gpu]"
 
 FROM nvidia/cuda:13.0.1-base-ubuntu22.04
 RUN apt-get update \

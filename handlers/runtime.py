@@ -73,6 +73,11 @@ class ServedModel:
     def labels(self) -> list[str]:
         return self.parts.labels
 
+    @property
+    def execution_provider(self) -> str:
+        """Where the forward pass runs: ONNX Runtime's provider (e.g. "CUDAExecutionProvider"), or torch's device."""
+        return self._upstream.provider if self.backend == "onnx" else str(self.device)
+
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, *input_shape) -> logits (B, K) on the CPU."""
         with torch.inference_mode():

@@ -110,11 +110,16 @@ def explain_response(request: pb.ExplainRequest, served: ServedModel, method: st
     return response
 
 
+# ModelInfo.backend names the library that runs the forward pass.
+BACKEND_NAMES = {"torch": "torch", "onnx": "onnxruntime"}
+
+
 def model_info(served: ServedModel, with_components: bool) -> pb.ModelInfo:
     spec = served.parts.input_spec
     info = pb.ModelInfo(name=served.name, version=served.version, input_dtype=spec.dtype,
                         input_shape=spec.shape, labels=served.labels, default_method=served.default_method,
-                        layer=served.parts.layer, feature_shape=served.parts.feature_shape)
+                        layer=served.parts.layer, feature_shape=served.parts.feature_shape,
+                        backend=BACKEND_NAMES[served.backend], execution_provider=served.execution_provider)
     for name, explainer in served.explainers.items():
         method = info.methods.add(name=name, additive=explainer.additive,
                                   residual_share_definition=explainer.residual_share_definition,

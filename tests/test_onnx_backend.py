@@ -1,21 +1,34 @@
-"""The ONNX Runtime backend gives the torch backend's results within 1e-4."""
+"""The ONNX Runtime backend gives the torch backend's results within 1e-4, and says where it runs."""
 
 from __future__ import annotations
+
+import logging
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import RunningServer
 from handlers.archive import read_archive, write_archive
 from handlers.errors import ArchiveError
+from handlers.onnx_backend import choose_providers
 from handlers.runtime import ExplainItem, ServedModel
 
 
 @pytest.fixture(scope="module")
-def onnx_archive(demo_store, tmp_path_factory):
+def onnx_store(demo_store, tmp_path_factory):
+    """A model store holding the demo MNIST archive again, preferring ONNX Runtime."""
     archive = read_archive(demo_store / "mnist-1.psar")
-    path = write_archive(tmp_path_factory.mktemp("onnx"), "mnist", "1", archive.parts, list(archive.methods.values()),
-                         default_method=archive.default_method, backend="onnx")
-    return read_archive(path)
+    store = tmp_path_factory.mktemp("onnx")
+    write_archive(store, "mnist", "1", archive.parts, list(archive.methods.values()),
+                  default_method=archive.default_method, backend="onnx")
+    return store
+
+
+@pytest.fixture(scope="module")
+def onnx_archive(onnx_store):
+    return read_archive(onnx_store / "mnist-1.psar")
 
 
 def test_onnx_and_torch_backends_agree(onnx_archive, mnist_split):
@@ -35,3 +48,53 @@ def test_onnx_and_torch_backends_agree(onnx_archive, mnist_split):
 def test_onnx_backend_needs_onnx_parts(demo_store):
     with pytest.raises(ArchiveError, match="no ONNX parts"):
         ServedModel(read_archive(demo_store / "mnist-1.psar"), backend="onnx")
+
+
+def test_the_cuda_provider_is_chosen_when_onnx_runtime_has_it(caplog):
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cpu_build = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(torch.device("cuda:1"), gpu_build) == [("CUDAExecutionProvider", {"device_id": 1}),
+                                                                   "CPUExecutionProvider"]
+    assert choose_providers(torch.device("cuda"), gpu_build)[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    assert choose_providers(torch.device("cpu"), gpu_build) == ["CPUExecutionProvider"]
+    with caplog.at_level(logging.WARNING, logger="handlers.onnx_backend"):
+        assert choose_providers(torch.device("cuda:0"), cpu_build) == ["CPUExecutionProvider"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "ONNX Runtime has no CUDAExecutionProvider (available: AzureExecutionProvider, CPUExecutionProvider): the "
+        "forward pass runs on the CPU; install protoserve[gpu] (onnxruntime-gpu) to run it on cuda:0"]
+
+
+def test_the_onnx_backend_logs_the_provider_it_runs_on(onnx_archive, caplog):
+    with caplog.at_level(logging.INFO, logger="handlers.onnx_backend"):
+        served = ServedModel(onnx_archive)
+    assert served.execution_provider == "CPUExecutionProvider"
+    assert [r.getMessage() for r in caplog.records if r.name == "handlers.onnx_backend"] == [
+        "ONNX Runtime runs a part on CPUExecutionProvider (device cpu, chosen CPUExecutionProvider)"] * 2
+
+
+def test_get_model_names_the_backend_and_where_it_runs(onnx_store, client):
+    from protoserve_client import ExplainerClient
+    from server.settings import Settings
+
+    torch_info = client.get_model("mnist")
+    assert (torch_info.backend, torch_info.execution_provider) == ("torch", "cpu")
+    running = RunningServer(Settings(model_store=onnx_store, port=0, metrics_port=0))
+    try:
+        with ExplainerClient(running.address, timeout=30) as onnx_client:
+            onnx_info = onnx_client.get_model("mnist")
+            listed = onnx_client.list_models().models[0]
+    finally:
+        running.stop()
+    assert (onnx_info.backend, onnx_info.execution_provider) == ("onnxruntime", "CPUExecutionProvider")
+    assert (listed.backend, listed.execution_provider) == ("onnxruntime", "CPUExecutionProvider")
+
+
+def test_the_gpu_extra_is_the_cpu_one_built_for_cuda_and_the_image_installs_it():
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert extras["cpu"] == ["onnxruntime==1.31.1"] and extras["gpu"] == ["onnxruntime-gpu==1.31.1"]
+    # Both provide the module onnxruntime: a plain dependency on one would clash with the other.
+    assert not [d for d in project["dependencies"] if d.startswith("onnxruntime")]
+    assert '".[test,cpu]"' in (root / "Makefile").read_text()
+    assert '".[gpu]"' in (root / "Dockerfile").read_text()

@@ -1,18 +1,31 @@
 # The README's two commands: `make run` and `make test`. Both create or refresh .venv.
+# PYTHON makes .venv: 3.11 (tested) to 3.14, the Pythons the pinned dependencies have wheels for
+# (keep in step with requires-python in pyproject.toml).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The Python that make uses: the virtual environment's once it exists.
+INTERPRETER = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 STORE ?= model_store
 HOST ?= 127.0.0.1
 PORT ?= 50051
 METRICS_PORT ?= 9100
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo run test stubs bench soak clean
+.PHONY: python venv demo run test stubs bench soak clean
+
+# Names the Python in use, and stops on one that cannot install the pinned dependencies.
+python:
+	@command -v $(INTERPRETER) >/dev/null || { echo "make: no $(INTERPRETER): install Python 3.11 (3.12-3.14 work \
+	too) or name one with make PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@$(INTERPRETER) -c 'import sys; v = sys.version_info; print(f"make: Python {v.major}.{v.minor}.{v.micro} \
+	({sys.executable})"); sys.exit(None if (3, 11) <= v[:2] <= (3, 14) else f"make: Python {v.major}.{v.minor} \
+	cannot install the pinned dependencies; use 3.11 (tested) to 3.14: make PYTHON=python3.11 (remove $(VENV) \
+	first if it was made with {v.major}.{v.minor})")'
 
 # Reinstalled whenever a dependency list changes. ONNX Runtime's CPU build (the `cpu` extra);
 # the CUDA image installs the `gpu` extra instead.
-$(STAMP): pyproject.toml client/pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml | python
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ./client -e ".[test,cpu]"

@@ -6,9 +6,12 @@
 
 INPUT is an image (.png/.jpg/.jpeg, sent as `image` bytes for the server to preprocess),
 a .npy array (sent as a float32 `input` tensor) or a .csv of numbers (one series, sent as
-a float32 tensor [1, length]). Exit status: 0 on success, 1 for a local problem (unreadable
-input, overlay that cannot be drawn), 2 for a gRPC error, printed as
-``error: <STATUS_CODE>: <details>``.
+a float32 tensor [1, length]).
+
+Exit status: 0 on success; 2 for a user error (a bad option, a missing or unreadable INPUT,
+a request the server refused, a server that cannot be reached), printed as one line
+``protoserve-client COMMAND: error: PROBLEM — WHAT TO DO`` (``--verbose`` adds the traceback).
+Anything else is a bug and ends with its traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import argparse
 import io
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -33,14 +38,29 @@ from protoserve_client.client import (
     DEFAULT_ADDRESS,
     HEATMAP_MODES,
     ExplainerClient,
+    ExplainerError,
     additivity_gap,
 )
 from protoserve_client.overlay import write_overlay
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
-EXIT_LOCAL_ERROR = 1
-EXIT_RPC_ERROR = 2
+EXIT_USER_ERROR = 2  # argparse's status for a usage error; every user error exits with it
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, the problem and what to do about it."""
+
+    def __init__(self, problem: str, remedy: str):
+        # One line whatever the parts hold (a server's details may carry newlines).
+        super().__init__(" ".join(f"{problem} — {remedy}".split()))
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Reports a bad option in one line, like every other user error, instead of the full usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} — see {self.prog} --help\n")
 
 
 @dataclass(frozen=True)
@@ -64,8 +84,18 @@ def _read_series(path: Path) -> np.ndarray:
     try:
         values = [float(token) for token in tokens]
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise UserError(f"{path}: not a series of numbers ({error})",
+                        "write the series as numbers separated by commas or whitespace") from error
     return np.asarray(values, dtype=np.float32)[np.newaxis, :]
+
+
+def _read_array(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as error:  # not a .npy file, a truncated one, or one of Python objects
+        raise UserError(f"{path}: not a readable .npy array ({error})",
+                        "save the input with numpy.save, as numbers") from error
+    return array.astype(np.float32)
 
 
 def load_input(path: Path) -> LoadedInput:
@@ -73,10 +103,11 @@ def load_input(path: Path) -> LoadedInput:
     if suffix in IMAGE_SUFFIXES:
         return LoadedInput(image=path.read_bytes())
     if suffix == ".npy":
-        return LoadedInput(array=np.load(path, allow_pickle=False).astype(np.float32))
+        return LoadedInput(array=_read_array(path))
     if suffix == ".csv":
         return LoadedInput(array=_read_series(path))
-    raise ValueError(f"{path}: unsupported input; expected .png, .jpg, .jpeg, .npy or .csv")
+    raise UserError(f"{path}: unsupported input type {suffix or '(no suffix)'}",
+                    "give an image (.png, .jpg, .jpeg), a .npy array or a .csv series")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int]) -> str:
@@ -172,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument("--address", default=DEFAULT_ADDRESS, help="server HOST:PORT (default %(default)s)")
     connection.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default %(default)s)")
+    connection.add_argument("--verbose", action="store_true", help="show the traceback of an error")
 
-    parser = argparse.ArgumentParser(prog="protoserve-client", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="protoserve-client", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_input_command(name: str, help: str) -> argparse.ArgumentParser:
@@ -203,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.command == "explain" and args.overlay and args.heatmaps == "none":
+        raise UserError("--overlay draws heatmaps, but --heatmaps none asks for none", "leave out --heatmaps none")
     with ExplainerClient(args.address, timeout=args.timeout) as client:
         if args.command == "models":
             # ListModels may leave components out; GetModel has them.
@@ -222,22 +256,56 @@ def _run(args: argparse.Namespace) -> None:
                                   heatmaps=heatmaps, interventions=interventions)
         print(_to_json(response) if args.json else format_explanation(response))
         if args.overlay:
-            write_overlay(args.overlay, loaded.pixels_or_series(), response)
+            try:
+                write_overlay(args.overlay, loaded.pixels_or_series(), response)
+            except ValueError as error:  # no heatmaps in the response, or an input that cannot be drawn
+                raise UserError(f"cannot draw the overlay: {error}", "leave out --overlay") from error
             print(f"overlay written to {args.overlay}", file=sys.stderr)
 
 
+# What to do about each status a server (or the channel) answers with; the rest: see the server's log.
+RPC_REMEDIES = {
+    grpc.StatusCode.INVALID_ARGUMENT: "check INPUT and the options against the model (protoserve-client models)",
+    grpc.StatusCode.NOT_FOUND: "`protoserve-client models` lists the models, methods and component ids",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "retry with a longer --timeout",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "the server is busy or the message too large: retry, or send a smaller input",
+    grpc.StatusCode.UNAUTHENTICATED: "this command line sends no bearer token: use ExplainerClient(token=...)",
+}
+
+
+def _rpc_user_error(error: ExplainerError, address: str) -> UserError:
+    code, details = error.code(), error.details()
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return UserError(f"the server at {address} is unavailable ({details})",
+                         "start it (make run) or point --address at a running one")
+    return UserError(f"{code.name}: {details}", RPC_REMEDIES.get(code, "see the server's log"))
+
+
+def _user_error(error: Exception, args: argparse.Namespace) -> UserError | None:
+    """`error` as a user error, or None when it is a bug."""
+    if isinstance(error, UserError):
+        return error
+    if isinstance(error, ExplainerError):
+        return _rpc_user_error(error, args.address)
+    if isinstance(error, OSError):  # reading INPUT or writing the overlay
+        problem = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+        return UserError(problem, "check the path")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         _run(args)
-    except grpc.RpcError as error:
-        code = error.code().name if hasattr(error, "code") else "UNKNOWN"
-        details = error.details() if hasattr(error, "details") else str(error)
-        print(f"error: {code}: {details}", file=sys.stderr)
-        return EXIT_RPC_ERROR
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_LOCAL_ERROR
+    except Exception as error:
+        user_error = _user_error(error, args)
+        if user_error is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{parser.prog} {args.command}: error: {user_error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
+import traceback
+import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
+from handlers.errors import ArchiveError, ProtoserveError
 from server.settings import AUTOCAST_CHOICES, Settings
+
+if TYPE_CHECKING:
+    from handlers.base import FitData
+
+EXIT_USER_ERROR = 2  # argparse's status for a usage error; every user error exits with it
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, the problem and what to do about it."""
+
+    def __init__(self, problem: str, remedy: str):
+        super().__init__(" ".join(f"{problem} — {remedy}".split()))
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Reports a bad option in one line, like every other user error, instead of the full usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} — see {self.prog} --help\n")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -51,20 +75,40 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _methods(args: argparse.Namespace) -> dict[str, dict]:
+    from handlers.methods import METHODS
     from handlers.packaging import parse_params
 
+    unknown = [m for m in args.method if m not in METHODS]
+    if unknown:
+        raise UserError(f"--method {', '.join(unknown)}: no such method", f"choose from {', '.join(sorted(METHODS))}")
     methods: dict[str, dict] = {m: {} for m in args.method}
     for key, value in parse_params(args.param).items():
         method, _, name = key.partition(".")
         if method not in methods:
-            raise SystemExit(f"--param {key}: method {method!r} is not among --method {list(methods)}")
+            raise UserError(f"--param {key}: method {method!r} is not among --method {list(methods)}",
+                            f"add --method {method} or leave out the parameter")
+        accepted = [p.name for p in inspect.signature(METHODS[method][0]).parameters.values()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "log"]
+        if name not in accepted:
+            raise UserError(f"--param {key}: {method} has no parameter {name!r}",
+                            f"use one of {', '.join(accepted)}")
         methods[method][name] = value
     return methods
 
 
+def _fit_data(path: str) -> FitData:
+    from handlers.packaging import load_fit_data
+
+    try:
+        return load_fit_data(path)
+    except (ValueError, EOFError, zipfile.BadZipFile) as error:  # not an .npz, a damaged one, or keys missing
+        raise UserError(f"--data {path}: not a readable .npz of x_train, y_train, x_test, y_test ({error})",
+                        "write it with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)") from error
+
+
 def _package(args: argparse.Namespace) -> int:
     from handlers.model import InputSpec
-    from handlers.packaging import load_fit_data, load_model_definition, load_weights, package
+    from handlers.packaging import load_model_definition, load_weights, package
 
     model = load_weights(load_model_definition(args.model_def, json.loads(args.model_kwargs)), args.weights)
     labels = Path(args.labels).read_text().split() if Path(args.labels).is_file() else args.labels.split(",")
@@ -74,20 +118,20 @@ def _package(args: argparse.Namespace) -> int:
         image = {"mode": args.image_mode, "size": args.input_shape[1:], "scale": args.scale,
                  "mean": args.mean or [0.0] * channels, "std": args.std or [1.0] * channels}
     package(model, layer=args.layer, input_spec=InputSpec(shape=args.input_shape, image=image), labels=labels,
-            data=load_fit_data(args.data), methods=_methods(args), name=args.name, version=args.version,
+            data=_fit_data(args.data), methods=_methods(args), name=args.name, version=args.version,
             out_dir=args.out, backend=args.backend)
     return 0
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from handlers.packaging import add_methods, load_fit_data
+    from handlers.packaging import add_methods
 
-    add_methods(args.archive, load_fit_data(args.data), _methods(args), args.out, version=args.version)
+    add_methods(args.archive, _fit_data(args.data), _methods(args), args.out, version=args.version)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="protoserve", description=__doc__)
+    parser = OneLineArgumentParser(prog="protoserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve every archive in a model store over gRPC")
@@ -161,9 +205,44 @@ def main(argv: list[str] | None = None) -> int:
     health.add_argument("--service", default="", help="a service name; empty: the whole server")
     health.set_defaults(run=_health)
 
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as error:
+        user_error = _user_error(error, args.command)
+        if user_error is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{parser.prog} {args.command}: error: {user_error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+# What to do about a refused option or input, by command.
+REMEDIES = {
+    "serve": "check --model-store (a directory of .psar archives; `make demo` builds one) and the other options",
+    "package": "check --layer, --method, --param and --data (`protoserve layers` lists the layers)",
+    "fit": "choose --method and --param to suit the archive's layer and --data, or package the model at another "
+           "--layer",
+    "layers": "check --model-def (file.py:ClassName or module:ClassName) and --model-kwargs",
+}
+
+
+def _user_error(error: Exception, command: str) -> UserError | None:
+    """`error` as a user error, or None when it is a bug."""
+    if isinstance(error, UserError):
+        return error
+    if isinstance(error, OSError) and error.filename:
+        return UserError(f"{error.filename}: {error.strerror}", "check the path")
+    if isinstance(error, ArchiveError):
+        return UserError(str(error), "check the path, or give an archive that `protoserve package` wrote")
+    # The handlers' checks of options, models and data raise ValueError; archives, ArchiveError.
+    if isinstance(error, (OSError, ValueError, ProtoserveError)):
+        return UserError(str(error), REMEDIES.get(command, f"see protoserve {command} --help"))
+    return None
 
 
 def _layers(args: argparse.Namespace) -> int:

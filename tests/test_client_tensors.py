@@ -132,9 +132,10 @@ def test_overlay_png_size_for_an_image() -> None:
     panels = 1 + len(heatmaps)
     assert written.format == "PNG"
     assert written.size == (panels * overlay.PANEL_SIZE + (panels - 1) * overlay.GAP,
-                            overlay.TITLE_HEIGHT + overlay.PANEL_SIZE)
+                            overlay.TITLE_HEIGHT + overlay.PANEL_SIZE + overlay.LEGEND_HEIGHT)
     # The digit is enlarged by nearest neighbour: each input pixel becomes an 8x8 block.
-    first_panel = np.asarray(written.convert("L"))[overlay.TITLE_HEIGHT:, :overlay.PANEL_SIZE]
+    first_panel = np.asarray(written.convert("L"))[overlay.TITLE_HEIGHT:overlay.TITLE_HEIGHT + overlay.PANEL_SIZE,
+                                                   :overlay.PANEL_SIZE]
     np.testing.assert_array_equal(first_panel[::8, ::8], image)
 
 
@@ -143,7 +144,7 @@ def test_overlay_file_keeps_the_top_four_components(tmp_path: Path) -> None:
     path = tmp_path / "overlay.png"
     overlay.write_overlay(path, np.zeros((3, 40, 30), np.float32), response)  # channels-first input
     assert Image.open(path).size == (5 * overlay.PANEL_SIZE + 4 * overlay.GAP,
-                                     overlay.TITLE_HEIGHT + overlay.PANEL_SIZE)
+                                     overlay.TITLE_HEIGHT + overlay.PANEL_SIZE + overlay.LEGEND_HEIGHT)
     ranked = sorted(response.components, key=lambda c: -abs(c.contribution))
     titles = [title for title, _ in overlay.top_component_heatmaps(response)]
     assert [t.split()[0] for t in titles] == [c.id for c in ranked[:4]]
@@ -153,7 +154,7 @@ def test_overlay_of_a_series_is_a_line_plot_row() -> None:
     series = np.sin(np.linspace(0, 6, 140, dtype=np.float32))[np.newaxis, :]
     picture = overlay.render_overlay(series, [("a", np.random.default_rng(3).random((1, 35)))])
     width, height = overlay.SERIES_PANEL
-    assert picture.size == (2 * width + overlay.GAP, overlay.TITLE_HEIGHT + height)
+    assert picture.size == (2 * width + overlay.GAP, overlay.TITLE_HEIGHT + height + overlay.LEGEND_HEIGHT)
 
 
 def test_overlay_refuses_an_undrawable_input() -> None:
@@ -196,7 +197,8 @@ def test_cli_explanation_table_orders_components_by_magnitude() -> None:
 def test_cli_rpc_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     # Nothing listens on port 1: the channel fails at once with UNAVAILABLE.
     assert cli.main(["models", "--address", "127.0.0.1:1", "--timeout", "5"]) == 2
-    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+    assert capsys.readouterr().err.startswith("protoserve-client models: error: the server at 127.0.0.1:1 is "
+                                              "unavailable (")
 
 
 def test_imports_without_torch() -> None:

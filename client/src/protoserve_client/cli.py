@@ -48,8 +48,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 EXIT_USER_ERROR = 2  # argparse's status for a usage error; every user error exits with it
 
 
-class UserError(Exception):
-    """A problem the user can fix: printed as one line, the problem and what to do about it."""
+class UserError(ValueError):
+    """A value the user can fix (an INPUT file, options): printed as one line, the problem and what to do."""
 
     def __init__(self, problem: str, remedy: str):
         # One line whatever the parts hold (a server's details may carry newlines).

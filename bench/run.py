@@ -31,7 +31,7 @@ import torchvision
 from handlers.archive import Archive, read_archive, write_archive
 from handlers.base import Component, ExplainBatch, FittedMethod
 from handlers.model import InputSpec, ModelParts, pooled_linear_head
-from handlers.nmf import NMF
+from handlers.solvers.nmf import NMF
 from handlers.runtime import ExplainItem, ServedModel
 from server.memory import keep_freed_memory
 from server.settings import Settings

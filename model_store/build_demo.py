@@ -20,14 +20,20 @@ from safetensors.torch import load_file
 
 from handlers.archive import archive_filename, write_archive
 from handlers.base import FitData
-from handlers.methods import protofac
+from handlers.fitting import protofac
 from handlers.model import InputSpec, ModelParts
-from handlers.packaging import fit_methods, package
+from handlers.packaging import fit_methods, held_out_samples, package
 from model_store.recipes.ecg import DEFAULT_EPOCHS as ECG_DEFAULT_EPOCHS
-from model_store.recipes.ecg import ECG_LABELS, ECG_LAYER, ECG_LENGTH, ECG_OTHER_FC_LAYER, EcgCNN, load_ecg5000
-from model_store.recipes.ecg import train_ecg_cnn
-from model_store.recipes.mnist import (DEFAULT_EPOCHS, MNIST_LABELS, MNIST_LAYER, MnistCNN, load_mnist,
-                                      train_mnist_cnn)
+from model_store.recipes.ecg import (
+    ECG_LABELS,
+    ECG_LAYER,
+    ECG_LENGTH,
+    ECG_OTHER_FC_LAYER,
+    EcgCNN,
+    load_ecg5000,
+    train_ecg_cnn,
+)
+from model_store.recipes.mnist import DEFAULT_EPOCHS, MNIST_LABELS, MNIST_LAYER, MnistCNN, load_mnist, train_mnist_cnn
 from model_store.recipes.training import save_trained
 
 MNIST_NAME, MNIST_VERSION = "mnist", "1"
@@ -118,7 +124,8 @@ def build_ecg(store: Path, work: Path, force: bool = False) -> Path:
         if method.name == protofac.NAME:
             method.fit_report["layers"][ECG_OTHER_FC_LAYER] = {
                 **other.fit_report["layers"][ECG_OTHER_FC_LAYER], "served": False}
-    path = write_archive(store, ECG_NAME, ECG_VERSION, parts, fitted, model_card=card)
+    path = write_archive(store, ECG_NAME, ECG_VERSION, parts, fitted, model_card=card,
+                         samples=held_out_samples(data))
     print(f"wrote {path}")
     return path
 

@@ -9,12 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import fully_connected_problem
 from scipy.optimize import nnls
 
-from conftest import fully_connected_problem
 from handlers.archive import read_archive
 from handlers.base import ExplainBatch
-from handlers.methods import coupled_nmf
+from handlers.explainers.coupled_nmf import CoupledNMFExplainer
+from handlers.fitting import coupled_nmf
 from handlers.model import InputSpec, ModelParts
 from handlers.runtime import ExplainItem, ServedModel
 
@@ -29,7 +30,7 @@ def fitted(mnist_parts, mnist_fit_data):
 
 @pytest.fixture(scope="module")
 def explainer(mnist_parts, fitted):
-    return coupled_nmf.CoupledNMFExplainer(mnist_parts, fitted)
+    return CoupledNMFExplainer(mnist_parts, fitted)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def test_fold_in_solves_the_stated_least_squares(explainer, fitted, mnist_parts,
         assert np.allclose(got.numpy(), exact, atol=1e-5)
     # Archives fitted before the exact fold-in keep their 50 HALS sweeps, close to the optimum.
     hyper = {**fitted.hyperparameters, "fold_in_solver": "hals", "fold_in_iter": 50}
-    older = coupled_nmf.CoupledNMFExplainer(mnist_parts, dataclasses.replace(fitted, hyperparameters=hyper))
+    older = CoupledNMFExplainer(mnist_parts, dataclasses.replace(fitted, hyperparameters=hyper))
     with torch.inference_mode():
         swept = older.encode(x[:8], features[:8])[0]
     assert not torch.equal(swept, f) and torch.allclose(swept, f, atol=1e-2)
@@ -213,7 +214,7 @@ def test_one_dimensional_inputs_and_a_fully_connected_layer():
     fitted = coupled_nmf.fit(parts, data, n_concepts=3, max_iter=20, log=lambda *_: None)
     assert fitted.hyperparameters["layers"] == ["relu"] and fitted.exemplars == {}
     assert fitted.factors["pixel_offset_"] < 0  # standard-normal inputs are shifted to be non-negative
-    explainer = coupled_nmf.CoupledNMFExplainer(parts, fitted)
+    explainer = CoupledNMFExplainer(parts, fitted)
     with torch.inference_mode():
         features = parts.upstream(data.x_test)
         logits = parts.downstream(features)
@@ -231,7 +232,7 @@ def test_removals_run_the_downstream_unless_the_layer_and_head_make_them_linear(
     sets = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 1]], dtype=torch.bool).expand(60, 3, 3)
     for layer, linear in (("relu", True), ("fc1", False)):
         parts, data = fully_connected_problem(100, 60, layer)
-        explainer = coupled_nmf.CoupledNMFExplainer(parts, coupled_nmf.fit(parts, data, n_concepts=3, max_iter=20,
+        explainer = CoupledNMFExplainer(parts, coupled_nmf.fit(parts, data, n_concepts=3, max_iter=20,
                                                                            log=lambda *_: None))
         assert (explainer.head_weight_ is not None) == linear
         with torch.inference_mode():
@@ -247,7 +248,7 @@ def test_removals_run_the_downstream_unless_the_layer_and_head_make_them_linear(
 def test_factors_refuse_another_layer(fitted, mnist_model):
     other = ModelParts.from_model(mnist_model, "features_6", InputSpec(shape=[1, 28, 28]), [str(i) for i in range(10)])
     with pytest.raises(ValueError, match="fitted at layer"):
-        coupled_nmf.CoupledNMFExplainer(other, fitted)
+        CoupledNMFExplainer(other, fitted)
 
 
 # --------------------------------------------------------------------------- the demo archive, served

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from handlers.archive import read_archive
 from handlers.base import ExplainBatch, FitData
+from handlers.explainers.gradcam_rules import NAME, GradCAMRulesExplainer
+from handlers.fitting.gradcam_rules import _mine_rules, _shared_groups, fit
 from handlers.methods import METHODS
-from handlers.methods.eclat import eclat
-from handlers.methods.gradcam_rules import NAME, GradCAMRulesExplainer, _mine_rules, _shared_groups, fit
 from handlers.model import pooled_linear_head
 from handlers.runtime import ExplainItem, ServedModel
-
+from handlers.solvers.eclat import eclat
 
 # ---------------------------------------------------------------- eclat and rule mining
 
@@ -141,7 +141,7 @@ def explain(parts, explainer, x, targets=None, suppress=None, heatmaps=True):
 
 
 def test_registered():
-    assert METHODS[NAME] == (fit, GradCAMRulesExplainer)
+    assert METHODS[NAME].fit is fit and METHODS[NAME].explainer is GradCAMRulesExplainer
 
 
 def test_fit_report_and_components(fitted, mnist_parts):

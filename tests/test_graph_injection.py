@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RunningServer, free_port, fully_connected_problem
+from conftest import RunningServer, fully_connected_problem
 
 from handlers.archive import read_archive, write_archive
 from handlers.errors import ArchiveError
-from handlers.methods import protonmf
+from handlers.fitting import protonmf
 from handlers.model_parts import UnsafeGraphError, dump_graph_module, load_graph_module, split
 
 
@@ -161,6 +161,7 @@ def test_a_payload_in_any_string_of_the_graph_is_refused_and_never_runs(field, g
 
 def test_the_server_refuses_every_poisoned_archive_and_serves_the_good_one(good_archive, tmp_path):
     from protoserve_client import ExplainerClient
+
     from server.settings import Settings
 
     store = tmp_path / "store"

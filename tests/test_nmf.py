@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.active_set import active_set_codes, kkt_violation
-from handlers.nmf import NMF, nnls_encode
+from handlers.solvers.active_set import active_set_codes, kkt_violation
+from handlers.solvers.nmf import NMF, nnls_encode
 
 INITS = ["random", "nndsvd", "nndsvda", "nndsvdar"]
 SOLVERS = ["hals", "rhals", "mu"]

@@ -8,15 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import fully_connected_problem
 from PIL import Image
 from torch import nn
 
-from conftest import fully_connected_problem
 from handlers.archive import read_archive
 from handlers.base import ExplainBatch, FitData, FittedMethod
-from handlers.methods import protofac
+from handlers.explainers.protofac import ProtoFacExplainer
+from handlers.fitting import protofac
 from handlers.model import InputSpec, ModelParts
 from handlers.runtime import ExplainItem, ServedModel
+from handlers.solvers import simplex
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL_FIT = dict(n_prototypes=10, candidate_fraction=0.05, epochs=2, projection_interval=1, eval_size=300,
@@ -36,7 +38,7 @@ def small_fit(mnist_parts, small_data):
 
 @pytest.fixture(scope="module")
 def explainer(mnist_parts, small_fit):
-    return protofac.ProtoFacExplainer(mnist_parts, small_fit)
+    return ProtoFacExplainer(mnist_parts, small_fit)
 
 
 def _batch(parts, x, suppress, heatmaps=True):
@@ -52,7 +54,7 @@ def _batch(parts, x, suppress, heatmaps=True):
 def test_simplex_projection_matches_a_bisection_reference():
     generator = torch.Generator().manual_seed(0)
     v = torch.randn(64, 17, generator=generator, dtype=torch.float64) * 3
-    w = protofac.project_to_simplex(v)
+    w = simplex.project_to_simplex(v)
     # Reference: the threshold theta with sum(max(v - theta, 0)) = 1, by bisection.
     low, high = v.min(1).values - 1, v.max(1).values
     for _ in range(200):
@@ -62,7 +64,7 @@ def test_simplex_projection_matches_a_bisection_reference():
     reference = (v - ((low + high) / 2)[:, None]).clamp_min(0)
     assert torch.allclose(w, reference, atol=1e-10)
     assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(64, dtype=torch.float64))
-    assert torch.allclose(protofac.project_to_simplex(w), w, atol=1e-12)  # idempotent on the simplex
+    assert torch.allclose(simplex.project_to_simplex(w), w, atol=1e-12)  # idempotent on the simplex
 
 
 def test_simplex_least_squares_is_exact_and_kkt_violation_detects_suboptimal_codes():
@@ -72,7 +74,7 @@ def test_simplex_least_squares_is_exact_and_kkt_violation_detects_suboptimal_cod
     features = torch.rand(30, 40, generator=generator, dtype=torch.float64) * 1.5
     features[0] = 0  # an all-zero row: the point of the hull nearest the origin
     gram = prototypes @ prototypes.T
-    w = protofac.simplex_least_squares(features, prototypes, gram, 24)
+    w = simplex.simplex_least_squares(features, prototypes, gram, 24)
     assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(30, dtype=torch.float64))
     # KKT of min ||a - wH||^2 on the simplex: the gradient is constant (= mu) on the support
     # and no smaller off it.
@@ -81,18 +83,18 @@ def test_simplex_least_squares_is_exact_and_kkt_violation_detects_suboptimal_cod
     mu = (gradient * support).sum(1) / support.sum(1)
     assert ((gradient - mu[:, None]).abs()[support] < 1e-8).all()
     assert (gradient - mu[:, None] > -1e-8).all()
-    assert (protofac.simplex_kkt_violation(w, features, prototypes) < 1e-9).all()
+    assert (simplex.simplex_kkt_violation(w, features, prototypes) < 1e-9).all()
     # Stopping once every row is optimal (the CPU default) changes nothing: optimal rows stay put.
-    assert torch.equal(protofac.simplex_least_squares(features, prototypes, gram, 24, stop_when_optimal=False), w)
+    assert torch.equal(simplex.simplex_least_squares(features, prototypes, gram, 24, stop_when_optimal=False), w)
     # A truncated run is still on the simplex, is no worse than the best vertex, and is flagged.
-    early = protofac.simplex_least_squares(features, prototypes, gram, 1)
+    early = simplex.simplex_least_squares(features, prototypes, gram, 1)
     assert torch.allclose(early.sum(1), torch.ones(30, dtype=torch.float64)) and (early >= 0).all()
     objective = lambda codes: ((features - codes @ prototypes) ** 2).sum(1)  # noqa: E731
     vertices = ((features.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(2).min(1).values
     assert (objective(early) <= vertices + 1e-9).all() and (objective(w) <= objective(early) + 1e-9).all()
-    assert (protofac.simplex_kkt_violation(early, features, prototypes) > 1e-6).any()
+    assert (simplex.simplex_kkt_violation(early, features, prototypes) > 1e-6).any()
     # float32 inputs give float32 codes, equal to the float64 ones to float32 rounding.
-    w32 = protofac.simplex_least_squares(features.float(), prototypes.float(), gram.float(), 24)
+    w32 = simplex.simplex_least_squares(features.float(), prototypes.float(), gram.float(), 24)
     assert w32.dtype == torch.float32 and torch.allclose(w32.double(), w, atol=1e-5)
 
 
@@ -155,7 +157,7 @@ def test_weights_contributions_and_interventions_are_exact(mnist_parts, explaine
     prototypes = explainer.prototypes_
     features = batch.features.clamp_min(0).flatten(1)
     # The weights are the simplex least-squares codes themselves, not an approximation.
-    assert (protofac.simplex_kkt_violation(w, features, prototypes) < 1e-5).all()
+    assert (simplex.simplex_kkt_violation(w, features, prototypes) < 1e-5).all()
     rows = torch.arange(16)
 
     def surrogate(weights):
@@ -206,7 +208,7 @@ def test_surrogate_logits_by_the_head_weights_or_the_downstream(deep):
         parts = ModelParts.from_model(_DeepMLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
     fitted = protofac.fit(parts, data, n_prototypes=4, epochs=1, eval_size=40, nmf_max_iter=10, k_sweep=(2,),
                           progress=False, log=lambda _: None)
-    explainer = protofac.ProtoFacExplainer(parts, fitted)
+    explainer = ProtoFacExplainer(parts, fitted)
     assert (explainer.prototype_logits_ is None) == deep
     suppress = torch.tensor([[True, False, True, False]]).expand(40, 1, 4)
     e = explainer.explain(_batch(parts, data.x_test, suppress))
@@ -233,7 +235,7 @@ def test_explainer_refuses_factors_of_another_layer(mnist_parts, small_fit):
     broken = FittedMethod(small_fit.name, factors, small_fit.components, small_fit.hyperparameters,
                           small_fit.fit_report)
     with pytest.raises(ValueError, match="do not fit"):
-        protofac.ProtoFacExplainer(mnist_parts, broken)
+        ProtoFacExplainer(mnist_parts, broken)
 
 
 # ----------------------------------------------------------------------------- demo archives

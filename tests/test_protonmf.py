@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import fully_connected_problem
+
 from handlers.archive import read_archive
-from handlers.methods import protonmf
+from handlers.explainers.protonmf import ProtoNMFExplainer
+from handlers.fitting import protonmf
 from handlers.model import InputSpec, ModelParts, pooled_linear_head
 from handlers.runtime import ExplainItem, ServedModel
 
@@ -85,7 +86,7 @@ def test_fully_connected_layer_is_exact():
     assert parts.feature_shape == [16]
     fitted = protonmf.fit(parts, data, n_prototypes=2, log=lambda *_: None)
     assert fitted.fit_report["acc_nmf_plus_residual"] == fitted.fit_report["acc_black_box"]
-    explainer = protonmf.ProtoNMFExplainer(parts, fitted)
+    explainer = ProtoNMFExplainer(parts, fitted)
     from handlers.base import ExplainBatch
 
     with torch.inference_mode():

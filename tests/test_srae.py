@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fully_connected_problem
 from torch import nn
 
-from conftest import fully_connected_problem
 from handlers.archive import read_archive
 from handlers.base import ExplainBatch, FitData
-from handlers.methods import srae
+from handlers.explainers.srae import SRAEExplainer
+from handlers.fitting import srae
 from handlers.runtime import ExplainItem, ServedModel
 
 NAME = srae.NAME
@@ -200,7 +201,7 @@ def test_fit_is_deterministic(mnist_parts, small_data, small_fit):
 
 
 def test_a_class_without_module_is_all_residual(mnist_parts, small_data, small_fit):
-    explainer = srae.SRAEExplainer(mnist_parts, small_fit)
+    explainer = SRAEExplainer(mnist_parts, small_fit)
     x = small_data.x_test[:30]
     with torch.inference_mode():
         features = mnist_parts.upstream(x)
@@ -228,10 +229,10 @@ def test_factors_of_another_layer_are_refused(mnist_parts, small_fit):
     wrong = copy.copy(small_fit)
     wrong.factors = {**small_fit.factors, "encoder_w1_": small_fit.factors["encoder_w1_"][:, :64]}
     with pytest.raises(ValueError, match="channels"):
-        srae.SRAEExplainer(mnist_parts, wrong)
+        SRAEExplainer(mnist_parts, wrong)
     wrong.factors = {**small_fit.factors, "classes_": torch.tensor([2, 12])}
     with pytest.raises(ValueError, match="classes"):
-        srae.SRAEExplainer(mnist_parts, wrong)
+        SRAEExplainer(mnist_parts, wrong)
 
 
 
@@ -239,7 +240,7 @@ def test_fully_connected_layer():
     parts, data = fully_connected_problem(160, 80)
     fitted = srae.fit(parts, data, n_xfeatures=3, epochs=3, **QUIET)
     assert "locality" not in fitted.fit_report and not fitted.exemplars
-    explainer = srae.SRAEExplainer(parts, fitted)
+    explainer = SRAEExplainer(parts, fitted)
     with torch.inference_mode():
         features = parts.upstream(data.x_test)
         logits = parts.downstream(features)

@@ -1,51 +1,6 @@
-"""Grad-CAM rules: class-specific and class-shared filter sets mined from Grad-CAM explanations.
+"""Offline half of gradcam_rules: the fit and its report (the online explainer is handlers/explainers/gradcam_rules.py).
 
-Seed paper: "Interpreting Deep Models by Explaining their Predictions".
-
-Offline, on the training images (the paper's pipeline, with the layer's channels as "filters"):
-
-1. Grad-CAM at the explained layer for the predicted class c of each image:
-   α_d = mean_hw ∂y_c/∂F_d and L_c = ReLU(Σ_d α_d F_d), upsampled to the input.
-2. Candidate patches: a square window of ``patch_size`` pixels at ``n_locations`` random
-   positions is scored by the heatmap mass under it; the best is kept and its region of the
-   heatmap zeroed, ``n_candidates`` times.
-3. Relevant patches by incremental perturbation: the candidates are zeroed in the image one
-   after another (best first); patch j is relevant while every step so far lowered the class
-   logit by at least τ_prt·|y_c(x)|, i.e. (y_c(x^{j-1}) − y_c(x^j)) / |y_c(x)| ≥ τ_prt.
-4. One transaction per relevant patch: the ``n_filters`` (= N − 1) filters with the highest
-   mean activation inside the patch window (its footprint on the feature grid) plus the item c.
-5. Hierarchical eclat: frequent filter sets X per class (support within the class's
-   transactions ≥ τ_support, at most ``max_rule_len`` filters), then support and confidence
-   recomputed over all transactions: support(X → c) = #(X ∪ {c}) / #T and
-   confidence(X → c) = #(X ∪ {c}) / #(X).
-6. The top q rules per class by support × confidence. A filter set frequent in two or more classes
-   is class-shared (its component has class_index −1), any other is class-specific (class_index c).
-   The class-shared filter groups are the maximal filter sets frequent in two or more classes,
-   the q with the highest support over those classes. Components: the top rules of every class
-   and the class-shared groups, one per distinct filter set; a class's rules are the components
-   whose set is frequent in the class. A filter frequent in one class only is class-specific.
-7. Table 1 of the paper on held-out data (``perturbation_accuracy``): each class's accuracy with
-   the union of its top rules' filters zeroed, against as many random filters zeroed (averaged
-   over draws), and unperturbed.
-8. Visual patterns (exemplar PNGs): for a class-specific rule, per filter the average of the
-   class's relevant patches holding the filter, weighted by its activation, then the rule's
-   strongest patches; for a class-shared group, its patch group (strongest patches per class).
-
-Per request, with F the layer features and t the target class:
-
-* Grad-CAM weights α = mean_hw ∂y_t/∂F (one batched backward pass).
-* Match strength of a rule X of class t: m_X = max over windows w of min_{d∈X} A_{d,w} / θ_d, where A_{d,w} is
-  filter d's mean activation in the grid window w (the patch size on the grid) and θ_d the
-  filter's mean activation in the training patches whose transactions hold it. The rule is
-  active when m_X ≥ ``activation_ratio``: all its filters fire together, in one window, at that
-  fraction of their typical strength. Components are the target class's active rules
-  (weight m_X), strongest first, padded with −1 to the widest class's rule count C.
-* contribution of X = y_t(F) − y_t(F with the channels of X zeroed) (a batched downstream pass).
-* heatmap of X = ReLU(Σ_{d∈X} α_d F_d), Grad-CAM restricted to the rule's filters, on the grid.
-* residual share = Σ_{d∉U} P_d / Σ_d P_d with P_d = Σ_hw ReLU(α_d F_{d,hw}) the filter's positive
-  Grad-CAM evidence and U the union of the active rules' filters (1 when there is no positive
-  evidence).
-* an intervention zeroes the union of the chosen components' filters and reruns the downstream.
+Grad-CAM rules: class-specific and class-shared filter sets mined from Grad-CAM explanations.
 """
 
 from __future__ import annotations
@@ -56,33 +11,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
+from handlers.base import Component, ExplainBatch, FitData, FittedMethod
 from handlers.exemplars import crops_png
-from handlers.methods.eclat import eclat, tidsets
-from handlers.model import ModelParts, linear_head_weight
+from handlers.explainers.gradcam_rules import NAME, GradCAMRulesExplainer, gradcam_weights
+from handlers.model import ModelParts
+from handlers.solvers.eclat import eclat, tidsets
 
-NAME = "gradcam_rules"
 EXEMPLAR_PATCHES = 3  # strongest supporting patches drawn after a rule's filter averages
+
+
 SHARED_PATCHES_PER_CLASS = 2
+
+
 MAX_TILES = 12
-
-
-def gradcam_weights(features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM channel weights α_d = mean_hw ∂logit_t/∂F_d, one backward pass for the batch.
-
-    Parameters
-    ----------
-    features : (B, D, H, W) the layer's output, part of the autograd graph of ``logits``
-    logits : (B, K)
-    targets : (B,) int64
-
-    Returns
-    -------
-    (B, D) float32
-    """
-    rows = torch.arange(len(targets), device=targets.device)
-    (grad,) = torch.autograd.grad(logits[rows, targets].sum(), features)
-    return grad.float().flatten(2).mean(2)
 
 
 def _window_masks(corner: torch.Tensor, size: int, hw: tuple[int, int]) -> torch.Tensor:
@@ -453,127 +394,3 @@ def _held_out_matches(parts: ModelParts, data: FitData, fitted: FittedMethod, ba
                        "residual_share_mean": round(float(share.mean()), 6)}
     return report
 
-
-class GradCAMRulesExplainer(Explainer):
-    name = NAME
-    additive = False
-    residual_share_definition = (
-        "sum over filters d outside the active rules of P_d / sum over all filters of P_d, with "
-        "P_d = sum_hw ReLU(alpha_d F_d,hw) the filter's positive Grad-CAM evidence for the target "
-        "(alpha = spatial mean of the target logit's gradient): the share of the Grad-CAM evidence the "
-        "active rules' filters do not carry; 1 when there is no positive evidence"
-    )
-    contribution_definition = (
-        "target logit minus the target logit with the rule's filters (channels) zeroed at the layer; "
-        "weight = match strength, max over grid windows of min over the rule's filters of the filter's "
-        "window activation / its typical activation in the mined training patches; a rule is returned "
-        "when its weight reaches activation_ratio (non-additive: bias and residual_contribution are 0)"
-    )
-
-    def __init__(self, model: ModelParts, fitted: FittedMethod):
-        super().__init__(model, fitted)
-        f = fitted.factors
-        self.component_filters_ = f["component_filters_"].float()  # (R, D)
-        self.class_components_ = f["class_components_"].long()  # (K, C)
-        self.filter_reference_ = f["filter_reference_"].float()  # (D,)
-        n_components, dim = self.component_filters_.shape
-        if (len(model.feature_shape) != 3 or dim != model.feature_shape[0]
-                or self.class_components_.shape[0] != model.num_classes
-                or self.filter_reference_.shape != (dim,) or n_components != len(self.components)):
-            raise ValueError(f"gradcam_rules factors (component filters {tuple(self.component_filters_.shape)}, "
-                             f"class table {tuple(self.class_components_.shape)}) do not fit a model with "
-                             f"{model.num_classes} classes and features {model.feature_shape}")
-        self.window = tuple(self.hyperparameters["grid_window"])
-        self.activation_ratio = float(self.hyperparameters["activation_ratio"])
-        # Row 0 is the empty filter set, so padding (index −1) maps to it after the +1 shift.
-        self._filters = torch.cat([torch.zeros(1, dim), self.component_filters_])  # (R+1, D)
-        size = int(self._filters.sum(1).max())
-        # Filter indices of each component, padded with the sentinel D (an always-passing +inf row).
-        index = torch.full((n_components + 1, max(1, size)), dim, dtype=torch.long)
-        for i, row in enumerate(self._filters):
-            members = row.nonzero().flatten()
-            index[i, :len(members)] = members
-        self._filter_index = index
-        # After a non-negative layer, an average-pool + linear head gives Grad-CAM's weights and
-        # every zeroed-filter logit in closed form: no gradient and no downstream pass.
-        self.head_weight_ = linear_head_weight(model)  # (K, D) or None
-        self.needs_grad = self.head_weight_ is None
-
-    def to(self, device):
-        for name in ("component_filters_", "class_components_", "filter_reference_", "_filters", "_filter_index",
-                     "head_weight_"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    def explain(self, batch: ExplainBatch) -> Explanation:
-        t = batch.targets
-        b = len(t)
-        rows = torch.arange(b, device=t.device)
-        features, logits = batch.features, batch.logits
-        if self.head_weight_ is not None:
-            # ∂logit_t/∂F[d, h, w] = weight[t, d] / HW at every position.
-            alpha = self.head_weight_[t] / math.prod(features.shape[2:])
-        else:
-            if not features.requires_grad:
-                # Features computed without a graph (e.g. frozen parameters): rebuild it from the layer on.
-                with torch.enable_grad():
-                    features = batch.features.detach().requires_grad_(True)
-                    logits = self.model.downstream(features)
-            alpha = gradcam_weights(features, logits, t)  # (B, D)
-        with torch.no_grad():
-            features = features.detach()
-            f = features.float()
-            target_logit = batch.logits.detach().float()[rows, t]
-            slots = self.class_components_[t] + 1  # (B, C), 0 = padding
-            masks = self._filters[slots]  # (B, C, D)
-            # Match strength: the weakest filter of the rule, in its best window.
-            window = F.avg_pool2d(f, self.window, stride=1).flatten(2) / self.filter_reference_[:, None]
-            window = torch.cat([window, torch.full_like(window[:, :1], math.inf)], 1)  # (B, D+1, L)
-            index = self._filter_index[slots]  # (B, C, S)
-            gathered = window.gather(1, index.flatten(1)[:, :, None].expand(-1, -1, window.shape[2]))
-            strength = gathered.reshape(*index.shape, -1).amin(2).amax(2)  # (B, C)
-            active = (slots > 0) & (strength >= self.activation_ratio)
-            order = torch.where(active, strength, torch.full_like(strength, -1.0)).argsort(
-                dim=1, descending=True, stable=True)
-            active, slots = active.gather(1, order), slots.gather(1, order)
-            masks = masks.gather(1, order[:, :, None].expand_as(masks)) * active[:, :, None]
-            weight = torch.where(active, strength.gather(1, order), torch.zeros_like(strength))
-
-            # One pass (of the head's weight or the downstream): each returned rule zeroed alone, then
-            # each intervention's union.
-            suppressed = (batch.suppress.float() @ self.component_filters_).clamp_max(1)  # (B, M, D)
-            zeroed = torch.cat([masks, suppressed], 1)  # (B, C+M, D)
-            if self.head_weight_ is not None:
-                # downstream(F (1 - z)) = logits - (mean_hw(F) z) @ weight.T, z constant over the grid.
-                lost = (f.flatten(2).mean(2)[:, None] * zeroed) @ self.head_weight_.T
-                out = batch.logits.detach().float()[:, None] - lost
-            else:
-                perturbed = (f[:, None] * (1 - zeroed)[..., None, None]).to(features.dtype)
-                out = self.model.downstream(perturbed.flatten(0, 1)).float().reshape(b, zeroed.shape[1], -1)
-            c = masks.shape[1]
-            contribution = (target_logit[:, None] - out[:, :c].gather(2, t[:, None, None].expand(-1, c, 1))[..., 0])
-            contribution = contribution * active
-
-            evidence = (alpha[:, :, None, None] * f).relu()  # (B, D, H, W)
-            per_filter = evidence.sum((2, 3))
-            covered = masks.amax(1)  # (B, D) the union of the active rules' filters
-            total = per_filter.sum(1)
-            residual_share = torch.where(total > 0, (per_filter * (1 - covered)).sum(1) / total.clamp_min(1e-30),
-                                         torch.ones_like(total))
-            heatmaps = None
-            if batch.heatmaps:
-                heatmaps = torch.einsum("bcd,bd,bdhw->bchw", masks, alpha, f).relu()
-            zero = torch.zeros_like(target_logit)
-            return Explanation(
-                target_class=t,
-                component_index=torch.where(active, slots - 1, torch.full_like(slots, -1)),
-                weight=weight,
-                contribution=contribution,
-                bias=zero,
-                residual_contribution=zero,
-                residual_share=residual_share.clamp(0, 1),
-                target_logit=target_logit,
-                heatmaps=heatmaps,
-                intervened_logits=out[:, c:],
-            )

@@ -1,44 +1,6 @@
-"""SRAE: per-class explanation modules whose few x-features reproduce the class's logit.
+"""Offline half of srae: the fit and its report (the online explainer is handlers/explainers/srae.py).
 
-Seed paper: "Learning Explainable Embeddings for Deep Networks" (Qi and Li; later
-"Embedding Deep Networks into Visual Explanations", Qi, Khorram and Li).
-
-Offline, for every explained class c an explanation module reads the layer's spatially
-pooled features Z (D,) (a fully connected layer is used as is) and is trained on the
-class's positives and sampled negatives (the paper's training data):
-
-    encoder      E(Z) = ReLU(W2ᵀ ReLU(W1ᵀ Z + b1) + b2)        n non-negative x-features
-    readout      ȳ    = vᵀ E(Z) + b                              reproduces the logit ŷ_c
-    decoder      φ⁻¹(E) = U2ᵀ ReLU(U1ᵀ E + c1) + c2              reconstructs Z
-
-    loss = mean_i (ȳ_i − ŷ_i)² / var(ŷ)
-           + (β / S_z) Σ_k log(1 + q · mean_i (φ⁻¹(E(Z_i))_k − Z_ik)²)      (the SRAE loss)
-
-with Z standardized per dimension and ŷ per class while training (both folded back into
-the stored weights afterwards, so the served modules read raw features and speak logits).
-The log penalty is the paper's sparse reconstruction: it saturates, so a module may give up
-on dimensions of Z that its few x-features cannot carry instead of spending them on it.
-The seed paper's later version adds a pull-away term between x-features; it is not used.
-Two baselines are trained the same way (same data, initialisation, batches and steps) for
-the fit report only: NN (same encoder and readout, no reconstruction term) and SAE (a plain
-autoencoder: the log penalty replaced by its small-error limit (β / S_z) Σ_k q · mse_k).
-
-Per request, for target class c with module (E, v, b), model logit ŷ and readout ȳ:
-
-    weight_n       = E_n(Z)                   contribution_n = v_n · E_n(Z)
-    bias           = b                        residual_contribution = ŷ − ȳ
-
-so Σ_n contribution_n + bias + residual_contribution = ŷ exactly (float32 rounding only).
-Heatmaps are Grad-CAM of each x-feature at the explained layer F (D, H, W), whose pooling
-makes ∂E_n/∂F_dhw = (∂E_n/∂Z_d) / (H·W); the gradient of the ReLU network is evaluated in
-closed form (the same value autograd gives), so no autograd graph is needed:
-
-    cam_n(h, w) = ReLU(Σ_d mean_hw(∂E_n/∂F_d) · F_dhw),   heatmap_n = contribution_n · cam_n / Σ_hw cam_n
-
-(the Grad-CAM map scaled into a density that sums to the contribution; zero where cam_n
-is zero everywhere). An intervention zeroes the suppressed x-features: each class's logit
-becomes its readout with those x-features zeroed plus its residual ŷ − ȳ, i.e.
-ŷ_c − Σ_{suppressed n of c} v_n E_n; classes without suppressed x-features keep ŷ exactly.
+SRAE: per-class explanation modules whose few x-features reproduce the class's logit.
 """
 
 from __future__ import annotations
@@ -48,70 +10,23 @@ import time
 
 import torch
 
-from handlers.base import Component, ExplainBatch, Explainer, Explanation, FitData, FittedMethod
+from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import crops_png, grid_cell_box
+from handlers.explainers.srae import NAME, encode, grad_cam, spatial_mean, xfeature_gradient
 from handlers.model import ModelParts
 
-NAME = "srae"
 EXEMPLARS_PER_XFEATURE = 3
+
+
 VARIANTS = ("srae", "nn", "sae")  # the served module and the fit report's two baselines
+
+
 LOCALITY_REGIONS = 3  # locality: the feature grid cut into 3 x 3 regions
+
+
 # The x-features' biases start positive: a ReLU x-feature that starts negative on every
 # example never gets a gradient, and without this a few of every 50 stay zero for good.
 XFEATURE_BIAS_INIT = 0.5
-
-
-def _pool(features: torch.Tensor) -> torch.Tensor:
-    """(B, D, *grid) -> (B, D): the spatial mean (a fully connected layer is returned as is)."""
-    return features.flatten(2).mean(2) if features.dim() > 2 else features
-
-
-def encode(z: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoders of G modules on their own batches.
-
-    Parameters
-    ----------
-    z : (G, B, D) pooled features;  w1 : (G, D, Hd);  b1 : (G, Hd);  w2 : (G, Hd, n);  b2 : (G, n)
-
-    Returns
-    -------
-    hidden : (G, B, Hd) the hidden layer after its ReLU
-    x : (G, B, n) the x-features E(Z) >= 0
-    """
-    hidden = torch.baddbmm(b1.unsqueeze(1), z, w1).relu()
-    return hidden, torch.baddbmm(b2.unsqueeze(1), hidden, w2).relu()
-
-
-def xfeature_gradient(hidden: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """∂E_n/∂Z of the encoders in closed form (ReLU derivative 0 at 0, as autograd takes it).
-
-    Parameters
-    ----------
-    hidden : (G, B, Hd);  x : (G, B, n);  w1 : (G, D, Hd);  w2 : (G, Hd, n)
-
-    Returns
-    -------
-    (G, B, n, D)
-    """
-    gate = w2.transpose(1, 2).unsqueeze(1) * (hidden > 0).unsqueeze(2) * (x > 0).unsqueeze(3)  # (G, B, n, Hd)
-    return gate @ w1.transpose(1, 2).unsqueeze(1)
-
-
-def grad_cam(gradient: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM maps of the x-features on the feature grid.
-
-    Parameters
-    ----------
-    gradient : (B, n, D) ∂E_n/∂Z for the pooled features Z = mean_hw(F)
-    features : (B, D, H, W) the layer F
-
-    Returns
-    -------
-    (B, n, H·W): ReLU(Σ_d α_nd F_dhw) with α_nd = mean_hw ∂E_n/∂F_dhw = ∂E_n/∂Z_d / (H·W)
-    """
-    grid = features.flatten(2)
-    return torch.bmm(gradient / grid.shape[2], grid).relu()
 
 
 def region_entropy(cam: torch.Tensor, grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,7 +164,7 @@ def fit(parts: ModelParts, data: FitData, *, n_xfeatures: int = 5, hidden: int =
 
     features = parts.features(data.x_train)
     logits = _logits(parts, features)
-    z = _pool(features).float()
+    z = spatial_mean(features).float()
     mean = z.mean(0)
     # Standardize while training; a (nearly) constant dimension keeps a floor on its scale.
     scale = z.std(0).clamp_min(1e-2 * z.std(0).mean())
@@ -339,7 +254,7 @@ def _report(parts: ModelParts, modules: dict[str, torch.Tensor], params: dict[st
     with torch.no_grad():
         f_reg, reference = {}, {}
         for split, (feats, logits, _, sets) in (("train", train), ("test", test)):
-            z = _pool(feats).float()
+            z = spatial_mean(feats).float()
             outputs = _forward(modules, z, sets)
             gaps = [(yb - logits[sets[g % m].to(z.device), classes[g % m]]).abs().mean() for g, (_, _, yb)
                     in enumerate(outputs)]
@@ -359,7 +274,7 @@ def _report(parts: ModelParts, modules: dict[str, torch.Tensor], params: dict[st
         entropy = []
         if test_feats.dim() == 4:
             positives = [(y_test == c).nonzero().flatten() for c in classes]
-            z = _pool(test_feats).float()
+            z = spatial_mean(test_feats).float()
             for g, (hidden, x, _) in enumerate(_forward(modules, z, positives)):
                 gradient = xfeature_gradient(hidden[None], x[None], modules["w1"][g:g + 1], modules["w2"][g:g + 1])[0]
                 cam = grad_cam(gradient, test_feats[positives[g % m].to(z.device)].float())
@@ -405,7 +320,7 @@ def _exemplars(x_train: torch.Tensor, y_train: torch.Tensor, features: torch.Ten
         for i, c in enumerate(classes):
             members = (y_train == c).nonzero().flatten()
             feats = features[members.to(features.device)].float()
-            hidden, x = encode(_pool(feats)[None], *(modules[k][i:i + 1].to(feats.device)
+            hidden, x = encode(spatial_mean(feats)[None], *(modules[k][i:i + 1].to(feats.device)
                                                     for k in ("w1", "b1", "w2", "b2")))
             gradient = xfeature_gradient(hidden, x, modules["w1"][i:i + 1].to(feats.device),
                                          modules["w2"][i:i + 1].to(feats.device))[0]
@@ -420,105 +335,3 @@ def _exemplars(x_train: torch.Tensor, y_train: torch.Tensor, features: torch.Ten
                 exemplars[f"c{c}.x{j}"] = crops_png(images, boxes)
     return exemplars
 
-
-class SRAEExplainer(Explainer):
-    """Served SRAE modules: x-features, contributions, Grad-CAM heatmaps and interventions, batched."""
-
-    name = NAME
-    additive = True
-    residual_share_definition = (
-        "|residual_contribution| / (sum_n |contribution_n| + |residual_contribution|), residual_contribution = "
-        "ŷ − ȳ the faithfulness gap between the model's logit ŷ and the explanation module's readout ȳ: the share "
-        "of the target logit's magnitude (bias excluded) that the x-features do not reproduce"
-    )
-    contribution_definition = (
-        "v_n * E_n(Z): the readout weight of x-feature n times its value (weight = E_n(Z) >= 0, Z the spatially "
-        "pooled layer); bias = the readout's bias; sum + bias + residual (ŷ − ȳ) = the model's logit exactly. "
-        "Heatmaps: Grad-CAM of E_n at the layer, scaled to sum to the contribution. Interventions: the suppressed "
-        "x-features' contributions are removed from their own class's logit (its readout with them zeroed plus "
-        "its residual)"
-    )
-
-    def __init__(self, model: ModelParts, fitted: FittedMethod):
-        super().__init__(model, fitted)
-        f = fitted.factors
-        self.classes_ = f["classes_"].long()  # (M,)
-        self.encoder_w1_ = f["encoder_w1_"].float()  # (M, D, Hd)
-        self.encoder_b1_ = f["encoder_b1_"].float()  # (M, Hd)
-        self.encoder_w2_ = f["encoder_w2_"].float()  # (M, Hd, n)
-        self.encoder_b2_ = f["encoder_b2_"].float()  # (M, n)
-        self.readout_weight_ = f["readout_weight_"].float()  # (M, n)
-        self.readout_bias_ = f["readout_bias_"].float()  # (M,)
-        m, dim, hidden = self.encoder_w1_.shape
-        n = self.encoder_w2_.shape[2]
-        expected = {"encoder_b1_": (m, hidden), "encoder_w2_": (m, hidden, n), "encoder_b2_": (m, n),
-                    "readout_weight_": (m, n), "readout_bias_": (m,), "classes_": (m,)}
-        for name, shape in expected.items():
-            if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"srae factor {name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
-        if dim != model.feature_shape[0]:
-            raise ValueError(f"srae modules read {dim} channels, the model's layer has {model.feature_shape[0]}")
-        if m and not bool(((self.classes_ >= 0) & (self.classes_ < model.num_classes)).all()):
-            raise ValueError(f"srae classes {self.classes_.tolist()} do not fit a model with "
-                             f"{model.num_classes} classes")
-        if len(fitted.components) != m * n:
-            raise ValueError(f"srae has {len(fitted.components)} components for {m} modules of {n} x-features")
-        self.n_xfeatures = n
-        # Which module explains each class (-1: none), and each module's class as a one-hot row.
-        self._module_of_class = torch.full((model.num_classes,), -1, dtype=torch.int64)
-        self._module_of_class[self.classes_] = torch.arange(m)
-        self._class_onehot = torch.nn.functional.one_hot(self.classes_, model.num_classes).float()  # (M, K)
-
-    def to(self, device):
-        for name in ("classes_", "encoder_w1_", "encoder_b1_", "encoder_w2_", "encoder_b2_", "readout_weight_",
-                     "readout_bias_", "_module_of_class", "_class_onehot"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    def explain(self, batch: ExplainBatch) -> Explanation:
-        features = batch.features.detach().float()
-        z = _pool(features)  # (B, D)
-        logits = batch.logits.detach().float()
-        b, n = len(z), self.n_xfeatures
-        rows = torch.arange(b, device=z.device)
-        # Every module on every example, (M, B, ·): interventions may touch any class.
-        m = len(self.classes_)
-        hidden_all, x_all = encode(z.expand(m, b, -1), self.encoder_w1_, self.encoder_b1_, self.encoder_w2_,
-                                   self.encoder_b2_)
-        contribution_all = x_all * self.readout_weight_.unsqueeze(1)  # (M, B, n)
-        t = batch.targets
-        module = self._module_of_class[t]  # (B,)
-        has = module >= 0
-        mi = module.clamp_min(0)
-        weight = torch.where(has[:, None], x_all[mi, rows], 0.0)
-        contribution = torch.where(has[:, None], contribution_all[mi, rows], 0.0)
-        bias = torch.where(has, self.readout_bias_[mi], 0.0)
-        target_logit = logits[rows, t]
-        residual = target_logit - (contribution.sum(1) + bias)
-        magnitude = contribution.abs().sum(1) + residual.abs()
-        residual_share = torch.where(magnitude > 0, residual.abs() / magnitude.clamp_min(1e-30),
-                                     torch.zeros_like(magnitude))
-        heatmaps = None
-        if batch.heatmaps and features.dim() > 2:  # a fully connected layer has no grid to map
-            gradient = xfeature_gradient(hidden_all[mi, rows].unsqueeze(1), weight.unsqueeze(1),
-                                         self.encoder_w1_[mi], self.encoder_w2_[mi])[:, 0]  # (B, n, D)
-            cam = grad_cam(gradient, features)  # (B, n, P)
-            total = cam.sum(2, keepdim=True)
-            density = torch.where(total > 0, cam / total.clamp_min(1e-30), 0.0) * contribution.unsqueeze(2)
-            heatmaps = density.reshape(b, n, *features.shape[2:])
-        # Zeroing x-features removes their contributions from their own class's logit only.
-        removed = (batch.suppress.float().reshape(b, -1, m, n) * contribution_all.permute(1, 0, 2).unsqueeze(1)).sum(3)
-        intervened = logits.unsqueeze(1) - removed @ self._class_onehot  # (B, M_int, K)
-        index = torch.where(has[:, None], module[:, None] * n + torch.arange(n, device=z.device), -1)
-        return Explanation(
-            target_class=t,
-            component_index=index,
-            weight=weight,
-            contribution=contribution,
-            bias=bias,
-            residual_contribution=residual,
-            residual_share=residual_share,
-            target_logit=target_logit,
-            heatmaps=heatmaps,
-            intervened_logits=intervened,
-        )

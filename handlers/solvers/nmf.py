@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from handlers.active_set import active_set_codes
+from handlers.solvers.active_set import active_set_codes
 
 __all__ = ["NMF", "nnls_encode"]
 
@@ -175,7 +175,7 @@ def nnls_encode(
     all (which the multiplicative updates need).
 
     ``solver="active_set"`` instead takes ``n_iter`` steps of a primal active-set method
-    from ``W = 0`` (:func:`handlers.active_set.active_set_codes`): exact once each row's
+    from ``W = 0`` (:func:`handlers.solvers.active_set.active_set_codes`): exact once each row's
     support is found, about one step per non-zero code, for small ``n_components``; on
     the CPU it stops once every row is optimal.
 

@@ -13,7 +13,7 @@ as many steps as its support has coordinates, plus one per drop; :func:`kkt_viol
 the result is exact to float64 rounding.
 
 ProtoFac's weights are simplex codes of its prototypes; coupled NMF's fold-in is a
-non-negative code of its concepts (:func:`handlers.nmf.nnls_encode` with ``solver="active_set"``).
+non-negative code of its concepts (:func:`handlers.solvers.nmf.nnls_encode` with ``solver="active_set"``).
 """
 
 from __future__ import annotations

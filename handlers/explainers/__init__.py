@@ -1,0 +1,1 @@
+"""Online halves of the explanation methods: what the server imports (no fitting code)."""

@@ -1,0 +1,301 @@
+"""Coupled NMF: concepts shared by pixels, neurons of several layers and examples.
+
+Seed paper: U. S. Saini, E. E. Papalexakis, "Analyzing Representations inside
+Convolutional Neural Networks" (arXiv:2012.12516).
+
+Offline, on a probe set of N training examples, the model's views of the examples are
+factorized with one shared, non-negative example factor F (d concepts × N):
+
+* pixel matrices D_i (pixels of input channel i × N), one per input channel;
+* activation matrices A_j (channels of analysed layer j × N), one per analysed layer,
+  each example's activation pooled by the spatial mean (a channel is a "neuron");
+
+    min_{F, P_i, O_j ≥ 0}  Σ_i ‖D_i − P_i F‖² + Σ_j ‖A_j − O_j F‖² + R(F, P, O)
+
+with the paper's multiplicative updates (eq. 3.2),
+
+    P_i ← P_i ⊙ D_i Fᵀ / (P_i F Fᵀ + λ P_i),     O_j ← O_j ⊙ A_j Fᵀ / (O_j F Fᵀ + λ O_j),
+    F   ← F ⊙ (Σ_i P_iᵀ D_i + Σ_j O_jᵀ A_j) / (Σ_i P_iᵀ P_i F + Σ_j O_jᵀ O_j F + λ F + μ G(F)),
+
+where R is either the L2 penalty λ(‖F‖² + Σ‖P_i‖² + Σ‖O_j‖²) ("l2") or none with the
+concept columns of the stacked loadings [P_1; …; O_J] rescaled to unit norm after each
+update, F's rows absorbing the scale ("unit_norm", λ = 0 above). The optional group
+sparsity of the paper's section 5 adds μ Σ_d Σ_g ‖F[d, g]‖₂ over groups g of probe
+examples (their classes, or the given groups of classes), whose gradient is
+G(F)[d, n] = F[d, n] / ‖F[d, g(n)]‖₂: each concept is pushed towards few groups.
+Every view is first divided by its RMS example norm so that no view dominates the loss;
+the stored factors P_i, O_j are in the views' original units. Each pass over the data
+applies an update several times on the same products (Gillis & Glineur 2012's
+accelerated multiplicative updates), since the products with the data dominate the cost.
+
+The global analysis (fit report ``concepts`` and ``layers``): per concept its top classes,
+top probe examples and dominant group; per analysed layer the cosine similarity of the
+concepts over its neurons (columns of O_j) and the mean of the leading eigenvalues of
+that similarity matrix (the paper's Fig. 2 and 3); per concept an exemplar PNG showing its
+pixel mask (a column of P drawn as an image) and its top probe examples; the paper's
+kNN analysis of held-out examples in concept space among the probe examples.
+
+Per request, with the factors fixed, the input is folded in: f ≥ 0 minimizing
+Σ_i ‖d_i − P_i f‖² + Σ_j ‖a_j − O_j f‖² (+ λ‖f‖² for "l2"), in the same normalized
+units, exactly, by active-set steps (:func:`handlers.solvers.nmf.nnls_encode`, ``solver="active_set"``;
+archives fitted before it used 50 projected HALS sweeps, which they keep).
+A concept's weight is f_d; its contribution is defined by intervention on the deepest
+analysed layer, the explained layer whose activation a (C, *grid) the downstream
+consumes: the concept carries o_d f_d of each channel's pooled activation ā, so removing
+a set S of concepts scales each channel down by that share,
+
+    a_S = a − a⁺ ⊙ r_S,    r_S[c] = min(1, Σ_{d∈S} O_J[c, d] f_d / ā[c])
+
+(a⁺ = max(a, 0); for a global-average-pooling head this removes exactly Σ_S O_J f_d
+from the pooled features, capped so that no channel goes below zero), and the rest of
+the network is run on a_S (ā = mean_hw(a⁺)). The contribution of concept d is
+logit_t(a) − logit_t(a_{d}), exact by construction; interventions are the logits of
+a_S. The method is not additive. Heatmaps are the concepts' pixel masks weighted for
+this input, f_d · Σ_i P_i[:, d], at the input's resolution (the "feature grid" of this
+method's heatmaps is the pixel grid).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from handlers.base import ExplainBatch, Explainer, Explanation, FittedMethod
+from handlers.model import ModelParts, linear_head_weight
+from handlers.model_parts import GraphProgram
+from handlers.solvers.nmf import nnls_encode
+
+NAME = "coupled_nmf"
+
+
+EPS = 1e-12
+
+
+def spatial_mean(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, *grid) -> (B, C) by the spatial mean; (B, C) unchanged."""
+    return t.flatten(2).mean(2) if t.dim() > 2 else t
+
+
+def tap_module(upstream: GraphProgram, layers: list[str], keep_output: bool = True) -> GraphProgram:
+    """The upstream, also returning the pooled activations of ``layers``.
+
+    Returns a module ``(B, *input_shape) -> (output, *taps)`` with ``taps[j]`` of shape
+    (B, C_j), sharing the upstream's submodules, so that one forward pass gives the
+    explained layer and every analysed layer; without ``keep_output``, the upstream cut
+    short after the deepest tap, returning the taps alone. Each activation is pooled right
+    where it is computed, so an in-place operation further down the graph cannot alter it.
+
+    Raises
+    ------
+    ValueError
+        If a name is not a node of the upstream's graph.
+    """
+    return upstream.with_taps(layers, spatial_mean, keep_output)
+
+
+def pixel_layout(input_shape: list[int]) -> tuple[int, tuple[int, int]]:
+    """Input channels and the (H, W) of a pixel map: (C, H, W) -> C, (H, W);
+    (C, L) -> C, (1, L); (L,) -> 1, (1, L)."""
+    if len(input_shape) == 3:
+        return input_shape[0], (input_shape[1], input_shape[2])
+    if len(input_shape) == 2:
+        return input_shape[0], (1, input_shape[1])
+    return 1, (1, math.prod(input_shape))
+
+
+class CoupledNMFExplainer(Explainer):
+    """Fold-in of each input into the fitted concepts; contributions by intervention.
+
+    Heatmaps are (B, d, H, W) at the input's resolution (its pixel grid), not on the
+    explained layer's grid.
+    """
+
+    name = NAME
+    additive = False
+    residual_share_definition = (
+        "||x - W f|| / ||x||: the relative error of the fold-in's reconstruction of the input's stacked views "
+        "(pixels of each channel and the spatially pooled channels of each analysed layer, each view divided "
+        "by its RMS norm over the probe set); in [0, 1] since f = 0 is feasible"
+    )
+    contribution_definition = (
+        "logit_t(a) - logit_t(a_d) with a the explained layer's activation and a_d = a - max(a,0) * r, "
+        "r[c] = min(1, O[c,d] f_d / mean_hw(max(a,0))[c]): the target logit's change when the concept's share "
+        "of each channel is removed from the explained (deepest analysed) layer and the rest of the network is "
+        "run; weight = f_d, the concept's fold-in coefficient; not additive"
+    )
+
+    def __init__(self, model: ModelParts, fitted: FittedMethod):
+        super().__init__(model, fitted)
+        f = fitted.factors
+        hyper = fitted.hyperparameters
+        self.layers = list(hyper["layers"])
+        self.fold_in_iter = int(hyper["fold_in_iter"])
+        self.fold_in_solver = hyper["fold_in_solver"]
+        self.alpha = float(hyper["alpha"]) if hyper["regularization"] == "l2" else 0.0
+        self.pixel_factors_ = f["pixel_factors_"].float()  # (C_in, H·W, d)
+        self.neuron_factors_ = [f[f"neuron_factors_{j}_"].float() for j in range(len(self.layers))]  # (C_j, d)
+        self.view_scales_ = f["view_scales_"].float()  # (C_in + J,)
+        self.pixel_offset_ = f["pixel_offset_"].float()  # (C_in,)
+        self.probe_codes_ = f["probe_codes_"].float()  # (N, d)
+        self.probe_index_ = f["probe_index_"].long()  # (N,)
+        self.probe_labels_ = f["probe_labels_"].long()  # (N,)
+        n_in, self.map_hw = pixel_layout(model.input_spec.shape)
+        d = len(fitted.components)
+        expected = (n_in, self.map_hw[0] * self.map_hw[1], d)
+        if tuple(self.pixel_factors_.shape) != expected:
+            raise ValueError(f"coupled_nmf pixel factors of shape {tuple(self.pixel_factors_.shape)} do not fit "
+                             f"inputs of shape {model.input_spec.shape} with {d} concepts (expected {expected})")
+        if self.layers[-1] != model.layer or self.neuron_factors_[-1].shape != (model.feature_shape[0], d):
+            raise ValueError(f"coupled_nmf was fitted at layer {self.layers[-1]!r} with "
+                             f"{self.neuron_factors_[-1].shape[0]} channels; the model explains {model.layer!r} "
+                             f"with {model.feature_shape[0]}")
+        if len(self.view_scales_) != n_in + len(self.layers):
+            raise ValueError(f"coupled_nmf has {len(self.view_scales_)} view scales for "
+                             f"{n_in + len(self.layers)} views")
+        self._build()
+
+    def _build(self) -> None:
+        """Derived tensors and the taps module (built again after a move, on the model's modules)."""
+        n_in = len(self.pixel_offset_)
+        pixel_scales, layer_scales = self.view_scales_[:n_in], self.view_scales_[n_in:]
+        # The fold-in dictionary in normalized units: rows are concepts, columns the stacked views.
+        blocks = [*(self.pixel_factors_ / pixel_scales[:, None, None]).unbind(0),
+                  *(o / s for o, s in zip(self.neuron_factors_, layer_scales))]
+        self.dictionary_ = torch.cat(blocks, 0).T.contiguous()  # (d, T)
+        d = self.dictionary_.shape[0]
+        self.gram_ = self.dictionary_ @ self.dictionary_.T + self.alpha * torch.eye(d, device=self.dictionary_.device)
+        self.pixel_masks_ = self.pixel_factors_.sum(0).T.contiguous()  # (d, H·W), original units
+        # The torch forward pass runs the tapped upstream (batch.taps); otherwise the analysed
+        # layers are computed again, by the upstream cut short after the deepest one.
+        self.tapped_upstream = tap_module(self.model.upstream, self.layers[:-1])
+        self._taps = tap_module(self.model.upstream, self.layers[:-1], keep_output=False)
+        # Makes every removal a product with the head's weight (see removed_logits).
+        self.head_weight_ = linear_head_weight(self.model)
+
+    def to(self, device):
+        for name in ("pixel_factors_", "view_scales_", "pixel_offset_", "probe_codes_", "probe_index_",
+                     "probe_labels_"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.neuron_factors_ = [o.to(device) for o in self.neuron_factors_]
+        self._build()
+        return self
+
+    def encode(self, inputs: torch.Tensor, features: torch.Tensor, taps: tuple[torch.Tensor, ...] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fold inputs into the concepts with the factors fixed (call without autograd,
+        e.g. under ``torch.inference_mode()``, as :meth:`explain` is).
+
+        Parameters
+        ----------
+        inputs : (B, *input_shape)
+        features : (B, *feature_shape), the explained layer's activation for ``inputs``
+        taps : the pooled analysed layers, ``tapped_upstream(inputs)[1:]``; None: computed here
+
+        Returns
+        -------
+        f : (B, d) non-negative concept coefficients
+        residual_share : (B,) ``||x - f D|| / ||x||`` in [0, 1]
+        x : (B, T) the stacked views in normalized units
+        """
+        b, n_in = len(inputs), len(self.pixel_offset_)
+        pixels = (inputs.float().reshape(b, n_in, -1) - self.pixel_offset_[:, None]).clamp_min(0)
+        taps = self._taps(inputs) if taps is None else taps
+        layer_views = [*(v.float().clamp_min(0) for v in taps), spatial_mean(features.float().clamp_min(0))]
+        scales = self.view_scales_
+        x = torch.cat([(pixels / scales[:n_in, None]).flatten(1),
+                       *(v / s for v, s in zip(layer_views, scales[n_in:]))], 1)
+        f = nnls_encode(x, self.dictionary_, self.fold_in_iter, gram=self.gram_, solver=self.fold_in_solver)
+        norm = torch.linalg.vector_norm(x, dim=1)
+        error = torch.linalg.vector_norm(x - f @ self.dictionary_, dim=1)
+        share = torch.where(norm > 0, error / norm.clamp_min(EPS), torch.zeros_like(norm)).clamp(0, 1)
+        return f, share, x
+
+    def remove(self, features: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+        """The explained layer's activation with concept sets removed.
+
+        Parameters
+        ----------
+        features : (B, C, *grid) the activation a
+        f : (B, d) concept coefficients
+        sets : (B, M, d) bool or 0/1, the concepts removed in each of M variants
+
+        Returns
+        -------
+        (B, M, C, *grid): ``a - max(a, 0) * r`` with ``r[c] = min(1, Σ_S O[c, d] f_d / mean_hw(max(a, 0))[c])``
+        """
+        a = features.float()
+        positive = a.clamp_min(0)
+        ratio = self._removal_ratio(spatial_mean(positive), f, sets)
+        ratio = ratio.reshape(*ratio.shape, *([1] * (a.dim() - 2)))
+        return a.unsqueeze(1) - positive.unsqueeze(1) * ratio
+
+    def _removal_ratio(self, pooled: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+        """(B, M, C): the share ``r`` of each channel that each concept set removes (see :meth:`remove`)."""
+        removed = torch.einsum("bmd,bd,cd->bmc", sets.float(), f, self.neuron_factors_[-1])
+        return torch.where(pooled.unsqueeze(1) > 0, removed / pooled.unsqueeze(1).clamp_min(EPS),
+                           torch.zeros_like(removed)).clamp_max(1)
+
+    def removed_logits(self, features: torch.Tensor, logits: torch.Tensor, f: torch.Tensor,
+                       sets: torch.Tensor) -> torch.Tensor:
+        """(B, M, K): the logits with each concept set removed, ``downstream(remove(...))``.
+
+        For a non-negative layer and an average-pool + linear head, ``r`` is constant over the grid,
+        so ``downstream(a - a r) = logits - (mean_hw(a) * r) @ weight.T``: no (B, M, C, *grid)
+        activation is formed and the head is not run again.
+        """
+        if self.head_weight_ is None:
+            removed = self.remove(features, f, sets)
+            b, m = sets.shape[:2]
+            return self.model.downstream(removed.reshape(b * m, *removed.shape[2:])).float().reshape(b, m, -1)
+        pooled = spatial_mean(features.float().clamp_min(0))
+        lost = pooled.unsqueeze(1) * self._removal_ratio(pooled, f, sets)  # (B, M, C)
+        return logits.float().unsqueeze(1) - lost @ self.head_weight_.T
+
+    def nearest_probes(self, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's kNN analysis: the probe examples nearest in concept space (cosine).
+
+        Parameters
+        ----------
+        weight : (B, d) concept coefficients f
+        k : neighbours per example
+
+        Returns
+        -------
+        ids : (B, k) int64 indices into the fit data's ``x_train``, nearest first
+        similarity : (B, k) cosine similarity of the concept vectors
+        (The neighbours' concept distributions are ``probe_codes_`` rows, normalized to sum 1.)
+        """
+        unit = weight / torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min(EPS)
+        probes = self.probe_codes_ / torch.linalg.vector_norm(self.probe_codes_, dim=1, keepdim=True).clamp_min(EPS)
+        similarity, where = (unit @ probes.T).topk(k, dim=1)
+        return self.probe_index_[where], similarity
+
+    def explain(self, batch: ExplainBatch) -> Explanation:
+        f, residual_share, _ = self.encode(batch.inputs, batch.features, batch.taps)
+        b, d = f.shape
+        # One pass: each concept alone (contributions), then the requested sets.
+        singles = torch.eye(d, device=f.device).expand(b, d, d)
+        sets = torch.cat([singles, batch.suppress.to(f.dtype)], 1)  # (B, d + M, d)
+        logits = self.removed_logits(batch.features, batch.logits, f, sets)
+        t = batch.targets
+        rows = torch.arange(b, device=t.device)
+        target_logit = batch.logits.float()[rows, t]
+        contribution = target_logit.unsqueeze(1) - logits[rows, :d, t]
+        heatmaps = None
+        if batch.heatmaps:
+            heatmaps = (f.unsqueeze(2) * self.pixel_masks_).reshape(b, d, *self.map_hw)
+        zeros = torch.zeros_like(target_logit)
+        return Explanation(
+            target_class=t,
+            component_index=torch.arange(d, device=t.device).expand(b, d),
+            weight=f,
+            contribution=contribution,
+            bias=zeros,
+            residual_contribution=zeros,
+            residual_share=residual_share,
+            target_logit=target_logit,
+            heatmaps=heatmaps,
+            intervened_logits=logits[:, d:],
+        )
+

@@ -1,0 +1,339 @@
+"""Offline half of coupled_nmf: the fit and its report (the online explainer is handlers/explainers/coupled_nmf.py).
+
+Coupled NMF: concepts shared by pixels, neurons of several layers and examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from handlers.base import Component, FitData, FittedMethod
+from handlers.exemplars import crops_png
+from handlers.explainers.coupled_nmf import EPS, NAME, CoupledNMFExplainer, pixel_layout, spatial_mean, tap_module
+from handlers.model import ModelParts
+from handlers.model_parts import GraphProgram, non_negative_layers
+from handlers.solvers.active_set import kkt_violation
+from handlers.solvers.nmf import NMF, nnls_encode
+
+FOLD_IN_SOLVER = "active_set"  # the exact per-request fold-in (archives record theirs)
+
+
+REGULARIZATIONS = ("unit_norm", "l2")
+
+
+EXEMPLAR_EXAMPLES = 4
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int):
+    """Run with ``n`` intra-op CPU threads, then restore. The fit is thousands of small
+    tensor operations, for which thread synchronisation costs more than it saves (by an
+    order of magnitude on a busy 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@_cpu_threads(1)
+def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int = 2000,
+        layers: list[str] | None = None, regularization: str = "unit_norm", alpha: float = 1e-3,
+        group_sparsity: float = 0.0, class_groups: dict[str, list[int]] | None = None,
+        max_iter: int = 300, inner_iter: int = 10, tol: float = 1e-4, check_every: int = 10,
+        fold_in_iter: int | None = None,
+        n_top_classes: int = 3, n_top_examples: int = 8, n_eigenvalues: int = 3, knn: int = 5,
+        random_state: int = 0, log=print) -> FittedMethod:
+    """Fit the coupled NMF on a probe subset of ``data.x_train``; report on ``data.x_test``.
+
+    Parameters
+    ----------
+    n_concepts : number of concepts d.
+    n_probe : probe examples N, drawn from ``x_train`` by a generator seeded with ``random_state``.
+    layers : upstream node names of the analysed layers besides the explained one; None:
+        every ReLU node of the upstream. The explained layer ``parts.layer`` is always
+        analysed, last (the deepest).
+    regularization : "unit_norm" (unit-norm concept columns of the stacked loadings) or
+        "l2" (the L2 penalty ``alpha`` on every factor, kept in the fold-in).
+    group_sparsity : μ of the group-sparsity penalty on F (0: off).
+    class_groups : group name -> class indices, for the group sparsity and each concept's
+        dominant group; None: every class is its own group.
+    max_iter, inner_iter, tol, check_every : multiplicative updates: at most ``max_iter``
+        passes over the data, each updating W then F ``inner_iter`` times; stop when the
+        objective falls by less than ``tol`` (relative) over ``check_every`` passes.
+    fold_in_iter : active-set steps of the per-request fold-in; None: 2 * n_concepts, room for
+        every concept to enter and leave once (on the CPU it stops once every code is optimal).
+
+    Returns
+    -------
+    FittedMethod
+        Factors ``pixel_factors_`` (C_in, H·W, d), ``neuron_factors_{j}_`` (C_j, d) for each
+        analysed layer j (the explained layer last), ``view_scales_`` (C_in + J,),
+        ``pixel_offset_`` (C_in,), ``probe_codes_`` (N, d), ``probe_index_`` (N,) and
+        ``probe_labels_`` (N,).
+    """
+    start = time.perf_counter()
+    if regularization not in REGULARIZATIONS:
+        raise ValueError(f"unknown regularization {regularization!r}; expected one of {REGULARIZATIONS}")
+    chosen = non_negative_layers(parts.upstream) if layers is None else layers
+    extra = [name for name in chosen if name != parts.layer]
+    analysed = [*extra, parts.layer]
+    n_in, map_hw = pixel_layout(parts.input_spec.shape)
+    num_classes = parts.num_classes
+    groups = class_groups or {label: [c] for c, label in enumerate(parts.labels)}
+    group_of_class = torch.full((num_classes,), -1, dtype=torch.long)
+    for g, members in enumerate(groups.values()):
+        group_of_class[torch.as_tensor(members, dtype=torch.long)] = g
+    if (group_of_class < 0).any():
+        raise ValueError(f"class_groups leave classes {(group_of_class < 0).nonzero().flatten().tolist()} ungrouped")
+
+    generator = torch.Generator().manual_seed(random_state)
+    n = min(n_probe, len(data.x_train))
+    probe_index = torch.randperm(len(data.x_train), generator=generator)[:n].sort().values
+    probe_x, probe_y = data.x_train[probe_index], data.y_train[probe_index]
+
+    # Pixel views are shifted so that every channel's probe minimum is 0 (a no-op for [0, 1] images).
+    pixel_offset = probe_x.reshape(n, n_in, -1).amin(dim=(0, 2)).clamp_max(0)
+    views = _raw_views(parts, tap_module(parts.upstream, extra), pixel_offset, probe_x)  # list of (N, T_v)
+    scales = torch.stack([v.square().sum(1).mean().sqrt().clamp_min(EPS) for v in views])
+    # The updates run on the GPU when there is one.
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    X = torch.cat([v / s for v, s in zip(views, scales)], 1).T.contiguous().to(device)  # (T, N), normalized units
+    sizes = [v.shape[1] for v in views]
+    log(f"coupled_nmf: probe {n} examples; views: {n_in} pixel channel(s) of {sizes[0]} pixels, layers "
+        + ", ".join(f"{name} ({size})" for name, size in zip(analysed, sizes[n_in:])))
+
+    lam = alpha if regularization == "l2" else 0.0
+    fold_in_iter = 2 * n_concepts if fold_in_iter is None else fold_in_iter
+    W, F, n_iter, objective = _coupled_mu(X, n_concepts, lam=lam, unit_norm=regularization == "unit_norm",
+                                          mu=group_sparsity, groups=group_of_class[probe_y], max_iter=max_iter,
+                                          inner_iter=inner_iter, tol=tol, check_every=check_every,
+                                          random_state=random_state)
+    X, W, F = X.cpu(), W.cpu(), F.cpu()
+    log(f"coupled_nmf: {n_iter} multiplicative updates, objective {objective:.6g} ({time.perf_counter() - start:.1f}s)")
+
+    # Back to the views' original units: X_v ≈ (s_v W_v) F.
+    blocks = [b * s for b, s in zip(W.split(sizes, 0), scales)]
+    factors = {
+        "pixel_factors_": torch.stack(blocks[:n_in]).contiguous(),
+        **{f"neuron_factors_{j}_": b.contiguous() for j, b in enumerate(blocks[n_in:])},
+        "view_scales_": scales.contiguous(),
+        "pixel_offset_": pixel_offset.contiguous(),
+        # The probe examples placed in concept space by the per-request solver, so that a
+        # request's nearest probe examples are found in one geometry.
+        "probe_codes_": nnls_encode(X.T, W.T, fold_in_iter, gram=W.T @ W + lam * torch.eye(n_concepts),
+                                    solver=FOLD_IN_SOLVER),
+        "probe_index_": probe_index.contiguous(),
+        "probe_labels_": probe_y.contiguous(),
+    }
+    hyper = {"n_concepts": n_concepts, "n_probe": n, "layers": analysed, "regularization": regularization,
+             "alpha": alpha, "group_sparsity": group_sparsity, "class_groups": groups, "max_iter": max_iter,
+             "inner_iter": inner_iter, "tol": tol, "check_every": check_every, "fold_in_iter": fold_in_iter,
+             "fold_in_solver": FOLD_IN_SOLVER,
+             "n_top_classes": n_top_classes, "n_top_examples": n_top_examples, "n_eigenvalues": n_eigenvalues,
+             "knn": knn, "random_state": random_state,
+             "neurons": "channels, each example's activation pooled by the spatial mean; negatives clipped to 0",
+             "view_normalization": "each view divided by its RMS example norm over the probe set"}
+    concepts = _concept_table(F, probe_y, probe_index, parts.labels, groups, group_of_class, n_top_classes,
+                              n_top_examples)
+    components = []
+    for d, entry in enumerate(concepts):
+        entry["label"] = f"concept {d}: " + ", ".join(c["class"] for c in entry["top_classes"])
+        components.append(Component(entry["id"], entry["label"], -1))
+    exemplars = {}
+    if len(parts.input_spec.shape) == 3:
+        exemplars = {c.id: _exemplar(factors["pixel_factors_"][:, :, d], map_hw, data.x_train,
+                                     concepts[d]["top_examples"]) for d, c in enumerate(components)}
+    fitted = FittedMethod(NAME, factors, components, hyper, {}, exemplars)
+
+    explainer = CoupledNMFExplainer(parts, fitted).to(parts.device)
+    view_names = [*(["pixels"] if n_in == 1 else [f"pixels_{i}" for i in range(n_in)]), *analysed]
+    fitted.fit_report = _round({
+        "concepts": concepts,
+        "layers": _layer_similarity(blocks[n_in:], analysed, n_eigenvalues),
+        **_held_out(explainer, parts, data, X, W, F, sizes, view_names, knn),
+        "n_iter": n_iter,
+        "objective": objective,
+        "n_probe": n,
+        "n_test": len(data.x_test),
+        "fit_device": device.type,
+        "fit_seconds": time.perf_counter() - start,
+    })
+    log(f"coupled_nmf: fitted in {time.perf_counter() - start:.1f}s")
+    return fitted
+
+
+def _raw_views(parts: ModelParts, taps: GraphProgram, pixel_offset: torch.Tensor, x: torch.Tensor,
+               batch_size: int = 256) -> list[torch.Tensor]:
+    """The views of many inputs in original units: one (N, H·W) per input channel, then one
+    (N, C_j) per analysed layer (the explained layer last)."""
+    n_in = len(pixel_offset)
+    chunks = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(parts.device)
+            pixels = (xb.reshape(len(xb), n_in, -1) - pixel_offset.to(xb.device)[:, None]).clamp_min(0)
+            features, *layer_views = taps(xb)
+            layer_views.append(spatial_mean(features))
+            chunks.append([*pixels.unbind(1), *(v.float().clamp_min(0) for v in layer_views)])
+    return [torch.cat([c[v] for c in chunks]).float().cpu() for v in range(len(chunks[0]))]
+
+
+def _coupled_mu(X: torch.Tensor, k: int, *, lam: float, unit_norm: bool, mu: float, groups: torch.Tensor,
+                max_iter: int, inner_iter: int, tol: float, check_every: int, random_state: int,
+                ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """The paper's multiplicative updates on the stacked views ``X ≈ W F`` (eq. 3.2).
+
+    The W update is row-separable, so updating the stacked loadings W (T, d) at once is
+    updating every P_i and O_j by its own rule. Each outer iteration forms the products
+    with X once and then repeats the cheap update of each factor ``inner_iter`` times on them
+    (Gillis & Glineur 2012's accelerated multiplicative updates; every repetition is the
+    same rule and never increases the objective). Returns ``W`` (T, d), ``F`` (d, N), the
+    outer iterations run and the final objective.
+    """
+    # NNDSVDa initialisation (Boutsidis & Gallopoulos 2008) of the stacked matrix only
+    # (max_iter=0): strictly positive factors, which the multiplicative updates need.
+    init = NMF(k, init="nndsvda", max_iter=0, random_state=random_state)
+    F = init.fit_transform(X.T).T.contiguous()  # (d, N)
+    W = init.components_.T.contiguous()  # (T, d)
+    groups = groups.to(X.device)
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    sq_norm_X = torch.linalg.vector_norm(X).double().square()
+
+    def group_norms(F):  # (d, G): ‖F[d, g]‖₂
+        return torch.zeros(k, n_groups, dtype=F.dtype, device=F.device).index_add_(1, groups, F.square()).sqrt()
+
+    def objective(WtX, WtW, F):
+        # ‖X − W F‖² from the products already formed, without X − W F.
+        value = (sq_norm_X - 2 * torch.sum(WtX * F, dtype=torch.float64)
+                 + torch.sum(WtW * (F @ F.T), dtype=torch.float64)).clamp_min(0)
+        if lam:
+            value = value + lam * (torch.diagonal(WtW).sum().double() + F.square().sum().double())
+        if mu:
+            value = value + mu * group_norms(F).sum().double()
+        return float(value)
+
+    history: list[float] = []
+    n_iter = 0
+    while n_iter < max_iter:
+        n_iter += 1
+        XFt, FFt = X @ F.T, F @ F.T
+        for _ in range(inner_iter):
+            W = W * XFt / (W @ FFt + lam * W + EPS)
+        if unit_norm:
+            norms = torch.linalg.vector_norm(W, dim=0).clamp_min(EPS)
+            W, F = W / norms, F * norms[:, None]
+        WtX, WtW = W.T @ X, W.T @ W
+        for _ in range(inner_iter):
+            denominator = WtW @ F + lam * F + EPS
+            if mu:
+                denominator = denominator + mu * F / group_norms(F).clamp_min(EPS)[:, groups]
+            F = F * WtX / denominator
+        if n_iter % check_every == 0 or n_iter == max_iter:
+            history.append(objective(WtX, WtW, F))
+            if len(history) > 1 and history[-2] - history[-1] <= tol * history[-2]:
+                break
+    return W, F, n_iter, history[-1] if history else float("nan")
+
+
+def _concept_table(F: torch.Tensor, y: torch.Tensor, index: torch.Tensor, labels: list[str], groups: dict,
+                   group_of_class: torch.Tensor, n_top_classes: int, n_top_examples: int) -> list[dict]:
+    """Per concept: its top classes and dominant group by class-balanced mean of F, top probe examples."""
+    num_classes = len(labels)
+    counts = torch.bincount(y, minlength=num_classes).clamp_min(1).to(F.dtype)
+    class_mean = torch.zeros(F.shape[0], num_classes, dtype=F.dtype).index_add_(1, y, F) / counts  # (d, K)
+    class_share = class_mean / class_mean.sum(1, keepdim=True).clamp_min(EPS)
+    group_share = torch.zeros(F.shape[0], len(groups), dtype=F.dtype).index_add_(1, group_of_class, class_share)
+    group_names = list(groups)
+    total = F.sum(1)
+    table = []
+    for d in range(F.shape[0]):
+        top = class_share[d].argsort(descending=True)[:n_top_classes]
+        g = int(group_share[d].argmax())
+        table.append({
+            "id": f"concept{d}",
+            "top_classes": [{"class": labels[c], "share": float(class_share[d, c])} for c in top.tolist()],
+            "dominant_group": {"group": group_names[g], "share": float(group_share[d, g])},
+            "top_examples": index[F[d].argsort(descending=True)[:n_top_examples]].tolist(),
+            "mass_share": float(total[d] / total.sum().clamp_min(EPS)),
+        })
+    return table
+
+
+def _layer_similarity(neuron_factors: list[torch.Tensor], names: list[str], n_eigenvalues: int) -> dict:
+    """Per layer: cosine similarity of the concepts over its neurons (d, d), its eigenvalues
+    (descending), the mean of the leading ``n_eigenvalues`` and the mean off-diagonal similarity."""
+    out = {}
+    for name, O in zip(names, neuron_factors):
+        unit = O / torch.linalg.vector_norm(O, dim=0).clamp_min(EPS)
+        similarity = (unit.T @ unit).double()
+        eigenvalues = torch.linalg.eigvalsh(similarity).flip(0)
+        d = len(similarity)
+        off = (similarity.sum() - similarity.diagonal().sum()) / max(d * (d - 1), 1)
+        out[name] = {"neurons": O.shape[0], "similarity": similarity.tolist(), "eigenvalues": eigenvalues.tolist(),
+                     "mean_top_eigenvalues": float(eigenvalues[:n_eigenvalues].mean()),
+                     "mean_off_diagonal_similarity": float(off)}
+    return out
+
+
+def _held_out(explainer: "CoupledNMFExplainer", parts: ModelParts, data: FitData, X: torch.Tensor,
+              W: torch.Tensor, F: torch.Tensor, sizes: list[int], view_names: list[str], knn: int) -> dict:
+    """Relative reconstruction error per view (probe: the fit; test: the online fold-in),
+    the test residual shares, and the paper's kNN analysis in concept space: how often the
+    majority class of a test example's nearest probe examples is its label / the model's class."""
+    def per_view(residual, X):
+        errors = {}
+        for name, r, x in zip(view_names, residual.split(sizes, 0), X.split(sizes, 0)):
+            errors[name] = float(torch.linalg.vector_norm(r) / torch.linalg.vector_norm(x).clamp_min(EPS))
+        return errors
+
+    codes, shares, x_test = [], [], []
+    with torch.inference_mode():
+        for i in range(0, len(data.x_test), 256):
+            xb = data.x_test[i:i + 256].to(parts.device)
+            features, *taps = explainer.tapped_upstream(xb)
+            f, share, x = explainer.encode(xb, features, taps)
+            codes.append(f.cpu())
+            shares.append(share.cpu())
+            x_test.append(x.cpu())
+    codes, shares, x_test = torch.cat(codes), torch.cat(shares), torch.cat(x_test).T
+    dictionary, gram = explainer.dictionary_.cpu(), explainer.gram_.cpu()
+    violation = kkt_violation(codes, x_test.T @ dictionary.T, gram, simplex=False)
+    ids, _ = explainer.nearest_probes(codes.to(parts.device), knn)
+    # probe_index_ is sorted, so a neighbour's position among the probes is found by bisection.
+    neighbour_labels = explainer.probe_labels_[torch.searchsorted(explainer.probe_index_, ids)].cpu()
+    majority = torch.mode(neighbour_labels, dim=1).values
+    predicted = parts.logits(data.x_test).argmax(1).cpu()
+    return {
+        "reconstruction_error": {"probe": per_view(X - W @ F, X),
+                                 "test": per_view(x_test - dictionary.T @ codes.T, x_test)},
+        # The share of held-out codes that are optimal (KKT) after the fold-in's fixed steps.
+        "fold_in_converged": float((violation <= 1e-6).double().mean()),
+        "residual_share_test": {"mean": float(shares.mean()), "median": float(shares.median()),
+                                "max": float(shares.max())},
+        "knn": {"k": knn, "majority_matches_label": float((majority == data.y_test).double().mean()),
+                "majority_matches_model": float((majority == predicted).double().mean())},
+    }
+
+
+def _exemplar(pixel_factor: torch.Tensor, map_hw: tuple[int, int], x_train: torch.Tensor,
+              top_examples: list[int]) -> bytes:
+    """The concept's pixel mask (its P column drawn as an image), then its top probe examples."""
+    mask = pixel_factor.reshape(len(pixel_factor), *map_hw)
+    images = [mask, *(x_train[i] for i in top_examples[:EXEMPLAR_EXAMPLES])]
+    return crops_png(images, [(0, 0, map_hw[0], map_hw[1])] * len(images))
+
+
+def _round(value):
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+

@@ -1,0 +1,1 @@
+"""Numerical solvers shared by the methods: NMF, active-set least squares, simplex projection, eclat."""

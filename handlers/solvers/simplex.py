@@ -1,0 +1,63 @@
+"""Codes on the probability simplex: exact least squares (ProtoFac's weights), projection, optimality."""
+
+from __future__ import annotations
+
+import torch
+
+from handlers.solvers.active_set import active_set_codes, kkt_violation
+
+
+def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of every row onto the probability simplex.
+
+    The sort-based rule of Duchi et al. (2008): fixed shapes, no host synchronisation.
+
+    Parameters
+    ----------
+    v : Tensor of shape (..., k)
+
+    Returns
+    -------
+    Tensor of shape (..., k), non-negative, each row summing to 1.
+    """
+    k = v.shape[-1]
+    u = v.sort(dim=-1, descending=True).values
+    cumulative = u.cumsum(-1) - 1
+    ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
+    # The support is a prefix of the sorted entries; its size rho is at least 1.
+    rho = ((u - cumulative / ranks) > 0).sum(-1, keepdim=True)
+    theta = cumulative.gather(-1, rho - 1) / rho.to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Tensor,
+                          n_iter: int, stop_when_optimal: bool | None = None) -> torch.Tensor:
+    """w = argmin over the simplex of ‖a − wH‖², row by row, by ``n_iter`` primal active-set steps
+    (:func:`handlers.solvers.active_set.active_set_codes`; on the CPU it stops once every row is optimal).
+
+    Parameters
+    ----------
+    features : Tensor of shape (B, m)
+        The rows a to encode.
+    prototypes : Tensor of shape (k, m)
+        H.
+    gram : Tensor of shape (k, k)
+        HHᵀ (cached by callers).
+    n_iter : int
+        Number of steps (no tolerance test).
+    stop_when_optimal : bool, optional
+        See :func:`handlers.solvers.active_set.active_set_codes`.
+
+    Returns
+    -------
+    Tensor of shape (B, k) on the simplex, of ``features``' dtype.
+    """
+    w = active_set_codes(features @ prototypes.T, gram, n_iter, simplex=True, stop_when_optimal=stop_when_optimal)
+    return w.to(features.dtype)
+
+
+def simplex_kkt_violation(w: torch.Tensor, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """How far each code is from optimal: (B,) ≥ 0, relative to the scale of HHᵀ
+    (:func:`handlers.solvers.active_set.kkt_violation` on the simplex)."""
+    features, prototypes = features.double(), prototypes.double()
+    return kkt_violation(w, features @ prototypes.T, prototypes @ prototypes.T, simplex=True)

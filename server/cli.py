@@ -87,7 +87,7 @@ def _methods(args: argparse.Namespace) -> dict[str, dict]:
         if method not in methods:
             raise UserError(f"--param {key}: method {method!r} is not among --method {list(methods)}",
                             f"add --method {method} or leave out the parameter")
-        accepted = [p.name for p in inspect.signature(METHODS[method][0]).parameters.values()
+        accepted = [p.name for p in inspect.signature(METHODS[method].fit).parameters.values()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "log"]
         if name not in accepted:
             raise UserError(f"--param {key}: {method} has no parameter {name!r}",

@@ -65,7 +65,7 @@ from protoserve_client._stubs.inference import grpc_service_pb2 as oip
 from protoserve_client._stubs.inference import grpc_service_pb2_grpc as oip_grpc
 from protoserve_client.tensors import to_tensor
 
-from handlers.errors import InvalidInputError
+from handlers.errors import InvalidInputError, clip, echo
 from handlers.preprocess import input_from_array
 from handlers.runtime import ExplainItem, ServedModel
 from server import convert
@@ -126,7 +126,7 @@ class InferOptions:
     def __init__(self, parameters) -> None:
         unknown = sorted(set(parameters) - set(KNOWN_PARAMETERS) - IGNORED_PARAMETERS)
         if unknown:
-            raise InvalidInputError(f"parameters.{unknown[0]}",
+            raise InvalidInputError(f"parameters.{clip(unknown[0])}",
                                     f"unknown parameter; known: {', '.join(KNOWN_PARAMETERS)}")
         self.method = _param(parameters, "method", "string_param", "")
         self.heatmaps = _param(parameters, "heatmaps", "string_param", "none")
@@ -141,9 +141,11 @@ class InferOptions:
             if kind not in ("int64_param", "uint64_param"):
                 raise InvalidInputError("parameters.target_class", f"must be an int64 parameter, got {kind}")
             self.target_class = getattr(value, kind)
+            if not 0 <= self.target_class < 2 ** 31:  # a class index, as protoserve.v1's int32 target_class
+                raise InvalidInputError("parameters.target_class", f"must be a class index, got {self.target_class}")
         if self.heatmaps not in HEATMAP_ENUM:
             raise InvalidInputError("parameters.heatmaps",
-                                    f"{self.heatmaps!r} is not one of {', '.join(HEATMAP_ENUM)}")
+                                    f"{echo(self.heatmaps)} is not one of {', '.join(HEATMAP_ENUM)}")
 
 
 def _param(parameters, name: str, kind: str, default):
@@ -163,13 +165,16 @@ def decode_batch(request: oip.ModelInferRequest, served: ServedModel, settings: 
                                           f"got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.name != INPUT_NAME:
-        raise InvalidInputError("inputs[0].name", f"expected {INPUT_NAME!r}, got {tensor.name!r}")
+        raise InvalidInputError("inputs[0].name", f"expected {INPUT_NAME!r}, got {echo(tensor.name)}")
     if tensor.datatype not in INPUT_DATATYPES:
-        raise InvalidInputError("inputs[0].datatype", f"{tensor.datatype!r} is not one of "
+        raise InvalidInputError("inputs[0].datatype", f"{echo(tensor.datatype)} is not one of "
                                                       f"{', '.join(INPUT_DATATYPES)}")
     dtype, typed_field = INPUT_DATATYPES[tensor.datatype]
+    if len(tensor.shape) != len(spec.shape) + 1:  # before the shape is echoed: it may have millions of dims
+        raise InvalidInputError("inputs[0].shape", f"expected {len(spec.shape) + 1} dimensions [N, "
+                                                   f"{', '.join(map(str, spec.shape))}], got {len(tensor.shape)}")
     shape = list(tensor.shape)
-    if len(shape) != len(spec.shape) + 1 or shape[1:] != list(spec.shape) or shape[0] < 1:
+    if shape[1:] != list(spec.shape) or shape[0] < 1:
         raise InvalidInputError("inputs[0].shape", f"expected [N, {', '.join(map(str, spec.shape))}] with N >= 1 "
                                                    f"(a batch of examples), got {shape}")
     if shape[0] > settings.max_queue_size:
@@ -213,7 +218,8 @@ def requested_outputs(request: oip.ModelInferRequest, served: ServedModel) -> li
     names = []
     for i, output in enumerate(request.outputs):
         if output.name not in known:
-            raise InvalidInputError(f"outputs[{i}].name", f"{output.name!r} is not an output; known: {', '.join(known)}")
+            raise InvalidInputError(f"outputs[{i}].name", f"{echo(output.name)} is not an output; "
+                                                          f"known: {', '.join(known)}")
         names.append(output.name)
     return names
 

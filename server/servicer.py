@@ -11,7 +11,7 @@ import grpc
 from protoserve_client import pb, pb_grpc
 
 from server import convert
-from server.errors import field_of, status_for
+from server.errors import field_of, message_of, status_for
 from server.metrics import Metrics
 from server.registry import ModelRegistry, PredictKey
 from server.settings import Settings
@@ -79,7 +79,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 if code is grpc.StatusCode.INTERNAL:
                     log.exception("ExplainStream request %s failed", request.request_id)
                 message = pb.ExplainStreamResponse(request_id=request.request_id, error=pb.StreamError(
-                    code=code.name, message=str(exc), field=field_of(exc)))
+                    code=code.name, message=message_of(exc), field=field_of(exc)))
             self._record("ExplainStream", request.model, code, time.perf_counter() - start)
             await answers.put(message)
 
@@ -111,7 +111,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 log.error("ExplainStream failed reading requests", exc_info=error)
             if field_of(error):
                 context.set_trailing_metadata((("protoserve-field", field_of(error)),))
-            await context.abort(code, str(error))
+            await context.abort(code, message_of(error))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async with self._rpc("ListModels", "", context):
@@ -157,4 +157,4 @@ class _RpcScope:
         field = field_of(error)
         if field:
             self.context.set_trailing_metadata((("protoserve-field", field),))
-        await self.context.abort(code, str(error))
+        await self.context.abort(code, message_of(error))

@@ -205,3 +205,28 @@ def test_imports_without_torch() -> None:
     code = ("import sys; import protoserve_client.cli, protoserve_client.client; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_more_dimensions_than_max_dims_are_refused_before_numpy_sees_them() -> None:
+    from protoserve_client.tensors import MAX_DIMS
+
+    assert from_tensor(pb.Tensor(dtype="uint8", shape=[1] * MAX_DIMS, data=b"\0")).ndim == MAX_DIMS
+    for n in (MAX_DIMS + 1, 65, 100_000):
+        with pytest.raises(TensorFormatError, match=rf"^input\.shape has {n} dimensions; at most {MAX_DIMS}$") as error:
+            from_tensor(pb.Tensor(dtype="uint8", shape=[1] * n, data=b"\0"), field="input")
+        assert error.value.field == "input.shape"
+
+
+def test_a_shape_numpy_cannot_index_is_refused_even_with_a_zero() -> None:
+    assert from_tensor(pb.Tensor(dtype="float32", shape=[2 ** 60, 0])).shape == (2 ** 60, 0)
+    for dtype, shape in (("float32", [2 ** 61, 0]), ("uint8", [2 ** 31, 2 ** 32, 0]), ("float16", [0] + [2 ** 62] * 3)):
+        with pytest.raises(TensorFormatError, match=r"^input\.shape \[.*\] is too large$") as error:
+            from_tensor(pb.Tensor(dtype=dtype, shape=shape), field="input")
+        assert error.value.field == "input.shape"
+
+
+def test_a_long_dtype_is_echoed_clipped() -> None:
+    with pytest.raises(TensorFormatError) as error:
+        from_tensor(pb.Tensor(dtype="x" * 16384, shape=[1], data=b"\0"), field="input")
+    assert str(error.value) == ("input.dtype '" + "x" * 32 + "...' is not supported; expected one of "
+                                "float32, float16, uint8")

@@ -77,3 +77,12 @@ def test_top_k_and_interventions_limits(small_client):
 def test_heatmaps_come_only_for_the_reported_components(client):
     response = client.explain(np.zeros((1, 28, 28), np.float32), model="mnist", heatmaps="input")
     assert [h.component_id for h in response.heatmaps] == [c.id for c in response.components]
+
+
+@pytest.mark.parametrize("shape", [[1] * 65, [1] * 33, [2 ** 62, 0]])
+def test_tensor_shapes_numpy_cannot_hold_are_invalid_not_internal(client, shape):
+    tensor = pb.Tensor(dtype="float32", shape=shape, data=b"" if 0 in shape else b"\x00" * 4)
+    error = _rpc_error(lambda: client.stub.Predict(pb.PredictRequest(model="mnist", input=tensor), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert dict(error.trailing_metadata())["protoserve-field"] == "input.shape"
+    assert len(error.details()) < 200

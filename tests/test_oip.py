@@ -267,3 +267,24 @@ def test_typed_contents_errors(stub, digits):
     with pytest.raises(grpc.RpcError) as caught:
         stub.ModelInfer(fp16)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("value", [_param(int64_param=2 ** 31), _param(int64_param=2 ** 63 - 1),
+                                   _param(int64_param=-(2 ** 63)), _param(int64_param=-1),
+                                   _param(uint64_param=2 ** 64 - 1), _param(uint64_param=2 ** 32)])
+def test_a_target_class_outside_the_class_indices_is_invalid_not_internal(stub, digits, value):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(_bad(infer_request(digits[:1]), target_class=value), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert dict(caught.value.trailing_metadata())["protoserve-field"] == "parameters.target_class"
+    number = value.int64_param if value.WhichOneof("parameter_choice") == "int64_param" else value.uint64_param
+    assert caught.value.details() == f"parameters.target_class: must be a class index, got {number}"
+
+
+@pytest.mark.parametrize("shape", [[1] * 70, [1] * 100_000, [2 ** 63 - 1, 1, 28, 28], [-1, 1, 28, 28]])
+def test_hostile_shapes_are_invalid_not_internal(stub, digits, shape):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(_bad(infer_request(digits[:1]), shape=shape), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert dict(caught.value.trailing_metadata())["protoserve-field"] == "inputs[0].shape"
+    assert len(caught.value.details()) < 200

@@ -1,7 +1,9 @@
 """Conversion between numpy arrays and the wire `Tensor` (little-endian, row-major).
 
 The server decodes requests with `from_tensor` too, so its errors name the field at fault
-and say exactly what is wrong; they are `TensorFormatError`, a `ValueError`.
+and say exactly what is wrong; they are `TensorFormatError`, a `ValueError`. What they echo of
+a tensor is bounded (a shape of at most MAX_DIMS dimensions, a dtype clipped), so an error
+message stays small whatever a client sent.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "uint8": np.dtype("u1"),
 }
+# NumPy 1's limit (NumPy 2's is 64), so a tensor decodes the same under either.
+MAX_DIMS = 32
+_ECHO_CHARS = 32  # of a dtype name in an error message
 
 
 class TensorFormatError(ValueError):
@@ -56,17 +61,25 @@ def from_tensor(tensor: pb.Tensor, *, field: str = "tensor") -> np.ndarray:
     The result is a read-only view of `tensor.data` (no copy); use ``.copy()`` for a writable
     array. `field` names the tensor in errors, e.g. ``field="input"`` gives
     "input.data has 100 bytes, shape [1, 28, 28] float32 needs 3136".
-    Raises TensorFormatError (a ValueError) for an unknown dtype, a negative dimension, or a
-    data length that does not match the shape.
+    Raises TensorFormatError (a ValueError) for an unknown dtype, more than MAX_DIMS dimensions,
+    a negative dimension, a shape too large to index, or a data length that does not match the shape.
     """
     dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
+        shown = tensor.dtype if len(tensor.dtype) <= _ECHO_CHARS else tensor.dtype[:_ECHO_CHARS] + "..."
         raise TensorFormatError(
-            f"{field}.dtype", f"{field}.dtype {tensor.dtype!r} is not supported; expected one of {_supported()}"
+            f"{field}.dtype", f"{field}.dtype {shown!r} is not supported; expected one of {_supported()}"
+        )
+    if len(tensor.shape) > MAX_DIMS:
+        raise TensorFormatError(
+            f"{field}.shape", f"{field}.shape has {len(tensor.shape)} dimensions; at most {MAX_DIMS}"
         )
     shape = list(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise TensorFormatError(f"{field}.shape", f"{field}.shape {shape} has a negative dimension")
+    # NumPy refuses a shape whose nonzero dimensions it cannot index, even when another is 0.
+    if math.prod(dim for dim in shape if dim) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise TensorFormatError(f"{field}.shape", f"{field}.shape {shape} is too large")
     # Python ints: a hostile shape cannot overflow the size computation.
     needed = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != needed:

@@ -48,6 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
                         max_delay_ms=args.max_delay_ms, max_queue_size=args.max_queue_size,
                         shutdown_grace_s=args.grace,
                         max_message_bytes=args.max_message_bytes, max_input_bytes=args.max_input_bytes,
+                        max_image_pixels=args.max_image_pixels, decode_threads=args.decode_threads,
+                        max_decode_backlog=args.max_decode_backlog, decode_timeout_s=args.decode_timeout_s,
                         max_top_k=args.max_top_k, max_interventions=args.max_interventions,
                         tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                         tls_client_ca=_path(args.tls_client_ca), auth_token_file=_path(args.auth_token_file))
@@ -160,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="largest gRPC message received or sent (gRPC answers RESOURCE_EXHAUSTED beyond)")
     serve.add_argument("--max-input-bytes", type=int, default=limits.max_input_bytes,
                        help="largest input tensor data or encoded image per request")
+    serve.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
+                       help="largest image (width x height, read from its header before decoding)")
+    serve.add_argument("--decode-threads", type=int, default=limits.decode_threads,
+                       help="threads that decode request images, off the event loop")
+    serve.add_argument("--max-decode-backlog", type=int, default=limits.max_decode_backlog,
+                       help="images being decoded or waiting at once; more: RESOURCE_EXHAUSTED")
+    serve.add_argument("--decode-timeout-s", type=float, default=limits.decode_timeout_s,
+                       help="how long a request waits for its image to be decoded; longer: RESOURCE_EXHAUSTED")
     serve.add_argument("--max-top-k", type=int, default=limits.max_top_k)
     serve.add_argument("--max-interventions", type=int, default=limits.max_interventions,
                        help="intervention sets per Explain request")

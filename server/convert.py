@@ -9,8 +9,9 @@ from protoserve_client import pb
 from protoserve_client.tensors import TensorFormatError, from_tensor, to_tensor
 
 from handlers.errors import InvalidInputError, NotFoundError
-from handlers.preprocess import input_from_array, input_from_image
+from handlers.preprocess import input_from_array
 from handlers.runtime import ExplainItem, ServedModel
+from server.decode import ImageDecoder
 from server.registry import ExplainKey
 from server.results import ExplainedRow, Scores
 from server.settings import Settings
@@ -22,21 +23,18 @@ HEATMAP_MODES = {
 }
 
 
-def decode_input(request, served: ServedModel, settings: Settings | None = None) -> torch.Tensor:
-    """The request's ``input`` tensor or ``image`` bytes -> float32 (*input_shape).
-
-    With ``settings``, more than ``settings.max_input_bytes`` of tensor data or image bytes is refused.
-    """
+async def decode_input(request, served: ServedModel, settings: Settings, images: ImageDecoder) -> torch.Tensor:
+    """The request's ``input`` tensor or ``image`` bytes -> float32 (*input_shape); an image is decoded
+    in ``images``' pool, off the event loop. More than ``settings.max_input_bytes`` is refused."""
     has_tensor, has_image = request.HasField("input"), bool(request.image)
     if has_tensor == has_image:
         raise InvalidInputError("input", "set exactly one of `input` (a tensor) and `image` (PNG/JPEG bytes)")
-    if settings is not None:
-        field, size = ("image", len(request.image)) if has_image else ("input.data", len(request.input.data))
-        if size > settings.max_input_bytes:
-            raise InvalidInputError(field, f"{size} bytes is more than the limit of {settings.max_input_bytes}")
+    field, size = ("image", len(request.image)) if has_image else ("input.data", len(request.input.data))
+    if size > settings.max_input_bytes:
+        raise InvalidInputError(field, f"{size} bytes is more than the limit of {settings.max_input_bytes}")
     spec = served.parts.input_spec
     if has_image:
-        return input_from_image(request.image, spec)
+        return await images.decode(request.image, spec)
     try:
         array = from_tensor(request.input, field="input")
     except TensorFormatError as exc:
@@ -52,8 +50,10 @@ def top_k(request, served: ServedModel, settings: Settings) -> int:
     return min(request.top_k or settings.default_top_k, len(served.labels))
 
 
-def decode_explain(request: pb.ExplainRequest, served: ServedModel, settings: Settings) -> tuple[ExplainKey, ExplainItem]:
-    """Validate an ExplainRequest completely, before it is queued."""
+def explain_options(request: pb.ExplainRequest, served: ServedModel,
+                    settings: Settings) -> tuple[ExplainKey, int | None, list[list[int]]]:
+    """Validate all of an ExplainRequest but its input: the key it batches under, the target class
+    (None: the predicted one) and the suppressed component indices of each intervention."""
     method = request.method or served.default_method
     explainer = served.explainers.get(method)
     if explainer is None:
@@ -76,8 +76,14 @@ def decode_explain(request: pb.ExplainRequest, served: ServedModel, settings: Se
                 raise NotFoundError(f"component of method {method!r}", component_id)
             indices.append(explainer.component_ids[component_id])
         suppress.append(indices)
-    item = ExplainItem(decode_input(request, served, settings), target, suppress)
-    return ExplainKey(method, HEATMAP_MODES[request.heatmaps]), item
+    return ExplainKey(method, HEATMAP_MODES[request.heatmaps]), target, suppress
+
+
+async def decode_explain(request: pb.ExplainRequest, served: ServedModel, settings: Settings,
+                         images: ImageDecoder) -> tuple[ExplainKey, ExplainItem]:
+    """Validate an ExplainRequest completely, before it is queued: the cheap checks first, the input last."""
+    key, target, suppress = explain_options(request, served, settings)
+    return key, ExplainItem(await decode_input(request, served, settings, images), target, suppress)
 
 
 def add_class_scores(target, scores: Scores, labels: list[str], k: int) -> None:

@@ -6,11 +6,13 @@ import grpc
 
 from handlers.errors import ArchiveError, InvalidInputError, NotFoundError, clip
 from server.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
+from server.decode import DecodeBudgetError
 
 STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DecodeBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (BatcherClosedError, grpc.StatusCode.UNAVAILABLE),
     (ArchiveError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -63,7 +63,6 @@ import torch
 from protoserve_client import pb
 from protoserve_client._stubs.inference import grpc_service_pb2 as oip
 from protoserve_client._stubs.inference import grpc_service_pb2_grpc as oip_grpc
-from protoserve_client.tensors import to_tensor
 
 from handlers.errors import InvalidInputError, clip, echo
 from handlers.preprocess import input_from_array
@@ -94,7 +93,7 @@ HEATMAP_ENUM = {name: value for value, name in convert.HEATMAP_MODES.items()}
 KNOWN_PARAMETERS = ("method", "target_class", "suppress", "heatmaps", "explain")
 IGNORED_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end",
                                 "content_type", "headers", "binary_data_output"})
-# decode_explain's fields, named as this protocol's request parameters.
+# explain_options' fields, named as this protocol's request parameters.
 PARAMETER_FIELDS = {"target_class": "parameters.target_class", "heatmaps": "parameters.heatmaps",
                     "interventions": "parameters.suppress"}
 
@@ -336,7 +335,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 scores = await _submit_all(model, inputs, PredictKey(), deadline)
                 outputs, method = {"logits": np.stack([s.logits for s in scores])}, ""
             else:
-                key, items = self._explain_items(request, served, options, batch, inputs)
+                key, items = self._explain_items(served, options, inputs)
                 self.metrics.stage_duration.labels(served.name, "preprocess").observe(time.perf_counter() - start)
                 rows = await _submit_all(model, items, key, deadline)
                 outputs, method = explanation_outputs(served, key.method, rows), key.method
@@ -347,22 +346,21 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 self._count_top_components(served, method, outputs)
             return response
 
-    def _explain_items(self, request, served: ServedModel, options: InferOptions, batch: np.ndarray,
-                       inputs: list[torch.Tensor]):
-        """Validate method, target class and suppressed ids once, through convert.decode_explain."""
+    def _explain_items(self, served: ServedModel, options: InferOptions, inputs: list[torch.Tensor]):
+        """Validate method, target class and suppressed ids once, through convert.explain_options."""
         template = pb.ExplainRequest(
-            model=served.name, version=served.version, method=options.method, input=to_tensor(batch[0]),
+            model=served.name, version=served.version, method=options.method,
             heatmaps=HEATMAP_ENUM[options.heatmaps],
             interventions=[pb.Intervention(suppress=ids) for ids in options.suppress])
         if options.target_class is not None:
             template.target_class = options.target_class
         try:
-            key, first = convert.decode_explain(template, served, self.settings)
+            key, target, suppress = convert.explain_options(template, served, self.settings)
         except InvalidInputError as exc:
             if exc.field in PARAMETER_FIELDS:
                 raise InvalidInputError(PARAMETER_FIELDS[exc.field], str(exc).partition(": ")[2]) from exc
             raise
-        return key, [ExplainItem(x, first.target, first.suppress) for x in inputs]
+        return key, [ExplainItem(x, target, suppress) for x in inputs]
 
     def _count_top_components(self, served: ServedModel, method: str, outputs: dict[str, np.ndarray]) -> None:
         contributions = np.abs(outputs["component_contributions"])

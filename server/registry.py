@@ -18,6 +18,7 @@ from handlers.archive import ARCHIVE_SUFFIX, read_archive
 from handlers.errors import ArchiveError, NotFoundError
 from handlers.runtime import ServedModel
 from server.batcher import DynamicBatcher
+from server.decode import ImageDecoder
 from server.metrics import BatcherMetrics, Metrics
 from server.results import explained_rows, ranked_scores
 from server.settings import Settings
@@ -77,13 +78,15 @@ class LoadedModel:
 
 
 class ModelRegistry:
-    """Model versions by name; the newest version answers when a request names none."""
+    """Model versions by name; the newest version answers when a request names none. Also owns the
+    pool that decodes request images for every model (``images``)."""
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
         self.models: dict[str, dict[str, LoadedModel]] = {}
         self.load_errors: dict[str, str] = {}
+        self.images = ImageDecoder(settings)
 
     def load_store(self, device: torch.device) -> None:
         """Load every archive in the store; a broken one is logged and skipped."""
@@ -110,6 +113,7 @@ class ModelRegistry:
         for versions in self.models.values():
             for model in versions.values():
                 await model.close(grace_s)
+        self.images.close()
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         versions = self.models.get(name)

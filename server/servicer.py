@@ -35,7 +35,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             model = self.registry.get(request.model, request.version)
             served = model.served
             k = convert.top_k(request, served, self.settings)
-            x = convert.decode_input(request, served, self.settings)
+            x = await convert.decode_input(request, served, self.settings, self.registry.images)
             scores = await model.batcher.submit(x, key=PredictKey(), deadline=_deadline(context))
             response = pb.PredictResponse(request_id=request.request_id, model=served.name, version=served.version)
             convert.add_class_scores(response.prediction, scores, served.labels, k)
@@ -50,7 +50,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         served = model.served
         k = convert.top_k(request, served, self.settings)
         start = time.perf_counter()
-        key, item = convert.decode_explain(request, served, self.settings)
+        key, item = await convert.decode_explain(request, served, self.settings, self.registry.images)
         self.metrics.stage_duration.labels(served.name, "preprocess").observe(time.perf_counter() - start)
         row = await model.batcher.submit(item, key=key, deadline=deadline)
         start = time.perf_counter()

@@ -38,6 +38,13 @@ class Settings:
     default_top_k: int = 5
     shutdown_grace_s: float = 10.0
     max_input_bytes: int = 16 << 20  # bytes of `input.data` or `image` per request; more: INVALID_ARGUMENT
+    # Images are decoded off the event loop (server/decode.py): pixels per image (read from the header,
+    # before decoding), decoding threads, decodes in the pool at once (more: RESOURCE_EXHAUSTED), and
+    # how long a request waits for its decode (queued and running; past it: RESOURCE_EXHAUSTED).
+    max_image_pixels: int = 4096 * 4096
+    decode_threads: int = 2
+    max_decode_backlog: int = 16
+    decode_timeout_s: float = 5.0
     tls_cert: Path | None = None     # PEM certificate chain; with tls_key: serve TLS only
     tls_key: Path | None = None      # PEM private key
     tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates signed by it (mutual TLS)
@@ -54,3 +61,8 @@ class Settings:
             raise ValueError(f"intra_op_threads must be >= 0 (0: torch's default), got {self.intra_op_threads}")
         if self.keep_freed_mib < 0:
             raise ValueError(f"keep_freed_mib must be >= 0 (0: glibc's defaults), got {self.keep_freed_mib}")
+        for name in ("max_image_pixels", "decode_threads", "max_decode_backlog"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.decode_timeout_s > 0:
+            raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")

@@ -86,3 +86,28 @@ def test_tensor_shapes_numpy_cannot_hold_are_invalid_not_internal(client, shape)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert dict(error.trailing_metadata())["protoserve-field"] == "input.shape"
     assert len(error.details()) < 200
+
+
+def test_the_decode_budget_flags_reach_the_settings(monkeypatch, tmp_path):
+    import server.app
+    from server import cli
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, settings):
+            seen.append(settings)
+
+        async def run_until_signal(self):
+            return None
+
+    monkeypatch.setattr(server.app, "App", Recorder)
+    assert cli.main(["serve", "--model-store", str(tmp_path), "--max-image-pixels", "1000", "--decode-threads", "3",
+                     "--max-decode-backlog", "5", "--decode-timeout-s", "0.25"]) == 0
+    settings = seen[0]
+    assert (settings.max_image_pixels, settings.decode_threads, settings.max_decode_backlog,
+            settings.decode_timeout_s) == (1000, 3, 5, 0.25)
+    for name, value in (("max_image_pixels", 0), ("decode_threads", 0), ("max_decode_backlog", 0),
+                        ("decode_timeout_s", 0.0)):
+        with pytest.raises(ValueError, match=rf"^{name} must be "):
+            Settings(model_store=tmp_path, **{name: value})

@@ -8,17 +8,22 @@ An archive is an uncompressed zip holding
   the tools that wrote it, and the sha256 of every other member;
 * ``model/{upstream,downstream}.graph.json`` and ``.safetensors``: the model's two parts
   (see :mod:`handlers.model_parts`);
-* ``methods/<name>/factors.safetensors`` and ``methods/<name>/exemplars/<id>.png``.
+* ``methods/<name>/factors.safetensors`` and ``methods/<name>/exemplars/<id>.png``;
+* ``samples/inputs.safetensors``: a few held-out inputs per class with their labels (archives
+  written before it have none): the server checks additive methods on them at load.
 
-Reading checks, before anything is built: member names (no absolute paths, no ``..``),
-that the members are exactly those the manifest lists, sizes, and every sha256; then that
-each factorization was fitted against this model's weights and layer shape.
+Reading checks, before anything is built: member names (no absolute paths, no ``..``), that
+members are stored uncompressed, that they are exactly those the manifest lists, sizes (the
+manifest's too: every read is capped, so no member is inflated or read past its limit), and
+every sha256; then the input shape against the model, the class count against its logits, and
+that each factorization was fitted against this model's weights and layer shape.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import re
 import zipfile
@@ -40,9 +45,26 @@ FORMAT = "protoserve-archive"
 FORMAT_VERSION = 1
 ARCHIVE_SUFFIX = ".psar"
 MANIFEST = "manifest.json"
+SAMPLES = "samples/inputs.safetensors"
 MAX_MEMBER_BYTES = 4 << 30
+MAX_MANIFEST_BYTES = 32 << 20
+MAX_MEMBERS = 100_000
+MAX_INPUT_ELEMENTS = 1 << 24  # one example; 64 MiB of float32
+MAX_SAMPLES = 64
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same inputs give the same bytes
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+
+
+@dataclass(frozen=True)
+class HeldOutSamples:
+    """A few held-out examples per class: checked against at load, and shown to users.
+
+    inputs : (S, *input_shape) float32, preprocessed as the model expects
+    labels : (S,) int64, their true classes
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
 
 
 @dataclass
@@ -56,6 +78,7 @@ class Archive:
     default_method: str
     manifest: dict
     onnx_parts: dict[str, bytes] | None = None  # "upstream"/"downstream" -> ONNX bytes, when packaged with them
+    samples: HeldOutSamples | None = None  # None in archives written before samples were stored
 
 
 def archive_filename(name: str, version: str) -> str:
@@ -64,10 +87,12 @@ def archive_filename(name: str, version: str) -> str:
 
 def write_archive(directory: Path | str, name: str, version: str, parts: ModelParts,
                   methods: list[FittedMethod], default_method: str | None = None,
-                  model_card: dict | None = None, backend: str = "torch") -> Path:
+                  model_card: dict | None = None, backend: str = "torch",
+                  samples: HeldOutSamples | None = None) -> Path:
     """Write ``directory/<name>-<version>.psar`` and return its path.
 
     ``model_card`` is free-form JSON about the model (training data, held-out accuracy).
+    ``samples``: held-out inputs with their labels (see :func:`handlers.packaging.held_out_samples`).
     ``backend="onnx"`` also stores ONNX exports of the parts and makes ONNX Runtime the
     archive's preferred backend for the forward pass.
     """
@@ -89,6 +114,9 @@ def write_archive(directory: Path | str, name: str, version: str, parts: ModelPa
             features = parts.upstream(example)
         members["model/upstream.onnx"] = export_part(parts.upstream, example)
         members["model/downstream.onnx"] = export_part(parts.downstream, features)
+    if samples is not None:
+        members[SAMPLES] = save_safetensors({"inputs": samples.inputs.detach().cpu().float().contiguous(),
+                                             "labels": samples.labels.detach().cpu().long().contiguous()})
     method_entries = {}
     for fitted in methods:
         prefix = f"methods/{fitted.name}"
@@ -129,8 +157,12 @@ def write_archive(directory: Path | str, name: str, version: str, parts: ModelPa
     path = Path(directory) / archive_filename(name, version)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
+    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"the manifest would be {len(manifest_bytes)} bytes, more than readers accept "
+                         f"({MAX_MANIFEST_BYTES}); shorten the model card or the fit reports")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for member, data in [(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode()), *sorted(members.items())]:
+        for member, data in [(MANIFEST, manifest_bytes), *sorted(members.items())]:
             zf.writestr(zipfile.ZipInfo(member, date_time=_ZIP_EPOCH), data)
     tmp.replace(path)  # readers never see a half-written archive
     return path
@@ -144,16 +176,23 @@ def read_archive(path: Path | str) -> Archive:
             members = _read_members(zf)
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
         raise ArchiveError(f"{path.name}: not a readable archive (truncated or corrupt?): {exc}") from exc
+    except ArchiveError as exc:
+        raise ArchiveError(f"{path.name}: {exc}") from exc
     try:
         return _build(members)
     except ArchiveError as exc:
         raise ArchiveError(f"{path.name}: {exc}") from exc
-    except (UnsafeGraphError, safetensors.SafetensorError, KeyError, TypeError, ValueError) as exc:
-        raise ArchiveError(f"{path.name}: invalid content: {exc}") from exc
+    # RuntimeError: torch refusing the stored graph or weights (shapes that do not fit).
+    except (UnsafeGraphError, safetensors.SafetensorError, KeyError, TypeError, ValueError, IndexError,
+            AttributeError, RuntimeError) as exc:
+        raise ArchiveError(f"{path.name}: invalid content ({type(exc).__name__}): {exc}") from exc
 
 
 def _read_members(zf: zipfile.ZipFile) -> dict[str, bytes]:
-    names = [info.filename for info in zf.infolist()]
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise ArchiveError(f"{len(infos)} members is more than the limit of {MAX_MEMBERS}")
+    names = [info.filename for info in infos]
     for name in names:
         if not _SAFE_NAME.match(name) or ".." in name.split("/"):
             raise ArchiveError(f"member name {name!r} is not allowed (absolute, escaping or odd characters)")
@@ -161,42 +200,74 @@ def _read_members(zf: zipfile.ZipFile) -> dict[str, bytes]:
         raise ArchiveError("duplicate member names")
     if MANIFEST not in names:
         raise ArchiveError("no manifest.json")
-    manifest_bytes = zf.read(MANIFEST)
+    for info in infos:
+        # Stored members take their size in the file: nothing inflates beyond what is on disk.
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ArchiveError(f"member {info.filename} is compressed (method {info.compress_type}); archives "
+                               "store members uncompressed")
+    manifest_bytes = _read_capped(zf, zf.getinfo(MANIFEST), MAX_MANIFEST_BYTES)
     try:
         manifest = json.loads(manifest_bytes)
-    except json.JSONDecodeError as exc:
-        raise ArchiveError(f"manifest.json is not JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArchiveError(f"manifest.json is not JSON: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ArchiveError(f"manifest.json holds a {type(manifest).__name__}, not an object")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArchiveError(f"format {manifest.get('format')!r} v{manifest.get('format_version')!r} is not "
                            f"{FORMAT} v{FORMAT_VERSION}")
     listed = manifest.get("members", {})
+    if not isinstance(listed, dict):
+        raise ArchiveError("the manifest's members are not an object of sha256 by name")
     if set(names) - {MANIFEST} != set(listed):
         extra, missing = sorted(set(names) - {MANIFEST} - set(listed)), sorted(set(listed) - set(names))
         raise ArchiveError(f"members differ from the manifest: unlisted {extra}, missing {missing}")
     data = {MANIFEST: manifest_bytes}
-    for info in zf.infolist():
+    for info in infos:
         if info.filename == MANIFEST:
             continue
-        if info.file_size > MAX_MEMBER_BYTES:
-            raise ArchiveError(f"member {info.filename} is larger than {MAX_MEMBER_BYTES} bytes")
-        content = zf.read(info)
+        content = _read_capped(zf, info, MAX_MEMBER_BYTES)
         if hashlib.sha256(content).hexdigest() != listed[info.filename]:
             raise ArchiveError(f"member {info.filename} fails its sha256 check (tampered or corrupt)")
         data[info.filename] = content
     return data
 
 
+def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A member's bytes; refused, without reading more than ``limit + 1`` bytes, when larger than ``limit``."""
+    if info.file_size > limit:
+        raise ArchiveError(f"member {info.filename} is {info.file_size} bytes, more than the limit of {limit}")
+    with zf.open(info) as stream:
+        content = stream.read(limit + 1)  # the header's size could lie: the read is capped too
+    if len(content) > limit:
+        raise ArchiveError(f"member {info.filename} is more than the limit of {limit} bytes")
+    return content
+
+
 def _build(members: dict[str, bytes]) -> Archive:
     manifest = json.loads(members[MANIFEST])
+    spec = InputSpec.from_json(manifest["input"])
+    labels = list(manifest["labels"])
+    if not all(isinstance(label, str) for label in labels):
+        raise ArchiveError("the manifest's labels must be strings")
+    if not spec.shape or min(spec.shape) < 1 or math.prod(spec.shape) > MAX_INPUT_ELEMENTS:
+        raise ArchiveError(f"input shape {spec.shape} must have positive sizes and at most {MAX_INPUT_ELEMENTS} "
+                           "elements")
     upstream = load_graph_module(members["model/upstream.graph.json"], members["model/upstream.safetensors"])
     downstream = load_graph_module(members["model/downstream.graph.json"], members["model/downstream.safetensors"])
-    parts = ModelParts(upstream, downstream, InputSpec.from_json(manifest["input"]), list(manifest["labels"]),
-                       manifest["layer"]["name"])
+    try:
+        parts = ModelParts(upstream, downstream, spec, labels, manifest["layer"]["name"])
+    except RuntimeError as exc:
+        raise ArchiveError(f"the model does not take inputs of the manifest's shape {spec.shape}: {exc}") from exc
     if parts.weights_sha256 != manifest["model_weights_sha256"]:
         raise ArchiveError("the model's weights do not match the manifest's weight hash")
     if parts.feature_shape != manifest["layer"]["feature_shape"]:
         raise ArchiveError(f"layer shape {parts.feature_shape} differs from the manifest's "
                            f"{manifest['layer']['feature_shape']}")
+    with torch.inference_mode():
+        logits_shape = list(downstream(torch.zeros(1, *parts.feature_shape)).shape)
+    if logits_shape != [1, len(labels)]:
+        raise ArchiveError(f"the model gives logits of shape {logits_shape[1:]} for the manifest's "
+                           f"{len(labels)} labels")
     methods = {}
     for method_name, entry in manifest["methods"].items():
         if entry["model_weights_sha256"] != parts.weights_sha256 or entry["feature_shape"] != parts.feature_shape:
@@ -212,8 +283,25 @@ def _build(members: dict[str, bytes]) -> Archive:
     onnx_parts = None
     if manifest.get("backend") == "onnx":
         onnx_parts = {part: members[f"model/{part}.onnx"] for part in ("upstream", "downstream")}
+    samples = _samples(members[SAMPLES], spec, len(labels)) if SAMPLES in members else None
     return Archive(manifest["name"], manifest["version"], parts, methods, manifest["default_method"], manifest,
-                   onnx_parts)
+                   onnx_parts, samples)
+
+
+def _samples(data: bytes, spec: InputSpec, num_classes: int) -> HeldOutSamples:
+    tensors = load_safetensors(data)
+    if set(tensors) != {"inputs", "labels"}:
+        raise ArchiveError(f"{SAMPLES} holds {sorted(tensors)}, not inputs and labels")
+    inputs, labels = tensors["inputs"], tensors["labels"]
+    count = len(labels)
+    if not (inputs.dtype == torch.float32 and labels.dtype == torch.int64 and labels.dim() == 1
+            and list(inputs.shape) == [count, *spec.shape] and 1 <= count <= MAX_SAMPLES):
+        raise ArchiveError(f"{SAMPLES}: expected 1 to {MAX_SAMPLES} float32 inputs of shape {spec.shape} and int64 "
+                           f"labels, got inputs {inputs.dtype} {list(inputs.shape)}, labels {labels.dtype} "
+                           f"{list(labels.shape)}")
+    if not bool(((labels >= 0) & (labels < num_classes)).all()) or not bool(inputs.isfinite().all()):
+        raise ArchiveError(f"{SAMPLES}: labels outside [0, {num_classes}) or inputs that are not finite")
+    return HeldOutSamples(inputs, labels)
 
 
 def _tool_versions() -> dict:

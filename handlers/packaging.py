@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from handlers.archive import read_archive, write_archive
+from handlers.archive import HeldOutSamples, read_archive, write_archive
 from handlers.base import FitData, FittedMethod
 from handlers.methods import METHODS
 from handlers.model import InputSpec, ModelParts
@@ -64,6 +64,21 @@ def fit_methods(parts: ModelParts, data: FitData, methods: dict[str, dict], log=
     return [METHODS[name][0](parts, data, log=log, **params) for name, params in methods.items()]
 
 
+def held_out_samples(data: FitData, per_class: int = 2, limit: int = 32) -> HeldOutSamples | None:
+    """A few held-out examples of each class (the first of each in ``data.x_test``), at most ``limit``;
+    None without held-out data.
+
+    Taken round by round, one per class each round, so with many classes every class gets one
+    before any gets a second.
+    """
+    by_class = [(data.y_test == c).nonzero().flatten()[:per_class].tolist() for c in data.y_test.unique().tolist()]
+    chosen = [members[rank] for rank in range(per_class) for members in by_class if rank < len(members)][:limit]
+    if not chosen:
+        return None
+    index = torch.tensor(sorted(chosen), dtype=torch.int64)
+    return HeldOutSamples(data.x_test[index].float(), data.y_test[index].long())
+
+
 def package(model: nn.Module, *, layer: str, input_spec: InputSpec, labels: list[str], data: FitData,
             methods: dict[str, dict], name: str, version: str, out_dir: Path | str, model_card: dict | None = None,
             backend: str = "torch", log=print) -> Path:
@@ -71,19 +86,24 @@ def package(model: nn.Module, *, layer: str, input_spec: InputSpec, labels: list
     parts = ModelParts.from_model(model, layer, input_spec, labels)
     log(f"split at {layer!r}: features {parts.feature_shape}; weights sha256 {parts.weights_sha256[:12]}…")
     fitted = fit_methods(parts, data, methods, log=log)
-    path = write_archive(out_dir, name, version, parts, fitted, model_card=model_card, backend=backend)
+    path = write_archive(out_dir, name, version, parts, fitted, model_card=model_card, backend=backend,
+                         samples=held_out_samples(data))
     log(f"wrote {path}")
     return path
 
 
 def add_methods(archive_path: Path | str, data: FitData, methods: dict[str, dict], out_dir: Path | str,
                 version: str | None = None, log=print) -> Path:
-    """Fit more methods against the model inside an archive; write it again (optionally as a new version)."""
+    """Fit more methods against the model inside an archive; write it again (optionally as a new version).
+
+    The archive keeps its held-out samples; one written before they were stored gets them from ``data``.
+    """
     archive = read_archive(archive_path)
     fitted = {**archive.methods, **{m.name: m for m in fit_methods(archive.parts, data, methods, log=log)}}
     path = write_archive(out_dir, archive.name, version or archive.version, archive.parts, list(fitted.values()),
                          default_method=archive.default_method, model_card=archive.manifest.get("model_card"),
-                         backend=archive.manifest.get("backend", "torch"))
+                         backend=archive.manifest.get("backend", "torch"),
+                         samples=archive.samples or held_out_samples(data))
     log(f"wrote {path}")
     return path
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from handlers.archive import Archive
+from handlers.archive import Archive, HeldOutSamples
 from handlers.base import ExplainBatch, Explainer, Explanation
 from handlers.errors import ArchiveError
 from handlers.methods import METHODS
+from handlers.model import InputSpec
 from handlers.onnx_backend import OnnxPart
 
 
@@ -31,6 +32,43 @@ class ExplainItem:
 
 # Reduced precision for the backbone (the parts up to the explained layer); see ServedModel.
 AUTOCAST_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# An additive explanation adds up within float32 rounding: sums of a few thousand float32 products
+# stay far below this share of the terms' magnitude, and a decomposition that misses by more is wrong.
+ADDITIVITY_RTOL = 1e-3
+ADDITIVITY_ATOL = 1e-5
+SYNTHETIC_CHECK_INPUTS = 8
+CHECK_BATCH = 8
+
+
+def additivity_gaps(explanation: Explanation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completeness per example, of an explanation on the CPU.
+
+    Returns the gap ``|sum(contribution) + residual_contribution + bias - target_logit|`` (B,) float32,
+    and whether it is within float32 rounding (B,) bool: at most ``ADDITIVITY_RTOL`` times the
+    terms' magnitude plus ``ADDITIVITY_ATOL`` (False where anything is not finite).
+    """
+    e = explanation
+    contribution = torch.where(e.component_index >= 0, e.contribution.double(), 0.0)
+    terms = (contribution, e.residual_contribution.double(), e.bias.double(), e.target_logit.double())
+    gap = (terms[0].sum(1) + terms[1] + terms[2] - terms[3]).abs()
+    magnitude = terms[0].abs().sum(1) + terms[1].abs() + terms[2].abs() + terms[3].abs()
+    return gap.float(), gap <= ADDITIVITY_RTOL * magnitude + ADDITIVITY_ATOL
+
+
+def synthetic_inputs(spec: InputSpec, count: int = SYNTHETIC_CHECK_INPUTS) -> torch.Tensor:
+    """Deterministic stand-ins (seed 0) for held-out inputs: (count, *spec.shape) float32.
+
+    Uniform pixels in [0, 1] put through the image normalization when the model takes images,
+    else standard normal values.
+    """
+    generator = torch.Generator().manual_seed(0)
+    if spec.image is None or len(spec.shape) != 3:
+        return torch.randn(count, *spec.shape, generator=generator)
+    pixels = torch.rand(count, *spec.shape, generator=generator)
+    mean = torch.tensor(spec.image.get("mean", [0.0] * spec.shape[0]), dtype=torch.float32).reshape(-1, 1, 1)
+    std = torch.tensor(spec.image.get("std", [1.0] * spec.shape[0]), dtype=torch.float32).reshape(-1, 1, 1)
+    return (pixels - mean) / std
 
 
 class ServedModel:
@@ -67,7 +105,19 @@ class ServedModel:
         for method, fitted in archive.methods.items():
             if method not in METHODS:
                 raise ArchiveError(f"{self.name}-{self.version}: unknown method {method!r}")
-            self.explainers[method] = METHODS[method][1](self.parts, fitted).to(self.device)
+            try:
+                self.explainers[method] = METHODS[method].explainer(self.parts, fitted).to(self.device)
+            except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+                raise ArchiveError(f"{self.name}-{self.version}: method {method!r} does not fit the model "
+                                   f"({type(exc).__name__}): {exc}") from exc
+        # Additive methods are checked before serving; one that does not add up is refused alone.
+        self.additivity_inputs = ""  # what they were checked on, for the log
+        self.refused_methods: dict[str, str] = self._check_additivity(archive.samples)
+        if not self.explainers:
+            raise ArchiveError(f"{self.name}-{self.version}: no method left to serve: "
+                               + "; ".join(self.refused_methods.values()))
+        if self.default_method not in self.explainers:
+            self.default_method = next(iter(self.explainers))
 
     @property
     def labels(self) -> list[str]:
@@ -124,6 +174,44 @@ class ServedModel:
                 explanation.heatmaps = self._to_input_size(explanation.heatmaps)
         result = logits.detach().float().cpu(), _detach_cpu(explanation)
         return *result, {"forward": forward_done - start, "explain": self._clock() - forward_done}
+
+    def _check_additivity(self, samples: HeldOutSamples | None) -> dict[str, str]:
+        """Explain the held-out samples (their true classes), else synthetic inputs, with every
+        additive method; remove each one that does not add up. Returns method -> why."""
+        additive = [method for method, explainer in self.explainers.items() if explainer.additive]
+        if not additive:
+            return {}
+        if samples is not None:
+            inputs, targets = samples.inputs, samples.labels.tolist()
+            self.additivity_inputs = f"{len(inputs)} held-out samples"
+        else:
+            inputs = synthetic_inputs(self.parts.input_spec)
+            targets = [None] * len(inputs)
+            self.additivity_inputs = f"{len(inputs)} synthetic inputs (seeded; the archive has no held-out samples)"
+        items = [ExplainItem(x, target, []) for x, target in zip(inputs, targets)]
+        refused = {}
+        for method in additive:
+            gaps, adds_up = [], []
+            for start in range(0, len(items), CHECK_BATCH):
+                _, explanation, _ = self.explain(method, items[start:start + CHECK_BATCH], "none")
+                gap, ok = additivity_gaps(explanation)
+                gaps.append(gap)
+                adds_up.append(ok)
+            gap, ok = torch.cat(gaps), torch.cat(adds_up)
+            if not bool(ok.all()):
+                refused[method] = (f"method {method!r} is additive, but on {int((~ok).sum())} of "
+                                   f"{self.additivity_inputs} its contributions + residual + bias miss the target "
+                                   f"logit (largest gap {gap.max().item():.4g}); {self._likely_cause(inputs)}")
+                del self.explainers[method]
+        return refused
+
+    def _likely_cause(self, inputs: torch.Tensor) -> str:
+        negative = (self.parts.features(inputs) < 0).float().mean().item()
+        if negative > 0:
+            return (f"cause: the explained layer {self.parts.layer!r} is signed ({negative:.0%} of its features "
+                    f"are negative there), and the decomposition holds only for non-negative features: package "
+                    f"the method at a layer after a ReLU")
+        return "cause: the factorization does not reproduce the model's head; refit the method"
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
         """Host batch -> device; to a GPU from page-locked memory, so the copy is asynchronous."""

@@ -99,7 +99,8 @@ def explain_response(request: pb.ExplainRequest, served: ServedModel, method: st
     response = pb.ExplainResponse(
         request_id=request.request_id, model=served.name, version=served.version, method=method,
         target_class=row.target_class, target_logit=row.target_logit, bias=row.bias,
-        residual_contribution=row.residual_contribution, residual_share=row.residual_share)
+        residual_contribution=row.residual_contribution, residual_share=row.residual_share,
+        additive=row.additive, additivity_gap=row.additivity_gap)
     add_class_scores(response.prediction, row.scores, served.labels, k)
     reported = [(j, components[c]) for j, c in enumerate(row.component_index.tolist()) if c >= 0]
     weight, contribution = row.weight.tolist(), row.contribution.tolist()

@@ -39,6 +39,10 @@ class Metrics:
         self.component_uses = Counter("protoserve_component_reported",
                                       "Times a component was the top contributor of an explanation.",
                                       ["model", "method", "component"], registry=r)
+        self.additivity_violations = Counter("protoserve_additivity_violations",
+                                             "Answers of an additive method whose contributions + residual + "
+                                             "bias missed the target logit by more than float32 rounding.",
+                                             ["model", "method"], registry=r)
 
     def serve(self, host: str, port: int):
         """Start the /metrics HTTP endpoint; returns (server, thread)."""

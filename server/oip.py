@@ -41,12 +41,16 @@ name                         datatype  shape           holds
 ``residual_share``           FP32      [N]             in [0, 1]
 ``heatmaps``                 FP32      [N, C, H, W]    only when ``heatmaps`` is not none
 ``intervened_logits``        FP32      [N, M, K]       only when ``suppress`` is given
+``additivity_gap``           FP32      [N]             |sum(contributions) + residual +
+                                                       bias - target_logit|; 0 for a
+                                                       method that is not additive
 ===========================  ========  ==============  ===================================
 
 For an additive method, ``sum(component_contributions) + residual_contribution + bias ==
-target_logit`` per example. Outputs are returned in ``raw_output_contents`` (BYTES as
-4-byte little-endian length-prefixed strings), as Triton does; ``outputs`` in the request
-selects a subset.
+target_logit`` per example: the server checks it on every answer, and a gap beyond float32
+rounding is counted in ``protoserve_additivity_violations_total``. Outputs are returned in
+``raw_output_contents`` (BYTES as 4-byte little-endian length-prefixed strings), as Triton
+does; ``outputs`` in the request selects a subset.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ def output_metadata(served: ServedModel) -> list[tuple[str, str, list[int]]]:
         ("residual_share", "FP32", [-1]),
         ("heatmaps", "FP32", [-1, -1, -1, -1]),
         ("intervened_logits", "FP32", [-1, -1, k]),
+        ("additivity_gap", "FP32", [-1]),
     ]
 
 
@@ -247,6 +252,7 @@ def explanation_outputs(served: ServedModel, method: str, rows: list[ExplainedRo
         outputs["heatmaps"] = np.stack([row.heatmaps for row in rows])
     if rows[0].intervened:
         outputs["intervened_logits"] = np.stack([np.stack([s.logits for s in row.intervened]) for row in rows])
+    outputs["additivity_gap"] = np.array([row.additivity_gap for row in rows], dtype=np.float32)
     return outputs
 
 

@@ -20,7 +20,7 @@ from handlers.runtime import ServedModel
 from server.batcher import DynamicBatcher
 from server.decode import ImageDecoder
 from server.metrics import BatcherMetrics, Metrics
-from server.results import explained_rows, ranked_scores
+from server.results import ExplainedRow, explained_rows, predicted_rows
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,20 @@ class LoadedModel:
             start = time.perf_counter()
             logits = self.served.predict(torch.stack(payloads))
             self._stages["forward"].observe(time.perf_counter() - start)
-            return ranked_scores(logits)
+            return predicted_rows(logits)
         logits, explanation, timings = self.served.explain(key.method, payloads, key.heatmaps)
         for stage_name, seconds in timings.items():
             self._stages[stage_name].observe(seconds)
+        additive = self.served.explainers[key.method].additive
+        rows = explained_rows(logits, explanation, [len(item.suppress) for item in payloads], additive)
+        answered = [row for row in rows if isinstance(row, ExplainedRow)]
         residual_metric = self.metrics.residual_share.labels(self.served.name, key.method)
-        for share in explanation.residual_share.tolist():
-            residual_metric.observe(share)
-        return explained_rows(logits, explanation)
+        for row in answered:
+            residual_metric.observe(row.residual_share)
+        violations = sum(not row.additive for row in answered) if additive else 0
+        if violations:
+            self.metrics.additivity_violations.labels(self.served.name, key.method).inc(violations)
+        return rows
 
     async def close(self, grace_s: float) -> None:
         await self.batcher.close(grace_s)
@@ -89,20 +95,49 @@ class ModelRegistry:
         self.images = ImageDecoder(settings)
 
     def load_store(self, device: torch.device) -> None:
-        """Load every archive in the store; a broken one is logged and skipped."""
+        """Load every archive in the store. Whatever goes wrong loading one archive refuses that
+        archive alone (logged, and kept in ``load_errors``); so do two archives of one name and version."""
         store = Path(self.settings.model_store)
         if not store.is_dir():
             raise FileNotFoundError(f"model store {store} is not a directory")
+        loaded: dict[tuple[str, str], list[tuple[Path, ServedModel]]] = {}
         for path in sorted(store.glob(f"*{ARCHIVE_SUFFIX}")):
             try:
                 served = ServedModel(read_archive(path), device, self.settings.backend, self.settings.autocast)
             except ArchiveError as exc:
-                self.load_errors[path.name] = str(exc)
-                log.error("refusing archive %s: %s", path.name, exc)
+                self._refuse(path.name, str(exc))
                 continue
-            self.models.setdefault(served.name, {})[served.version] = LoadedModel(served, self.settings, self.metrics)
-            log.info("loaded %s version %s (%s) on %s", served.name, served.version,
-                     ", ".join(served.explainers), device)
+            except Exception as exc:  # a bug or an unforeseen fault in one archive must not stop the others
+                log.exception("loading %s failed", path.name)
+                self._refuse(path.name, f"{path.name}: cannot be loaded ({type(exc).__name__}): {exc}")
+                continue
+            loaded.setdefault((served.name, served.version), []).append((path, served))
+        for (name, version), copies in loaded.items():
+            if len(copies) > 1:
+                files = " and ".join(path.name for path, _ in copies)
+                for path, _ in copies:
+                    self._refuse(path.name, f"model {name!r} version {version!r} is in two archives, {files}; "
+                                            "both are refused: remove or renumber one")
+                continue
+            path, served = copies[0]
+            self._log_checks(path, served)
+            self.models.setdefault(name, {})[version] = LoadedModel(served, self.settings, self.metrics)
+            log.info("loaded %s version %s (%s) on %s", name, version, ", ".join(served.explainers), device)
+
+    def _refuse(self, key: str, message: str) -> None:
+        self.load_errors[key] = message
+        log.error("refusing %s: %s", key, message)
+
+    def _log_checks(self, path: Path, served: ServedModel) -> None:
+        if not served.additivity_inputs:
+            return
+        log.log(logging.INFO if served.archive.samples is not None else logging.WARNING,
+                "%s: additive methods checked on %s", path.name, served.additivity_inputs)
+        for method, reason in served.refused_methods.items():
+            self._refuse(f"{path.name}:{method}", reason)
+        if served.default_method != served.archive.default_method:
+            log.warning("%s: default method %r is refused; %r answers requests that name no method", path.name,
+                        served.archive.default_method, served.default_method)
 
     def start(self) -> None:
         for versions in self.models.values():

@@ -3,6 +3,10 @@
 The event loop then builds each response from plain numpy arrays and Python numbers: a torch
 call there costs 5–10 µs and several times that with the cold caches an idle server has, while
 one batched sort, softmax and ``tolist`` per field serve the whole batch (BENCHMARKS.md).
+
+Each row is also checked here: an example whose numbers are not all finite (its forward pass
+overflowed float32) gets an :class:`~handlers.errors.InvalidInputError` instead of a row, and an
+additive method's row says whether it adds up (:func:`handlers.runtime.additivity_gaps`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ import numpy as np
 import torch
 
 from handlers.base import Explanation
+from handlers.errors import InvalidInputError
+from handlers.runtime import additivity_gaps
+
+OVERFLOW = ("the model's computation overflows float32 on this input (logits or explanation not finite); "
+            "send inputs in the range the model was trained on")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +50,10 @@ class ExplainedRow:
     component_index     : (C,) int64 into the method's components, -1 = padding
     weight, contribution: (C,) float32
     heatmaps            : (C, H, W) float32 on the feature grid, or None
-    intervened          : the M intervened logit vectors, ranked
+    intervened          : the example's own M intervened logit vectors, ranked
+    additive            : an additive method's row that adds up within float32 rounding
+    additivity_gap      : |sum(contribution) + residual_contribution + bias - target_logit|; 0 for
+                          a method that is not additive
     """
 
     scores: Scores
@@ -55,6 +67,8 @@ class ExplainedRow:
     contribution: np.ndarray
     heatmaps: np.ndarray | None
     intervened: list[Scores]
+    additive: bool
+    additivity_gap: float
 
 
 def ranked_scores(logits: torch.Tensor) -> list[Scores]:
@@ -64,13 +78,38 @@ def ranked_scores(logits: torch.Tensor) -> list[Scores]:
     return [Scores(*row) for row in zip(logits.numpy(), ranked.numpy(), probabilities.numpy())]
 
 
-def explained_rows(logits: torch.Tensor, explanation: Explanation) -> list[ExplainedRow]:
-    """A batch's logits (B, K) and explanation (CPU tensors) -> one row per example."""
+def predicted_rows(logits: torch.Tensor) -> list[Scores | InvalidInputError]:
+    """Logits (B, K) -> per example its :class:`Scores`, or an error if they are not finite."""
+    finite = logits.isfinite().all(1).tolist()
+    return [scores if ok else InvalidInputError("input", OVERFLOW) for scores, ok in zip(ranked_scores(logits), finite)]
+
+
+def explained_rows(logits: torch.Tensor, explanation: Explanation, n_interventions: list[int],
+                   additive: bool) -> list[ExplainedRow | InvalidInputError]:
+    """A batch's logits (B, K) and explanation (CPU tensors) -> per example a row, or an error if
+    its numbers are not all finite.
+
+    ``n_interventions``: each example's own intervention count; the batch's ``intervened_logits``
+    has as many as the most of them. ``additive``: the method's; its rows' completeness is checked.
+    """
     e = explanation
     b, m, k = e.intervened_logits.shape
+    finite = (logits.isfinite().all(1) & e.target_logit.isfinite() & e.bias.isfinite()
+              & e.residual_contribution.isfinite() & e.residual_share.isfinite()
+              & e.weight.isfinite().all(1) & e.contribution.isfinite().all(1)
+              & e.intervened_logits.isfinite().reshape(b, -1).all(1))
+    if e.heatmaps is not None:
+        finite &= e.heatmaps.isfinite().reshape(b, -1).all(1)
+    if additive:
+        gap, adds_up = additivity_gaps(e)
+        gaps, adds_up = gap.tolist(), adds_up.tolist()
+    else:
+        gaps, adds_up = [0.0] * b, [False] * b
     intervened = ranked_scores(e.intervened_logits.reshape(b * m, k))
     heatmaps = e.heatmaps.numpy() if e.heatmaps is not None else [None] * b
     columns = zip(ranked_scores(logits), e.target_class.tolist(), e.target_logit.tolist(), e.bias.tolist(),
                   e.residual_contribution.tolist(), e.residual_share.tolist(), e.component_index.numpy(),
                   e.weight.numpy(), e.contribution.numpy(), heatmaps)
-    return [ExplainedRow(*fields, intervened=intervened[i * m:(i + 1) * m]) for i, fields in enumerate(columns)]
+    return [ExplainedRow(*fields, intervened=intervened[i * m:i * m + n_interventions[i]], additive=adds_up[i],
+                         additivity_gap=gaps[i]) if ok else InvalidInputError("input", OVERFLOW)
+            for i, (fields, ok) in enumerate(zip(columns, finite.tolist()))]

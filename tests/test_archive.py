@@ -6,13 +6,15 @@ import hashlib
 import json
 import pickle
 import shutil
+import tracemalloc
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load, save
 
-from handlers.archive import read_archive, write_archive
+from handlers.archive import MAX_MANIFEST_BYTES, SAMPLES, read_archive, write_archive
 from handlers.errors import ArchiveError
 
 
@@ -41,7 +43,8 @@ def test_round_trip_gives_the_same_model(archive_path, mnist_model, mnist_split,
     with torch.inference_mode():
         assert torch.equal(archive.parts.downstream(archive.parts.upstream(x)), mnist_model(x))
     again = write_archive(tmp_path, archive.name, archive.version, archive.parts, list(archive.methods.values()),
-                          default_method=archive.default_method, model_card=archive.manifest["model_card"])
+                          default_method=archive.default_method, model_card=archive.manifest["model_card"],
+                          samples=archive.samples)
     assert again.read_bytes() == archive_path.read_bytes()  # deterministic bytes
     manifest = archive.manifest
     assert manifest["model_card"]["training"]["test_accuracy"] >= 0.97
@@ -123,8 +126,6 @@ def test_a_factorization_fitted_on_other_weights_is_refused(archive_path, tmp_pa
 
 
 def test_changed_weights_are_refused(archive_path, tmp_path):
-    from safetensors.torch import load, save
-
     def perturb(members, manifest):
         tensors = load(members["model/downstream.safetensors"])
         tensors = {k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors.items()}
@@ -132,3 +133,106 @@ def test_changed_weights_are_refused(archive_path, tmp_path):
 
     with pytest.raises(ArchiveError, match="weight hash"):
         read_archive(_rewrite(archive_path, tmp_path / "weights.psar", perturb))
+
+
+def test_held_out_samples_are_stored_with_their_labels(archive_path, mnist_split):
+    samples = read_archive(archive_path).samples
+    assert samples.labels.bincount(minlength=10).tolist() == [2] * 10
+    # The first two held-out images of each class, in their held-out order, with their true labels.
+    y = mnist_split["y_test"]
+    expected = sorted(i for c in range(10) for i in (y == c).nonzero().flatten()[:2].tolist())
+    assert torch.equal(samples.inputs, mnist_split["x_test"][expected])
+    assert torch.equal(samples.labels, y[expected])
+
+
+@pytest.mark.parametrize("labels, inputs_shape, match", [
+    ([0, 1, 99], None, "labels outside"),
+    (None, [3, 1, 28, 27], "expected 1 to 64"),
+])
+def test_held_out_samples_that_do_not_fit_the_model_are_refused(archive_path, tmp_path, labels, inputs_shape, match):
+    def plant(members, manifest):
+        tensors = load(members[SAMPLES])
+        if labels is not None:
+            tensors = {"inputs": tensors["inputs"][:3], "labels": torch.tensor(labels)}
+        else:
+            tensors = {"inputs": torch.zeros(inputs_shape), "labels": tensors["labels"][:3]}
+        members[SAMPLES] = save(tensors)
+
+    with pytest.raises(ArchiveError, match=match):
+        read_archive(_rewrite(archive_path, tmp_path / "samples.psar", plant))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["input"].update(shape=[3, 28, 28]), "does not take inputs of the manifest's shape"),  # channels
+    (lambda m: m["input"].update(shape=[1, 32, 32]), r"layer shape \[128, 8, 8\] differs from the manifest's"),
+    (lambda m: m["input"].update(shape=[1, 100_000, 100_000]), "at most 16777216 elements"),
+    (lambda m: m["input"].update(shape=[1, 0, 28]), "positive sizes"),
+    (lambda m: m["labels"].append("eleven"), r"logits of shape \[10\] for the manifest's 11 labels"),
+    (lambda m: m.update(labels=m["labels"][:9]), r"logits of shape \[10\] for the manifest's 9 labels"),
+])
+def test_a_manifest_that_disagrees_with_the_weights_is_an_archive_error(archive_path, tmp_path, edit, match):
+    with pytest.raises(ArchiveError, match=match):
+        read_archive(_rewrite(archive_path, tmp_path / "disagrees.psar", lambda members, manifest: edit(manifest)))
+
+
+def test_a_manifest_over_the_limit_is_refused_unread(archive_path, tmp_path):
+    def pad(members, manifest):
+        manifest["model_card"]["padding"] = "x" * MAX_MANIFEST_BYTES
+
+    big = _rewrite(archive_path, tmp_path / "big-manifest.psar", pad)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match=f"manifest.json is .* more than the limit of {MAX_MANIFEST_BYTES}"):
+            read_archive(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_MANIFEST_BYTES // 4
+
+
+def test_a_deeply_nested_manifest_is_refused(archive_path, tmp_path):
+    bad = tmp_path / "nested.psar"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("manifest.json", "[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ArchiveError, match="not JSON"):
+        read_archive(bad)
+
+
+def test_a_compression_bomb_is_refused_before_it_is_inflated(archive_path, tmp_path):
+    """A deflated member of 256 MiB of zeros (a few hundred KiB on disk), listed with its true sha256."""
+    inflated, chunk = 256 << 20, bytes(1 << 20)
+    digest = hashlib.sha256()
+    for _ in range(inflated // len(chunk)):
+        digest.update(chunk)
+    bomb = tmp_path / "bomb.psar"
+    with zipfile.ZipFile(archive_path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    manifest = json.loads(members.pop("manifest.json"))
+    manifest["members"]["samples/bomb.bin"] = digest.hexdigest()
+    with zipfile.ZipFile(bomb, "w") as zf:
+        zf.writestr("manifest.json", json.dumps(manifest))
+        for name, data in members.items():
+            zf.writestr(name, data)
+        info = zipfile.ZipInfo("samples/bomb.bin")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zf.open(info, "w", force_zip64=True) as out:
+            for _ in range(inflated // len(chunk)):
+                out.write(chunk)
+    assert bomb.stat().st_size < 16 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match="samples/bomb.bin is compressed"):
+            read_archive(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_deflated_members_are_refused(archive_path, tmp_path):
+    deflated = tmp_path / "deflated.psar"
+    with zipfile.ZipFile(archive_path) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+    with pytest.raises(ArchiveError, match="compressed"):
+        read_archive(deflated)

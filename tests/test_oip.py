@@ -15,7 +15,7 @@ from protoserve_client._stubs.inference import grpc_service_pb2_grpc as oip_grpc
 
 OUTPUTS = ["logits", "target_class", "target_logit", "component_ids", "component_weights",
            "component_contributions", "bias", "residual_contribution", "residual_share", "heatmaps",
-           "intervened_logits"]
+           "intervened_logits", "additivity_gap"]
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +288,48 @@ def test_hostile_shapes_are_invalid_not_internal(stub, digits, shape):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
     assert dict(caught.value.trailing_metadata())["protoserve-field"] == "inputs[0].shape"
     assert len(caught.value.details()) < 200
+
+
+@pytest.fixture(scope="module")
+def batching_server(demo_store):
+    """A server whose batches wait 300 ms for more requests: concurrent requests share them."""
+    from conftest import RunningServer, free_port
+
+    from server.settings import Settings
+
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=free_port(), max_delay_ms=300))
+    yield running
+    running.stop()
+
+
+def test_each_request_gets_its_own_interventions_whatever_it_is_batched_with(batching_server, digits):
+    """Requests with 0, 1 and 2 suppress sets, sent at once so they share a batch: each answer has
+    exactly its own intervention sets, the same as when sent alone."""
+    suppress = {0: None, 1: "c1.p0", 2: "c1.p0;c2.p0,c2.p1"}
+    with grpc.insecure_channel(batching_server.address) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+
+        def request(i: int, count: int):
+            parameters = {"suppress": suppress[count]} if suppress[count] else {}
+            return infer_request(digits[i:i + 1], method="protonmf", **parameters)
+
+        counts = [0, 1, 2, 0, 2, 1]
+        alone = [decode(stub.ModelInfer(request(i, n), timeout=60)) for i, n in enumerate(counts)]
+        batched_rounds = 0
+        for _ in range(3):
+            before = _metrics(batching_server)
+            futures = [stub.ModelInfer.future(request(i, n), timeout=60) for i, n in enumerate(counts)]
+            answers = [decode(f.result()) for f in futures]
+            after = _metrics(batching_server)
+            batches = (_sample(after, "protoserve_batch_size", "protoserve_batch_size_count", model="mnist")
+                       - _sample(before, "protoserve_batch_size", "protoserve_batch_size_count", model="mnist"))
+            batched_rounds += batches < len(counts)
+            for count, answer, expected in zip(counts, answers, alone):
+                if count == 0:
+                    assert "intervened_logits" not in answer
+                else:
+                    assert answer["intervened_logits"].shape == (1, count, 10)
+                    np.testing.assert_allclose(answer["intervened_logits"], expected["intervened_logits"],
+                                               rtol=1e-5, atol=1e-5)
+                assert answer["additivity_gap"].shape == (1,) and answer["additivity_gap"][0] <= 1e-4
+    assert batched_rounds >= 1  # the mixed requests did share batches

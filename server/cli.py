@@ -41,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import App
 
     settings = Settings(model_store=Path(args.model_store), host=args.host, port=args.port,
-                        metrics_port=args.metrics_port, device=args.device, backend=args.backend,
+                        metrics_port=args.metrics_port,
+                        max_stream_outstanding=args.max_stream_outstanding, device=args.device, backend=args.backend,
                         autocast=args.autocast, intra_op_threads=args.intra_op_threads,
                         keep_freed_mib=args.keep_freed_mib,
                         max_batch_size=args.max_batch_size,
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="images being decoded or waiting at once; more: RESOURCE_EXHAUSTED")
     serve.add_argument("--decode-timeout-s", type=float, default=limits.decode_timeout_s,
                        help="how long a request waits for its image to be decoded; longer: RESOURCE_EXHAUSTED")
+    serve.add_argument("--max-stream-outstanding", type=int, default=limits.max_stream_outstanding,
+                       help="ExplainStream: requests read and not yet answered; at the bound the stream stops "
+                            "reading until the client takes answers")
     serve.add_argument("--max-top-k", type=int, default=limits.max_top_k)
     serve.add_argument("--max-interventions", type=int, default=limits.max_interventions,
                        help="intervention sets per Explain request")

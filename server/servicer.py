@@ -64,8 +64,15 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     async def ExplainStream(self, request_iterator: AsyncIterator[pb.ExplainRequest],
                             context) -> AsyncIterator[pb.ExplainStreamResponse]:
         """Requests are explained concurrently (so they batch); answers come as they finish.
-        A bad request gets a StreamError message; the stream goes on."""
-        answers: asyncio.Queue = asyncio.Queue()
+        A bad request gets a StreamError message; the stream goes on.
+
+        At most ``max_stream_outstanding`` requests are read and not yet answered (computing, or
+        waiting for the client to take their answer): at the bound the stream reads nothing more
+        until the client takes an answer, and HTTP/2 flow control holds back the client's sends.
+        """
+        answers: asyncio.Queue = asyncio.Queue()  # at most max_stream_outstanding messages
+        slots = asyncio.Semaphore(self.settings.max_stream_outstanding)
+        pending: set[asyncio.Task] = set()
         deadline = _deadline(context)
 
         async def answer(request: pb.ExplainRequest) -> None:
@@ -81,30 +88,35 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 message = pb.ExplainStreamResponse(request_id=request.request_id, error=pb.StreamError(
                     code=code.name, message=message_of(exc), field=field_of(exc)))
             self._record("ExplainStream", request.model, code, time.perf_counter() - start)
-            await answers.put(message)
+            answers.put_nowait(message)
 
-        async def read_all() -> int:
-            tasks = []
+        async def read_all() -> None:
             try:
+                await slots.acquire()
                 async for request in request_iterator:
-                    tasks.append(asyncio.create_task(answer(request)))
+                    task = asyncio.create_task(answer(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    await slots.acquire()  # the next read waits for a free slot
             except Exception:
                 # Reading failed (e.g. an undecodable message): answer what was read, then end
                 # the stream with that error's status (below) instead of leaving it open.
-                await asyncio.gather(*tasks)
-                await answers.put(None)
+                await asyncio.gather(*pending)
+                answers.put_nowait(None)
                 raise
-            await asyncio.gather(*tasks)
-            await answers.put(None)
-            return len(tasks)
+            await asyncio.gather(*pending)
+            answers.put_nowait(None)
 
         reader = asyncio.create_task(read_all())
         try:
             while (message := await answers.get()) is not None:
                 yield message
+                slots.release()  # resumed once gRPC has taken the message
             error = reader.exception() if reader.done() and not reader.cancelled() else None
         finally:
             reader.cancel()
+            for task in pending:  # the stream ended early: its waiting requests are dropped before compute
+                task.cancel()
         if error is not None:
             code = status_for(error)
             if code is grpc.StatusCode.INTERNAL:

@@ -50,6 +50,8 @@ class Settings:
     tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates signed by it (mutual TLS)
     auth_token_file: Path | None = None  # bearer tokens, one per line; rpcs without one: UNAUTHENTICATED
     drain_quiet_s: float = 0.5       # shutdown: refuse new rpcs until none came for this long (at most grace / 2)
+    max_stream_outstanding: int = 64  # ExplainStream: requests read and not yet answered; at the bound the
+                                      # stream stops reading until the client takes answers
     restart_backoff_s: float = 0.5   # a crashed batch worker is restarted after this (doubling while it keeps crashing)
 
     def __post_init__(self) -> None:
@@ -61,6 +63,8 @@ class Settings:
             raise ValueError(f"intra_op_threads must be >= 0 (0: torch's default), got {self.intra_op_threads}")
         if self.keep_freed_mib < 0:
             raise ValueError(f"keep_freed_mib must be >= 0 (0: glibc's defaults), got {self.keep_freed_mib}")
+        if self.max_stream_outstanding < 1:
+            raise ValueError(f"max_stream_outstanding must be >= 1, got {self.max_stream_outstanding}")
         for name in ("max_image_pixels", "decode_threads", "max_decode_backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 import torch
@@ -13,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from protoserve_client import pb, pb_grpc
 
 from server import security
-from server.drain import DrainInterceptor
+from server.drain import DrainInterceptor, close_sockets
 from server.memory import keep_freed_memory
 from server.metrics import Metrics
 from server.oip import OIP_SERVICE, InferenceServicer, oip_grpc
@@ -84,19 +85,24 @@ class App:
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, refuse new rpcs, let in-flight ones finish within the grace period.
 
-        New rpcs are refused with UNAVAILABLE until none has arrived for ``drain_quiet_s`` (at most
-        half the grace period): only then does the grpc server stop, so that no call it had received
-        but not yet handed over is cancelled (see server/drain.py).
+        Every rpc that arrives from now on is refused with UNAVAILABLE. Once the rpcs in flight have
+        finished and none has arrived for ``drain_quiet_s`` (or the grace period is over), the
+        connections are closed and the grpc server stops, so that no call is cancelled: a call it
+        had received but not handed over would be (see server/drain.py).
         """
         await self.health.enter_graceful_shutdown()
         self.drain.start()
         if self.supervisor is not None:
             await self.supervisor.stop()
         if self.server is not None:
-            await self.drain.wait_quiet(self.settings.drain_quiet_s, max_s=self.settings.shutdown_grace_s / 2)
-            await self.server.stop(self.settings.shutdown_grace_s)
-            if self.drain.refused:
-                log.info("refused %d rpc(s) while draining", self.drain.refused)
+            grace = self.settings.shutdown_grace_s
+            end = time.monotonic() + grace
+            drained = await self.drain.wait_drained(self.settings.drain_quiet_s, max_s=grace)
+            outcome = "drained" if drained else f"grace period over ({self.drain.in_flight} rpc(s) in flight)"
+            closed = close_sockets(self.port)
+            await self.server.stop(max(0.0, end - time.monotonic()))
+            log.info("refused %d rpc(s) while draining; %s; closed %d connection(s)", self.drain.refused, outcome,
+                     closed)
         await self.registry.close(self.settings.shutdown_grace_s)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

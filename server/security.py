@@ -4,7 +4,8 @@
   every client must present a certificate signed by it (mutual TLS).
 * :class:`BearerTokenInterceptor`: every rpc must carry ``authorization: Bearer <token>``
   metadata with one of the configured tokens, else UNAUTHENTICATED. Health checking and
-  server reflection stay open, so probes and tooling work without a secret.
+  server reflection stay open, so probes and tooling work without a secret. The token is
+  checked on the headers: a refused rpc's message is never read (nor inflated, if compressed).
 * :class:`DecodeGuardInterceptor`: a request whose bytes are not a valid protobuf message
   of the rpc's type answers INVALID_ARGUMENT (gRPC itself would answer UNKNOWN, and a bad
   message inside a stream would end it without a status).
@@ -96,7 +97,7 @@ def interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     """The server's interceptors, outermost first: authentication, then the decode guard."""
     chain: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_token_file is not None:
-        chain.append(BearerTokenInterceptor(load_tokens(settings.auth_token_file)))
+        chain.append(BearerTokenInterceptor(BearerTokens(load_tokens(settings.auth_token_file))))
         if settings.tls_cert is None and not is_loopback(settings.host):
             log.warning("bearer tokens are checked but TLS is off on %s: tokens travel in clear text",
                         settings.host)
@@ -126,14 +127,13 @@ def handler_kind(handler: grpc.RpcMethodHandler) -> str:
         (bool(handler.request_streaming), bool(handler.response_streaming))]
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED for any rpc outside :data:`OPEN_SERVICES` without a valid bearer token."""
+class BearerTokens:
+    """The accepted bearer tokens (gRPC metadata or HTTP headers: ``authorization: Bearer <token>``)."""
 
-    def __init__(self, tokens: list[bytes], open_services: tuple[str, ...] = OPEN_SERVICES):
+    def __init__(self, tokens: list[bytes]):
         if not tokens:
             raise SecurityConfigError("at least one token is needed")
         self._tokens = list(tokens)
-        self._open = open_services
 
     def authorized(self, metadata: Iterable | None) -> bool:
         presented = _bearer(metadata)
@@ -144,30 +144,37 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             ok |= hmac.compare_digest(presented, token)
         return ok
 
+
+def refusal_handler(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler that answers ``code`` from the headers alone, for an rpc of any kind.
+
+    grpc.aio reads (and inflates) the whole request message before it calls a handler whose
+    request is unary; a request-streaming handler is called first and reads nothing unless it
+    asks. The client of a unary rpc sees the status all the same.
+    """
+    async def refuse(request_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(code, message)
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for any rpc outside :data:`OPEN_SERVICES` without a valid bearer token."""
+
+    def __init__(self, tokens: BearerTokens, open_services: tuple[str, ...] = OPEN_SERVICES):
+        self._tokens = tokens
+        self._open = open_services
+
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable],
                                 handler_call_details: grpc.HandlerCallDetails):
         method = handler_call_details.method or ""
-        if method.startswith(self._open) or self.authorized(handler_call_details.invocation_metadata):
+        if method.startswith(self._open) or self._tokens.authorized(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is None:  # no such method: the same answer as for a real one, without the token
-            return grpc.unary_unary_rpc_method_handler(_deny_unary)
-        kind = handler_kind(handler)
-        # No request deserializer: a refused request is never parsed.
-        return getattr(grpc, f"{kind}_rpc_method_handler")(
-            _deny_unary if not handler.request_streaming else _deny_stream,
-            response_serializer=handler.response_serializer)
+        # The same answer whether the method exists or not, and the message is never read.
+        return _DENY
 
 
-_DENIED = "missing or invalid bearer token (metadata `authorization: Bearer <token>`)"
-
-
-async def _deny_unary(request, context: grpc.aio.ServicerContext):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
-
-
-async def _deny_stream(request_iterator, context: grpc.aio.ServicerContext):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+_DENY = refusal_handler(grpc.StatusCode.UNAUTHENTICATED,
+                        "missing or invalid bearer token (metadata `authorization: Bearer <token>`)")
 
 
 class _Undecodable:

@@ -49,7 +49,7 @@ class Settings:
     tls_key: Path | None = None      # PEM private key
     tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates signed by it (mutual TLS)
     auth_token_file: Path | None = None  # bearer tokens, one per line; rpcs without one: UNAUTHENTICATED
-    drain_quiet_s: float = 0.5       # shutdown: refuse new rpcs until none came for this long (at most grace / 2)
+    drain_quiet_s: float = 0.5       # shutdown: refuse new rpcs until none came for this long (within the grace)
     max_stream_outstanding: int = 64  # ExplainStream: requests read and not yet answered; at the bound the
                                       # stream stops reading until the client takes answers
     restart_backoff_s: float = 0.5   # a crashed batch worker is restarted after this (doubling while it keeps crashing)

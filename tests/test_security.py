@@ -16,11 +16,12 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from protoserve_client import ExplainerClient, pb
+from protoserve_client import ExplainerClient, pb, pb_grpc
 
 from conftest import RunningServer, free_port
-from server.security import BearerTokenInterceptor, SecurityConfigError, load_tokens, server_credentials
+from server.security import BearerTokens, SecurityConfigError, load_tokens, server_credentials
 from server.settings import Settings
+from test_shutdown import REFUSAL_RSS_BOUND_MIB, PeakRss, rss_mib, send_large_messages, serve_process
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 OTHER_TOKEN = "rotated-token-for-tests-9876543210"
@@ -150,7 +151,8 @@ def token_server(demo_store, token_file):
 def _credentials(pki, ca="ca", client: str | None = None) -> grpc.ChannelCredentials:
     kwargs = {}
     if client:
-        kwargs = {"private_key": pki[f"{client}.key"].read_bytes(), "certificate_chain": pki[f"{client}.crt"].read_bytes()}
+        kwargs = {"private_key": pki[f"{client}.key"].read_bytes(),
+                  "certificate_chain": pki[f"{client}.crt"].read_bytes()}
     return grpc.ssl_channel_credentials(root_certificates=pki[f"{ca}.crt"].read_bytes(), **kwargs)
 
 
@@ -187,6 +189,41 @@ def test_rpcs_need_a_valid_bearer_token(request, secure):
             assert response.prediction and response.components
 
 
+def test_unauthenticated_messages_are_refused_before_they_are_read(tmp_path, token_file):
+    """48 unauthenticated messages of 60 MiB and 8 gzip-compressed ones (60 MiB inflated), 8 at a time:
+    UNAUTHENTICATED from the headers, and the server's RSS grows by far less than one message (it
+    grew by 2.2 GB when the message was read before the token was checked)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    process, address = serve_process(store, tmp_path / "server.log", "--auth-token-file", str(token_file))
+    try:
+        unauthenticated = {grpc.StatusCode.UNAUTHENTICATED: 1}
+        assert send_large_messages(address, 1, grpc.Compression.NoCompression) == unauthenticated  # warm-up
+        start = rss_mib(process.pid)
+        with PeakRss(process.pid) as rss:
+            plain = send_large_messages(address, 48, grpc.Compression.NoCompression)
+            gzip = send_large_messages(address, 8, grpc.Compression.Gzip)
+            wrong = send_large_messages(address, 8, grpc.Compression.NoCompression,
+                                        metadata=(("authorization", "Bearer wrong-token-of-enough-length"),))
+        print(f"unauthenticated: 64 x 60 MiB refused; server RSS {start:.0f} MiB -> peak {rss.peak:.0f} MiB")
+        assert plain == {grpc.StatusCode.UNAUTHENTICATED: 48}
+        assert gzip == wrong == {grpc.StatusCode.UNAUTHENTICATED: 8}
+        assert rss.peak - start < REFUSAL_RSS_BOUND_MIB, (start, rss.peak)
+        # A request stream without a token is refused before its first message is read, too.
+        with grpc.insecure_channel(address) as channel:
+            requests = (pb.ExplainRequest(model="mnist", request_id=str(i)) for i in range(100_000))
+            stream = pb_grpc.ExplainerStub(channel).ExplainStream(requests, timeout=60)
+            assert _code(lambda: list(stream)) == grpc.StatusCode.UNAUTHENTICATED
+        # With the token, the same bytes are read (and found not to be a protobuf message).
+        with grpc.insecure_channel(address) as channel:
+            predict = channel.unary_unary(f"/{EXPLAINER}/Predict")
+            assert _code(lambda: predict(b"\xff" * 1024, timeout=30, metadata=(
+                ("authorization", f"Bearer {TOKEN}"),))) == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 def test_health_and_reflection_stay_open(tls_server, pki):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -199,15 +236,15 @@ def test_health_and_reflection_stay_open(tls_server, pki):
 
 
 def test_the_scheme_is_case_insensitive_and_the_token_exact():
-    interceptor = BearerTokenInterceptor([TOKEN.encode()])
-    assert interceptor.authorized([("authorization", f"Bearer {TOKEN}")])
-    assert interceptor.authorized([("authorization", f"bearer {TOKEN}")])
-    assert interceptor.authorized([("x-other", "1"), ("Authorization", f"BEARER  {TOKEN} ")])
+    tokens = BearerTokens([TOKEN.encode()])
+    assert tokens.authorized([("authorization", f"Bearer {TOKEN}")])
+    assert tokens.authorized([("authorization", f"bearer {TOKEN}")])
+    assert tokens.authorized([("x-other", "1"), ("Authorization", f"BEARER  {TOKEN} ")])
     for value in (TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", "Bearer ", "",
                   f"Bearer {TOKEN.upper()}"):
-        assert not interceptor.authorized([("authorization", value)]), value
-    assert not interceptor.authorized([])
-    assert not interceptor.authorized(None)
+        assert not tokens.authorized([("authorization", value)]), value
+    assert not tokens.authorized([])
+    assert not tokens.authorized(None)
 
 
 def test_token_files_are_checked(tmp_path):

@@ -28,4 +28,6 @@ VOLUME ["/models"]
 EXPOSE 50051 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
   CMD ["protoserve", "health", "--address", "127.0.0.1:50051"]
-ENTRYPOINT ["protoserve", "serve", "--model-store", "/models", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100"]
+# Metrics bind to loopback unless told otherwise; in a container they must be reachable to be scraped.
+ENTRYPOINT ["protoserve", "serve", "--model-store", "/models", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9100",
+            "--metrics-host", "0.0.0.0"]

@@ -17,6 +17,7 @@ from server import security
 from server.drain import DrainInterceptor, close_sockets
 from server.memory import keep_freed_memory
 from server.metrics import Metrics
+from server.metrics_http import MetricsServer, metrics_tokens
 from server.oip import OIP_SERVICE, InferenceServicer, oip_grpc
 from server.registry import ModelRegistry, resolve_device
 from server.servicer import ExplainerServicer
@@ -38,7 +39,7 @@ class App:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = settings.port
-        self._metrics_server = None
+        self.metrics_server: MetricsServer | None = None
         self.supervisor: WorkerSupervisor | None = None
         self.drain = DrainInterceptor()
 
@@ -46,6 +47,7 @@ class App:
         # Security settings fail fast, before any model is loaded.
         credentials = security.server_credentials(self.settings)
         interceptors = [self.drain, *security.interceptors(self.settings)]
+        scrape_tokens = metrics_tokens(self.settings) if self.settings.metrics_port else None
         device = resolve_device(self.settings.device)
         keep_freed_memory(self.settings.keep_freed_mib)  # before the compute threads start
         if self.settings.intra_op_threads:
@@ -71,7 +73,7 @@ class App:
             self.port = self.server.add_secure_port(address, credentials)
         await self.server.start()
         if self.settings.metrics_port:
-            self._metrics_server, _ = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            self.metrics_server = MetricsServer.from_settings(self.metrics.registry, self.settings, scrape_tokens)
         for service in ("", EXPLAINER_SERVICE, OIP_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         # While a batch worker is down (and being restarted) the services that use it are NOT_SERVING.
@@ -104,8 +106,8 @@ class App:
             log.info("refused %d rpc(s) while draining; %s; closed %d connection(s)", self.drain.refused, outcome,
                      closed)
         await self.registry.close(self.settings.shutdown_grace_s)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
     async def run_until_signal(self) -> None:
         stop = asyncio.Event()

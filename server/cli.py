@@ -41,7 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import App
 
     settings = Settings(model_store=Path(args.model_store), host=args.host, port=args.port,
-                        metrics_port=args.metrics_port,
+                        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                        metrics_token_file=_path(args.metrics_token_file), metrics_timeout_s=args.metrics_timeout_s,
+                        metrics_max_connections=args.metrics_max_connections,
                         max_stream_outstanding=args.max_stream_outstanding, device=args.device, backend=args.backend,
                         autocast=args.autocast, intra_op_threads=args.intra_op_threads,
                         keep_freed_mib=args.keep_freed_mib,
@@ -143,6 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--metrics-port", type=int, default=9100, help="0 disables the metrics endpoint")
+    serve.add_argument("--metrics-host", default=limits.metrics_host,
+                       help="address of the metrics endpoint; loopback whatever --host is (the metrics name "
+                            "models and components)")
+    serve.add_argument("--metrics-token-file",
+                       help="file of bearer tokens, one per line: scrapes need `Authorization: Bearer <token>`")
+    serve.add_argument("--metrics-timeout-s", type=float, default=limits.metrics_timeout_s,
+                       help="a metrics connection sends its request within this and takes the answer within "
+                            "as much again, or is closed")
+    serve.add_argument("--metrics-max-connections", type=int, default=limits.metrics_max_connections,
+                       help="metrics connections served at once (a thread each); more are closed at once")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     serve.add_argument("--backend", default="archive", choices=["archive", "torch", "onnx"],
                        help="forward pass in torch or ONNX Runtime; archive: as each archive prefers")

@@ -1,8 +1,8 @@
-"""Prometheus metrics, on their own registry and HTTP port. Names as in DESIGN.md."""
+"""Prometheus metrics, on their own registry (served by server/metrics_http.py). Names as in DESIGN.md."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 STAGE_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
@@ -43,10 +43,6 @@ class Metrics:
                                              "Answers of an additive method whose contributions + residual + "
                                              "bias missed the target logit by more than float32 rounding.",
                                              ["model", "method"], registry=r)
-
-    def serve(self, host: str, port: int):
-        """Start the /metrics HTTP endpoint; returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)
 
 
 class BatcherMetrics:

@@ -4,7 +4,8 @@ Per-request limits (docs/limits.md has the full table): ``max_message_bytes`` (g
 RESOURCE_EXHAUSTED), ``max_input_bytes`` (the ``input.data`` / ``image`` bytes of one request),
 ``max_top_k``, ``max_interventions``; heatmaps are returned only for the reported components,
 so their number is bounded by the method's components. Security: ``tls_*`` and
-``auth_token_file`` (see server/security.py); the server binds to loopback unless told otherwise.
+``auth_token_file`` (see server/security.py); the server binds to loopback unless told otherwise, and the
+metrics endpoint to loopback whatever ``host`` is (``metrics_host``; server/metrics_http.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class Settings:
     host: str = "127.0.0.1"          # loopback unless told otherwise
     port: int = 50051
     metrics_port: int = 9100         # 0: no metrics endpoint
+    metrics_host: str = "127.0.0.1"  # loopback whatever `host` is: the metrics name models and components
+    metrics_token_file: Path | None = None  # bearer tokens for /metrics (same format as auth_token_file)
+    metrics_timeout_s: float = 5.0   # a metrics connection sends its request within this, takes the answer within
+                                     # as much again, or is closed
+    metrics_max_connections: int = 8  # metrics connections (one thread each) at once; more are closed at once
     device: str = "auto"             # "auto": CUDA when present, else CPU
     backend: str = "archive"         # forward pass: "torch", "onnx", or "archive" (what each archive prefers)
     autocast: str = "none"           # "float16" / "bfloat16": the backbone in reduced precision (GPU), math in float32
@@ -65,6 +71,8 @@ class Settings:
             raise ValueError(f"keep_freed_mib must be >= 0 (0: glibc's defaults), got {self.keep_freed_mib}")
         if self.max_stream_outstanding < 1:
             raise ValueError(f"max_stream_outstanding must be >= 1, got {self.max_stream_outstanding}")
+        if self.metrics_max_connections < 1 or not self.metrics_timeout_s > 0:
+            raise ValueError("metrics_max_connections must be >= 1 and metrics_timeout_s > 0")
         for name in ("max_image_pixels", "decode_threads", "max_decode_backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

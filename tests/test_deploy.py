@@ -104,7 +104,7 @@ def test_dockerfile_agrees_with_the_manifests():
     assert "FROM nvidia/cuda" in dockerfile
     assert f"EXPOSE {GRPC_PORT} {METRICS_PORT}" in dockerfile
     for flag in ("--model-store\", \"/models", f"--port\", \"{GRPC_PORT}", f"--metrics-port\", \"{METRICS_PORT}",
-                 "--host\", \"0.0.0.0"):
+                 "--host\", \"0.0.0.0", "--metrics-host\", \"0.0.0.0"):
         assert flag in dockerfile, flag
 
 

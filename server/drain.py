@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import os
 import socket
 import time
@@ -30,8 +29,6 @@ import time
 import grpc
 
 from server.security import OPEN_SERVICES, handler_kind, refusal_handler
-
-log = logging.getLogger(__name__)
 
 DRAINING_MESSAGE = "the server is shutting down; retry on another instance"
 _REFUSE = refusal_handler(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)

@@ -114,6 +114,7 @@ def _read_head(connection: socket.socket, deadline: float) -> bytes | None:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: MetricsServer
+    default_request_version = "HTTP/1.0"  # no HTTP/0.9: every answer starts with a status line
 
     def setup(self) -> None:
         # The head is read under one deadline (a slow trickle cannot hold the connection), the answer

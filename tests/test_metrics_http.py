@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -153,6 +155,47 @@ def test_threads_stay_bounded_under_many_idle_connections(endpoint):
     while threading.active_count() > baseline and time.monotonic() < end:
         time.sleep(0.05)
     assert threading.active_count() <= baseline
+
+
+_HEAD_PARTS = st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"G\x00T", b" ", b"/metrics", b"/", b"/metrics?x=1",
+                                b"HTTP/1.1", b"HTTP/1.0", b"HTTP/9.9", b"\r\n", b"\n", b"\r\n\r\n", b"Host: a",
+                                b"Authorization: Bearer ", b"Authorization: Basic x", TOKEN.encode()[:-1],
+                                b"Content-Length: 99999999", b"Transfer-Encoding: chunked", b":", b"\xff\xfe"])
+
+
+@pytest.fixture(scope="module")
+def fuzzed_endpoint():
+    server = MetricsServer(_registry(), "127.0.0.1", 0, tokens=BearerTokens([TOKEN.encode()]), timeout_s=0.5,
+                           max_connections=4)
+    yield server
+    server.close()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(head=st.one_of(st.lists(_HEAD_PARTS, max_size=24).map(b"".join), st.binary(max_size=3 * MAX_HEAD_BYTES)),
+       half_close=st.booleans())
+def test_any_request_head_gets_an_answer_or_a_close_never_the_metrics(fuzzed_endpoint, head, half_close):
+    """Whatever bytes come in: a status line that is not 200 (no valid token), or the connection closed,
+    within the deadline; and the endpoint keeps serving."""
+    with _connect(fuzzed_endpoint) as connection:
+        try:
+            connection.sendall(head)
+            if half_close:
+                connection.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        connection.settimeout(5)
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            pytest.fail("the connection was still open 5 s later (timeout 0.5 s)")
+    assert answer == b"" or answer.startswith((b"HTTP/1.0 ", b"HTTP/1.1 ")), answer[:80]
+    assert not answer.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")) and b"protoserve_" not in answer
+    assert _get(fuzzed_endpoint, TOKEN)[0] == 200
 
 
 def _listening_address(pid: int, port: int) -> str | None:

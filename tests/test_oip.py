@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from protoserve_client._stubs.inference import grpc_service_pb2 as oip
-from protoserve_client._stubs.inference import grpc_service_pb2_grpc as oip_grpc
+from protoserve_client.stubs.inference import grpc_service_pb2 as oip
+from protoserve_client.stubs.inference import grpc_service_pb2_grpc as oip_grpc
 
 OUTPUTS = ["logits", "target_class", "target_logit", "component_ids", "component_weights",
            "component_contributions", "bias", "residual_contribution", "residual_share", "heatmaps",

@@ -16,6 +16,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from protoserve_client import ExplainerClient, pb, pb_grpc
 
 from conftest import RunningServer, free_port
@@ -245,6 +247,34 @@ def test_the_scheme_is_case_insensitive_and_the_token_exact():
         assert not tokens.authorized([("authorization", value)]), value
     assert not tokens.authorized([])
     assert not tokens.authorized(None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(noise=st.lists(st.tuples(st.text(max_size=20), st.one_of(st.text(max_size=80), st.binary(max_size=80))),
+                      max_size=4),
+       position=st.integers(0, 4), scheme=st.sampled_from(["Bearer", "bearer", "BEARER"]))
+def test_any_metadata_is_parsed_and_only_the_first_authorization_counts(noise, position, scheme):
+    tokens = BearerTokens([TOKEN.encode()])
+    assert tokens.authorized(noise) is False
+    metadata = noise[:position] + [("authorization", f"{scheme} {TOKEN}")] + noise[position:]
+    earlier = any(key.lower() == "authorization" for key, _ in noise[:position])
+    assert tokens.authorized(metadata) is (not earlier)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.one_of(st.sampled_from([f"/{EXPLAINER}/Predict", f"/{EXPLAINER}/ExplainStream",
+                                         "/inference.GRPCInferenceService/ModelInfer", f"/{EXPLAINER}/Nope"]),
+                        st.text(alphabet="abcXYZ./_-0", min_size=1, max_size=40).map(lambda t: "/" + t)),
+       body=st.binary(max_size=4096), compressed=st.booleans(),
+       header=st.sampled_from([(), (("authorization", "Bearer " + "x" * 40),), (("authorization", TOKEN),),
+                               (("authorization", f"Basic {TOKEN}"),)]))
+def test_any_rpc_without_a_valid_token_is_unauthenticated(token_server, method, body, compressed, header):
+    """Known and unknown methods, of every kind, with any body: the same UNAUTHENTICATED."""
+    with grpc.insecure_channel(token_server.address) as channel:
+        call = channel.unary_unary(method)
+        compression = grpc.Compression.Gzip if compressed else grpc.Compression.NoCompression
+        assert _code(lambda: call(body, timeout=30, metadata=header, compression=compression)) == \
+            grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_token_files_are_checked(tmp_path):

@@ -107,7 +107,7 @@ class ServedModel:
                 raise ArchiveError(f"{self.name}-{self.version}: unknown method {method!r}")
             try:
                 self.explainers[method] = METHODS[method].explainer(self.parts, fitted).to(self.device)
-            except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
                 raise ArchiveError(f"{self.name}-{self.version}: method {method!r} does not fit the model "
                                    f"({type(exc).__name__}): {exc}") from exc
         # Additive methods are checked before serving; one that does not add up is refused alone.

@@ -333,3 +333,12 @@ def test_each_request_gets_its_own_interventions_whatever_it_is_batched_with(bat
                                                rtol=1e-5, atol=1e-5)
                 assert answer["additivity_gap"].shape == (1,) and answer["additivity_gap"][0] <= 1e-4
     assert batched_rounds >= 1  # the mixed requests did share batches
+
+
+def test_the_demo_archives_serve_every_method(batching_server):
+    """Their additive methods pass the load-time check on the archives' held-out samples."""
+    registry = batching_server.app.registry
+    assert registry.load_errors == {}
+    for model in registry.all():
+        assert set(model.served.explainers) == set(model.served.archive.methods)
+        assert model.served.additivity_inputs.endswith("held-out samples")

@@ -1,7 +1,9 @@
 """Property-based fuzzing of request decoding against the live server (hypothesis).
 
 Whatever a client sends, well-formed protobuf with hostile field values or bytes that are not
-a message at all, the answer is never UNKNOWN or INTERNAL, and the server keeps answering.
+a message at all, to protoserve.v1 or to OIP's ModelInfer, the answer is never UNKNOWN or INTERNAL
+(nor RESOURCE_EXHAUSTED: one request at a time fills no queue, and a 16 KB name must still get its
+NOT_FOUND), and the server keeps answering.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from protoserve_client import pb
+from protoserve_client.stubs.inference import grpc_service_pb2 as oip
 
-FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+from test_images import _png_header
+
+FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED}
 TIMEOUT = 60
 FUZZ = settings(max_examples=150, deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -36,10 +41,13 @@ REAL_PNG = _png()
 int64 = st.integers(-(2 ** 63), 2 ** 63 - 1)
 int32 = st.integers(-(2 ** 31), 2 ** 31 - 1)
 some_text = st.text(max_size=24)
+# Long strings: echoed in an error message unclipped, they would pass the client's header limit.
+long_text = st.builds(lambda char, n: char * n, st.characters(), st.integers(5000, 20000))
 
 dtypes = st.sampled_from(["float32", "float16", "uint8", "", "float64", "int8", "bfloat16", "FLOAT32"]) | some_text
 dims = st.sampled_from([0, 1, 28, -1, 2 ** 31, 2 ** 62, 2 ** 63 - 1, -(2 ** 63)]) | st.integers(-3, 40) | int64
-shapes = st.lists(dims, max_size=6) | st.sampled_from([[1, 28, 28], [28, 28], [1, 1, 28, 28], [784]])
+shapes = (st.lists(dims, max_size=6) | st.sampled_from([[1, 28, 28], [28, 28], [1, 1, 28, 28], [784]])
+          | st.integers(30, 100).map(lambda n: [1] * n))  # more dimensions than NumPy holds
 floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
 
 
@@ -70,6 +78,7 @@ images = st.one_of(
         lambda a: _png(*a)),
     st.builds(lambda data, at, byte: data[:at] + bytes([byte]) + data[at + 1:],
               st.just(REAL_PNG), st.integers(0, len(REAL_PNG) - 1), st.integers(0, 255)),
+    st.tuples(st.integers(0, 2 ** 31 - 1), st.integers(0, 2 ** 31 - 1)).map(lambda size: _png_header(*size)),
 )
 
 
@@ -79,11 +88,11 @@ def mostly(usual: st.SearchStrategy, *rare: st.SearchStrategy) -> st.SearchStrat
     return st.sampled_from([usual] * (4 * len(rare)) + list(rare)).flatmap(lambda strategy: strategy)
 
 
-models = mostly(st.just("mnist"), st.sampled_from(["", "MNIST", "mnist "]), some_text)
-versions = mostly(st.sampled_from(["", "1"]), st.sampled_from(["9", "01", "1.0"]), some_text)
-methods = mostly(st.sampled_from(["", "protonmf", "srae", "coupled_nmf"]), st.just("nope"), some_text)
+models = mostly(st.just("mnist"), st.sampled_from(["", "MNIST", "mnist "]), some_text, long_text)
+versions = mostly(st.sampled_from(["", "1"]), st.sampled_from(["9", "01", "1.0"]), some_text, long_text)
+methods = mostly(st.sampled_from(["", "protonmf", "srae", "coupled_nmf"]), st.just("nope"), some_text, long_text)
 hostile_interventions = st.lists(st.builds(pb.Intervention, suppress=st.lists(
-    st.sampled_from(COMPONENT_IDS) | some_text, max_size=5)), max_size=3) | st.integers(60, 70).map(
+    st.sampled_from(COMPONENT_IDS) | some_text | long_text, max_size=5)), max_size=3) | st.integers(60, 70).map(
     lambda n: [pb.Intervention(suppress=["c0.p0"])] * n)
 interventions = mostly(st.just([]), hostile_interventions)
 
@@ -188,6 +197,51 @@ def test_a_stream_of_raw_bytes_ends_with_a_status_not_a_hang(channel, messages):
             pass
 
     assert _code(call) != grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+OIP_DATATYPES = ["FP32", "UINT8", "FP16"]
+parameter_names = st.sampled_from(["method", "target_class", "suppress", "heatmaps", "explain", "priority",
+                                   "timeout"]) | some_text | long_text
+parameter_values = st.one_of(
+    st.builds(lambda v: oip.InferParameter(bool_param=v), st.booleans()),
+    st.builds(lambda v: oip.InferParameter(int64_param=v), st.integers(-3, 12) | int64),
+    st.builds(lambda v: oip.InferParameter(uint64_param=v), st.integers(0, 12) | st.integers(0, 2 ** 64 - 1)),
+    st.builds(lambda v: oip.InferParameter(double_param=v), st.floats()),
+    st.builds(lambda v: oip.InferParameter(string_param=v), st.sampled_from(
+        ["", "protonmf", "srae", "none", "input", "feature_grid", "c0.p0", "c0.p0;c1.p0", "c0.p0,zz"])
+        | some_text | long_text),
+    st.just(oip.InferParameter()),
+)
+output_names = st.sampled_from(["logits", "target_class", "component_ids", "heatmaps", "intervened_logits"]) | some_text
+
+
+@st.composite
+def infer_requests(draw) -> oip.ModelInferRequest:
+    """Mostly a well-formed batch of 1-3 examples with hostile parameters; sometimes hostile tensors."""
+    datatype = draw(mostly(st.sampled_from(OIP_DATATYPES), some_text | long_text))
+    n = draw(st.integers(1, 3))
+    shape = draw(mostly(st.just([n, 1, 28, 28]), shapes, st.sampled_from([[0, 1, 28, 28], [257, 1, 28, 28]])))
+    tensor = oip.ModelInferRequest.InferInputTensor(name=draw(mostly(st.just("input"), some_text | long_text)),
+                                                    datatype=datatype, shape=shape)
+    request = oip.ModelInferRequest(model_name=draw(models), model_version=draw(versions), id=draw(some_text),
+                                    inputs=[tensor] * draw(mostly(st.just(1), st.sampled_from([0, 2]))))
+    itemsize = {"FP32": 4, "FP16": 2}.get(datatype, 1)
+    size = n * 784 * itemsize if shape == [n, 1, 28, 28] else draw(st.integers(0, 4096))
+    request.raw_input_contents.extend([draw(mostly(st.just(bytes(size)), st.binary(max_size=4096)))])
+    for name, value in draw(st.lists(st.tuples(parameter_names, parameter_values), max_size=4)):
+        request.parameters[name].CopyFrom(value)
+    for name in draw(mostly(st.just([]), st.lists(output_names, max_size=3))):
+        request.outputs.add(name=name)
+    return request
+
+
+@FUZZ
+@given(request=infer_requests())
+def test_oip_infer_requests_never_fail_as_a_bug(channel, request):
+    rpc = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                              request_serializer=oip.ModelInferRequest.SerializeToString,
+                              response_deserializer=oip.ModelInferResponse.FromString)
+    _code(lambda: rpc(request, timeout=TIMEOUT))
 
 
 def test_the_server_still_answers_after_fuzzing(channel):

@@ -46,7 +46,7 @@ test: $(STAMP)
 
 # Regenerate the committed client stubs from proto/ (a test fails if they differ).
 stubs: $(STAMP)
-	$(PY) tools/gen_stubs.py client/src/protoserve_client/_stubs
+	$(PY) tools/gen_stubs.py client/src/protoserve_client/stubs
 
 clean:
 	rm -rf build $(STORE)/*.psar .pytest_cache

@@ -65,8 +65,8 @@ import grpc
 import numpy as np
 import torch
 from protoserve_client import pb
-from protoserve_client._stubs.inference import grpc_service_pb2 as oip
-from protoserve_client._stubs.inference import grpc_service_pb2_grpc as oip_grpc
+from protoserve_client.stubs.inference import grpc_service_pb2 as oip
+from protoserve_client.stubs.inference import grpc_service_pb2_grpc as oip_grpc
 
 from handlers.errors import InvalidInputError, clip, echo
 from handlers.preprocess import input_from_array

@@ -27,8 +27,8 @@ import torch
 from conftest import RunningServer, free_port, fully_connected_problem
 from prometheus_client.parser import text_string_to_metric_families
 from protoserve_client import ExplainerClient, ExplainerError
-from protoserve_client._stubs.inference import grpc_service_pb2 as oip
-from protoserve_client._stubs.inference import grpc_service_pb2_grpc as oip_grpc
+from protoserve_client.stubs.inference import grpc_service_pb2 as oip
+from protoserve_client.stubs.inference import grpc_service_pb2_grpc as oip_grpc
 from torch import nn
 
 from handlers.archive import SAMPLES, read_archive, write_archive

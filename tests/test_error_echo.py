@@ -11,8 +11,8 @@ from __future__ import annotations
 import grpc
 import pytest
 from protoserve_client import pb, pb_grpc
-from protoserve_client._stubs.inference import grpc_service_pb2 as oip
-from protoserve_client._stubs.inference import grpc_service_pb2_grpc as oip_grpc
+from protoserve_client.stubs.inference import grpc_service_pb2 as oip
+from protoserve_client.stubs.inference import grpc_service_pb2_grpc as oip_grpc
 
 from handlers.errors import InvalidInputError, NotFoundError
 from server.errors import MAX_FIELD_CHARS, MAX_MESSAGE_BYTES, field_of, message_of

@@ -152,7 +152,7 @@ DRIVER = textwrap.dedent('''
 
 
 def _describe_ours() -> dict:
-    from protoserve_client._stubs.inference import grpc_service_pb2
+    from protoserve_client.stubs.inference import grpc_service_pb2
 
     fields = {}
 

@@ -5,8 +5,8 @@
 every rpc it makes that fails raises `ExplainerError` (status code, field at fault, message).
 """
 
-from protoserve_client._stubs.protoserve.v1 import explainer_pb2 as pb
-from protoserve_client._stubs.protoserve.v1 import explainer_pb2_grpc as pb_grpc
+from protoserve_client.stubs.protoserve.v1 import explainer_pb2 as pb
+from protoserve_client.stubs.protoserve.v1 import explainer_pb2_grpc as pb_grpc
 from protoserve_client.client import (
     ADDITIVITY_RTOL,
     ExplainerClient,

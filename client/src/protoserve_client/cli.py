@@ -32,7 +32,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from PIL import Image
 
-from protoserve_client._stubs.protoserve.v1 import explainer_pb2 as pb
+from protoserve_client.stubs.protoserve.v1 import explainer_pb2 as pb
 from protoserve_client.client import (
     ADDITIVITY_RTOL,
     DEFAULT_ADDRESS,

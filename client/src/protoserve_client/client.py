@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from protoserve_client._stubs.protoserve.v1 import explainer_pb2 as pb
-from protoserve_client._stubs.protoserve.v1 import explainer_pb2_grpc as pb_grpc
+from protoserve_client.stubs.protoserve.v1 import explainer_pb2 as pb
+from protoserve_client.stubs.protoserve.v1 import explainer_pb2_grpc as pb_grpc
 from protoserve_client.tensors import from_tensor, to_tensor
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"

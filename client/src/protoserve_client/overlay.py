@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from protoserve_client._stubs.protoserve.v1 import explainer_pb2 as pb
+from protoserve_client.stubs.protoserve.v1 import explainer_pb2 as pb
 from protoserve_client.client import heatmap_arrays
 
 PANEL_SIZE = 224                 # longer side of an image panel, pixels

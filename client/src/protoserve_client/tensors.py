@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from protoserve_client._stubs.protoserve.v1 import explainer_pb2 as pb
+from protoserve_client.stubs.protoserve.v1 import explainer_pb2 as pb
 
 # Wire dtype name -> little-endian numpy dtype.
 WIRE_DTYPES: dict[str, np.dtype] = {

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protoserve_client._stubs.protoserve.v1 import explainer_pb2 as protoserve_dot_v1_dot_explainer__pb2
+from protoserve_client.stubs.protoserve.v1 import explainer_pb2 as protoserve_dot_v1_dot_explainer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -61,7 +61,7 @@ def fit_methods(parts: ModelParts, data: FitData, methods: dict[str, dict], log=
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
-    return [METHODS[name][0](parts, data, log=log, **params) for name, params in methods.items()]
+    return [METHODS[name].fit(parts, data, log=log, **params) for name, params in methods.items()]
 
 
 def held_out_samples(data: FitData, per_class: int = 2, limit: int = 32) -> HeldOutSamples | None:

@@ -43,6 +43,25 @@ def fully_connected_problem(n_train: int, n_test: int, layer: str = "relu") -> t
     return parts, FitData(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
 
 
+def rewrite_archive(src: Path, dst: Path, edit) -> Path:
+    """Copy an archive, letting ``edit(members, manifest)`` change it, with every sha256 recomputed
+    (as a hostile author would)."""
+    import hashlib
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(src) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    manifest = json.loads(members.pop("manifest.json"))
+    edit(members, manifest)
+    manifest["members"] = {k: hashlib.sha256(v).hexdigest() for k, v in members.items()}
+    with zipfile.ZipFile(dst, "w") as zf:
+        zf.writestr("manifest.json", json.dumps(manifest))
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def mnist_split():
     from model_store.recipes.mnist import load_mnist

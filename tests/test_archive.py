@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rewrite_archive
 from safetensors.torch import load, save
 
 from handlers.archive import MAX_MANIFEST_BYTES, SAMPLES, read_archive, write_archive
@@ -21,20 +22,6 @@ from handlers.errors import ArchiveError
 @pytest.fixture(scope="module")
 def archive_path(demo_store) -> Path:
     return demo_store / "mnist-1.psar"
-
-
-def _rewrite(src: Path, dst: Path, edit) -> Path:
-    """Copy an archive, letting ``edit(members, manifest)`` change it, with hashes recomputed."""
-    with zipfile.ZipFile(src) as zf:
-        members = {n: zf.read(n) for n in zf.namelist()}
-    manifest = json.loads(members.pop("manifest.json"))
-    edit(members, manifest)
-    manifest["members"] = {k: hashlib.sha256(v).hexdigest() for k, v in members.items()}
-    with zipfile.ZipFile(dst, "w") as zf:
-        zf.writestr("manifest.json", json.dumps(manifest))
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return dst
 
 
 def test_round_trip_gives_the_same_model(archive_path, mnist_model, mnist_split, tmp_path):
@@ -79,7 +66,7 @@ def test_a_pickle_payload_is_never_executed(archive_path, tmp_path):
     def plant(members, manifest):
         members["model/downstream.safetensors"] = pickle.dumps(Payload())
 
-    bad = _rewrite(archive_path, tmp_path / "pickle.psar", plant)
+    bad = rewrite_archive(archive_path, tmp_path / "pickle.psar", plant)
     with pytest.raises(ArchiveError):
         read_archive(bad)
     assert not marker.exists()
@@ -95,7 +82,7 @@ def test_a_graph_calling_an_unlisted_function_is_refused(archive_path, tmp_path)
         members["model/downstream.graph.json"] = json.dumps(graph).encode()
 
     with pytest.raises(ArchiveError, match="not allowed"):
-        read_archive(_rewrite(archive_path, tmp_path / "exec.psar", plant))
+        read_archive(rewrite_archive(archive_path, tmp_path / "exec.psar", plant))
 
 
 @pytest.mark.parametrize("name", ["../escape.png", "/abs/path.png", "methods/../../x"])
@@ -104,7 +91,7 @@ def test_member_names_that_escape_are_refused(archive_path, tmp_path, name):
         members[name] = b"x"
 
     with pytest.raises(ArchiveError, match="not allowed"):
-        read_archive(_rewrite(archive_path, tmp_path / "escape.psar", plant))
+        read_archive(rewrite_archive(archive_path, tmp_path / "escape.psar", plant))
 
 
 def test_an_unlisted_member_is_refused(archive_path, tmp_path):
@@ -122,7 +109,7 @@ def test_a_factorization_fitted_on_other_weights_is_refused(archive_path, tmp_pa
             entry["model_weights_sha256"] = "0" * 64
 
     with pytest.raises(ArchiveError, match="fitted against another model"):
-        read_archive(_rewrite(archive_path, tmp_path / "other.psar", other_model))
+        read_archive(rewrite_archive(archive_path, tmp_path / "other.psar", other_model))
 
 
 def test_changed_weights_are_refused(archive_path, tmp_path):
@@ -132,7 +119,7 @@ def test_changed_weights_are_refused(archive_path, tmp_path):
         members["model/downstream.safetensors"] = save(tensors)
 
     with pytest.raises(ArchiveError, match="weight hash"):
-        read_archive(_rewrite(archive_path, tmp_path / "weights.psar", perturb))
+        read_archive(rewrite_archive(archive_path, tmp_path / "weights.psar", perturb))
 
 
 def test_held_out_samples_are_stored_with_their_labels(archive_path, mnist_split):
@@ -159,7 +146,7 @@ def test_held_out_samples_that_do_not_fit_the_model_are_refused(archive_path, tm
         members[SAMPLES] = save(tensors)
 
     with pytest.raises(ArchiveError, match=match):
-        read_archive(_rewrite(archive_path, tmp_path / "samples.psar", plant))
+        read_archive(rewrite_archive(archive_path, tmp_path / "samples.psar", plant))
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -172,14 +159,14 @@ def test_held_out_samples_that_do_not_fit_the_model_are_refused(archive_path, tm
 ])
 def test_a_manifest_that_disagrees_with_the_weights_is_an_archive_error(archive_path, tmp_path, edit, match):
     with pytest.raises(ArchiveError, match=match):
-        read_archive(_rewrite(archive_path, tmp_path / "disagrees.psar", lambda members, manifest: edit(manifest)))
+        read_archive(rewrite_archive(archive_path, tmp_path / "disagrees.psar", lambda members, manifest: edit(manifest)))
 
 
 def test_a_manifest_over_the_limit_is_refused_unread(archive_path, tmp_path):
     def pad(members, manifest):
         manifest["model_card"]["padding"] = "x" * MAX_MANIFEST_BYTES
 
-    big = _rewrite(archive_path, tmp_path / "big-manifest.psar", pad)
+    big = rewrite_archive(archive_path, tmp_path / "big-manifest.psar", pad)
     tracemalloc.start()
     try:
         with pytest.raises(ArchiveError, match=f"manifest.json is .* more than the limit of {MAX_MANIFEST_BYTES}"):

@@ -7,8 +7,6 @@ logged and kept in ``ModelRegistry.load_errors``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import zipfile
 from pathlib import Path
@@ -16,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, free_port, fully_connected_problem
+from conftest import RunningServer, free_port, fully_connected_problem, rewrite_archive
 from protoserve_client import ExplainerClient
 from torch import nn
 
 from handlers.archive import write_archive
 from handlers.base import FitData
-from handlers.fitting import protonmf
 from handlers.model import InputSpec, ModelParts
 from handlers.packaging import fit_methods, held_out_samples
 from server.settings import Settings
@@ -55,20 +52,6 @@ def _mlp_archive(directory: Path, name: str) -> Path:
     parts, data = fully_connected_problem(200, 60)
     fitted = fit_methods(parts, data, {"protonmf": {"n_prototypes": 2, "max_iter": 50}}, log=lambda _: None)
     return write_archive(directory, name, "1", parts, fitted, samples=held_out_samples(data))
-
-
-def _rewrite(src: Path, dst: Path, edit) -> Path:
-    """Copy an archive, letting ``edit(members, manifest)`` change it, with every sha256 recomputed."""
-    with zipfile.ZipFile(src) as zf:
-        members = {n: zf.read(n) for n in zf.namelist()}
-    manifest = json.loads(members.pop("manifest.json"))
-    edit(members, manifest)
-    manifest["members"] = {k: hashlib.sha256(v).hexdigest() for k, v in members.items()}
-    with zipfile.ZipFile(dst, "w") as zf:
-        zf.writestr("manifest.json", json.dumps(manifest))
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return dst
 
 
 def _renamed(name: str, edit):
@@ -105,11 +88,11 @@ def store(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("isolation-work")
     mlp = _mlp_archive(store, "good")
     cnn = _cnn_archive(store)
-    _rewrite(mlp, store / "shape-1.psar", _renamed("shape", lambda m, man: man["input"].update(shape=[1, 13])))
-    _rewrite(cnn, store / "channels-1.psar",
+    rewrite_archive(mlp, store / "shape-1.psar", _renamed("shape", lambda m, man: man["input"].update(shape=[1, 13])))
+    rewrite_archive(cnn, store / "channels-1.psar",
              _renamed("channels", lambda m, man: man["input"].update(shape=[3, 8, 8])))
-    _rewrite(mlp, store / "labels-1.psar", _renamed("labels", lambda m, man: man["labels"].append("d")))
-    _rewrite(mlp, store / "factors-1.psar", _renamed("factors", _wrong_factors))
+    rewrite_archive(mlp, store / "labels-1.psar", _renamed("labels", lambda m, man: man["labels"].append("d")))
+    rewrite_archive(mlp, store / "factors-1.psar", _renamed("factors", _wrong_factors))
     with zipfile.ZipFile(store / "listed-1.psar", "w") as zf:
         zf.writestr("manifest.json", "[]")
     (store / "garbage-1.psar").write_bytes(b"PK\x03\x04" + bytes(100))

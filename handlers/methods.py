@@ -11,29 +11,28 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from handlers.base import Explainer, FittedMethod
-from handlers.explainers import coupled_nmf, gradcam_rules, protofac, protonmf, srae
+from handlers.base import Explainer, FittedMethod, MethodConfig
+from handlers.explainers.coupled_nmf import CoupledNMFExplainer
+from handlers.explainers.gradcam_rules import GradCAMRulesExplainer
+from handlers.explainers.protofac import ProtoFacExplainer
+from handlers.explainers.protonmf import ProtoNMFExplainer
+from handlers.explainers.srae import SRAEExplainer
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
+    config: type[MethodConfig]  # the hyperparameters, stored in archives and read back typed
     explainer: type[Explainer]
     fitting_module: str  # offline code: imported on first use of ``fit``
 
     @property
     def fit(self) -> Callable[..., FittedMethod]:
-        """The offline fit, ``fit(parts, data, **hyperparameters) -> FittedMethod``."""
+        """The offline fit, ``fit(parts, data, config, log=print) -> FittedMethod``."""
         return importlib.import_module(self.fitting_module).fit
 
 
 METHODS: dict[str, Method] = {
-    module.NAME: Method(module.NAME, explainer, f"handlers.fitting.{module.NAME}")
-    for module, explainer in (
-        (protonmf, protonmf.ProtoNMFExplainer),
-        (coupled_nmf, coupled_nmf.CoupledNMFExplainer),
-        (srae, srae.SRAEExplainer),
-        (gradcam_rules, gradcam_rules.GradCAMRulesExplainer),
-        (protofac, protofac.ProtoFacExplainer),
-    )
+    explainer.name: Method(explainer.name, explainer.config_class, explainer, f"handlers.fitting.{explainer.name}")
+    for explainer in (ProtoNMFExplainer, CoupledNMFExplainer, SRAEExplainer, GradCAMRulesExplainer, ProtoFacExplainer)
 }

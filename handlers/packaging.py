@@ -57,11 +57,13 @@ def load_fit_data(path: Path | str) -> FitData:
 
 
 def fit_methods(parts: ModelParts, data: FitData, methods: dict[str, dict], log=print) -> list[FittedMethod]:
-    """Fit each named method with its hyperparameters, e.g. ``{"protonmf": {"n_prototypes": 3}}``."""
+    """Fit each named method with its hyperparameters, e.g. ``{"protonmf": {"n_prototypes": 3}}``
+    (checked by the method's config: ValueError naming the allowed keys)."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
-    return [METHODS[name].fit(parts, data, log=log, **params) for name, params in methods.items()]
+    return [METHODS[name].fit(parts, data, METHODS[name].config.from_dict(params), log=log)
+            for name, params in methods.items()]
 
 
 def held_out_samples(data: FitData, per_class: int = 2, limit: int = 32) -> HeldOutSamples | None:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from handlers.archive import archive_filename, write_archive
 from handlers.base import FitData
+from handlers.explainers.protofac import ProtoFacConfig
 from handlers.fitting import protofac
 from handlers.model import InputSpec, ModelParts
 from handlers.packaging import fit_methods, held_out_samples, package
@@ -119,7 +120,7 @@ def build_ecg(store: Path, work: Path, force: bool = False) -> Path:
     parts = ModelParts.from_model(model, ECG_LAYER, ECG_INPUT, ECG_LABELS)
     fitted = fit_methods(parts, data, ECG_METHODS)
     other_parts = ModelParts.from_model(model, ECG_OTHER_FC_LAYER, ECG_INPUT, ECG_LABELS)
-    other = protofac.fit(other_parts, data, **{**ECG_METHODS["protofac"], "k_sweep": []})
+    other = protofac.fit(other_parts, data, ProtoFacConfig.from_dict({**ECG_METHODS["protofac"], "k_sweep": []}))
     for method in fitted:
         if method.name == protofac.NAME:
             method.fit_report["layers"][ECG_OTHER_FC_LAYER] = {

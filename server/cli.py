@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -92,12 +91,17 @@ def _methods(args: argparse.Namespace) -> dict[str, dict]:
         if method not in methods:
             raise UserError(f"--param {key}: method {method!r} is not among --method {list(methods)}",
                             f"add --method {method} or leave out the parameter")
-        accepted = [p.name for p in inspect.signature(METHODS[method].fit).parameters.values()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "log"]
+        accepted = METHODS[method].config.keys()
         if name not in accepted:
             raise UserError(f"--param {key}: {method} has no parameter {name!r}",
                             f"use one of {', '.join(accepted)}")
         methods[method][name] = value
+    for method, params in methods.items():
+        try:
+            METHODS[method].config.from_dict(params)
+        except ValueError as error:
+            raise UserError(f"--param {error}", f"give a value the parameter accepts; {method}'s parameters are "
+                                                f"{', '.join(METHODS[method].config.keys())}") from error
     return methods
 
 

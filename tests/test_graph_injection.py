@@ -21,6 +21,7 @@ from conftest import RunningServer, fully_connected_problem
 
 from handlers.archive import read_archive, write_archive
 from handlers.errors import ArchiveError
+from handlers.explainers.protonmf import ProtoNMFConfig
 from handlers.fitting import protonmf
 from handlers.model_parts import UnsafeGraphError, dump_graph_module, load_graph_module, split
 
@@ -28,7 +29,7 @@ from handlers.model_parts import UnsafeGraphError, dump_graph_module, load_graph
 @pytest.fixture(scope="module")
 def good_archive(tmp_path_factory) -> Path:
     parts, data = fully_connected_problem(60, 30)
-    fitted = protonmf.fit(parts, data, n_prototypes=2)
+    fitted = protonmf.fit(parts, data, ProtoNMFConfig(n_prototypes=2))
     return write_archive(tmp_path_factory.mktemp("good"), "mlp", "1", parts, [fitted])
 
 

@@ -1,4 +1,6 @@
-"""ProtoFac: the simplex solver, the fit's invariants and the served explanations (MNIST and ECG)."""
+"""ProtoFac: the simplex solver, the fit's invariants and the served explanations (MNIST and ECG).
+
+The invariants every method keeps are in tests/test_contract.py."""
 
 from __future__ import annotations
 
@@ -13,16 +15,17 @@ from PIL import Image
 from torch import nn
 
 from handlers.archive import read_archive
-from handlers.base import ExplainBatch, FitData, FittedMethod
-from handlers.explainers.protofac import ProtoFacExplainer
+from handlers.base import ExplainBatch, FitData
+from handlers.explainers.protofac import ProtoFacConfig, ProtoFacExplainer
 from handlers.fitting import protofac
 from handlers.model import InputSpec, ModelParts
 from handlers.runtime import ExplainItem, ServedModel
 from handlers.solvers import simplex
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SMALL_FIT = dict(n_prototypes=10, candidate_fraction=0.05, epochs=2, projection_interval=1, eval_size=300,
-                 nmf_max_iter=20, k_sweep=(2, 5), progress=False, log=lambda _: None)
+SMALL_FIT = ProtoFacConfig(n_prototypes=10, candidate_fraction=0.05, epochs=2, projection_interval=1, eval_size=300,
+                           nmf_max_iter=20, k_sweep=(2, 5))
+QUIET = {"log": lambda _: None}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def small_data(mnist_fit_data) -> FitData:
 
 @pytest.fixture(scope="module")
 def small_fit(mnist_parts, small_data):
-    return protofac.fit(mnist_parts, small_data, **SMALL_FIT)
+    return protofac.fit(mnist_parts, small_data, SMALL_FIT, **QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +134,7 @@ def test_fit_report_factors_and_real_prototypes(mnist_parts, small_fit, small_da
 
 
 def test_fit_is_deterministic(mnist_parts, small_data, small_fit):
-    again = protofac.fit(mnist_parts, small_data, **SMALL_FIT)
+    again = protofac.fit(mnist_parts, small_data, SMALL_FIT, **QUIET)
     assert torch.equal(again.factors["prototypes_"], small_fit.factors["prototypes_"])
     assert torch.equal(again.factors["k_sweep_png_"], small_fit.factors["k_sweep_png_"])
     assert again.fit_report == small_fit.fit_report
@@ -206,8 +209,8 @@ def test_surrogate_logits_by_the_head_weights_or_the_downstream(deep):
     if deep:
         torch.manual_seed(0)
         parts = ModelParts.from_model(_DeepMLP(), "relu", InputSpec(shape=[1, 12]), ["a", "b", "c"])
-    fitted = protofac.fit(parts, data, n_prototypes=4, epochs=1, eval_size=40, nmf_max_iter=10, k_sweep=(2,),
-                          progress=False, log=lambda _: None)
+    fitted = protofac.fit(parts, data, ProtoFacConfig(n_prototypes=4, epochs=1, eval_size=40, nmf_max_iter=10,
+                                                      k_sweep=(2,)), **QUIET)
     explainer = ProtoFacExplainer(parts, fitted)
     assert (explainer.prototype_logits_ is None) == deep
     suppress = torch.tensor([[True, False, True, False]]).expand(40, 1, 4)
@@ -217,25 +220,6 @@ def test_surrogate_logits_by_the_head_weights_or_the_downstream(deep):
         full = parts.downstream(e.weight @ explainer.prototypes_)
     assert torch.allclose(e.intervened_logits[:, 0], expected, atol=1e-5)
     assert torch.allclose(e.residual_contribution, e.target_logit - full[torch.arange(40), e.target_class], atol=1e-5)
-
-
-def test_explain_is_batch_independent_on_the_fitted_surrogate(mnist_parts, explainer, mnist_fit_data):
-    x = mnist_fit_data.x_test[:8]
-    empty = torch.zeros(8, 0, len(explainer.components), dtype=torch.bool)
-    with torch.inference_mode():
-        whole = explainer.explain(_batch(mnist_parts, x, empty, heatmaps=False))
-        alone = explainer.explain(_batch(mnist_parts, x[3:4], empty[3:4], heatmaps=False))
-    assert whole.heatmaps is None and whole.intervened_logits.shape == (8, 0, 10)
-    assert torch.allclose(whole.weight[3], alone.weight[0], atol=1e-6)
-    assert torch.allclose(whole.contribution[3], alone.contribution[0], atol=1e-5)
-
-
-def test_explainer_refuses_factors_of_another_layer(mnist_parts, small_fit):
-    factors = {**small_fit.factors, "prototypes_": small_fit.factors["prototypes_"][:, :100]}
-    broken = FittedMethod(small_fit.name, factors, small_fit.components, small_fit.hyperparameters,
-                          small_fit.fit_report)
-    with pytest.raises(ValueError, match="do not fit"):
-        ProtoFacExplainer(mnist_parts, broken)
 
 
 # ----------------------------------------------------------------------------- demo archives

@@ -58,18 +58,82 @@ method's heatmaps is the pixel grid).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from handlers.base import ExplainBatch, Explainer, Explanation, FittedMethod
+from handlers.base import Codes, ExplainBatch, FactorSpec, FittedMethod, MethodConfig, RemovalExplainer
 from handlers.model import ModelParts, linear_head_weight
 from handlers.model_parts import GraphProgram
-from handlers.solvers.nmf import nnls_encode
+from handlers.solvers.nmf import ENCODERS, nnls_encode
 
 NAME = "coupled_nmf"
 
 
 EPS = 1e-12
+
+
+REGULARIZATIONS = ("unit_norm", "l2")
+
+
+@dataclass(frozen=True)
+class CoupledNMFConfig(MethodConfig):
+    """Coupled NMF's hyperparameters.
+
+    n_concepts : number of concepts d.
+    n_probe : probe examples N, drawn from ``x_train`` by a generator seeded with ``random_state``
+        (archives store the number drawn).
+    layers : upstream node names of the analysed layers besides the explained one; None:
+        every ReLU node of the upstream. The explained layer is always analysed, last (the
+        deepest); archives store the analysed layers, the explained one last.
+    regularization : "unit_norm" (unit-norm concept columns of the stacked loadings) or
+        "l2" (the L2 penalty ``alpha`` on every factor, kept in the fold-in).
+    group_sparsity : μ of the group-sparsity penalty on F (0: off).
+    class_groups : group name -> class indices, for the group sparsity and each concept's
+        dominant group; None: every class is its own group (archives store the groups).
+    max_iter, inner_iter, tol, check_every : multiplicative updates: at most ``max_iter``
+        passes over the data, each updating W then F ``inner_iter`` times; stop when the
+        objective falls by less than ``tol`` (relative) over ``check_every`` passes.
+    fold_in_iter : steps of the per-request fold-in; None: 2 * n_concepts, room for every
+        concept to enter and leave once (archives store the number).
+    fold_in_solver : the fold-in's solver, "active_set" (exact; archives fitted before it have
+        "hals", 50 projected sweeps, which they keep) or another of :func:`nnls_encode`'s.
+    n_top_classes, n_top_examples, n_eigenvalues, knn : sizes of the fit report's tables.
+    """
+
+    method = NAME
+    n_concepts: int = 10
+    n_probe: int = 2000
+    layers: tuple[str, ...] | None = None
+    regularization: str = "unit_norm"
+    alpha: float = 1e-3
+    group_sparsity: float = 0.0
+    class_groups: dict[str, tuple[int, ...]] | None = None
+    max_iter: int = 300
+    inner_iter: int = 10
+    tol: float = 1e-4
+    check_every: int = 10
+    fold_in_iter: int | None = None
+    fold_in_solver: str = "active_set"
+    n_top_classes: int = 3
+    n_top_examples: int = 8
+    n_eigenvalues: int = 3
+    knn: int = 5
+    random_state: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.require_at_least(1, "n_concepts", "n_probe", "inner_iter", "check_every", "n_top_classes",
+                              "n_top_examples", "n_eigenvalues", "knn")
+        self.require_at_least(0, "alpha", "group_sparsity", "max_iter", "tol")
+        self.require(self.regularization in REGULARIZATIONS, "regularization", f"one of {', '.join(REGULARIZATIONS)}")
+        self.require(self.fold_in_solver in ENCODERS, "fold_in_solver", f"one of {', '.join(ENCODERS)}")
+        self.require(self.fold_in_iter is None or self.fold_in_iter >= 1, "fold_in_iter", "None or at least 1")
+
+    @property
+    def penalty(self) -> float:
+        """λ of the L2 penalty, fit and fold-in alike: ``alpha`` for "l2", else 0."""
+        return self.alpha if self.regularization == "l2" else 0.0
 
 
 def spatial_mean(t: torch.Tensor) -> torch.Tensor:
@@ -104,7 +168,7 @@ def pixel_layout(input_shape: list[int]) -> tuple[int, tuple[int, int]]:
     return 1, (1, math.prod(input_shape))
 
 
-class CoupledNMFExplainer(Explainer):
+class CoupledNMFExplainer(RemovalExplainer):
     """Fold-in of each input into the fitted concepts; contributions by intervention.
 
     Heatmaps are (B, d, H, W) at the input's resolution (its pixel grid), not on the
@@ -112,7 +176,7 @@ class CoupledNMFExplainer(Explainer):
     """
 
     name = NAME
-    additive = False
+    config_class = CoupledNMFConfig
     residual_share_definition = (
         "||x - W f|| / ||x||: the relative error of the fold-in's reconstruction of the input's stacked views "
         "(pixels of each channel and the spatially pooled channels of each analysed layer, each view divided "
@@ -127,58 +191,55 @@ class CoupledNMFExplainer(Explainer):
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         super().__init__(model, fitted)
-        f = fitted.factors
-        hyper = fitted.hyperparameters
-        self.layers = list(hyper["layers"])
-        self.fold_in_iter = int(hyper["fold_in_iter"])
-        self.fold_in_solver = hyper["fold_in_solver"]
-        self.alpha = float(hyper["alpha"]) if hyper["regularization"] == "l2" else 0.0
-        self.pixel_factors_ = f["pixel_factors_"].float()  # (C_in, H·W, d)
-        self.neuron_factors_ = [f[f"neuron_factors_{j}_"].float() for j in range(len(self.layers))]  # (C_j, d)
-        self.view_scales_ = f["view_scales_"].float()  # (C_in + J,)
-        self.pixel_offset_ = f["pixel_offset_"].float()  # (C_in,)
-        self.probe_codes_ = f["probe_codes_"].float()  # (N, d)
-        self.probe_index_ = f["probe_index_"].long()  # (N,)
-        self.probe_labels_ = f["probe_labels_"].long()  # (N,)
-        n_in, self.map_hw = pixel_layout(model.input_spec.shape)
-        d = len(fitted.components)
-        expected = (n_in, self.map_hw[0] * self.map_hw[1], d)
-        if tuple(self.pixel_factors_.shape) != expected:
-            raise ValueError(f"coupled_nmf pixel factors of shape {tuple(self.pixel_factors_.shape)} do not fit "
-                             f"inputs of shape {model.input_spec.shape} with {d} concepts (expected {expected})")
-        if self.layers[-1] != model.layer or self.neuron_factors_[-1].shape != (model.feature_shape[0], d):
-            raise ValueError(f"coupled_nmf was fitted at layer {self.layers[-1]!r} with "
-                             f"{self.neuron_factors_[-1].shape[0]} channels; the model explains {model.layer!r} "
-                             f"with {model.feature_shape[0]}")
-        if len(self.view_scales_) != n_in + len(self.layers):
-            raise ValueError(f"coupled_nmf has {len(self.view_scales_)} view scales for "
-                             f"{n_in + len(self.layers)} views")
-        self._build()
-
-    def _build(self) -> None:
-        """Derived tensors and the taps module (built again after a move, on the model's modules)."""
+        layers = self.config.layers
+        if layers[-1] != model.layer:
+            raise ValueError(f"coupled_nmf was fitted at layer {layers[-1]!r}; the model explains {model.layer!r}")
+        self.map_hw = pixel_layout(model.input_spec.shape)[1]
+        # The fold-in dictionary in normalized units: rows are concepts, columns the stacked views.
         n_in = len(self.pixel_offset_)
         pixel_scales, layer_scales = self.view_scales_[:n_in], self.view_scales_[n_in:]
-        # The fold-in dictionary in normalized units: rows are concepts, columns the stacked views.
         blocks = [*(self.pixel_factors_ / pixel_scales[:, None, None]).unbind(0),
-                  *(o / s for o, s in zip(self.neuron_factors_, layer_scales))]
+                  *(getattr(self, f"neuron_factors_{j}_") / s for j, s in enumerate(layer_scales))]
         self.dictionary_ = torch.cat(blocks, 0).T.contiguous()  # (d, T)
         d = self.dictionary_.shape[0]
-        self.gram_ = self.dictionary_ @ self.dictionary_.T + self.alpha * torch.eye(d, device=self.dictionary_.device)
+        self.gram_ = self.dictionary_ @ self.dictionary_.T + self.config.penalty * torch.eye(d)
         self.pixel_masks_ = self.pixel_factors_.sum(0).T.contiguous()  # (d, H·W), original units
-        # The torch forward pass runs the tapped upstream (batch.taps); otherwise the analysed
-        # layers are computed again, by the upstream cut short after the deepest one.
-        self.tapped_upstream = tap_module(self.model.upstream, self.layers[:-1])
-        self._taps = tap_module(self.model.upstream, self.layers[:-1], keep_output=False)
         # Makes every removal a product with the head's weight (see removed_logits).
-        self.head_weight_ = linear_head_weight(self.model)
+        self.head_weight_ = linear_head_weight(model)
+        self._build_taps()
+
+    def declared_factors(self) -> dict[str, FactorSpec]:
+        if not self.config.layers:
+            raise ValueError("coupled_nmf: the archive names no analysed layers")
+        n_in, (height, width) = pixel_layout(self.model.input_spec.shape)
+        n_layers = len(self.config.layers)
+        # The explained layer (the last analysed) has the model's D channels.
+        neurons = {f"neuron_factors_{j}_": (torch.float32, (f"C{j}" if j < n_layers - 1 else "D", "C"))
+                   for j in range(n_layers)}
+        return {
+            "pixel_factors_": (torch.float32, (n_in, height * width, "C")),
+            **neurons,
+            "view_scales_": (torch.float32, (n_in + n_layers,)),
+            "pixel_offset_": (torch.float32, (n_in,)),
+            "probe_codes_": (torch.float32, ("N", "C")),
+            "probe_index_": (torch.int64, ("N",)),
+            "probe_labels_": (torch.int64, ("N",)),
+        }
+
+    @property
+    def _explained_neurons(self) -> torch.Tensor:
+        """O_J (C, d): the neuron factors of the explained layer, the last analysed."""
+        return getattr(self, f"neuron_factors_{len(self.config.layers) - 1}_")
+
+    def _build_taps(self) -> None:
+        """The torch forward pass runs the tapped upstream (batch.taps); otherwise the analysed
+        layers are computed again, by the upstream cut short after the deepest one."""
+        self.tapped_upstream = tap_module(self.model.upstream, list(self.config.layers[:-1]))
+        self._taps = tap_module(self.model.upstream, list(self.config.layers[:-1]), keep_output=False)
 
     def to(self, device):
-        for name in ("pixel_factors_", "view_scales_", "pixel_offset_", "probe_codes_", "probe_index_",
-                     "probe_labels_"):
-            setattr(self, name, getattr(self, name).to(device))
-        self.neuron_factors_ = [o.to(device) for o in self.neuron_factors_]
-        self._build()
+        super().to(device)
+        self._build_taps()  # on the model's modules as they are now
         return self
 
     def encode(self, inputs: torch.Tensor, features: torch.Tensor, taps: tuple[torch.Tensor, ...] | None = None,
@@ -205,7 +266,8 @@ class CoupledNMFExplainer(Explainer):
         scales = self.view_scales_
         x = torch.cat([(pixels / scales[:n_in, None]).flatten(1),
                        *(v / s for v, s in zip(layer_views, scales[n_in:]))], 1)
-        f = nnls_encode(x, self.dictionary_, self.fold_in_iter, gram=self.gram_, solver=self.fold_in_solver)
+        f = nnls_encode(x, self.dictionary_, self.config.fold_in_iter, gram=self.gram_,
+                        solver=self.config.fold_in_solver)
         norm = torch.linalg.vector_norm(x, dim=1)
         error = torch.linalg.vector_norm(x - f @ self.dictionary_, dim=1)
         share = torch.where(norm > 0, error / norm.clamp_min(EPS), torch.zeros_like(norm)).clamp(0, 1)
@@ -232,25 +294,25 @@ class CoupledNMFExplainer(Explainer):
 
     def _removal_ratio(self, pooled: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
         """(B, M, C): the share ``r`` of each channel that each concept set removes (see :meth:`remove`)."""
-        removed = torch.einsum("bmd,bd,cd->bmc", sets.float(), f, self.neuron_factors_[-1])
+        removed = torch.einsum("bmd,bd,cd->bmc", sets.float(), f, self._explained_neurons)
         return torch.where(pooled.unsqueeze(1) > 0, removed / pooled.unsqueeze(1).clamp_min(EPS),
                            torch.zeros_like(removed)).clamp_max(1)
 
-    def removed_logits(self, features: torch.Tensor, logits: torch.Tensor, f: torch.Tensor,
-                       sets: torch.Tensor) -> torch.Tensor:
-        """(B, M, K): the logits with each concept set removed, ``downstream(remove(...))``.
+    def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:
+        """(B, S, K): the logits with each concept set removed, ``downstream(remove(...))``.
 
         For a non-negative layer and an average-pool + linear head, ``r`` is constant over the grid,
-        so ``downstream(a - a r) = logits - (mean_hw(a) * r) @ weight.T``: no (B, M, C, *grid)
+        so ``downstream(a - a r) = logits - (mean_hw(a) * r) @ weight.T``: no (B, S, C, *grid)
         activation is formed and the head is not run again.
         """
+        f = codes.weight
         if self.head_weight_ is None:
-            removed = self.remove(features, f, sets)
+            removed = self.remove(batch.features, f, sets)
             b, m = sets.shape[:2]
             return self.model.downstream(removed.reshape(b * m, *removed.shape[2:])).float().reshape(b, m, -1)
-        pooled = spatial_mean(features.float().clamp_min(0))
-        lost = pooled.unsqueeze(1) * self._removal_ratio(pooled, f, sets)  # (B, M, C)
-        return logits.float().unsqueeze(1) - lost @ self.head_weight_.T
+        pooled = spatial_mean(batch.features.float().clamp_min(0))
+        lost = pooled.unsqueeze(1) * self._removal_ratio(pooled, f, sets)  # (B, S, C)
+        return batch.logits.float().unsqueeze(1) - lost @ self.head_weight_.T
 
     def nearest_probes(self, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's kNN analysis: the probe examples nearest in concept space (cosine).
@@ -271,31 +333,8 @@ class CoupledNMFExplainer(Explainer):
         similarity, where = (unit @ probes.T).topk(k, dim=1)
         return self.probe_index_[where], similarity
 
-    def explain(self, batch: ExplainBatch) -> Explanation:
+    def encode_batch(self, batch: ExplainBatch) -> Codes:
         f, residual_share, _ = self.encode(batch.inputs, batch.features, batch.taps)
         b, d = f.shape
-        # One pass: each concept alone (contributions), then the requested sets.
-        singles = torch.eye(d, device=f.device).expand(b, d, d)
-        sets = torch.cat([singles, batch.suppress.to(f.dtype)], 1)  # (B, d + M, d)
-        logits = self.removed_logits(batch.features, batch.logits, f, sets)
-        t = batch.targets
-        rows = torch.arange(b, device=t.device)
-        target_logit = batch.logits.float()[rows, t]
-        contribution = target_logit.unsqueeze(1) - logits[rows, :d, t]
-        heatmaps = None
-        if batch.heatmaps:
-            heatmaps = (f.unsqueeze(2) * self.pixel_masks_).reshape(b, d, *self.map_hw)
-        zeros = torch.zeros_like(target_logit)
-        return Explanation(
-            target_class=t,
-            component_index=torch.arange(d, device=t.device).expand(b, d),
-            weight=f,
-            contribution=contribution,
-            bias=zeros,
-            residual_contribution=zeros,
-            residual_share=residual_share,
-            target_logit=target_logit,
-            heatmaps=heatmaps,
-            intervened_logits=logits[:, d:],
-        )
-
+        heatmaps = (f.unsqueeze(2) * self.pixel_masks_).reshape(b, d, *self.map_hw) if batch.heatmaps else None
+        return Codes(torch.arange(d, device=f.device).expand(b, d), f, residual_share, heatmaps)

@@ -51,14 +51,59 @@ Per request, with F the layer features and t the target class:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from handlers.base import ExplainBatch, Explainer, Explanation, FittedMethod
+from handlers.base import Codes, ExplainBatch, FittedMethod, MethodConfig, RemovalExplainer
 from handlers.model import ModelParts, linear_head_weight
 
 NAME = "gradcam_rules"
+
+
+@dataclass(frozen=True)
+class GradCAMRulesConfig(MethodConfig):
+    """The rule miner's hyperparameters.
+
+    q : rules kept per class (paper default 10)
+    tau_prt : relative class-logit drop a perturbation step must reach for its patch to stay relevant
+    tau_support : minimum support of a filter set within a class's transactions (paper default 0.5)
+    n_filters : filters per transaction (the paper's N − 1; the class is the N-th item)
+    max_rule_len : most filters in one rule (bounds eclat's enumeration, which grows as 2^n_filters)
+    patch_size : side of the square patch window, in input pixels
+    n_candidates : candidate patches per image (k)
+    n_locations : random window positions scored per candidate
+    activation_ratio : online, a rule is active when its match strength reaches this
+    random_trials : random filter draws averaged per class in ``perturbation_accuracy``
+    random_state : seed of the random window positions and the random filters
+    """
+
+    method = NAME
+    q: int = 10
+    tau_prt: float = 0.1
+    tau_support: float = 0.5
+    n_filters: int = 20
+    max_rule_len: int = 4
+    patch_size: int = 12
+    n_candidates: int = 3
+    n_locations: int = 32
+    activation_ratio: float = 0.8
+    random_trials: int = 20
+    random_state: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.require_at_least(1, "q", "n_filters", "max_rule_len", "patch_size", "n_candidates", "n_locations",
+                              "random_trials")
+        self.require_at_least(0, "activation_ratio")
+        self.require(0 < self.tau_support <= 1, "tau_support", "in (0, 1]")
+
+
+def grid_window(patch_size: int, grid: Sequence[int], input_hw: Sequence[int]) -> tuple[int, ...]:
+    """The patch window's size on the feature grid, at least one cell a side."""
+    return tuple(max(1, round(patch_size * g / s)) for g, s in zip(grid, input_hw))
 
 
 def gradcam_weights(features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -79,9 +124,9 @@ def gradcam_weights(features: torch.Tensor, logits: torch.Tensor, targets: torch
     return grad.float().flatten(2).mean(2)
 
 
-class GradCAMRulesExplainer(Explainer):
+class GradCAMRulesExplainer(RemovalExplainer):
     name = NAME
-    additive = False
+    config_class = GradCAMRulesConfig
     residual_share_definition = (
         "sum over filters d outside the active rules of P_d / sum over all filters of P_d, with "
         "P_d = sum_hw ReLU(alpha_d F_d,hw) the filter's positive Grad-CAM evidence for the target "
@@ -94,22 +139,19 @@ class GradCAMRulesExplainer(Explainer):
         "window activation / its typical activation in the mined training patches; a rule is returned "
         "when its weight reaches activation_ratio (non-additive: bias and residual_contribution are 0)"
     )
+    factors = {
+        "component_filters_": (torch.float32, ("C", "D")),  # 1 where the component's filter set holds the channel
+        "class_components_": (torch.int64, ("K", "width")),  # each class's rules, best first, -1 padding
+        "filter_reference_": (torch.float32, ("D",)),  # θ_d
+    }
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
+        if len(model.feature_shape) != 3:
+            raise ValueError(f"gradcam_rules needs a convolutional layer, the model's features are "
+                             f"{model.feature_shape}")
         super().__init__(model, fitted)
-        f = fitted.factors
-        self.component_filters_ = f["component_filters_"].float()  # (R, D)
-        self.class_components_ = f["class_components_"].long()  # (K, C)
-        self.filter_reference_ = f["filter_reference_"].float()  # (D,)
         n_components, dim = self.component_filters_.shape
-        if (len(model.feature_shape) != 3 or dim != model.feature_shape[0]
-                or self.class_components_.shape[0] != model.num_classes
-                or self.filter_reference_.shape != (dim,) or n_components != len(self.components)):
-            raise ValueError(f"gradcam_rules factors (component filters {tuple(self.component_filters_.shape)}, "
-                             f"class table {tuple(self.class_components_.shape)}) do not fit a model with "
-                             f"{model.num_classes} classes and features {model.feature_shape}")
-        self.window = tuple(self.hyperparameters["grid_window"])
-        self.activation_ratio = float(self.hyperparameters["activation_ratio"])
+        self.window = grid_window(self.config.patch_size, model.feature_shape[1:], model.input_spec.shape[1:])
         # Row 0 is the empty filter set, so padding (index −1) maps to it after the +1 shift.
         self._filters = torch.cat([torch.zeros(1, dim), self.component_filters_])  # (R+1, D)
         size = int(self._filters.sum(1).max())
@@ -124,17 +166,8 @@ class GradCAMRulesExplainer(Explainer):
         self.head_weight_ = linear_head_weight(model)  # (K, D) or None
         self.needs_grad = self.head_weight_ is None
 
-    def to(self, device):
-        for name in ("component_filters_", "class_components_", "filter_reference_", "_filters", "_filter_index",
-                     "head_weight_"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    def explain(self, batch: ExplainBatch) -> Explanation:
+    def encode_batch(self, batch: ExplainBatch) -> Codes:
         t = batch.targets
-        b = len(t)
-        rows = torch.arange(b, device=t.device)
         features, logits = batch.features, batch.logits
         if self.head_weight_ is not None:
             # ∂logit_t/∂F[d, h, w] = weight[t, d] / HW at every position.
@@ -147,9 +180,7 @@ class GradCAMRulesExplainer(Explainer):
                     logits = self.model.downstream(features)
             alpha = gradcam_weights(features, logits, t)  # (B, D)
         with torch.no_grad():
-            features = features.detach()
-            f = features.float()
-            target_logit = batch.logits.detach().float()[rows, t]
+            f = features.detach().float()
             slots = self.class_components_[t] + 1  # (B, C), 0 = padding
             masks = self._filters[slots]  # (B, C, D)
             # Match strength: the weakest filter of the rule, in its best window.
@@ -158,27 +189,12 @@ class GradCAMRulesExplainer(Explainer):
             index = self._filter_index[slots]  # (B, C, S)
             gathered = window.gather(1, index.flatten(1)[:, :, None].expand(-1, -1, window.shape[2]))
             strength = gathered.reshape(*index.shape, -1).amin(2).amax(2)  # (B, C)
-            active = (slots > 0) & (strength >= self.activation_ratio)
+            active = (slots > 0) & (strength >= self.config.activation_ratio)
             order = torch.where(active, strength, torch.full_like(strength, -1.0)).argsort(
                 dim=1, descending=True, stable=True)
             active, slots = active.gather(1, order), slots.gather(1, order)
             masks = masks.gather(1, order[:, :, None].expand_as(masks)) * active[:, :, None]
             weight = torch.where(active, strength.gather(1, order), torch.zeros_like(strength))
-
-            # One pass (of the head's weight or the downstream): each returned rule zeroed alone, then
-            # each intervention's union.
-            suppressed = (batch.suppress.float() @ self.component_filters_).clamp_max(1)  # (B, M, D)
-            zeroed = torch.cat([masks, suppressed], 1)  # (B, C+M, D)
-            if self.head_weight_ is not None:
-                # downstream(F (1 - z)) = logits - (mean_hw(F) z) @ weight.T, z constant over the grid.
-                lost = (f.flatten(2).mean(2)[:, None] * zeroed) @ self.head_weight_.T
-                out = batch.logits.detach().float()[:, None] - lost
-            else:
-                perturbed = (f[:, None] * (1 - zeroed)[..., None, None]).to(features.dtype)
-                out = self.model.downstream(perturbed.flatten(0, 1)).float().reshape(b, zeroed.shape[1], -1)
-            c = masks.shape[1]
-            contribution = (target_logit[:, None] - out[:, :c].gather(2, t[:, None, None].expand(-1, c, 1))[..., 0])
-            contribution = contribution * active
 
             evidence = (alpha[:, :, None, None] * f).relu()  # (B, D, H, W)
             per_filter = evidence.sum((2, 3))
@@ -186,20 +202,18 @@ class GradCAMRulesExplainer(Explainer):
             total = per_filter.sum(1)
             residual_share = torch.where(total > 0, (per_filter * (1 - covered)).sum(1) / total.clamp_min(1e-30),
                                          torch.ones_like(total))
-            heatmaps = None
-            if batch.heatmaps:
-                heatmaps = torch.einsum("bcd,bd,bdhw->bchw", masks, alpha, f).relu()
-            zero = torch.zeros_like(target_logit)
-            return Explanation(
-                target_class=t,
-                component_index=torch.where(active, slots - 1, torch.full_like(slots, -1)),
-                weight=weight,
-                contribution=contribution,
-                bias=zero,
-                residual_contribution=zero,
-                residual_share=residual_share.clamp(0, 1),
-                target_logit=target_logit,
-                heatmaps=heatmaps,
-                intervened_logits=out[:, c:],
-            )
+            heatmaps = torch.einsum("bcd,bd,bdhw->bchw", masks, alpha, f).relu() if batch.heatmaps else None
+        return Codes(torch.where(active, slots - 1, torch.full_like(slots, -1)), weight, residual_share.clamp(0, 1),
+                     heatmaps)
 
+    @torch.no_grad()
+    def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:
+        """The logits with the union of the removed rules' filters (channels) zeroed at the layer."""
+        zeroed = (sets @ self.component_filters_).clamp_max(1)  # (B, S, D)
+        f = batch.features.detach().float()
+        if self.head_weight_ is not None:
+            # downstream(F (1 - z)) = logits - (mean_hw(F) z) @ weight.T, z constant over the grid.
+            lost = (f.flatten(2).mean(2)[:, None] * zeroed) @ self.head_weight_.T
+            return batch.logits.detach().float()[:, None] - lost
+        perturbed = (f[:, None] * (1 - zeroed)[..., None, None]).to(batch.features.dtype)
+        return self.model.downstream(perturbed.flatten(0, 1)).float().reshape(*zeroed.shape[:2], -1)

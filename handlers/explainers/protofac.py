@@ -52,15 +52,73 @@ demo models) Σ_i c_i + residual + bias equals the model's target logit exactly.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
-from handlers.base import ExplainBatch, Explainer, Explanation, FittedMethod
+from handlers.base import Codes, ExplainBatch, FittedMethod, MethodConfig, RemovalExplainer
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers.simplex import simplex_least_squares
 
 NAME = "protofac"
+
+
+@dataclass(frozen=True)
+class ProtoFacConfig(MethodConfig):
+    """ProtoFac's hyperparameters.
+
+    n_prototypes : k.
+    lambda_ce, lambda_r, lambda_c : weights of the loss terms (module docstring).
+    epochs, projection_interval, batch_size, lr_weights, lr_prototypes : the Adam schedule;
+        ``lr_prototypes`` is relative to the features' root-mean-square entry.
+    candidate_fraction : share of every class's training inputs cut into candidates.
+    window, windows_per_side : the sliding window of image models (pixels; positions per
+        axis); 16 and 5 on a 32×32 input are the paper's 16×16 windows at stride 4.
+    solver_iter : steps of the active-set simplex solver online per request, and offline for W
+        after each projection, the held-out W and the accuracies that choose the kept
+        prototypes; None: n_prototypes (enough to add every prototype once; archives store the
+        number). The report's ``solver_converged`` is the share of held-out rows whose codes are
+        optimal after that many steps.
+    eval_size : training rows (a fixed random subset) on which the accuracy against the
+        oracle picks the best projection.
+    nmf_max_iter : iterations of the plain NMF baseline (f_loss_nmf).
+    k_sweep, sweep_epochs : the accuracy-vs-k table and plot (paper Fig. 5), each k fitted
+        with ``sweep_epochs`` epochs and a projection after every epoch; () skips it.
+    """
+
+    method = NAME
+    n_prototypes: int = 30
+    lambda_ce: float = 1.0
+    lambda_r: float = 1.0
+    lambda_c: float = 0.1
+    epochs: int = 8
+    projection_interval: int = 2
+    batch_size: int = 256
+    lr_weights: float = 0.01
+    lr_prototypes: float = 1.0
+    candidate_fraction: float = 0.2
+    window: int = 20
+    windows_per_side: int = 5
+    solver_iter: int | None = None
+    eval_size: int = 1000
+    nmf_max_iter: int = 50
+    k_sweep: tuple[int, ...] = (5, 10, 20, 50)
+    sweep_epochs: int = 1
+    random_state: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.require_at_least(1, "n_prototypes", "epochs", "projection_interval", "batch_size", "window",
+                              "windows_per_side", "eval_size", "nmf_max_iter", "sweep_epochs")
+        self.require_at_least(0, "lambda_ce", "lambda_r", "lambda_c", "lr_weights", "lr_prototypes")
+        self.require(0 < self.candidate_fraction <= 1, "candidate_fraction", "in (0, 1]")
+        self.require(self.solver_iter is None or self.solver_iter >= 1, "solver_iter", "None or at least 1")
+        self.require(all(k >= 1 for k in self.k_sweep), "k_sweep", "positive numbers of prototypes")
+
+    @property
+    def solver_steps(self) -> int:
+        """Steps of the simplex solver: ``solver_iter``, else one per prototype."""
+        return self.n_prototypes if self.solver_iter is None else self.solver_iter
 
 
 def clip_features(features: torch.Tensor) -> torch.Tensor:
@@ -68,9 +126,9 @@ def clip_features(features: torch.Tensor) -> torch.Tensor:
     return features.clamp_min(0).flatten(1).float()
 
 
-class ProtoFacExplainer(Explainer):
+class ProtoFacExplainer(RemovalExplainer):
     name = NAME
-    additive = False
+    config_class = ProtoFacConfig
     residual_share_definition = (
         "||a - wH||^2 / ||a||^2 clamped to [0, 1]: the share of the layer activation's energy (a: the clipped, "
         "flattened features) that the convex combination wH of the prototypes does not reconstruct"
@@ -82,73 +140,54 @@ class ProtoFacExplainer(Explainer):
         "target logit minus the surrogate's f_down(wH)[t], so the sum identity holds exactly only when the network "
         "after the layer is affine (true for the demo models). Interventions: f_down(w'H), suppressed weights zeroed"
     )
+    factors = {
+        "prototypes_": (torch.float32, ("C", "F")),  # H, k prototypes of m = F flattened features
+        "prototype_inputs_": (torch.float32, ("C", "*input")),
+    }
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         super().__init__(model, fitted)
-        f = fitted.factors
-        self.prototypes_ = f["prototypes_"].float()  # (k, m)
-        self.prototype_inputs_ = f["prototype_inputs_"].float()  # (k, *input_shape)
-        k, m = self.prototypes_.shape
-        if m != math.prod(model.feature_shape) or k != len(self.components):
-            raise ValueError(f"protofac prototypes of shape {(k, m)} do not fit a layer of shape {model.feature_shape} "
-                             f"with {len(self.components)} components")
-        if list(self.prototype_inputs_.shape) != [k, *model.input_spec.shape]:
-            raise ValueError(f"protofac prototype inputs of shape {tuple(self.prototype_inputs_.shape)} do not fit "
-                             f"inputs of shape {model.input_spec.shape}")
-        self.n_iter = int(fitted.hyperparameters["solver_iter"])
+        k = len(self.prototypes_)
         self.gram_ = self.prototypes_ @ self.prototypes_.T  # (k, k), cached for the solver
         with torch.inference_mode():
             device = model.device
             self.zero_logits_ = model.downstream(torch.zeros(1, *model.feature_shape, device=device))[0].float().cpu()
         # An average-pool + linear head is affine in the reconstruction wH: the logits of any
-        # weights w are w @ (each prototype's logits without the bias) + bias (see explain).
+        # weights w are w @ (each prototype's logits without the bias) + bias (see removed_logits).
         weight = linear_head_weight(model)
         self.prototype_logits_ = None
         if weight is not None:
             pooled = self.prototypes_.reshape(k, model.feature_shape[0], -1).mean(2)  # (k, C)
             self.prototype_logits_ = pooled @ weight.cpu().T  # (k, K)
 
-    def to(self, device):
-        for name in ("prototypes_", "prototype_inputs_", "gram_", "zero_logits_", "prototype_logits_"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    def explain(self, batch: ExplainBatch) -> Explanation:
+    def encode_batch(self, batch: ExplainBatch) -> Codes:
         features = clip_features(batch.features)  # (B, m)
-        b, k = len(features), self.prototypes_.shape[0]
-        w = simplex_least_squares(features, self.prototypes_, self.gram_, self.n_iter)  # (B, k)
-        # Every weight vector the answer needs, in one pass (of the head's weights or the downstream):
-        # w itself, w without each prototype (contributions), and each intervention.
-        keep_one_out = 1 - torch.eye(k, device=w.device, dtype=w.dtype)
-        keep_requested = (~batch.suppress).to(w.dtype)  # (B, M, k)
-        sets = torch.cat([w.unsqueeze(1), w.unsqueeze(1) * keep_one_out, w.unsqueeze(1) * keep_requested], 1)
-        if self.prototype_logits_ is not None:
-            logits = sets @ self.prototype_logits_ + self.zero_logits_  # (B, 1 + k + M, K)
-        else:
-            logits = self.model.downstream((sets @ self.prototypes_).reshape(-1, *batch.features.shape[1:]))
-            logits = logits.float().reshape(b, sets.shape[1], -1)
-        t = batch.targets
-        target_of_set = logits.gather(2, t.view(b, 1, 1).expand(b, sets.shape[1], 1)).squeeze(2)  # (B, 1 + k + M)
-        surrogate_target = target_of_set[:, 0]
-        contribution = target_of_set[:, :1] - target_of_set[:, 1:k + 1]
-        target_logit = batch.logits.float().gather(1, t.unsqueeze(1)).squeeze(1)
-        reconstruction = w @ self.prototypes_
+        b, k = len(features), len(self.prototypes_)
+        w = simplex_least_squares(features, self.prototypes_, self.gram_, self.config.solver_steps)  # (B, k)
         energy = features.square().sum(1)
-        residual_share = torch.where(energy > 0, (features - reconstruction).square().sum(1) / energy.clamp_min(1e-30),
-                                     torch.zeros_like(energy)).clamp(0, 1)
-        return Explanation(
-            target_class=t,
-            component_index=torch.arange(k, device=t.device).expand(b, k),
+        unexplained = (features - w @ self.prototypes_).square().sum(1)
+        return Codes(
+            component_index=torch.arange(k, device=w.device).expand(b, k),
             weight=w,
-            contribution=contribution,
-            bias=self.zero_logits_[t],
-            residual_contribution=target_logit - surrogate_target,
-            residual_share=residual_share,
-            target_logit=target_logit,
+            residual_share=torch.where(energy > 0, unexplained / energy.clamp_min(1e-30),
+                                       torch.zeros_like(energy)).clamp(0, 1),
             heatmaps=self._heatmaps(batch, w) if batch.heatmaps else None,
-            intervened_logits=logits[:, k + 1:],
         )
+
+    def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:
+        """The surrogate f_down(w'H), w' = w with the removed prototypes' weights zeroed (not renormalized):
+        by the head's weights when the head is affine, else by the downstream on w'H."""
+        kept = codes.weight.unsqueeze(1) * (1 - sets)  # (B, S, k)
+        if self.prototype_logits_ is not None:
+            return kept @ self.prototype_logits_ + self.zero_logits_
+        logits = self.model.downstream((kept @ self.prototypes_).reshape(-1, *batch.features.shape[1:]))
+        return logits.float().reshape(*kept.shape[:2], -1)
+
+    def bias_and_residual(self, batch: ExplainBatch, target_logit: torch.Tensor,
+                          reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The surrogate's target logit of no prototypes, f_down(0)[t], and the model's target logit less
+        the surrogate's, f[t] - f_down(wH)[t]."""
+        return self.zero_logits_[batch.targets], target_logit - reference
 
     def _heatmaps(self, batch: ExplainBatch, w: torch.Tensor) -> torch.Tensor | None:
         """(B, k, H, W) maps, or None where the layer has no grid and the input is not a series.

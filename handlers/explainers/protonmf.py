@@ -21,12 +21,36 @@ contributions, C^c_i·(F_hw·b_i)/(H·W), which sum to the contributions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from handlers.base import ExplainBatch, Explainer, Explanation, FittedMethod
+from handlers.base import AdditiveExplainer, Decomposition, ExplainBatch, FittedMethod, MethodConfig
 from handlers.model import ModelParts
+from handlers.solvers.nmf import INITS, SOLVERS
 
 NAME = "protonmf"
+
+
+@dataclass(frozen=True)
+class ProtoNMFConfig(MethodConfig):
+    """ProtoNMF's hyperparameters: p prototypes per class and the per-class NMF's settings
+    (:class:`handlers.solvers.nmf.NMF`)."""
+
+    method = NAME
+    n_prototypes: int = 3
+    solver: str = "rhals"
+    init: str = "nndsvda"
+    max_iter: int = 500
+    tol: float = 1e-4
+    random_state: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.require_at_least(1, "n_prototypes", "max_iter")
+        self.require_at_least(0, "tol")
+        self.require(self.solver in SOLVERS, "solver", f"one of {', '.join(SOLVERS)}")
+        self.require(self.init in INITS, "init", f"one of {', '.join(INITS)}")
 
 
 def clip_features(features: torch.Tensor) -> torch.Tensor:
@@ -39,9 +63,9 @@ def feature_grid(features: torch.Tensor) -> torch.Tensor:
     return features.flatten(2) if features.dim() > 2 else features.unsqueeze(2)
 
 
-class ProtoNMFExplainer(Explainer):
+class ProtoNMFExplainer(AdditiveExplainer):
     name = NAME
-    additive = True
+    config_class = ProtoNMFConfig
     residual_share_definition = (
         "|residual_contribution| / (sum_i |contribution_i| + |residual_contribution|): the share of the target "
         "logit's magnitude (bias excluded) carried by the residual prototype R^c rather than the NMF prototypes"
@@ -50,64 +74,37 @@ class ProtoNMFExplainer(Explainer):
         "C^c_i * mean_hw(F . b_i): the prototype's least-squares head coefficient times its activation "
         "(weight = mean_hw(F . b_i), F the clipped layer features); exact, with the residual prototype R^c"
     )
+    factors = {
+        "prototypes_": (torch.float32, ("K", "p", "D")),  # B^c
+        "coefficients_": (torch.float32, ("K", "p")),  # C^c
+        "residual_prototypes_": (torch.float32, ("K", "D")),  # R^c
+        "bias_": (torch.float32, ("K",)),
+    }
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         super().__init__(model, fitted)
-        f = fitted.factors
-        self.prototypes_ = f["prototypes_"].float()  # (K, p, D)
-        self.coefficients_ = f["coefficients_"].float()  # (K, p)
-        self.residual_prototypes_ = f["residual_prototypes_"].float()  # (K, D)
-        self.bias_ = f["bias_"].float()  # (K,)
-        num_classes, n_prototypes, dim = self.prototypes_.shape
-        if num_classes != model.num_classes or dim != model.feature_shape[0]:
-            raise ValueError(f"protonmf factors of shape {tuple(self.prototypes_.shape)} do not fit a model with "
-                             f"{model.num_classes} classes and {model.feature_shape[0]} channels")
-        self.n_prototypes = n_prototypes
-        self._flat_prototypes = self.prototypes_.reshape(-1, dim)  # (K·p, D)
-        self._flat_coefficients = self.coefficients_.reshape(-1)  # (K·p,)
+        self._flat_prototypes = self.prototypes_.flatten(0, 1)  # (K·p, D), row c·p + i: component c.p{i}
+        self._flat_coefficients = self.coefficients_.flatten()  # (K·p,)
 
-    def to(self, device):
-        for name in ("prototypes_", "coefficients_", "residual_prototypes_", "bias_", "_flat_prototypes",
-                     "_flat_coefficients"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    def explain(self, batch: ExplainBatch) -> Explanation:
+    def decompose(self, batch: ExplainBatch, suppressed: torch.Tensor) -> Decomposition:
         grid = feature_grid(clip_features(batch.features)).float()  # (B, D, P)
         pooled = grid.mean(2)  # (B, D)
         t = batch.targets
-        b, p, num_classes = len(pooled), self.n_prototypes, self.bias_.shape[0]
+        b, p = len(pooled), self.prototypes_.shape[1]
         prototypes, coefficients = self.prototypes_[t], self.coefficients_[t]  # (B, p, D), (B, p)
         activation = torch.bmm(prototypes, pooled.unsqueeze(2)).squeeze(2)  # (B, p)
-        contribution = activation * coefficients
-        residual = (pooled * self.residual_prototypes_[t]).sum(1)  # (B,)
-        magnitude = contribution.abs().sum(1) + residual.abs()
-        residual_share = torch.where(magnitude > 0, residual.abs() / magnitude.clamp_min(1e-30),
-                                     torch.zeros_like(magnitude))
+        suppressed_contribution = (pooled @ self._flat_prototypes[suppressed].T) * self._flat_coefficients[suppressed]
         heatmaps = None
         if batch.heatmaps:
             # (B, p, D) x (B, D, P) -> (B, p, P): the contributions' spatial densities.
             density = torch.bmm(prototypes, grid) * coefficients.unsqueeze(2) / grid.shape[2]
             heatmaps = density.reshape(b, p, *(batch.features.shape[2:] or (1, 1)))
-        # Suppressing prototypes removes their contributions from their own class's logit. Only the
-        # prototypes some intervention names are computed: all K·p of them can be thousands.
-        suppressed = batch.suppress.any(1).any(0).nonzero().squeeze(1)  # (U,)
-        removed_each = (pooled @ self._flat_prototypes[suppressed].T) * self._flat_coefficients[suppressed]  # (B, U)
-        mask = batch.suppress[:, :, suppressed].float()  # (B, M, U)
-        removed = torch.zeros(b, mask.shape[1], num_classes, device=pooled.device)
-        removed.index_add_(2, suppressed // p, mask * removed_each.unsqueeze(1))
-        intervened = batch.logits.float().unsqueeze(1) - removed
-        rows = torch.arange(b, device=pooled.device)
-        return Explanation(
-            target_class=t,
+        return Decomposition(
             component_index=t.unsqueeze(1) * p + torch.arange(p, device=t.device),
             weight=activation,
-            contribution=contribution,
+            contribution=activation * coefficients,
             bias=self.bias_[t],
-            residual_contribution=residual,
-            residual_share=residual_share,
-            target_logit=batch.logits.float()[rows, t],
+            residual=(pooled * self.residual_prototypes_[t]).sum(1),
             heatmaps=heatmaps,
-            intervened_logits=intervened,
+            suppressed_contribution=suppressed_contribution,
         )
-

@@ -43,12 +43,46 @@ becomes its readout with those x-features zeroed plus its residual ŷ − ȳ, i.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from handlers.base import ExplainBatch, Explainer, Explanation, FittedMethod
+from handlers.base import AdditiveExplainer, Decomposition, ExplainBatch, FittedMethod, MethodConfig
 from handlers.model import ModelParts
 
 NAME = "srae"
+
+
+@dataclass(frozen=True)
+class SRAEConfig(MethodConfig):
+    """SRAE's hyperparameters.
+
+    n_xfeatures : x-features per class (the paper's explanation space has 5).
+    hidden : width of the encoder's and the decoder's hidden layer.
+    beta, q : weight and sharpness of the log reconstruction penalty.
+    negative_ratio : negatives sampled from the other classes per positive.
+    epochs, batch_size, lr : Adam's schedule (a fixed number of steps).
+    classes : the explained classes (None: all; archives store the list).
+    """
+
+    method = NAME
+    n_xfeatures: int = 5
+    hidden: int = 64
+    beta: float = 0.1
+    q: float = 100.0
+    negative_ratio: float = 3.0
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 3e-3
+    classes: tuple[int, ...] | None = None
+    random_state: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.require_at_least(1, "n_xfeatures", "hidden", "epochs", "batch_size")
+        self.require_at_least(0, "beta", "q", "negative_ratio")
+        self.require(self.lr > 0, "lr", "positive")
+        self.require(self.classes is None or len(self.classes) > 0, "classes", "None or not empty")
 
 
 def spatial_mean(features: torch.Tensor) -> torch.Tensor:
@@ -104,11 +138,11 @@ def grad_cam(gradient: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     return torch.bmm(gradient / grid.shape[2], grid).relu()
 
 
-class SRAEExplainer(Explainer):
+class SRAEExplainer(AdditiveExplainer):
     """Served SRAE modules: x-features, contributions, Grad-CAM heatmaps and interventions, batched."""
 
     name = NAME
-    additive = True
+    config_class = SRAEConfig
     residual_share_definition = (
         "|residual_contribution| / (sum_n |contribution_n| + |residual_contribution|), residual_contribution = "
         "ŷ − ȳ the faithfulness gap between the model's logit ŷ and the explanation module's readout ȳ: the share "
@@ -121,66 +155,43 @@ class SRAEExplainer(Explainer):
         "x-features' contributions are removed from their own class's logit (its readout with them zeroed plus "
         "its residual)"
     )
+    # M modules (one per explained class), each D -> Hd -> n x-features -> a logit.
+    factors = {
+        "classes_": (torch.int64, ("M",)),
+        "encoder_w1_": (torch.float32, ("M", "D", "Hd")),
+        "encoder_b1_": (torch.float32, ("M", "Hd")),
+        "encoder_w2_": (torch.float32, ("M", "Hd", "n")),
+        "encoder_b2_": (torch.float32, ("M", "n")),
+        "readout_weight_": (torch.float32, ("M", "n")),
+        "readout_bias_": (torch.float32, ("M",)),
+    }
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         super().__init__(model, fitted)
-        f = fitted.factors
-        self.classes_ = f["classes_"].long()  # (M,)
-        self.encoder_w1_ = f["encoder_w1_"].float()  # (M, D, Hd)
-        self.encoder_b1_ = f["encoder_b1_"].float()  # (M, Hd)
-        self.encoder_w2_ = f["encoder_w2_"].float()  # (M, Hd, n)
-        self.encoder_b2_ = f["encoder_b2_"].float()  # (M, n)
-        self.readout_weight_ = f["readout_weight_"].float()  # (M, n)
-        self.readout_bias_ = f["readout_bias_"].float()  # (M,)
-        m, dim, hidden = self.encoder_w1_.shape
-        n = self.encoder_w2_.shape[2]
-        expected = {"encoder_b1_": (m, hidden), "encoder_w2_": (m, hidden, n), "encoder_b2_": (m, n),
-                    "readout_weight_": (m, n), "readout_bias_": (m,), "classes_": (m,)}
-        for name, shape in expected.items():
-            if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"srae factor {name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
-        if dim != model.feature_shape[0]:
-            raise ValueError(f"srae modules read {dim} channels, the model's layer has {model.feature_shape[0]}")
+        m, n = self.readout_weight_.shape
         if m and not bool(((self.classes_ >= 0) & (self.classes_ < model.num_classes)).all()):
             raise ValueError(f"srae classes {self.classes_.tolist()} do not fit a model with "
                              f"{model.num_classes} classes")
-        if len(fitted.components) != m * n:
-            raise ValueError(f"srae has {len(fitted.components)} components for {m} modules of {n} x-features")
-        self.n_xfeatures = n
-        # Which module explains each class (-1: none), and each module's class as a one-hot row.
+        if len(self.components) != m * n:
+            raise ValueError(f"srae has {len(self.components)} components for {m} modules of {n} x-features")
+        # Which module explains each class (-1: none).
         self._module_of_class = torch.full((model.num_classes,), -1, dtype=torch.int64)
         self._module_of_class[self.classes_] = torch.arange(m)
-        self._class_onehot = torch.nn.functional.one_hot(self.classes_, model.num_classes).float()  # (M, K)
 
-    def to(self, device):
-        for name in ("classes_", "encoder_w1_", "encoder_b1_", "encoder_w2_", "encoder_b2_", "readout_weight_",
-                     "readout_bias_", "_module_of_class", "_class_onehot"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    def explain(self, batch: ExplainBatch) -> Explanation:
+    def decompose(self, batch: ExplainBatch, suppressed: torch.Tensor) -> Decomposition:
         features = batch.features.detach().float()
         z = spatial_mean(features)  # (B, D)
-        logits = batch.logits.detach().float()
-        b, n = len(z), self.n_xfeatures
+        b, (m, n) = len(z), self.readout_weight_.shape
         rows = torch.arange(b, device=z.device)
         # Every module on every example, (M, B, ·): interventions may touch any class.
-        m = len(self.classes_)
         hidden_all, x_all = encode(z.expand(m, b, -1), self.encoder_w1_, self.encoder_b1_, self.encoder_w2_,
                                    self.encoder_b2_)
         contribution_all = x_all * self.readout_weight_.unsqueeze(1)  # (M, B, n)
-        t = batch.targets
-        module = self._module_of_class[t]  # (B,)
+        module = self._module_of_class[batch.targets]  # (B,)
         has = module >= 0
         mi = module.clamp_min(0)
         weight = torch.where(has[:, None], x_all[mi, rows], 0.0)
         contribution = torch.where(has[:, None], contribution_all[mi, rows], 0.0)
-        bias = torch.where(has, self.readout_bias_[mi], 0.0)
-        target_logit = logits[rows, t]
-        residual = target_logit - (contribution.sum(1) + bias)
-        magnitude = contribution.abs().sum(1) + residual.abs()
-        residual_share = torch.where(magnitude > 0, residual.abs() / magnitude.clamp_min(1e-30),
-                                     torch.zeros_like(magnitude))
         heatmaps = None
         if batch.heatmaps and features.dim() > 2:  # a fully connected layer has no grid to map
             gradient = xfeature_gradient(hidden_all[mi, rows].unsqueeze(1), weight.unsqueeze(1),
@@ -189,20 +200,13 @@ class SRAEExplainer(Explainer):
             total = cam.sum(2, keepdim=True)
             density = torch.where(total > 0, cam / total.clamp_min(1e-30), 0.0) * contribution.unsqueeze(2)
             heatmaps = density.reshape(b, n, *features.shape[2:])
-        # Zeroing x-features removes their contributions from their own class's logit only.
-        removed = (batch.suppress.float().reshape(b, -1, m, n) * contribution_all.permute(1, 0, 2).unsqueeze(1)).sum(3)
-        intervened = logits.unsqueeze(1) - removed @ self._class_onehot  # (B, M_int, K)
-        index = torch.where(has[:, None], module[:, None] * n + torch.arange(n, device=z.device), -1)
-        return Explanation(
-            target_class=t,
-            component_index=index,
+        return Decomposition(
+            component_index=torch.where(has[:, None], module[:, None] * n + torch.arange(n, device=z.device), -1),
             weight=weight,
             contribution=contribution,
-            bias=bias,
-            residual_contribution=residual,
-            residual_share=residual_share,
-            target_logit=target_logit,
+            bias=torch.where(has, self.readout_bias_[mi], 0.0),
+            residual=None,  # ŷ − ȳ
             heatmaps=heatmaps,
-            intervened_logits=intervened,
+            # Component i is x-feature i % n of module i // n.
+            suppressed_contribution=contribution_all.permute(1, 0, 2).reshape(b, m * n)[:, suppressed],
         )
-

@@ -6,23 +6,26 @@ Coupled NMF: concepts shared by pixels, neurons of several layers and examples.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import torch
 
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import crops_png
-from handlers.explainers.coupled_nmf import EPS, NAME, CoupledNMFExplainer, pixel_layout, spatial_mean, tap_module
+from handlers.explainers.coupled_nmf import (
+    EPS,
+    NAME,
+    CoupledNMFConfig,
+    CoupledNMFExplainer,
+    pixel_layout,
+    spatial_mean,
+    tap_module,
+)
 from handlers.model import ModelParts
 from handlers.model_parts import GraphProgram, non_negative_layers
 from handlers.solvers.active_set import kkt_violation
 from handlers.solvers.nmf import NMF, nnls_encode
-
-FOLD_IN_SOLVER = "active_set"  # the exact per-request fold-in (archives record theirs)
-
-
-REGULARIZATIONS = ("unit_norm", "l2")
-
 
 EXEMPLAR_EXAMPLES = 4
 
@@ -41,32 +44,8 @@ def _cpu_threads(n: int):
 
 
 @_cpu_threads(1)
-def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int = 2000,
-        layers: list[str] | None = None, regularization: str = "unit_norm", alpha: float = 1e-3,
-        group_sparsity: float = 0.0, class_groups: dict[str, list[int]] | None = None,
-        max_iter: int = 300, inner_iter: int = 10, tol: float = 1e-4, check_every: int = 10,
-        fold_in_iter: int | None = None,
-        n_top_classes: int = 3, n_top_examples: int = 8, n_eigenvalues: int = 3, knn: int = 5,
-        random_state: int = 0, log=print) -> FittedMethod:
+def fit(parts: ModelParts, data: FitData, config: CoupledNMFConfig = CoupledNMFConfig(), log=print) -> FittedMethod:
     """Fit the coupled NMF on a probe subset of ``data.x_train``; report on ``data.x_test``.
-
-    Parameters
-    ----------
-    n_concepts : number of concepts d.
-    n_probe : probe examples N, drawn from ``x_train`` by a generator seeded with ``random_state``.
-    layers : upstream node names of the analysed layers besides the explained one; None:
-        every ReLU node of the upstream. The explained layer ``parts.layer`` is always
-        analysed, last (the deepest).
-    regularization : "unit_norm" (unit-norm concept columns of the stacked loadings) or
-        "l2" (the L2 penalty ``alpha`` on every factor, kept in the fold-in).
-    group_sparsity : μ of the group-sparsity penalty on F (0: off).
-    class_groups : group name -> class indices, for the group sparsity and each concept's
-        dominant group; None: every class is its own group.
-    max_iter, inner_iter, tol, check_every : multiplicative updates: at most ``max_iter``
-        passes over the data, each updating W then F ``inner_iter`` times; stop when the
-        objective falls by less than ``tol`` (relative) over ``check_every`` passes.
-    fold_in_iter : active-set steps of the per-request fold-in; None: 2 * n_concepts, room for
-        every concept to enter and leave once (on the CPU it stops once every code is optimal).
 
     Returns
     -------
@@ -77,22 +56,20 @@ def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int 
         ``probe_labels_`` (N,).
     """
     start = time.perf_counter()
-    if regularization not in REGULARIZATIONS:
-        raise ValueError(f"unknown regularization {regularization!r}; expected one of {REGULARIZATIONS}")
-    chosen = non_negative_layers(parts.upstream) if layers is None else layers
+    chosen = non_negative_layers(parts.upstream) if config.layers is None else config.layers
     extra = [name for name in chosen if name != parts.layer]
     analysed = [*extra, parts.layer]
     n_in, map_hw = pixel_layout(parts.input_spec.shape)
     num_classes = parts.num_classes
-    groups = class_groups or {label: [c] for c, label in enumerate(parts.labels)}
+    groups = config.class_groups or {label: (c,) for c, label in enumerate(parts.labels)}
     group_of_class = torch.full((num_classes,), -1, dtype=torch.long)
     for g, members in enumerate(groups.values()):
         group_of_class[torch.as_tensor(members, dtype=torch.long)] = g
     if (group_of_class < 0).any():
         raise ValueError(f"class_groups leave classes {(group_of_class < 0).nonzero().flatten().tolist()} ungrouped")
 
-    generator = torch.Generator().manual_seed(random_state)
-    n = min(n_probe, len(data.x_train))
+    generator = torch.Generator().manual_seed(config.random_state)
+    n = min(config.n_probe, len(data.x_train))
     probe_index = torch.randperm(len(data.x_train), generator=generator)[:n].sort().values
     probe_x, probe_y = data.x_train[probe_index], data.y_train[probe_index]
 
@@ -107,12 +84,14 @@ def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int 
     log(f"coupled_nmf: probe {n} examples; views: {n_in} pixel channel(s) of {sizes[0]} pixels, layers "
         + ", ".join(f"{name} ({size})" for name, size in zip(analysed, sizes[n_in:])))
 
-    lam = alpha if regularization == "l2" else 0.0
-    fold_in_iter = 2 * n_concepts if fold_in_iter is None else fold_in_iter
-    W, F, n_iter, objective = _coupled_mu(X, n_concepts, lam=lam, unit_norm=regularization == "unit_norm",
-                                          mu=group_sparsity, groups=group_of_class[probe_y], max_iter=max_iter,
-                                          inner_iter=inner_iter, tol=tol, check_every=check_every,
-                                          random_state=random_state)
+    # The settings as fitted, stored in the archive: the layers, groups, probe count and fold-in steps resolved.
+    fold_in_iter = 2 * config.n_concepts if config.fold_in_iter is None else config.fold_in_iter
+    config = dataclasses.replace(config, layers=analysed, class_groups=groups, n_probe=n, fold_in_iter=fold_in_iter)
+    n_concepts, lam = config.n_concepts, config.penalty
+    W, F, n_iter, objective = _coupled_mu(X, n_concepts, lam=lam, unit_norm=config.regularization == "unit_norm",
+                                          mu=config.group_sparsity, groups=group_of_class[probe_y],
+                                          max_iter=config.max_iter, inner_iter=config.inner_iter, tol=config.tol,
+                                          check_every=config.check_every, random_state=config.random_state)
     X, W, F = X.cpu(), W.cpu(), F.cpu()
     log(f"coupled_nmf: {n_iter} multiplicative updates, objective {objective:.6g} ({time.perf_counter() - start:.1f}s)")
 
@@ -125,21 +104,13 @@ def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int 
         "pixel_offset_": pixel_offset.contiguous(),
         # The probe examples placed in concept space by the per-request solver, so that a
         # request's nearest probe examples are found in one geometry.
-        "probe_codes_": nnls_encode(X.T, W.T, fold_in_iter, gram=W.T @ W + lam * torch.eye(n_concepts),
-                                    solver=FOLD_IN_SOLVER),
+        "probe_codes_": nnls_encode(X.T, W.T, config.fold_in_iter, gram=W.T @ W + lam * torch.eye(n_concepts),
+                                    solver=config.fold_in_solver),
         "probe_index_": probe_index.contiguous(),
         "probe_labels_": probe_y.contiguous(),
     }
-    hyper = {"n_concepts": n_concepts, "n_probe": n, "layers": analysed, "regularization": regularization,
-             "alpha": alpha, "group_sparsity": group_sparsity, "class_groups": groups, "max_iter": max_iter,
-             "inner_iter": inner_iter, "tol": tol, "check_every": check_every, "fold_in_iter": fold_in_iter,
-             "fold_in_solver": FOLD_IN_SOLVER,
-             "n_top_classes": n_top_classes, "n_top_examples": n_top_examples, "n_eigenvalues": n_eigenvalues,
-             "knn": knn, "random_state": random_state,
-             "neurons": "channels, each example's activation pooled by the spatial mean; negatives clipped to 0",
-             "view_normalization": "each view divided by its RMS example norm over the probe set"}
-    concepts = _concept_table(F, probe_y, probe_index, parts.labels, groups, group_of_class, n_top_classes,
-                              n_top_examples)
+    concepts = _concept_table(F, probe_y, probe_index, parts.labels, groups, group_of_class, config.n_top_classes,
+                              config.n_top_examples)
     components = []
     for d, entry in enumerate(concepts):
         entry["label"] = f"concept {d}: " + ", ".join(c["class"] for c in entry["top_classes"])
@@ -148,14 +119,14 @@ def fit(parts: ModelParts, data: FitData, *, n_concepts: int = 10, n_probe: int 
     if len(parts.input_spec.shape) == 3:
         exemplars = {c.id: _exemplar(factors["pixel_factors_"][:, :, d], map_hw, data.x_train,
                                      concepts[d]["top_examples"]) for d, c in enumerate(components)}
-    fitted = FittedMethod(NAME, factors, components, hyper, {}, exemplars)
+    fitted = FittedMethod(NAME, factors, components, dataclasses.asdict(config), {}, exemplars)
 
     explainer = CoupledNMFExplainer(parts, fitted).to(parts.device)
     view_names = [*(["pixels"] if n_in == 1 else [f"pixels_{i}" for i in range(n_in)]), *analysed]
     fitted.fit_report = _round({
         "concepts": concepts,
-        "layers": _layer_similarity(blocks[n_in:], analysed, n_eigenvalues),
-        **_held_out(explainer, parts, data, X, W, F, sizes, view_names, knn),
+        "layers": _layer_similarity(blocks[n_in:], analysed, config.n_eigenvalues),
+        **_held_out(explainer, parts, data, X, W, F, sizes, view_names, config.knn),
         "n_iter": n_iter,
         "objective": objective,
         "n_probe": n,

@@ -5,6 +5,7 @@ Grad-CAM rules: class-specific and class-shared filter sets mined from Grad-CAM 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from handlers.base import Component, ExplainBatch, FitData, FittedMethod
 from handlers.exemplars import crops_png
-from handlers.explainers.gradcam_rules import NAME, GradCAMRulesExplainer, gradcam_weights
+from handlers.explainers.gradcam_rules import NAME, GradCAMRulesConfig, GradCAMRulesExplainer, gradcam_weights
 from handlers.model import ModelParts
 from handlers.solvers.eclat import eclat, tidsets
 
@@ -58,25 +59,9 @@ def _gradcam_all(parts: ModelParts, x: torch.Tensor, batch_size: int = 500):
     return torch.cat(features), torch.cat(logits), torch.cat(alphas)
 
 
-def fit(parts: ModelParts, data: FitData, *, q: int = 10, tau_prt: float = 0.1, tau_support: float = 0.5,
-        n_filters: int = 20, max_rule_len: int = 4, patch_size: int = 12, n_candidates: int = 3, n_locations: int = 32,
-        activation_ratio: float = 0.8, random_trials: int = 20, random_state: int = 0,
+def fit(parts: ModelParts, data: FitData, config: GradCAMRulesConfig = GradCAMRulesConfig(),
         log=print) -> FittedMethod:
     """Mine Grad-CAM filter rules on ``data.x_train``; Table 1 on ``data.x_test``.
-
-    Parameters
-    ----------
-    q : rules kept per class (paper default 10)
-    tau_prt : relative class-logit drop a perturbation step must reach for its patch to stay relevant
-    tau_support : minimum support of a filter set within a class's transactions (paper default 0.5)
-    n_filters : filters per transaction (the paper's N − 1; the class is the N-th item)
-    max_rule_len : most filters in one rule (bounds eclat's enumeration, which grows as 2^n_filters)
-    patch_size : side of the square patch window, in input pixels
-    n_candidates : candidate patches per image (k)
-    n_locations : random window positions scored per candidate
-    activation_ratio : online, a rule is active when its match strength reaches this
-    random_trials : random filter draws averaged per class in ``perturbation_accuracy``
-    random_state : seed of the random window positions and the random filters
 
     Returns
     -------
@@ -90,15 +75,12 @@ def fit(parts: ModelParts, data: FitData, *, q: int = 10, tau_prt: float = 0.1, 
                          f"{parts.input_spec.shape} and features {parts.feature_shape}")
     dim, *grid = parts.feature_shape
     input_hw = tuple(parts.input_spec.shape[1:])
-    if not 1 <= patch_size <= min(input_hw):
+    q, patch_size, n_candidates = config.q, config.patch_size, config.n_candidates
+    if patch_size > min(input_hw):
         raise ValueError(f"patch_size={patch_size} does not fit the {input_hw} input")
-    if q < 1:
-        raise ValueError(f"q={q} must be at least 1")
-    if max_rule_len < 1:
-        raise ValueError(f"max_rule_len={max_rule_len} must be at least 1")
-    if not 1 <= n_filters <= dim:
-        raise ValueError(f"n_filters={n_filters} must be in [1, {dim}]")
-    generator = torch.Generator().manual_seed(random_state)
+    if config.n_filters > dim:
+        raise ValueError(f"n_filters={config.n_filters} must be in [1, {dim}]")
+    generator = torch.Generator().manual_seed(config.random_state)
     x = data.x_train.float()
     features, logits, alpha = _gradcam_all(parts, x)
     features, logits, alpha = features.float().cpu(), logits.float().cpu(), alpha.cpu()
@@ -112,7 +94,7 @@ def fit(parts: ModelParts, data: FitData, *, q: int = 10, tau_prt: float = 0.1, 
     corners = torch.zeros(n, n_candidates, 2, dtype=torch.long)
     for j in range(n_candidates):
         mass = F.avg_pool2d(heat[:, None], patch_size, stride=1).flatten(1)  # (N, span_h·span_w)
-        where = torch.randint(0, span[0] * span[1], (n, n_locations), generator=generator)
+        where = torch.randint(0, span[0] * span[1], (n, config.n_locations), generator=generator)
         best = where.gather(1, mass.gather(1, where).argmax(1, keepdim=True))[:, 0]
         corners[:, j, 0], corners[:, j, 1] = best // span[1], best % span[1]
         heat = heat * ~_window_masks(corners[:, j], patch_size, input_hw)
@@ -129,7 +111,7 @@ def fit(parts: ModelParts, data: FitData, *, q: int = 10, tau_prt: float = 0.1, 
         if len(live) == 0:
             break
         score = parts.logits(perturbed[live]).float().cpu()[torch.arange(len(live)), predicted[live]]
-        still[live] = (previous[live] - score) / score0[live].abs().clamp_min(1e-6) >= tau_prt
+        still[live] = (previous[live] - score) / score0[live].abs().clamp_min(1e-6) >= config.tau_prt
         relevant[:, j] = still
         previous[live] = score
 
@@ -137,13 +119,13 @@ def fit(parts: ModelParts, data: FitData, *, q: int = 10, tau_prt: float = 0.1, 
     masks = torch.stack([_window_masks(corners[:, j], patch_size, input_hw) for j in range(n_candidates)], 1)
     cover = F.adaptive_avg_pool2d(masks.float().flatten(0, 1)[:, None], grid).reshape(n, n_candidates, *grid)
     activation = torch.einsum("nkhw,ndhw->nkd", cover, features) / cover.sum((2, 3))[..., None].clamp_min(1e-12)
-    ranked = activation.topk(n_filters, dim=2).indices  # (N, k, n_filters)
+    ranked = activation.topk(config.n_filters, dim=2).indices  # (N, k, n_filters)
     image_of, patch_of = relevant.nonzero(as_tuple=True)
     t_filters, t_class = ranked[image_of, patch_of], predicted[image_of]
     t_activation = activation[image_of, patch_of]  # (T, D)
     n_trans = len(image_of)
     if n_trans == 0:
-        raise ValueError(f"no relevant patches at tau_prt={tau_prt}: no transactions to mine")
+        raise ValueError(f"no relevant patches at tau_prt={config.tau_prt}: no transactions to mine")
     log(f"gradcam_rules: {n_trans} transactions from {int(relevant.any(1).sum())}/{n} images "
         f"({time.perf_counter() - start:.1f}s)")
     member = torch.zeros(n_trans, dim, dtype=torch.bool)
@@ -151,7 +133,8 @@ def fit(parts: ModelParts, data: FitData, *, q: int = 10, tau_prt: float = 0.1, 
     reference = ((t_activation * member).sum(0) / member.sum(0).clamp_min(1)).clamp_min(1e-6)
 
     # 5-6. Hierarchical eclat, rules, the top q per class, class-shared groups.
-    rules = _mine_rules(t_filters.tolist(), t_class.tolist(), parts.num_classes, tau_support, max_rule_len)
+    rules = _mine_rules(t_filters.tolist(), t_class.tolist(), parts.num_classes, config.tau_support,
+                        config.max_rule_len)
     shared = _shared_groups(rules, q)
     components, sets, owners, class_components, component_filters = _components(rules, shared, parts.labels,
                                                                               dim, q)
@@ -163,12 +146,6 @@ def fit(parts: ModelParts, data: FitData, *, q: int = 10, tau_prt: float = 0.1, 
     }
     crops = _crops(x, image_of, corners[image_of, patch_of], patch_size)
     exemplars = _exemplars(components, owners, component_filters, crops, t_class, member, t_activation)
-    hyper = {"q": q, "tau_prt": tau_prt, "tau_support": tau_support, "n_filters": n_filters,
-             "max_rule_len": max_rule_len,
-             "patch_size": patch_size, "n_candidates": n_candidates, "n_locations": n_locations,
-             "activation_ratio": activation_ratio, "random_trials": random_trials, "random_state": random_state,
-             "grid_window": [max(1, round(patch_size * g / s)) for g, s in zip(grid, input_hw)],
-             "class_score": "logit of the predicted class", "perturbation": "patch pixels set to zero"}
     rule_filters = {c: sorted({d for r in found for d in r["filters"]}) for c, found in top.items()}
     owners_of, support_of = _owners(rules)
 
@@ -178,7 +155,7 @@ def fit(parts: ModelParts, data: FitData, *, q: int = 10, tau_prt: float = 0.1, 
                 "component": components[r["component"]].id}
 
     report = {
-        "perturbation_accuracy": _table1(parts, data, rule_filters, random_trials, generator),
+        "perturbation_accuracy": _table1(parts, data, rule_filters, config.random_trials, generator),
         "rules": [described(r) for c in sorted(top) for r in top[c]],
         # A filter is class-specific when it is frequent in that class only.
         "class_specific_filters": {parts.labels[c]: [d for d in rule_filters.get(c, []) if owners_of[(d,)] == {c}]
@@ -193,7 +170,7 @@ def fit(parts: ModelParts, data: FitData, *, q: int = 10, tau_prt: float = 0.1, 
         "n_train": n,
         "n_test": len(data.x_test),
     }
-    fitted = FittedMethod(NAME, factors, components, hyper, report, exemplars)
+    fitted = FittedMethod(NAME, factors, components, dataclasses.asdict(config), report, exemplars)
     report["held_out_matches"] = _held_out_matches(parts, data, fitted)
     n_shared = len(report["class_shared_filter_groups"])
     log(f"gradcam_rules: {sum(map(len, top.values()))} top rules, {len(components)} components "

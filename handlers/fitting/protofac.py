@@ -5,6 +5,7 @@ ProtoFac: a layer's activations factorized into real prototypes with simplex wei
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import png_bytes, to_uint8_image
-from handlers.explainers.protofac import NAME, clip_features
+from handlers.explainers.protofac import NAME, ProtoFacConfig, clip_features
 from handlers.model import ModelParts
 from handlers.solvers.nmf import NMF, nnls_encode
 from handlers.solvers.simplex import project_to_simplex, simplex_kkt_violation, simplex_least_squares
@@ -161,10 +162,11 @@ class _Problem:
         return self.codes(self.a, prototypes)
 
 
-def _fit_prototypes(problem: _Problem, k: int, *, lambda_ce: float, lambda_r: float, lambda_c: float, epochs: int,
-                    projection_interval: int, batch_size: int, lr_weights: float, lr_prototypes: float,
-                    generator: torch.Generator, progress: bool, log) -> tuple[torch.Tensor, list[dict]]:
-    """Algorithm 1: returns the kept candidate indices (k,) and the per-projection history."""
+def _fit_prototypes(problem: _Problem, config: ProtoFacConfig, generator: torch.Generator,
+                    log) -> tuple[torch.Tensor, list[dict]]:
+    """Algorithm 1 for ``config.n_prototypes`` prototypes: returns the kept candidate indices (k,)
+    and the per-projection history."""
+    k, epochs = config.n_prototypes, config.epochs
     if k > len(problem.latents):
         raise ValueError(f"n_prototypes={k} exceeds the {len(problem.latents)} candidates")
     a, oracle, latents = problem.a, problem.oracle, problem.latents
@@ -178,20 +180,21 @@ def _fit_prototypes(problem: _Problem, k: int, *, lambda_ce: float, lambda_r: fl
     # Adam moves every coordinate by about its learning rate: H's is relative to the
     # features' root-mean-square entry, W's is on the simplex's scale.
     optimizer = torch.optim.Adam([
-        {"params": [prototypes], "lr": lr_prototypes * float(problem.scale) / math.sqrt(m)},
-        {"params": [weights], "lr": lr_weights},
+        {"params": [prototypes], "lr": config.lr_prototypes * float(problem.scale) / math.sqrt(m)},
+        {"params": [weights], "lr": config.lr_weights},
     ])
-    bar = tqdm(range(1, epochs + 1), desc=f"protofac k={k}", disable=not progress, leave=False)
+    # A progress bar where stderr is a terminal.
+    bar = tqdm(range(1, epochs + 1), desc=f"protofac k={k}", disable=None, leave=False)
     for epoch in bar:
         with torch.no_grad():
             nearest = latents[(problem.sq_norms.unsqueeze(0) - 2 * prototypes @ latents.T).argmin(1)]
-        for rows in torch.randperm(n, generator=generator).split(batch_size):
+        for rows in torch.randperm(n, generator=generator).split(config.batch_size):
             rows = rows.to(device)
             reconstruction = weights[rows] @ prototypes
             ce = F.cross_entropy(problem.surrogate(reconstruction), oracle[rows])
             reconstruction_loss = (a[rows] - reconstruction).norm() / (math.sqrt(len(rows)) * problem.scale)
             concentration = (prototypes - nearest).square().sum(1).mean() / problem.scale ** 2
-            loss = lambda_ce * ce + lambda_r * reconstruction_loss + lambda_c * concentration
+            loss = config.lambda_ce * ce + config.lambda_r * reconstruction_loss + config.lambda_c * concentration
             optimizer.zero_grad(set_to_none=True)
             # Only W and H: the frozen model's parameters get no gradients.
             loss.backward(inputs=[prototypes, weights])
@@ -200,7 +203,7 @@ def _fit_prototypes(problem: _Problem, k: int, *, lambda_ce: float, lambda_r: fl
                 prototypes.clamp_(min=0)
                 weights.copy_(project_to_simplex(weights))
         bar.set_postfix(ce=f"{float(ce.detach()):.3f}", rec=f"{float(reconstruction_loss.detach()):.3f}")
-        if epoch % projection_interval == 0 or epoch == epochs:
+        if epoch % config.projection_interval == 0 or epoch == epochs:
             with torch.no_grad():
                 projected = _nearest_distinct(prototypes, latents, problem.sq_norms)
                 replaced = int(len(set(projected.tolist()) - set(chosen.tolist())))
@@ -240,34 +243,8 @@ def _heldout_row(problem: _Problem, prototypes: torch.Tensor, a_test: torch.Tens
     }
 
 
-def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 30, lambda_ce: float = 1.0, lambda_r: float = 1.0,
-        lambda_c: float = 0.1, epochs: int = 8, projection_interval: int = 2, batch_size: int = 256,
-        lr_weights: float = 0.01, lr_prototypes: float = 1.0, candidate_fraction: float = 0.2, window: int = 20,
-        windows_per_side: int = 5, solver_iter: int | None = None, eval_size: int = 1000,
-        nmf_max_iter: int = 50,
-        k_sweep: tuple[int, ...] | list[int] = (5, 10, 20, 50), sweep_epochs: int = 1, random_state: int = 0,
-        progress: bool = True, log=print) -> FittedMethod:
+def fit(parts: ModelParts, data: FitData, config: ProtoFacConfig = ProtoFacConfig(), log=print) -> FittedMethod:
     """Fit ProtoFac on ``data.x_train`` and report on ``data.x_test``.
-
-    Parameters
-    ----------
-    n_prototypes : k.
-    lambda_ce, lambda_r, lambda_c : weights of the loss terms (module docstring).
-    epochs, projection_interval, batch_size, lr_weights, lr_prototypes : the Adam schedule;
-        ``lr_prototypes`` is relative to the features' root-mean-square entry.
-    candidate_fraction : share of every class's training inputs cut into candidates.
-    window, windows_per_side : the sliding window of image models (pixels; positions per
-        axis); 16 and 5 on a 32×32 input are the paper's 16×16 windows at stride 4.
-    solver_iter : steps of the active-set simplex solver online per request, and offline for W
-        after each projection, the held-out W and the accuracies that choose the kept
-        prototypes; default n_prototypes (enough to add every prototype once). The report's
-        ``solver_converged`` is the share of held-out rows whose codes are optimal after that
-        many steps.
-    eval_size : training rows (a fixed random subset) on which the accuracy against the
-        oracle picks the best projection.
-    nmf_max_iter : iterations of the plain NMF baseline (f_loss_nmf).
-    k_sweep, sweep_epochs : the accuracy-vs-k table and plot (paper Fig. 5), each k fitted
-        with ``sweep_epochs`` epochs and a projection after every epoch; () skips it.
 
     Returns
     -------
@@ -276,7 +253,7 @@ def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 30, lambda_ce: 
     sweep, ``k_sweep_png_`` (bytes,) uint8, the PNG of the accuracy-vs-k plot.
     """
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(random_state)
+    generator = torch.Generator().manual_seed(config.random_state)
     device = parts.device
     raw = parts.features(data.x_train)
     if (raw < 0).any():
@@ -286,24 +263,21 @@ def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 30, lambda_ce: 
     with torch.no_grad():
         oracle = parts.downstream(raw).argmax(1)
     del raw
-    latents, source = sample_candidates(parts, data.x_train, data.y_train, candidate_fraction, window,
-                                        windows_per_side, generator)
-    eval_rows = torch.randperm(len(a_train), generator=generator)[:eval_size].sort().values
-    solver_iter = n_prototypes if solver_iter is None else solver_iter
-    problem = _Problem(parts, a_train, oracle, latents, solver_iter, eval_rows)
+    latents, source = sample_candidates(parts, data.x_train, data.y_train, config.candidate_fraction, config.window,
+                                        config.windows_per_side, generator)
+    eval_rows = torch.randperm(len(a_train), generator=generator)[:config.eval_size].sort().values
+    config = dataclasses.replace(config, solver_iter=config.solver_steps)
+    problem = _Problem(parts, a_train, oracle, latents, config.solver_iter, eval_rows)
     log(f"protofac: A is {tuple(a_train.shape)}, {len(latents)} candidates "
         f"({time.perf_counter() - start:.1f}s)")
-    schedule = dict(lambda_ce=lambda_ce, lambda_r=lambda_r, lambda_c=lambda_c, batch_size=batch_size,
-                    lr_weights=lr_weights, lr_prototypes=lr_prototypes, progress=progress, log=log)
-    chosen, history = _fit_prototypes(problem, n_prototypes, epochs=epochs, projection_interval=projection_interval,
-                                      generator=generator, **schedule)
+    chosen, history = _fit_prototypes(problem, config, generator, log)
     # Prototypes ordered by the class of their source input, for people reading the list.
     chosen = chosen[torch.argsort(data.y_train[source[chosen, 0]] * len(source) + chosen)]
     prototypes = latents[chosen.to(device)].contiguous()
 
     a_test = clip_features(parts.features(data.x_test))
     oracle_test = parts.logits(data.x_test).argmax(1)
-    nmf = NMF(n_prototypes, max_iter=nmf_max_iter, random_state=random_state)
+    nmf = NMF(config.n_prototypes, max_iter=config.nmf_max_iter, random_state=config.random_state)
     nmf.fit(a_train)
     row = _heldout_row(problem, prototypes, a_test, oracle_test, data.y_test, nmf.components_)
     log(f"protofac: held-out accuracy vs oracle {row['acc_vs_oracle']:.4f}, vs ground truth "
@@ -313,10 +287,10 @@ def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 30, lambda_ce: 
     factors = {"prototypes_": prototypes.cpu(),
                "prototype_inputs_": _prototype_inputs(data.x_train, source[chosen]).contiguous()}
     sweep = []
-    for k in [k for k in k_sweep if k <= len(latents)]:
-        sweep_generator = torch.Generator().manual_seed(random_state)
-        picked, _ = _fit_prototypes(problem, k, epochs=sweep_epochs, projection_interval=1,
-                                    generator=sweep_generator, **{**schedule, "log": lambda _: None})
+    for k in [k for k in config.k_sweep if k <= len(latents)]:
+        sweep_generator = torch.Generator().manual_seed(config.random_state)
+        point = dataclasses.replace(config, n_prototypes=k, epochs=config.sweep_epochs, projection_interval=1)
+        picked, _ = _fit_prototypes(problem, point, sweep_generator, lambda _: None)
         accuracy = problem.accuracy(latents[picked.to(device)], a_test, oracle_test)
         sweep.append({"k": k, "acc_vs_oracle": round(accuracy, 6)})
         log(f"protofac: k sweep: k={k}: held-out accuracy vs oracle {accuracy:.4f}")
@@ -344,25 +318,15 @@ def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 30, lambda_ce: 
         "history": history,
         "k_sweep": sweep,
         "k_sweep_plot": "factors['k_sweep_png_']: PNG bytes as a uint8 tensor" if sweep else None,
-        "k_sweep_settings": {"epochs": sweep_epochs, "projection_interval": 1},
+        "k_sweep_settings": {"epochs": config.sweep_epochs, "projection_interval": 1},
         "prototypes": listing,
         "n_candidates": len(latents),
         "n_train": len(data.x_train),
         "n_test": len(data.x_test),
         "candidates": f"{kind}es" if kind == "patch" else f"{kind}s",
     }
-    hyper = {"n_prototypes": n_prototypes, "lambda_ce": lambda_ce, "lambda_r": lambda_r, "lambda_c": lambda_c,
-             "epochs": epochs, "projection_interval": projection_interval, "batch_size": batch_size,
-             "optimizer": "adam", "lr_weights": lr_weights, "lr_prototypes": lr_prototypes,
-             "candidate_fraction": candidate_fraction, "window": window, "windows_per_side": windows_per_side,
-             "solver": "active_set_simplex", "solver_iter": solver_iter,
-             "eval_size": eval_size, "nmf_max_iter": nmf_max_iter,
-             "k_sweep": list(k_sweep), "sweep_epochs": sweep_epochs, "random_state": random_state,
-             "simplex": "Euclidean projection of each row of W after every step",
-             "intervention": "suppressed weights set to zero, not renormalized",
-             "feature_clipping": "negative features set to zero"}
     log(f"protofac: done ({time.perf_counter() - start:.1f}s)")
-    return FittedMethod(NAME, factors, components, hyper, report, exemplars)
+    return FittedMethod(NAME, factors, components, dataclasses.asdict(config), report, exemplars)
 
 
 def _prototype_inputs(x_train: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

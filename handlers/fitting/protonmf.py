@@ -5,22 +5,21 @@ ProtoNMF: a black-box model turned into a prototype-based one by NMF.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import crops_png, grid_cell_box
-from handlers.explainers.protonmf import NAME, clip_features, feature_grid
+from handlers.explainers.protonmf import NAME, ProtoNMFConfig, clip_features, feature_grid
 from handlers.model import ModelParts, pooled_linear_head
 from handlers.solvers.nmf import NMF
 
 EXEMPLARS_PER_PROTOTYPE = 3
 
 
-def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 3, solver: str = "rhals",
-        init: str = "nndsvda", max_iter: int = 500, tol: float = 1e-4, random_state: int = 0,
-        log=print) -> FittedMethod:
+def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfig(), log=print) -> FittedMethod:
     """Fit ProtoNMF on ``data.x_train`` and report on ``data.x_test``.
 
     Returns tensors ``prototypes_`` (K, p, D), ``coefficients_`` (K, p),
@@ -28,6 +27,7 @@ def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 3, solver: str 
     """
     head_weight, head_bias = pooled_linear_head(parts)
     num_classes, dim = head_weight.shape
+    n_prototypes = config.n_prototypes
     if n_prototypes > dim:
         raise ValueError(f"n_prototypes={n_prototypes} exceeds the layer's {dim} channels")
     features = parts.features(data.x_train)
@@ -48,7 +48,8 @@ def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 3, solver: str 
         if len(members) == 0:
             raise ValueError(f"class {c} ({parts.labels[c]!r}) has no training examples")
         matrix = positions[members].transpose(1, 2).reshape(-1, dim).float()  # (n_c·P, D)
-        nmf = NMF(n_prototypes, init=init, solver=solver, max_iter=max_iter, tol=tol, random_state=random_state)
+        nmf = NMF(n_prototypes, init=config.init, solver=config.solver, max_iter=config.max_iter, tol=config.tol,
+                  random_state=config.random_state)
         encoding = nmf.fit_transform(matrix)  # (n_c·P, p)
         basis = nmf.components_.cpu()  # (p, D)
         v = head_weight[c].cpu()
@@ -82,9 +83,7 @@ def fit(parts: ModelParts, data: FitData, *, n_prototypes: int = 3, solver: str 
         "n_train": len(data.x_train),
         "n_test": len(data.x_test),
     }
-    hyper = {"n_prototypes": n_prototypes, "solver": solver, "init": init, "max_iter": max_iter,
-             "tol": tol, "random_state": random_state, "feature_clipping": "negative features set to zero"}
-    return FittedMethod(NAME, factors, components, hyper, report, exemplars)
+    return FittedMethod(NAME, factors, components, dataclasses.asdict(config), report, exemplars)
 
 
 def _exemplar(x_train: torch.Tensor, members: torch.Tensor, encoding: torch.Tensor, grid_shape: list[int],

@@ -5,6 +5,7 @@ SRAE: per-class explanation modules whose few x-features reproduce the class's l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -12,7 +13,7 @@ import torch
 
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import crops_png, grid_cell_box
-from handlers.explainers.srae import NAME, encode, grad_cam, spatial_mean, xfeature_gradient
+from handlers.explainers.srae import NAME, SRAEConfig, encode, grad_cam, spatial_mean, xfeature_gradient
 from handlers.model import ModelParts
 
 EXEMPLARS_PER_XFEATURE = 3
@@ -72,9 +73,8 @@ def _init_linear(shape: tuple[int, ...], fan_in: int, generator: torch.Generator
     return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
 
 
-def _train(z: torch.Tensor, target: torch.Tensor, sets: list[torch.Tensor], *, n_xfeatures: int, hidden: int,
-           beta: float, q: float, epochs: int, batch_size: int, lr: float, generator: torch.Generator,
-           ) -> dict[str, torch.Tensor]:
+def _train(z: torch.Tensor, target: torch.Tensor, sets: list[torch.Tensor], config: SRAEConfig,
+           generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Train SRAE, NN and SAE modules for every class at once, as one batched program.
 
     Parameters
@@ -90,6 +90,7 @@ def _train(z: torch.Tensor, target: torch.Tensor, sets: list[torch.Tensor], *, n
     u1 (G, n, Hd), c1 (G, Hd), u2 (G, Hd, D), c2 (G, D).
     """
     m, dim, device = len(sets), z.shape[1], z.device
+    n_xfeatures, hidden = config.n_xfeatures, config.hidden
     v_count = len(VARIANTS)
     # The variants of a class share initialisation and batches: a controlled comparison.
     shapes = {"w1": ((dim, hidden), dim), "b1": ((hidden,), dim), "w2": ((hidden, n_xfeatures), hidden),
@@ -104,15 +105,15 @@ def _train(z: torch.Tensor, target: torch.Tensor, sets: list[torch.Tensor], *, n
     # Which reconstruction penalty each module pays: SRAE the log penalty, SAE its quadratic limit, NN none.
     log_penalty, square_penalty = (torch.tensor([float(v == name) for v in VARIANTS for _ in range(m)], device=device)
                                    for name in ("srae", "sae"))
-    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
     sizes = torch.tensor([len(s) for s in sets])
     padded = torch.stack([s[torch.arange(int(sizes.max())) % len(s)] for s in sets])  # (M, L)
     rows = torch.arange(m).unsqueeze(1)
-    for _ in range(epochs):
+    for _ in range(config.epochs):
         # One permutation per class; a class with fewer examples wraps around.
         order = torch.argsort(torch.rand(padded.shape, generator=generator), dim=1)
         order = order % sizes.unsqueeze(1)
-        for batch in order.split(batch_size, dim=1):
+        for batch in order.split(config.batch_size, dim=1):
             index = padded[rows, batch]  # (M, b) example indices
             xb = z[index.to(device)].repeat(v_count, 1, 1)  # (G, b, D)
             yb = target[rows.to(device), index.to(device)].repeat(v_count, 1)  # (G, b)
@@ -122,27 +123,16 @@ def _train(z: torch.Tensor, target: torch.Tensor, sets: list[torch.Tensor], *, n
             decoded = torch.baddbmm(params["c1"].unsqueeze(1), x, params["u1"]).relu()
             reconstruction = torch.baddbmm(params["c2"].unsqueeze(1), decoded, params["u2"])
             mse = (reconstruction - xb).pow(2).mean(1)  # (G, D): mean_i of the squared error per dimension
-            penalty = log_penalty * torch.log1p(q * mse).mean(1) + square_penalty * (q * mse).mean(1)
-            loss = (fit_loss + beta * penalty).sum()  # modules are independent: Adam is elementwise
+            penalty = log_penalty * torch.log1p(config.q * mse).mean(1) + square_penalty * (config.q * mse).mean(1)
+            loss = (fit_loss + config.beta * penalty).sum()  # modules are independent: Adam is elementwise
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     return {name: p.detach() for name, p in params.items()}
 
 
-def fit(parts: ModelParts, data: FitData, *, n_xfeatures: int = 5, hidden: int = 64, beta: float = 0.1,
-        q: float = 100.0, negative_ratio: float = 3.0, epochs: int = 30, batch_size: int = 128, lr: float = 3e-3,
-        classes: list[int] | None = None, random_state: int = 0, log=print) -> FittedMethod:
+def fit(parts: ModelParts, data: FitData, config: SRAEConfig = SRAEConfig(), log=print) -> FittedMethod:
     """Fit an SRAE explanation module per explained class on ``data.x_train``; report on ``data.x_test``.
-
-    Parameters
-    ----------
-    n_xfeatures : x-features per class (the paper's explanation space has 5).
-    hidden : width of the encoder's and the decoder's hidden layer.
-    beta, q : weight and sharpness of the log reconstruction penalty.
-    negative_ratio : negatives sampled from the other classes per positive.
-    epochs, batch_size, lr : Adam's schedule (a fixed number of steps).
-    classes : the explained classes (all by default).
 
     Returns
     -------
@@ -152,12 +142,13 @@ def fit(parts: ModelParts, data: FitData, *, n_xfeatures: int = 5, hidden: int =
     """
     start = time.perf_counter()
     num_classes = parts.num_classes
-    classes = list(range(num_classes)) if classes is None else sorted({int(c) for c in classes})
-    if not classes or not all(0 <= c < num_classes for c in classes):
-        raise ValueError(f"classes must be a non-empty subset of 0..{num_classes - 1}, got {classes}")
-    generator = torch.Generator().manual_seed(random_state)
-    train_sets = _training_sets(data.y_train, classes, negative_ratio, generator)
-    test_sets = _training_sets(data.y_test, classes, negative_ratio, generator)
+    classes = list(range(num_classes)) if config.classes is None else sorted(set(config.classes))
+    if not all(0 <= c < num_classes for c in classes):
+        raise ValueError(f"classes must be a subset of 0..{num_classes - 1}, got {classes}")
+    config = dataclasses.replace(config, classes=classes)
+    generator = torch.Generator().manual_seed(config.random_state)
+    train_sets = _training_sets(data.y_train, classes, config.negative_ratio, generator)
+    test_sets = _training_sets(data.y_test, classes, config.negative_ratio, generator)
     for c, s in zip(classes, train_sets):
         if not (data.y_train[s] == c).any():
             raise ValueError(f"class {c} ({parts.labels[c]!r}) has no training examples")
@@ -174,9 +165,8 @@ def fit(parts: ModelParts, data: FitData, *, n_xfeatures: int = 5, hidden: int =
     target_scale = torch.stack([target[i, s.to(z.device)].std() for i, s in enumerate(train_sets)]).clamp_min(1e-6)
     log(f"srae: {len(classes)} classes x {len(VARIANTS)} variants ({', '.join(VARIANTS)}), "
         f"{len(train_sets[0])} training examples for class {parts.labels[classes[0]]!r}")
-    params = _train((z - mean) / scale, (target - target_mean[:, None]) / target_scale[:, None], train_sets,
-                    n_xfeatures=n_xfeatures, hidden=hidden, beta=beta, q=q, epochs=epochs, batch_size=batch_size,
-                    lr=lr, generator=generator)
+    params = _train((z - mean) / scale, (target - target_mean[:, None]) / target_scale[:, None], train_sets, config,
+                    generator)
     modules = _fold(params, mean, scale, target_mean.repeat(len(VARIANTS)), target_scale.repeat(len(VARIANTS)))
     train_seconds = time.perf_counter() - start
     log(f"srae: features and {len(VARIANTS) * len(classes)} trained modules in {train_seconds:.1f}s")
@@ -192,7 +182,7 @@ def fit(parts: ModelParts, data: FitData, *, n_xfeatures: int = 5, hidden: int =
                "encoder_w2_": served["w2"], "encoder_b2_": served["b2"],
                "readout_weight_": served["v"], "readout_bias_": served["b"]}
     components = [Component(id=f"c{c}.x{j}", label=f"{parts.labels[c]} x-feature {j}", class_index=c)
-                  for c in classes for j in range(n_xfeatures)]
+                  for c in classes for j in range(config.n_xfeatures)]
     exemplars = {}
     if features.dim() == 4 and len(parts.input_spec.shape) == 3:
         exemplars = _exemplars(data.x_train, data.y_train, features, served, classes, parts.input_spec.shape[1:])
@@ -200,13 +190,7 @@ def fit(parts: ModelParts, data: FitData, *, n_xfeatures: int = 5, hidden: int =
     log("srae: F_reg train / test / locality: " + "; ".join(
         f"{v} {report['f_reg_train'][v]:.4f} / {report['f_reg_test'][v]:.4f} / {report.get('locality', {}).get(v)}"
         for v in VARIANTS) + f" ({report['fit_seconds']:.1f}s)")
-    hyper = {"n_xfeatures": n_xfeatures, "hidden": hidden, "beta": beta, "q": q, "negative_ratio": negative_ratio,
-             "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": "Adam", "classes": classes,
-             "random_state": random_state, "xfeature_bias_init": XFEATURE_BIAS_INIT,
-             "layer_z": "spatial mean of the explained layer",
-             "standardization": "Z per dimension and each class's logit over its training set while training "
-                                "(folded into the stored weights)"}
-    return FittedMethod(NAME, factors, components, hyper, report, exemplars)
+    return FittedMethod(NAME, factors, components, dataclasses.asdict(config), report, exemplars)
 
 
 def _logits(parts: ModelParts, features: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -44,9 +44,9 @@ from handlers.solvers.active_set import active_set_codes
 
 __all__ = ["NMF", "nnls_encode"]
 
-_INITS = ("random", "nndsvd", "nndsvda", "nndsvdar")
-_SOLVERS = ("hals", "rhals", "mu")
-_ENCODERS = ("hals", "mu", "active_set")
+INITS = ("random", "nndsvd", "nndsvda", "nndsvdar")
+SOLVERS = ("hals", "rhals", "mu")
+ENCODERS = ("hals", "mu", "active_set")
 
 # Extra columns of the randomized range finder beyond n_components (Halko et al. 2011).
 _OVERSAMPLES = 10
@@ -147,7 +147,7 @@ def _codes_cross(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return (X @ H.T).T.contiguous()
 
 
-def _check_solver(solver: str, allowed: tuple[str, ...] = _SOLVERS) -> None:
+def _check_solver(solver: str, allowed: tuple[str, ...] = SOLVERS) -> None:
     if solver not in allowed:
         raise ValueError(f"unknown solver {solver!r}; expected one of {allowed}")
 
@@ -200,7 +200,7 @@ def nnls_encode(
         Non-negative codes, on the device and in the dtype of ``X``.
     """
     X = _as_float(X)
-    _check_solver(solver, _ENCODERS)
+    _check_solver(solver, ENCODERS)
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
     H = _as_float(H, "H").to(device=X.device, dtype=X.dtype)
@@ -418,8 +418,8 @@ class NMF:
         k = self.n_components
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"n_components must be a positive int, got {k!r}")
-        if self.init not in _INITS:
-            raise ValueError(f"unknown init {self.init!r}; expected one of {_INITS}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
         _check_solver(self.solver)
         if self.init != "random" and k > min(X.shape):
             raise ValueError(

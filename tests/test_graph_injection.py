@@ -10,14 +10,12 @@ still serves).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RunningServer, fully_connected_problem
+from conftest import RunningServer, fully_connected_problem, rewrite_archive
 
 from handlers.archive import read_archive, write_archive
 from handlers.errors import ArchiveError
@@ -136,18 +134,11 @@ PAYLOADS = {
 
 def _poison(src: Path, dst: Path, plant, code: str) -> Path:
     """A copy of ``src`` whose downstream graph carries ``code``, every checksum made right."""
-    with zipfile.ZipFile(src) as zf:
-        members = {name: zf.read(name) for name in zf.namelist()}
-    manifest = json.loads(members.pop("manifest.json"))
-    graph = json.loads(members["model/downstream.graph.json"])
-    plant(graph, code)
-    members["model/downstream.graph.json"] = json.dumps(graph).encode()
-    manifest["members"] = {name: hashlib.sha256(data).hexdigest() for name, data in members.items()}
-    with zipfile.ZipFile(dst, "w") as zf:
-        zf.writestr("manifest.json", json.dumps(manifest))
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return dst
+    def edit(members, manifest):
+        graph = json.loads(members["model/downstream.graph.json"])
+        plant(graph, code)
+        members["model/downstream.graph.json"] = json.dumps(graph).encode()
+    return rewrite_archive(src, dst, edit)
 
 
 @pytest.mark.parametrize("field", sorted(PAYLOADS))

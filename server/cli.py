@@ -9,29 +9,15 @@ import sys
 import traceback
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
+
+from protoserve_client.cli import EXIT_USER_ERROR, OneLineArgumentParser, UserError
 
 from handlers.errors import ArchiveError, ProtoserveError
 from server.settings import AUTOCAST_CHOICES, Settings
 
 if TYPE_CHECKING:
     from handlers.base import FitData
-
-EXIT_USER_ERROR = 2  # argparse's status for a usage error; every user error exits with it
-
-
-class UserError(Exception):
-    """A problem the user can fix: printed as one line, the problem and what to do about it."""
-
-    def __init__(self, problem: str, remedy: str):
-        super().__init__(" ".join(f"{problem} — {remedy}".split()))
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """Reports a bad option in one line, like every other user error, instead of the full usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} — see {self.prog} --help\n")
 
 
 def _serve(args: argparse.Namespace) -> int:

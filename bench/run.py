@@ -32,7 +32,7 @@ from handlers.archive import Archive, read_archive, write_archive
 from handlers.base import Component, ExplainBatch, FittedMethod
 from handlers.model import InputSpec, ModelParts, pooled_linear_head
 from handlers.solvers.nmf import NMF
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 from server.memory import keep_freed_memory
 from server.settings import Settings
 
@@ -119,8 +119,8 @@ def synthetic_protonmf(parts: ModelParts, n_prototypes: int, seed: int = 0) -> F
                         components, {"n_prototypes": n_prototypes, "synthetic": True}, {})
 
 
-def served(parts: ModelParts, fitted: FittedMethod, device: torch.device) -> ServedModel:
-    return ServedModel(Archive("bench", "1", parts, {fitted.name: fitted}, fitted.name, {}), device)
+def served(parts: ModelParts, fitted: FittedMethod, device: torch.device) -> ModelRuntime:
+    return ModelRuntime(Archive("bench", "1", parts, {fitted.name: fitted}, fitted.name, {}), device)
 
 
 # ------------------------------------------------------------------------ figures
@@ -144,7 +144,7 @@ def onnx_over_torch(device, cfg) -> dict:
     with tempfile.TemporaryDirectory() as store:
         archive = read_archive(write_archive(store, "resnet50", "1", parts.to("cpu"), [synthetic_protonmf(parts, 3)],
                                              backend="onnx"))
-    models = {backend: ServedModel(archive, device, backend=backend) for backend in ("onnx", "torch")}
+    models = {backend: ModelRuntime(archive, device, backend=backend) for backend in ("onnx", "torch")}
     x = torch.rand(8, 3, 224, 224, generator=torch.Generator().manual_seed(7))
     items = [ExplainItem(x[i], None, [[0, 1, 2]]) for i in range(8)]
     times = interleaved({backend: (lambda m=m: m.explain("protonmf", items, "feature_grid"))
@@ -290,7 +290,7 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
     from protoserve_client import ExplainerClient
 
     store = mnist_store()
-    model = ServedModel(read_archive(store / "mnist-1.psar"), device)
+    model = ModelRuntime(read_archive(store / "mnist-1.psar"), device)
     x = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(4))
     item = [ExplainItem(x, None, [[0]])]
     port, metrics_port = free_port(), free_port()
@@ -428,7 +428,7 @@ def per_method(device, cfg) -> dict:
     from model_store.recipes.mnist import load_mnist
 
     archive = read_archive(mnist_store() / "mnist-1.psar")
-    model = ServedModel(archive, device)
+    model = ModelRuntime(archive, device)
     x = load_mnist(seed=0)["x_test"][:8]
     out = {}
     for method, explainer in model.explainers.items():

@@ -30,7 +30,7 @@ class ExplainItem:
     suppress: list[list[int]]
 
 
-# Reduced precision for the backbone (the parts up to the explained layer); see ServedModel.
+# Reduced precision for the backbone (the parts up to the explained layer); see ModelRuntime.
 AUTOCAST_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # An additive explanation adds up within float32 rounding: sums of a few thousand float32 products
@@ -71,7 +71,7 @@ def synthetic_inputs(spec: InputSpec, count: int = SYNTHETIC_CHECK_INPUTS) -> to
     return (pixels - mean) / std
 
 
-class ServedModel:
+class ModelRuntime:
     """One model version: its parts and explainers on one device."""
 
     def __init__(self, archive: Archive, device: torch.device | str = "cpu", backend: str = "archive",

@@ -10,7 +10,7 @@ from protoserve_client.tensors import TensorFormatError, from_tensor, to_tensor
 
 from handlers.errors import InvalidInputError, NotFoundError
 from handlers.preprocess import input_from_array
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 from server.decode import ImageDecoder
 from server.registry import ExplainKey
 from server.results import ExplainedRow, Scores
@@ -23,7 +23,7 @@ HEATMAP_MODES = {
 }
 
 
-async def decode_input(request, served: ServedModel, settings: Settings, images: ImageDecoder) -> torch.Tensor:
+async def decode_input(request, served: ModelRuntime, settings: Settings, images: ImageDecoder) -> torch.Tensor:
     """The request's ``input`` tensor or ``image`` bytes -> float32 (*input_shape); an image is decoded
     in ``images``' pool, off the event loop. More than ``settings.max_input_bytes`` is refused."""
     has_tensor, has_image = request.HasField("input"), bool(request.image)
@@ -42,7 +42,7 @@ async def decode_input(request, served: ServedModel, settings: Settings, images:
     return input_from_array(array, spec)
 
 
-def top_k(request, served: ServedModel, settings: Settings) -> int:
+def top_k(request, served: ModelRuntime, settings: Settings) -> int:
     if request.top_k < 0:
         raise InvalidInputError("top_k", f"must be >= 0, got {request.top_k}")
     if request.top_k > settings.max_top_k:
@@ -50,7 +50,7 @@ def top_k(request, served: ServedModel, settings: Settings) -> int:
     return min(request.top_k or settings.default_top_k, len(served.labels))
 
 
-def explain_options(request: pb.ExplainRequest, served: ServedModel,
+def explain_options(request: pb.ExplainRequest, served: ModelRuntime,
                     settings: Settings) -> tuple[ExplainKey, int | None, list[list[int]]]:
     """Validate all of an ExplainRequest but its input: the key it batches under, the target class
     (None: the predicted one) and the suppressed component indices of each intervention."""
@@ -79,7 +79,7 @@ def explain_options(request: pb.ExplainRequest, served: ServedModel,
     return ExplainKey(method, HEATMAP_MODES[request.heatmaps]), target, suppress
 
 
-async def decode_explain(request: pb.ExplainRequest, served: ServedModel, settings: Settings,
+async def decode_explain(request: pb.ExplainRequest, served: ModelRuntime, settings: Settings,
                          images: ImageDecoder) -> tuple[ExplainKey, ExplainItem]:
     """Validate an ExplainRequest completely, before it is queued: the cheap checks first, the input last."""
     key, target, suppress = explain_options(request, served, settings)
@@ -92,7 +92,7 @@ def add_class_scores(target, scores: Scores, labels: list[str], k: int) -> None:
         target.add(class_index=index, label=labels[index], logit=logit, probability=probability)
 
 
-def explain_response(request: pb.ExplainRequest, served: ServedModel, method: str, k: int,
+def explain_response(request: pb.ExplainRequest, served: ModelRuntime, method: str, k: int,
                      row: ExplainedRow) -> pb.ExplainResponse:
     """One example's explanation as a response: numpy slices and protobuf only (see server/results.py)."""
     components = served.explainers[method].components
@@ -121,7 +121,7 @@ def explain_response(request: pb.ExplainRequest, served: ServedModel, method: st
 BACKEND_NAMES = {"torch": "torch", "onnx": "onnxruntime"}
 
 
-def model_info(served: ServedModel, with_components: bool) -> pb.ModelInfo:
+def model_info(served: ModelRuntime, with_components: bool) -> pb.ModelInfo:
     spec = served.parts.input_spec
     info = pb.ModelInfo(name=served.name, version=served.version, input_dtype=spec.dtype,
                         input_shape=spec.shape, labels=served.labels, default_method=served.default_method,

@@ -70,10 +70,10 @@ from protoserve_client.stubs.inference import grpc_service_pb2_grpc as oip_grpc
 
 from handlers.errors import InvalidInputError, clip, echo
 from handlers.preprocess import input_from_array
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 from server import convert
 from server.metrics import Metrics
-from server.registry import LoadedModel, ModelRegistry, PredictKey
+from server.registry import BatchedModel, ModelRegistry, PredictKey
 from server.results import ExplainedRow
 from server.servicer import _RpcScope
 from server.settings import Settings
@@ -102,7 +102,7 @@ PARAMETER_FIELDS = {"target_class": "parameters.target_class", "heatmaps": "para
                     "interventions": "parameters.suppress"}
 
 
-def output_metadata(served: ServedModel) -> list[tuple[str, str, list[int]]]:
+def output_metadata(served: ModelRuntime) -> list[tuple[str, str, list[int]]]:
     """Every output ModelInfer can return for ``served``: (name, datatype, shape), -1 = variable."""
     k = len(served.labels)
     return [
@@ -161,7 +161,7 @@ def _param(parameters, name: str, kind: str, default):
     return getattr(parameters[name], kind)
 
 
-def decode_batch(request: oip.ModelInferRequest, served: ServedModel, settings: Settings) -> np.ndarray:
+def decode_batch(request: oip.ModelInferRequest, served: ModelRuntime, settings: Settings) -> np.ndarray:
     """The request's one input tensor -> an array (N, *input_shape) of its wire dtype."""
     spec = served.parts.input_spec
     if len(request.inputs) != 1:
@@ -215,7 +215,7 @@ def decode_batch(request: oip.ModelInferRequest, served: ServedModel, settings: 
     return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
 
 
-def requested_outputs(request: oip.ModelInferRequest, served: ServedModel) -> list[str] | None:
+def requested_outputs(request: oip.ModelInferRequest, served: ModelRuntime) -> list[str] | None:
     if not request.outputs:
         return None
     known = [name for name, _, _ in output_metadata(served)]
@@ -231,7 +231,7 @@ def requested_outputs(request: oip.ModelInferRequest, served: ServedModel) -> li
 # ------------------------------------------------------------------------ responses
 
 
-def explanation_outputs(served: ServedModel, method: str, rows: list[ExplainedRow]) -> dict[str, np.ndarray]:
+def explanation_outputs(served: ModelRuntime, method: str, rows: list[ExplainedRow]) -> dict[str, np.ndarray]:
     """Stack the per-example rows of an explanation into named arrays."""
     components = served.explainers[method].components
     index = np.stack([row.component_index for row in rows])  # (N, C)
@@ -264,7 +264,7 @@ def _raw(datatype: str, array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
-def encode_response(request: oip.ModelInferRequest, served: ServedModel, method: str,
+def encode_response(request: oip.ModelInferRequest, served: ModelRuntime, method: str,
                     outputs: dict[str, np.ndarray], wanted: list[str] | None) -> oip.ModelInferResponse:
     datatypes = {name: datatype for name, datatype, _ in output_metadata(served)}
     response = oip.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
@@ -315,11 +315,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
         async with self._rpc("ModelMetadata", request.name, context):
-            served = self.registry.get(request.name, request.version).served
+            served = self.registry.get(request.name, request.version).runtime
             spec = served.parts.input_spec
             response = oip.ModelMetadataResponse(
-                name=served.name, versions=[m.served.version for m in self.registry.all() if m.served.name == served.name],
-                platform=PLATFORM)
+                name=served.name, platform=PLATFORM,
+                versions=[m.runtime.version for m in self.registry.all() if m.runtime.name == served.name])
             response.inputs.add(name=INPUT_NAME, datatype=DATATYPE_OF.get(spec.dtype, "FP32"), shape=[-1, *spec.shape])
             for name, datatype, shape in output_metadata(served):
                 response.outputs.add(name=name, datatype=datatype, shape=shape)
@@ -328,7 +328,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         async with self._rpc("ModelInfer", request.model_name, context):
             model = self.registry.get(request.model_name, request.model_version)
-            served = model.served
+            served = model.runtime
             start = time.perf_counter()
             options = InferOptions(request.parameters)
             wanted = requested_outputs(request, served)
@@ -352,7 +352,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 self._count_top_components(served, method, outputs)
             return response
 
-    def _explain_items(self, served: ServedModel, options: InferOptions, inputs: list[torch.Tensor]):
+    def _explain_items(self, served: ModelRuntime, options: InferOptions, inputs: list[torch.Tensor]):
         """Validate method, target class and suppressed ids once, through convert.explain_options."""
         template = pb.ExplainRequest(
             model=served.name, version=served.version, method=options.method,
@@ -368,7 +368,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise
         return key, [ExplainItem(x, target, suppress) for x in inputs]
 
-    def _count_top_components(self, served: ServedModel, method: str, outputs: dict[str, np.ndarray]) -> None:
+    def _count_top_components(self, served: ModelRuntime, method: str, outputs: dict[str, np.ndarray]) -> None:
         contributions = np.abs(outputs["component_contributions"])
         for ids, row in zip(outputs["component_ids"], contributions):
             if len(row) and ids[int(row.argmax())]:
@@ -383,7 +383,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self.metrics.request_duration.labels(rpc, label).observe(seconds)
 
 
-async def _submit_all(model: LoadedModel, payloads: list, key, deadline: float | None) -> list:
+async def _submit_all(model: BatchedModel, payloads: list, key, deadline: float | None) -> list:
     """Submit every example at once (they batch); the first failure fails the request."""
     tasks = [asyncio.ensure_future(model.batcher.submit(p, key=key, deadline=deadline)) for p in payloads]
     try:

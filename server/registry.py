@@ -16,7 +16,7 @@ import torch
 
 from handlers.archive import ARCHIVE_SUFFIX, read_archive
 from handlers.errors import ArchiveError, NotFoundError
-from handlers.runtime import ServedModel
+from handlers.runtime import ModelRuntime
 from server.batcher import DynamicBatcher
 from server.decode import ImageDecoder
 from server.metrics import BatcherMetrics, Metrics
@@ -37,21 +37,22 @@ class ExplainKey:
     heatmaps: str  # "none", "feature_grid", "input"
 
 
-class LoadedModel:
-    """A served model version and the one batcher that owns its queue."""
+class BatchedModel:
+    """A model version being served: its runtime, the one batcher that owns its queue, and the one
+    compute thread its batches run on."""
 
-    def __init__(self, served: ServedModel, settings: Settings, metrics: Metrics):
-        self.served = served
+    def __init__(self, runtime: ModelRuntime, settings: Settings, metrics: Metrics):
+        self.runtime = runtime
         self.metrics = metrics
-        self.label = f"{served.name}:{served.version}"
+        self.label = f"{runtime.name}:{runtime.version}"
         # Label lookups cost microseconds each; the compute stages are resolved once.
-        self._stages = {stage: metrics.stage_duration.labels(served.name, stage) for stage in ("forward", "explain")}
+        self._stages = {stage: metrics.stage_duration.labels(runtime.name, stage) for stage in ("forward", "explain")}
         # One compute thread per model: batches of a model run one after another.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{served.name}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{runtime.name}")
         self.batcher = DynamicBatcher(
             self._run_batch, max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
             max_queue_size=settings.max_queue_size, executor=self._executor,
-            observer=BatcherMetrics(metrics, served.name), name=self.label)
+            observer=BatcherMetrics(metrics, runtime.name), name=self.label)
 
     def _run_batch(self, key, payloads: list) -> list:
         # ``process`` is looked up per batch, so tests can wrap it (fault injection, a busy worker).
@@ -61,21 +62,21 @@ class LoadedModel:
         """Runs in the compute thread: one batch -> one result per payload."""
         if isinstance(key, PredictKey):
             start = time.perf_counter()
-            logits = self.served.predict(torch.stack(payloads))
+            logits = self.runtime.predict(torch.stack(payloads))
             self._stages["forward"].observe(time.perf_counter() - start)
             return predicted_rows(logits)
-        logits, explanation, timings = self.served.explain(key.method, payloads, key.heatmaps)
+        logits, explanation, timings = self.runtime.explain(key.method, payloads, key.heatmaps)
         for stage_name, seconds in timings.items():
             self._stages[stage_name].observe(seconds)
-        additive = self.served.explainers[key.method].additive
+        additive = self.runtime.explainers[key.method].additive
         rows = explained_rows(logits, explanation, [len(item.suppress) for item in payloads], additive)
         answered = [row for row in rows if isinstance(row, ExplainedRow)]
-        residual_metric = self.metrics.residual_share.labels(self.served.name, key.method)
+        residual_metric = self.metrics.residual_share.labels(self.runtime.name, key.method)
         for row in answered:
             residual_metric.observe(row.residual_share)
         violations = sum(not row.additive for row in answered) if additive else 0
         if violations:
-            self.metrics.additivity_violations.labels(self.served.name, key.method).inc(violations)
+            self.metrics.additivity_violations.labels(self.runtime.name, key.method).inc(violations)
         return rows
 
     async def close(self, grace_s: float) -> None:
@@ -90,7 +91,7 @@ class ModelRegistry:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
-        self.models: dict[str, dict[str, LoadedModel]] = {}
+        self.models: dict[str, dict[str, BatchedModel]] = {}
         self.load_errors: dict[str, str] = {}
         self.images = ImageDecoder(settings)
 
@@ -100,10 +101,10 @@ class ModelRegistry:
         store = Path(self.settings.model_store)
         if not store.is_dir():
             raise FileNotFoundError(f"model store {store} is not a directory")
-        loaded: dict[tuple[str, str], list[tuple[Path, ServedModel]]] = {}
+        loaded: dict[tuple[str, str], list[tuple[Path, ModelRuntime]]] = {}
         for path in sorted(store.glob(f"*{ARCHIVE_SUFFIX}")):
             try:
-                served = ServedModel(read_archive(path), device, self.settings.backend, self.settings.autocast)
+                served = ModelRuntime(read_archive(path), device, self.settings.backend, self.settings.autocast)
             except ArchiveError as exc:
                 self._refuse(path.name, str(exc))
                 continue
@@ -121,14 +122,14 @@ class ModelRegistry:
                 continue
             path, served = copies[0]
             self._log_checks(path, served)
-            self.models.setdefault(name, {})[version] = LoadedModel(served, self.settings, self.metrics)
+            self.models.setdefault(name, {})[version] = BatchedModel(served, self.settings, self.metrics)
             log.info("loaded %s version %s (%s) on %s", name, version, ", ".join(served.explainers), device)
 
     def _refuse(self, key: str, message: str) -> None:
         self.load_errors[key] = message
         log.error("refusing %s: %s", key, message)
 
-    def _log_checks(self, path: Path, served: ServedModel) -> None:
+    def _log_checks(self, path: Path, served: ModelRuntime) -> None:
         if not served.additivity_inputs:
             return
         log.log(logging.INFO if served.archive.samples is not None else logging.WARNING,
@@ -150,7 +151,7 @@ class ModelRegistry:
                 await model.close(grace_s)
         self.images.close()
 
-    def get(self, name: str, version: str = "") -> LoadedModel:
+    def get(self, name: str, version: str = "") -> BatchedModel:
         versions = self.models.get(name)
         if versions is None:
             raise NotFoundError("model", name, sorted(self.models))
@@ -160,7 +161,7 @@ class ModelRegistry:
             raise NotFoundError(f"version of model {name!r}", version, sorted(versions, key=_version_order))
         return versions[version]
 
-    def all(self) -> list[LoadedModel]:
+    def all(self) -> list[BatchedModel]:
         return [versions[v] for name in sorted(self.models)
                 for versions in [self.models[name]] for v in sorted(versions, key=_version_order)]
 

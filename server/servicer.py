@@ -33,7 +33,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         async with self._rpc("Predict", request.model, context):
             model = self.registry.get(request.model, request.version)
-            served = model.served
+            served = model.runtime
             k = convert.top_k(request, served, self.settings)
             x = await convert.decode_input(request, served, self.settings, self.registry.images)
             scores = await model.batcher.submit(x, key=PredictKey(), deadline=_deadline(context))
@@ -47,7 +47,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
     async def _explain(self, request: pb.ExplainRequest, deadline: float | None) -> pb.ExplainResponse:
         model = self.registry.get(request.model, request.version)
-        served = model.served
+        served = model.runtime
         k = convert.top_k(request, served, self.settings)
         start = time.perf_counter()
         key, item = await convert.decode_explain(request, served, self.settings, self.registry.images)
@@ -127,12 +127,12 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async with self._rpc("ListModels", "", context):
-            return pb.ListModelsResponse(models=[convert.model_info(m.served, with_components=False)
+            return pb.ListModelsResponse(models=[convert.model_info(m.runtime, with_components=False)
                                                  for m in self.registry.all()])
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
         async with self._rpc("GetModel", request.model, context):
-            return convert.model_info(self.registry.get(request.model, request.version).served, with_components=True)
+            return convert.model_info(self.registry.get(request.model, request.version).runtime, with_components=True)
 
     def _rpc(self, rpc: str, model: str, context) -> "_RpcScope":
         return _RpcScope(self, rpc, model, context)

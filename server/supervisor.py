@@ -94,7 +94,7 @@ class WorkerSupervisor:
                 continue  # closed on purpose (shutdown): nothing to restart
             del self._down_since[label]
             self._restarted_at[label] = now
-            self.metrics.worker_restarts.labels(model.served.name).inc()
+            self.metrics.worker_restarts.labels(model.runtime.name).inc()
             log.warning("batch worker of %s restarted", label)
         if not self._serving and all(m.batcher.alive for m in self.registry.all()):
             await self._set(SERVING)

@@ -130,7 +130,7 @@ def test_a_method_that_does_not_add_up_is_refused_at_load_and_the_rest_serve(ser
 
 
 def test_an_answer_that_does_not_add_up_says_so_and_is_counted(server, client):
-    explainer = server.app.registry.get("good").served.explainers["protonmf"]
+    explainer = server.app.registry.get("good").runtime.explainers["protonmf"]
     fitted_bias = explainer.bias_
     before = _violations(server, "good", "protonmf")
     explainer.bias_ = fitted_bias + 0.5  # the fitted state goes wrong after load
@@ -173,8 +173,8 @@ def test_an_archive_without_held_out_samples_is_checked_on_synthetic_inputs(stor
     with caplog.at_level("INFO", logger="server.registry"):
         registry.load_store(torch.device("cpu"))
     assert sorted(registry.models) == ["good", "signed"]
-    assert list(registry.get("signed").served.explainers) == ["srae"]
-    assert list(registry.get("good").served.explainers) == ["protonmf"]
+    assert list(registry.get("signed").runtime.explainers) == ["srae"]
+    assert list(registry.get("good").runtime.explainers) == ["protonmf"]
     synthetic = "8 synthetic inputs (seeded; the archive has no held-out samples)"
     assert f"on 8 of {synthetic}" in registry.load_errors["signed-1.psar:protonmf"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -182,7 +182,7 @@ def test_an_archive_without_held_out_samples_is_checked_on_synthetic_inputs(stor
 
 
 def test_an_input_that_overflows_is_refused_alone(server, client):
-    served = server.app.registry.get("good").served
+    served = server.app.registry.get("good").runtime
     weight = next(p for p in served.parts.upstream.parameters() if p.dim() == 2)  # fc1 (16, 12)
     extreme = (3e38 * weight[weight.abs().sum(1).argmax()].sign()).reshape(1, 12).detach().numpy()  # finite
     assert not served.predict(torch.from_numpy(extreme)[None]).isfinite().all()  # but the forward overflows

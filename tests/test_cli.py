@@ -79,9 +79,9 @@ def test_package_a_users_model_from_definition_and_weights(tmp_path):
     assert result.returncode == 0, result.stderr
 
     from handlers.archive import read_archive
-    from handlers.runtime import ExplainItem, ServedModel
+    from handlers.runtime import ExplainItem, ModelRuntime
 
-    served = ServedModel(read_archive(store / "tiny-3.psar"))
+    served = ModelRuntime(read_archive(store / "tiny-3.psar"))
     assert served.parts.feature_shape == [8, 20]
     logits, e, _ = served.explain("protonmf", [ExplainItem(x[i, :], None, []) for i in range(60, 70)], "feature_grid")
     with torch.inference_mode():

@@ -27,7 +27,7 @@ from handlers.archive import read_archive, write_archive
 from handlers.base import ExplainBatch, FitData
 from handlers.methods import METHODS
 from handlers.model import InputSpec, ModelParts
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 
 # method -> (problem, config of a small fit)
 CASES = {
@@ -340,7 +340,7 @@ def test_a_live_server_answers_what_the_method_computes(name, fits, live):
     store, running = live
     problem = CASES[name][0]
     _, data, _, explainer = fits[name]
-    served = ServedModel(read_archive(store / f"{problem}-1.psar"))
+    served = ModelRuntime(read_archive(store / f"{problem}-1.psar"))
     x = data.x_test[0]
     _, first, _ = served.explain(name, [ExplainItem(x, None, [])], "none")
     reported = [int(i) for i in first.component_index[0] if i >= 0]

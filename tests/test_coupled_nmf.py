@@ -18,7 +18,7 @@ from handlers.archive import read_archive
 from handlers.base import ExplainBatch
 from handlers.explainers.coupled_nmf import CoupledNMFConfig, CoupledNMFExplainer
 from handlers.fitting import coupled_nmf
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 
 D = 6  # concepts in the small test fit
 FAST = CoupledNMFConfig(n_concepts=D, n_probe=500, max_iter=40)
@@ -249,8 +249,8 @@ def test_factors_refuse_another_layer_of_the_same_shape():
 # --------------------------------------------------------------------------- the demo archive, served
 
 @pytest.fixture(scope="module")
-def served(demo_store) -> ServedModel:
-    return ServedModel(read_archive(demo_store / "mnist-1.psar"))
+def served(demo_store) -> ModelRuntime:
+    return ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
 
 
 def test_demo_archive_serves_coupled_nmf_with_input_size_heatmaps(served, mnist_split):

@@ -1,7 +1,7 @@
 """Faults on a live server: deadlines and cancellations dropped before compute, an out-of-memory
 batch split and retried, a crashed batch worker restarted while health says NOT_SERVING.
 
-Faults are injected by wrapping ``LoadedModel.process`` (looked up per batch) on a server of
+Faults are injected by wrapping ``BatchedModel.process`` (looked up per batch) on a server of
 this module's own. Nothing here asserts on timings beyond generous upper bounds.
 """
 
@@ -158,7 +158,7 @@ def test_an_out_of_memory_batch_is_split_and_every_request_answered(fault_server
                                                                     mnist_split):
     """While the worker is held, 8 requests queue up; their batch runs out of memory; halves are retried."""
     digits = mnist_split["x_test"][:8].numpy()
-    expected = model.served.predict(torch.from_numpy(digits))
+    expected = model.runtime.predict(torch.from_numpy(digits))
     real_process = gate.original
 
     def oom_if_batched(key, payloads):

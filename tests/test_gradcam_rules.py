@@ -20,7 +20,7 @@ from handlers.explainers.gradcam_rules import NAME, GradCAMRulesExplainer
 from handlers.fitting.gradcam_rules import _mine_rules, _shared_groups, fit
 from handlers.methods import METHODS
 from handlers.model import pooled_linear_head
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 from handlers.solvers.eclat import eclat
 
 # ---------------------------------------------------------------- eclat and rule mining
@@ -320,7 +320,7 @@ def test_explain_rebuilds_a_missing_graph(mnist_parts, gradient_explainer, mnist
 def test_runtime_gradient_path_starts_at_the_layer(demo_store, mnist_fit_data):
     """Through the runtime, a gradient explainer gets features that require grad (the upstream
     records no graph) and gives what the closed form gives."""
-    served = ServedModel(read_archive(demo_store / "mnist-1.psar"))
+    served = ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
     items = [ExplainItem(x, None, [[0, 1]]) for x in mnist_fit_data.x_test[:8]]
     logits, closed, _ = served.explain(NAME, items, "feature_grid")
     explainer = served.explainers[NAME]

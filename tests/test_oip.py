@@ -340,5 +340,5 @@ def test_the_demo_archives_serve_every_method(batching_server):
     registry = batching_server.app.registry
     assert registry.load_errors == {}
     for model in registry.all():
-        assert set(model.served.explainers) == set(model.served.archive.methods)
-        assert model.served.additivity_inputs.endswith("held-out samples")
+        assert set(model.runtime.explainers) == set(model.runtime.archive.methods)
+        assert model.runtime.additivity_inputs.endswith("held-out samples")

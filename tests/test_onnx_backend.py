@@ -13,7 +13,7 @@ from conftest import RunningServer
 from handlers.archive import read_archive, write_archive
 from handlers.errors import ArchiveError
 from handlers.onnx_backend import choose_providers
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def onnx_archive(onnx_store):
 
 def test_onnx_and_torch_backends_agree(onnx_archive, mnist_split):
     x = mnist_split["x_test"][:16]
-    torch_model = ServedModel(onnx_archive, backend="torch")
-    onnx_model = ServedModel(onnx_archive)  # the archive prefers ONNX
+    torch_model = ModelRuntime(onnx_archive, backend="torch")
+    onnx_model = ModelRuntime(onnx_archive)  # the archive prefers ONNX
     assert onnx_model.backend == "onnx" and torch_model.backend == "torch"
     assert torch.allclose(onnx_model.predict(x), torch_model.predict(x), atol=1e-4)
     items = [ExplainItem(x[i], None, [[0, 4]]) for i in range(len(x))]
@@ -47,7 +47,7 @@ def test_onnx_and_torch_backends_agree(onnx_archive, mnist_split):
 
 def test_onnx_backend_needs_onnx_parts(demo_store):
     with pytest.raises(ArchiveError, match="no ONNX parts"):
-        ServedModel(read_archive(demo_store / "mnist-1.psar"), backend="onnx")
+        ModelRuntime(read_archive(demo_store / "mnist-1.psar"), backend="onnx")
 
 
 def test_the_cuda_provider_is_chosen_when_onnx_runtime_has_it(caplog):
@@ -66,7 +66,7 @@ def test_the_cuda_provider_is_chosen_when_onnx_runtime_has_it(caplog):
 
 def test_the_onnx_backend_logs_the_provider_it_runs_on(onnx_archive, caplog):
     with caplog.at_level(logging.INFO, logger="handlers.onnx_backend"):
-        served = ServedModel(onnx_archive)
+        served = ModelRuntime(onnx_archive)
     assert served.execution_provider == "CPUExecutionProvider"
     assert [r.getMessage() for r in caplog.records if r.name == "handlers.onnx_backend"] == [
         "ONNX Runtime runs a part on CPUExecutionProvider (device cpu, chosen CPUExecutionProvider)"] * 2

@@ -19,7 +19,7 @@ from handlers.base import ExplainBatch, FitData
 from handlers.explainers.protofac import ProtoFacConfig, ProtoFacExplainer
 from handlers.fitting import protofac
 from handlers.model import InputSpec, ModelParts
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 from handlers.solvers import simplex
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -243,7 +243,7 @@ def test_demo_archives_serve_protofac_with_the_acceptance_accuracy(demo_store, n
 def test_ecg_explanations_through_the_runtime(demo_store):
     from model_store.recipes.ecg import load_ecg5000
 
-    served = ServedModel(read_archive(demo_store / "ecg-1.psar"))
+    served = ModelRuntime(read_archive(demo_store / "ecg-1.psar"))
     x = load_ecg5000()["x_test"][:6]
     explainer = served.explainers["protofac"]
     suppressed = [explainer.component_ids["p0"], explainer.component_ids["p1"]]

@@ -13,12 +13,12 @@ from handlers.archive import read_archive
 from handlers.explainers.protonmf import ProtoNMFConfig, ProtoNMFExplainer
 from handlers.fitting import protonmf
 from handlers.model import InputSpec, ModelParts, pooled_linear_head
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 
 
 @pytest.fixture(scope="module")
-def served(demo_store) -> ServedModel:
-    return ServedModel(read_archive(demo_store / "mnist-1.psar"))
+def served(demo_store) -> ModelRuntime:
+    return ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from handlers.archive import read_archive
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 from handlers.errors import InvalidInputError
 from server.results import ExplainedRow, explained_rows, predicted_rows, ranked_scores
 
 
 @pytest.fixture(scope="module")
-def served(demo_store) -> ServedModel:
-    return ServedModel(read_archive(demo_store / "mnist-1.psar"))
+def served(demo_store) -> ModelRuntime:
+    return ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
 
 
 def test_scores_rank_classes_like_topk_with_exact_softmax():

@@ -15,7 +15,7 @@ from protoserve_client import ExplainerClient, additivity_gap
 
 from conftest import RunningServer
 from handlers.archive import read_archive
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 from server.settings import Settings
 
 
@@ -31,7 +31,7 @@ def archive(demo_store):
 
 @pytest.mark.parametrize("method", ["protonmf", "srae"])
 def test_bfloat16_backbone_keeps_additive_explanations_exact(archive, digits, method):
-    full, reduced = ServedModel(archive), ServedModel(archive, autocast="bfloat16")
+    full, reduced = ModelRuntime(archive), ModelRuntime(archive, autocast="bfloat16")
     items = [ExplainItem(x, None, [[0, 1]]) for x in digits]
     logits, explanation, _ = reduced.explain(method, items, "feature_grid")
     reference_logits, _, _ = full.explain(method, items, "feature_grid")
@@ -55,7 +55,7 @@ def test_invalid_autocast_settings_are_refused(archive, tmp_path):
     with pytest.raises(ValueError, match="torch backend"):
         Settings(model_store=tmp_path, autocast="float16", backend="onnx")
     with pytest.raises(ValueError, match="autocast must be"):
-        ServedModel(archive, autocast="fp8")
+        ModelRuntime(archive, autocast="fp8")
     with pytest.raises(ValueError, match="intra_op_threads"):
         Settings(model_store=tmp_path, intra_op_threads=-1)
     with pytest.raises(ValueError, match="keep_freed_mib"):
@@ -108,7 +108,7 @@ def test_server_with_one_thread_and_a_bfloat16_backbone(demo_store: Path, digits
         # runs torch ops on one thread. (A thread that set its own count keeps it.)
         with ThreadPoolExecutor(1) as fresh_thread:
             assert fresh_thread.submit(torch.get_num_threads).result() == 1
-        local = ServedModel(read_archive(demo_store / "mnist-1.psar"), autocast="bfloat16")
+        local = ModelRuntime(read_archive(demo_store / "mnist-1.psar"), autocast="bfloat16")
         with ExplainerClient(running.address, timeout=30) as client:
             for x in digits[:4]:
                 response = client.explain(x.numpy(), model="mnist", method="protonmf", heatmaps="none")

@@ -36,9 +36,9 @@ GRACE_S = 20.0
 def expected(demo_store, mnist_split):
     """In-process answers for the first 50 test digits: (inputs, logits, target logits)."""
     from handlers.archive import read_archive
-    from handlers.runtime import ExplainItem, ServedModel
+    from handlers.runtime import ExplainItem, ModelRuntime
 
-    served = ServedModel(read_archive(demo_store / "mnist-1.psar"))
+    served = ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
     x = mnist_split["x_test"][:N_FIRST_WAVE]
     logits, explanation, _ = served.explain(served.default_method, [ExplainItem(xi, None, []) for xi in x], "none")
     return x.numpy(), logits, explanation.target_logit

@@ -19,15 +19,15 @@ from handlers.archive import read_archive
 from handlers.base import ExplainBatch, FitData
 from handlers.explainers.srae import SRAEConfig, SRAEExplainer
 from handlers.fitting import srae
-from handlers.runtime import ExplainItem, ServedModel
+from handlers.runtime import ExplainItem, ModelRuntime
 
 NAME = srae.NAME
 QUIET = {"log": lambda *_: None}
 
 
 @pytest.fixture(scope="module")
-def served(demo_store) -> ServedModel:
-    return ServedModel(read_archive(demo_store / "mnist-1.psar"))
+def served(demo_store) -> ModelRuntime:
+    return ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
 
 
 @pytest.fixture(scope="module")

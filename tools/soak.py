@@ -8,7 +8,7 @@ passed, whichever comes first, a seeded mix of
 
 * good Explain (every method of the model, heatmaps on or off, one intervention) and Predict
   requests on real MNIST test digits, each answer compared with the same archive run in this
-  process (``handlers.runtime.ServedModel``): logits, contributions, target and intervened
+  process (``handlers.runtime.ModelRuntime``): logits, contributions, target and intervened
   logits within 1e-4 (relative to values above 1);
 * bad requests, each with the status it must get (INVALID_ARGUMENT or NOT_FOUND);
 * expiring requests (deadlines of 1-50 ms): DEADLINE_EXCEEDED, or OK with the right answer;
@@ -92,10 +92,10 @@ def build_reference(archive_path: Path, methods: str) -> Reference:
     import torch
 
     from handlers.archive import read_archive
-    from handlers.runtime import ExplainItem, ServedModel
+    from handlers.runtime import ExplainItem, ModelRuntime
     from model_store.recipes.mnist import load_mnist
 
-    served = ServedModel(read_archive(archive_path))
+    served = ModelRuntime(read_archive(archive_path))
     images = load_mnist(seed=0)["x_test"][:N_IMAGES].float()
     chosen = list(served.explainers) if methods == "all" else [served.default_method]
     logits = torch.cat([served.predict(images[i:i + 64]) for i in range(0, len(images), 64)])

@@ -18,11 +18,13 @@ class ProtoserveError(Exception):
 
 
 class InvalidInputError(ProtoserveError):
-    """A request field is malformed; ``field`` names it (e.g. ``input.shape``)."""
+    """A request field is malformed: ``field`` names it (e.g. ``input.shape``), ``detail`` says what is
+    wrong; the message is both, so a transport that names the field otherwise can compose its own."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"{field}: {detail}")
         self.field = field
+        self.detail = detail
 
 
 class NotFoundError(ProtoserveError):

@@ -1,4 +1,4 @@
-"""A loaded archive ready to serve: batched predictions and explanations, no transport."""
+"""A loaded archive ready to compute: batched predictions and explanations as host rows, no transport."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from handlers.archive import Archive, HeldOutSamples
 from handlers.base import ExplainBatch, Explainer, Explanation
-from handlers.errors import ArchiveError
+from handlers.errors import ArchiveError, InvalidInputError
 from handlers.methods import METHODS
 from handlers.model import InputSpec
 from handlers.onnx_backend import OnnxPart
+from handlers.rows import ExplainedRow, Scores, additivity_gaps, explained_rows, predicted_rows
 
 
 @dataclass
@@ -33,27 +34,8 @@ class ExplainItem:
 # Reduced precision for the backbone (the parts up to the explained layer); see ModelRuntime.
 AUTOCAST_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# An additive explanation adds up within float32 rounding: sums of a few thousand float32 products
-# stay far below this share of the terms' magnitude, and a decomposition that misses by more is wrong.
-ADDITIVITY_RTOL = 1e-3
-ADDITIVITY_ATOL = 1e-5
 SYNTHETIC_CHECK_INPUTS = 8
 CHECK_BATCH = 8
-
-
-def additivity_gaps(explanation: Explanation) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completeness per example, of an explanation on the CPU.
-
-    Returns the gap ``|sum(contribution) + residual_contribution + bias - target_logit|`` (B,) float32,
-    and whether it is within float32 rounding (B,) bool: at most ``ADDITIVITY_RTOL`` times the
-    terms' magnitude plus ``ADDITIVITY_ATOL`` (False where anything is not finite).
-    """
-    e = explanation
-    contribution = torch.where(e.component_index >= 0, e.contribution.double(), 0.0)
-    terms = (contribution, e.residual_contribution.double(), e.bias.double(), e.target_logit.double())
-    gap = (terms[0].sum(1) + terms[1] + terms[2] - terms[3]).abs()
-    magnitude = terms[0].abs().sum(1) + terms[1].abs() + terms[2].abs() + terms[3].abs()
-    return gap.float(), gap <= ADDITIVITY_RTOL * magnitude + ADDITIVITY_ATOL
 
 
 def synthetic_inputs(spec: InputSpec, count: int = SYNTHETIC_CHECK_INPUTS) -> torch.Tensor:
@@ -72,7 +54,7 @@ def synthetic_inputs(spec: InputSpec, count: int = SYNTHETIC_CHECK_INPUTS) -> to
 
 
 class ModelRuntime:
-    """One model version: its parts and explainers on one device."""
+    """One model version's compute: its parts and explainers on one device."""
 
     def __init__(self, archive: Archive, device: torch.device | str = "cpu", backend: str = "archive",
                  autocast: str = "none"):
@@ -132,6 +114,22 @@ class ModelRuntime:
         """(B, *input_shape) -> logits (B, K) on the CPU."""
         with torch.inference_mode():
             return self._downstream(self._backbone(self._upstream, self._to_device(inputs))).float().cpu()
+
+    def predict_rows(self, inputs: list[torch.Tensor]) -> tuple[list[Scores | InvalidInputError], dict[str, float]]:
+        """A batch of inputs, each (*input_shape) -> per input its ranked logits, or an error where they are
+        not finite; and the seconds spent in the "forward" stage."""
+        start = self._clock()
+        logits = self.predict(torch.stack(inputs))
+        return predicted_rows(logits), {"forward": self._clock() - start}
+
+    def explain_rows(self, method: str, items: list[ExplainItem], heatmaps: str,
+                     ) -> tuple[list[ExplainedRow | InvalidInputError], dict[str, float]]:
+        """A batch explained with one method -> per item its row (with its own interventions only, and
+        whether an additive method adds up), or an error where its numbers are not finite; and the
+        seconds spent in the "forward" and "explain" stages (see :meth:`explain`)."""
+        logits, explanation, timings = self.explain(method, items, heatmaps)
+        n_interventions = [len(item.suppress) for item in items]
+        return explained_rows(logits, explanation, n_interventions, self.explainers[method].additive), timings
 
     def explain(self, method: str, items: list[ExplainItem], heatmaps: str,
                 ) -> tuple[torch.Tensor, Explanation, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""The grpc.aio application: explainer service, health, reflection, metrics, shutdown."""
+"""The grpc.aio application: the data plane behind both services, health, reflection, metrics, shutdown."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from protoserve_client import pb, pb_grpc
 
 from server import security
+from server.dataplane import DataPlane
 from server.drain import DrainInterceptor, close_sockets
 from server.memory import keep_freed_memory
 from server.metrics import Metrics
@@ -58,10 +59,9 @@ class App:
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
                    ("grpc.max_send_message_length", self.settings.max_message_bytes)]
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(self.registry, self.settings, self.metrics),
-                                                self.server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, self.settings, self.metrics), self.server)
+        plane = DataPlane(self.registry, self.settings, self.metrics)
+        pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(plane, self.settings), self.server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, self.settings), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [EXPLAINER_SERVICE, OIP_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -1,20 +1,17 @@
-"""Request and response conversion between protobuf messages and the handlers' tensors."""
+"""protoserve.v1 messages to the data plane's plain calls, and its results back to messages."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
-import torch
 from protoserve_client import pb
 from protoserve_client.tensors import TensorFormatError, from_tensor, to_tensor
 
-from handlers.errors import InvalidInputError, NotFoundError
-from handlers.preprocess import input_from_array
-from handlers.runtime import ExplainItem, ModelRuntime
-from server.decode import ImageDecoder
-from server.registry import ExplainKey
-from server.results import ExplainedRow, Scores
-from server.settings import Settings
+from handlers.errors import InvalidInputError
+from handlers.rows import Scores
+from handlers.runtime import ModelRuntime
+from server.dataplane import Example, ExplainCall, ExplainResult, PredictCall, PredictResult
 
 HEATMAP_MODES = {
     pb.HEATMAP_MODE_NONE: "none",
@@ -22,68 +19,45 @@ HEATMAP_MODES = {
     pb.HEATMAP_MODE_INPUT: "input",
 }
 
+# ModelInfo.backend names the library that runs the forward pass.
+BACKEND_NAMES = {"torch": "torch", "onnx": "onnxruntime"}
 
-async def decode_input(request, served: ModelRuntime, settings: Settings, images: ImageDecoder) -> torch.Tensor:
-    """The request's ``input`` tensor or ``image`` bytes -> float32 (*input_shape); an image is decoded
-    in ``images``' pool, off the event loop. More than ``settings.max_input_bytes`` is refused."""
-    has_tensor, has_image = request.HasField("input"), bool(request.image)
-    if has_tensor == has_image:
-        raise InvalidInputError("input", "set exactly one of `input` (a tensor) and `image` (PNG/JPEG bytes)")
-    field, size = ("image", len(request.image)) if has_image else ("input.data", len(request.input.data))
-    if size > settings.max_input_bytes:
-        raise InvalidInputError(field, f"{size} bytes is more than the limit of {settings.max_input_bytes}")
-    spec = served.parts.input_spec
-    if has_image:
-        return await images.decode(request.image, spec)
+
+class SuppressedIds(Sequence):
+    """An ExplainRequest's interventions as the component ids each suppresses, read on demand: the data
+    plane counts them before it reads any, and a message may hold millions."""
+
+    def __init__(self, interventions):
+        self._interventions = interventions
+
+    def __len__(self) -> int:
+        return len(self._interventions)
+
+    def __getitem__(self, index: int) -> Sequence[str]:
+        return self._interventions[index].suppress
+
+
+def example(request: pb.PredictRequest | pb.ExplainRequest) -> Example:
+    """The request's ``input`` tensor, decoded (its dtype, shape and length checked), or its ``image`` bytes."""
+    if not request.HasField("input"):
+        return Example(image=request.image)
     try:
-        array = from_tensor(request.input, field="input")
+        return Example(tensor=from_tensor(request.input, field="input"), image=request.image)
     except TensorFormatError as exc:
         raise InvalidInputError(exc.field, str(exc)) from exc
-    return input_from_array(array, spec)
 
 
-def top_k(request, served: ModelRuntime, settings: Settings) -> int:
-    if request.top_k < 0:
-        raise InvalidInputError("top_k", f"must be >= 0, got {request.top_k}")
-    if request.top_k > settings.max_top_k:
-        raise InvalidInputError("top_k", f"at most {settings.max_top_k}, got {request.top_k}")
-    return min(request.top_k or settings.default_top_k, len(served.labels))
+def predict_call(request: pb.PredictRequest, deadline: float | None) -> PredictCall:
+    return PredictCall(request.model, request.version, [example(request)], request.top_k, deadline)
 
 
-def explain_options(request: pb.ExplainRequest, served: ModelRuntime,
-                    settings: Settings) -> tuple[ExplainKey, int | None, list[list[int]]]:
-    """Validate all of an ExplainRequest but its input: the key it batches under, the target class
-    (None: the predicted one) and the suppressed component indices of each intervention."""
-    method = request.method or served.default_method
-    explainer = served.explainers.get(method)
-    if explainer is None:
-        raise NotFoundError(f"method of model {served.name!r}", method, sorted(served.explainers))
-    if request.heatmaps not in HEATMAP_MODES:
-        raise InvalidInputError("heatmaps", f"unknown heatmap mode {request.heatmaps}")
-    target = None
-    if request.HasField("target_class"):
-        if not 0 <= request.target_class < len(served.labels):
-            raise InvalidInputError("target_class", f"must be in [0, {len(served.labels)}), got {request.target_class}")
-        target = request.target_class
-    if len(request.interventions) > settings.max_interventions:
-        raise InvalidInputError("interventions", f"at most {settings.max_interventions} per request, "
-                                                 f"got {len(request.interventions)}")
-    suppress = []
-    for intervention in request.interventions:
-        indices = []
-        for component_id in intervention.suppress:
-            if component_id not in explainer.component_ids:
-                raise NotFoundError(f"component of method {method!r}", component_id)
-            indices.append(explainer.component_ids[component_id])
-        suppress.append(indices)
-    return ExplainKey(method, HEATMAP_MODES[request.heatmaps]), target, suppress
-
-
-async def decode_explain(request: pb.ExplainRequest, served: ModelRuntime, settings: Settings,
-                         images: ImageDecoder) -> tuple[ExplainKey, ExplainItem]:
-    """Validate an ExplainRequest completely, before it is queued: the cheap checks first, the input last."""
-    key, target, suppress = explain_options(request, served, settings)
-    return key, ExplainItem(await decode_input(request, served, settings, images), target, suppress)
+def explain_call(request: pb.ExplainRequest, deadline: float | None) -> ExplainCall:
+    return ExplainCall(
+        request.model, request.version, [example(request)], method=request.method, top_k=request.top_k,
+        target_class=request.target_class if request.HasField("target_class") else None,
+        # An enum value this server does not know goes on as its number, for the data plane to refuse.
+        heatmaps=HEATMAP_MODES.get(request.heatmaps, str(request.heatmaps)),
+        interventions=SuppressedIds(request.interventions), deadline=deadline)
 
 
 def add_class_scores(target, scores: Scores, labels: list[str], k: int) -> None:
@@ -92,16 +66,23 @@ def add_class_scores(target, scores: Scores, labels: list[str], k: int) -> None:
         target.add(class_index=index, label=labels[index], logit=logit, probability=probability)
 
 
-def explain_response(request: pb.ExplainRequest, served: ModelRuntime, method: str, k: int,
-                     row: ExplainedRow) -> pb.ExplainResponse:
-    """One example's explanation as a response: numpy slices and protobuf only (see server/results.py)."""
-    components = served.explainers[method].components
+def predict_response(request: pb.PredictRequest, result: PredictResult) -> pb.PredictResponse:
+    runtime, [scores] = result.runtime, result.rows
+    response = pb.PredictResponse(request_id=request.request_id, model=runtime.name, version=runtime.version)
+    add_class_scores(response.prediction, scores, runtime.labels, result.top_k)
+    return response
+
+
+def explain_response(request: pb.ExplainRequest, result: ExplainResult) -> pb.ExplainResponse:
+    """The one example's explanation as a response: numpy slices and protobuf only (see handlers/rows.py)."""
+    runtime, method, k, [row] = result.runtime, result.method, result.top_k, result.rows
+    components = runtime.explainers[method].components
     response = pb.ExplainResponse(
-        request_id=request.request_id, model=served.name, version=served.version, method=method,
+        request_id=request.request_id, model=runtime.name, version=runtime.version, method=method,
         target_class=row.target_class, target_logit=row.target_logit, bias=row.bias,
         residual_contribution=row.residual_contribution, residual_share=row.residual_share,
         additive=row.additive, additivity_gap=row.additivity_gap)
-    add_class_scores(response.prediction, row.scores, served.labels, k)
+    add_class_scores(response.prediction, row.scores, runtime.labels, k)
     reported = [(j, components[c]) for j, c in enumerate(row.component_index.tolist()) if c >= 0]
     weight, contribution = row.weight.tolist(), row.contribution.tolist()
     for j, c in reported:
@@ -113,27 +94,23 @@ def explain_response(request: pb.ExplainRequest, served: ModelRuntime, method: s
     for intervention, scores in zip(request.interventions, row.intervened):
         answer = response.interventions.add(suppressed=intervention.suppress,
                                             target_logit=float(scores.logits[row.target_class]))
-        add_class_scores(answer.prediction, scores, served.labels, k)
+        add_class_scores(answer.prediction, scores, runtime.labels, k)
     return response
 
 
-# ModelInfo.backend names the library that runs the forward pass.
-BACKEND_NAMES = {"torch": "torch", "onnx": "onnxruntime"}
-
-
-def model_info(served: ModelRuntime, with_components: bool) -> pb.ModelInfo:
-    spec = served.parts.input_spec
-    info = pb.ModelInfo(name=served.name, version=served.version, input_dtype=spec.dtype,
-                        input_shape=spec.shape, labels=served.labels, default_method=served.default_method,
-                        layer=served.parts.layer, feature_shape=served.parts.feature_shape,
-                        backend=BACKEND_NAMES[served.backend], execution_provider=served.execution_provider)
-    for name, explainer in served.explainers.items():
+def model_info(runtime: ModelRuntime, with_components: bool) -> pb.ModelInfo:
+    spec = runtime.parts.input_spec
+    info = pb.ModelInfo(name=runtime.name, version=runtime.version, input_dtype=spec.dtype,
+                        input_shape=spec.shape, labels=runtime.labels, default_method=runtime.default_method,
+                        layer=runtime.parts.layer, feature_shape=runtime.parts.feature_shape,
+                        backend=BACKEND_NAMES[runtime.backend], execution_provider=runtime.execution_provider)
+    for name, explainer in runtime.explainers.items():
         method = info.methods.add(name=name, additive=explainer.additive,
                                   residual_share_definition=explainer.residual_share_definition,
                                   contribution_definition=explainer.contribution_definition,
                                   fit_report_json=json.dumps(explainer.fit_report, sort_keys=True))
         if with_components:
-            exemplars = served.archive.methods[name].exemplars
+            exemplars = runtime.archive.methods[name].exemplars
             for c in explainer.components:
                 method.components.add(id=c.id, label=c.label, class_index=c.class_index,
                                       exemplar_png=exemplars.get(c.id, b""))

@@ -27,11 +27,13 @@ from server.settings import Settings
 
 
 class DecodeBudgetError(Exception):
-    """The decode pool is full, or an image was not decoded within its time budget."""
+    """The decode pool is full, or an image was not decoded within its time budget; ``field`` and
+    ``detail`` as in :class:`handlers.errors.InvalidInputError`."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"{field}: {detail}")
         self.field = field
+        self.detail = detail
 
 
 class ImageDecoder:

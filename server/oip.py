@@ -1,10 +1,11 @@
 """inference.GRPCInferenceService: the Open Inference Protocol (KServe v2) beside protoserve.v1.
 
-A thin servicer over the same :class:`~server.registry.ModelRegistry` and batchers as
-``protoserve.v1.Explainer``: it decodes OIP tensors, validates the explanation options
-through :mod:`server.convert`, submits every example of a batched input to the model's
-batcher concurrently (so they batch with each other and with other clients' requests), and
-returns the prediction and its explanation as named output tensors. No model logic here.
+A thin servicer over the same :class:`~server.dataplane.DataPlane` as ``protoserve.v1.Explainer``:
+it converts the input tensor and the request parameters into a call of N examples (the data plane
+validates it and submits the examples together, so they batch with each other and with other
+clients' requests), and the result into named output tensors. It checks only what is this
+protocol's (the tensor's layout, the parameters' types); the data plane validates the rest, in its
+field names, which this protocol renames (``FIELD_NAMES``). No model logic here.
 
 ModelInfer
 ----------
@@ -55,27 +56,20 @@ does; ``outputs`` in the request selects a subset.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 import math
 import struct
-import time
+from functools import partial
 
-import grpc
 import numpy as np
-import torch
-from protoserve_client import pb
 from protoserve_client.stubs.inference import grpc_service_pb2 as oip
 from protoserve_client.stubs.inference import grpc_service_pb2_grpc as oip_grpc
 
 from handlers.errors import InvalidInputError, clip, echo
-from handlers.preprocess import input_from_array
-from handlers.runtime import ExplainItem, ModelRuntime
-from server import convert
-from server.metrics import Metrics
-from server.registry import BatchedModel, ModelRegistry, PredictKey
-from server.results import ExplainedRow
-from server.servicer import _RpcScope
+from handlers.runtime import ModelRuntime
+from server import rpc
+from server.dataplane import DataPlane, Example, ExplainCall, ExplainResult, PredictCall, PredictResult
+from server.rpc import Rpcs
 from server.settings import Settings
 
 OIP_SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -91,20 +85,21 @@ INPUT_DATATYPES: dict[str, tuple[np.dtype, str | None]] = {
 }
 # An archive's input dtype -> the OIP datatype its metadata advertises.
 DATATYPE_OF = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}
-HEATMAP_ENUM = {name: value for value, name in convert.HEATMAP_MODES.items()}
 
 # Parameters this servicer reads, and the protocol-level ones clients may send (ignored here).
 KNOWN_PARAMETERS = ("method", "target_class", "suppress", "heatmaps", "explain")
 IGNORED_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end",
                                 "content_type", "headers", "binary_data_output"})
-# explain_options' fields, named as this protocol's request parameters.
-PARAMETER_FIELDS = {"target_class": "parameters.target_class", "heatmaps": "parameters.heatmaps",
-                    "interventions": "parameters.suppress"}
+# The data plane's request fields in this protocol's words (server/errors.py renames a field's first
+# part): the one input tensor of N examples, and the request parameters. This servicer's own errors
+# use these words already, and none of their fields starts with a name renamed here.
+FIELD_NAMES = {"input": "inputs[0]", "target_class": "parameters.target_class", "heatmaps": "parameters.heatmaps",
+               "interventions": "parameters.suppress"}
 
 
-def output_metadata(served: ModelRuntime) -> list[tuple[str, str, list[int]]]:
-    """Every output ModelInfer can return for ``served``: (name, datatype, shape), -1 = variable."""
-    k = len(served.labels)
+def output_metadata(runtime: ModelRuntime) -> list[tuple[str, str, list[int]]]:
+    """Every output ModelInfer can return for ``runtime``: (name, datatype, shape), -1 = variable."""
+    k = len(runtime.labels)
     return [
         ("logits", "FP32", [-1, k]),
         ("target_class", "INT64", [-1]),
@@ -147,9 +142,6 @@ class InferOptions:
             self.target_class = getattr(value, kind)
             if not 0 <= self.target_class < 2 ** 31:  # a class index, as protoserve.v1's int32 target_class
                 raise InvalidInputError("parameters.target_class", f"must be a class index, got {self.target_class}")
-        if self.heatmaps not in HEATMAP_ENUM:
-            raise InvalidInputError("parameters.heatmaps",
-                                    f"{echo(self.heatmaps)} is not one of {', '.join(HEATMAP_ENUM)}")
 
 
 def _param(parameters, name: str, kind: str, default):
@@ -161,9 +153,9 @@ def _param(parameters, name: str, kind: str, default):
     return getattr(parameters[name], kind)
 
 
-def decode_batch(request: oip.ModelInferRequest, served: ModelRuntime, settings: Settings) -> np.ndarray:
+def decode_batch(request: oip.ModelInferRequest, runtime: ModelRuntime, settings: Settings) -> np.ndarray:
     """The request's one input tensor -> an array (N, *input_shape) of its wire dtype."""
-    spec = served.parts.input_spec
+    spec = runtime.parts.input_spec
     if len(request.inputs) != 1:
         raise InvalidInputError("inputs", f"expected exactly one input tensor named {INPUT_NAME!r}, "
                                           f"got {len(request.inputs)}")
@@ -215,10 +207,10 @@ def decode_batch(request: oip.ModelInferRequest, served: ModelRuntime, settings:
     return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
 
 
-def requested_outputs(request: oip.ModelInferRequest, served: ModelRuntime) -> list[str] | None:
+def requested_outputs(request: oip.ModelInferRequest, runtime: ModelRuntime) -> list[str] | None:
     if not request.outputs:
         return None
-    known = [name for name, _, _ in output_metadata(served)]
+    known = [name for name, _, _ in output_metadata(runtime)]
     names = []
     for i, output in enumerate(request.outputs):
         if output.name not in known:
@@ -231,9 +223,14 @@ def requested_outputs(request: oip.ModelInferRequest, served: ModelRuntime) -> l
 # ------------------------------------------------------------------------ responses
 
 
-def explanation_outputs(served: ModelRuntime, method: str, rows: list[ExplainedRow]) -> dict[str, np.ndarray]:
+def prediction_outputs(result: PredictResult) -> dict[str, np.ndarray]:
+    return {"logits": np.stack([scores.logits for scores in result.rows])}
+
+
+def explanation_outputs(result: ExplainResult) -> dict[str, np.ndarray]:
     """Stack the per-example rows of an explanation into named arrays."""
-    components = served.explainers[method].components
+    rows = result.rows
+    components = result.runtime.explainers[result.method].components
     index = np.stack([row.component_index for row in rows])  # (N, C)
     valid = index >= 0
     outputs = {
@@ -264,12 +261,16 @@ def _raw(datatype: str, array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
-def encode_response(request: oip.ModelInferRequest, served: ModelRuntime, method: str,
-                    outputs: dict[str, np.ndarray], wanted: list[str] | None) -> oip.ModelInferResponse:
-    datatypes = {name: datatype for name, datatype, _ in output_metadata(served)}
-    response = oip.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
-    if method:
-        response.parameters["method"].string_param = method
+def encode_response(request: oip.ModelInferRequest, wanted: list[str] | None,
+                    result: PredictResult | ExplainResult) -> oip.ModelInferResponse:
+    """The outputs of ``result`` (``wanted``: those the request names, None: all) as a response."""
+    runtime = result.runtime
+    explained = isinstance(result, ExplainResult)
+    outputs = explanation_outputs(result) if explained else prediction_outputs(result)
+    datatypes = {name: datatype for name, datatype, _ in output_metadata(runtime)}
+    response = oip.ModelInferResponse(model_name=runtime.name, model_version=runtime.version, id=request.id)
+    if explained:
+        response.parameters["method"].string_param = result.method
     for name in wanted or list(outputs):
         if name not in outputs:
             raise InvalidInputError("outputs", f"{name!r} is not produced by this request (heatmaps need the "
@@ -285,10 +286,10 @@ def encode_response(request: oip.ModelInferRequest, served: ModelRuntime, method
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics):
-        self.registry = registry
+    def __init__(self, plane: DataPlane, settings: Settings):
+        self.plane = plane
         self.settings = settings
-        self.metrics = metrics
+        self.rpcs = Rpcs(plane.registry, plane.metrics, FIELD_NAMES)
         try:
             self.version = importlib.metadata.version("protoserve")
         except importlib.metadata.PackageNotFoundError:
@@ -298,98 +299,36 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
-        models = self.registry.all()
-        return oip.ServerReadyResponse(ready=bool(models) and all(m.batcher.alive for m in models))
+        return oip.ServerReadyResponse(ready=self.plane.ready())
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
         # Unknown models are simply not ready (as Triton answers), not an error.
-        versions = self.registry.models.get(request.name, {})
-        if request.version:
-            model = versions.get(request.version)
-        else:
-            model = self.registry.get(request.name) if versions else None
-        return oip.ModelReadyResponse(ready=model is not None and model.batcher.alive)
+        return oip.ModelReadyResponse(ready=self.plane.ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=["parameters"])
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
-        async with self._rpc("ModelMetadata", request.name, context):
-            served = self.registry.get(request.name, request.version).runtime
-            spec = served.parts.input_spec
+        async with self.rpcs.scope("ModelMetadata", request.name, context):
+            runtime = self.plane.model(request.name, request.version)
+            spec = runtime.parts.input_spec
             response = oip.ModelMetadataResponse(
-                name=served.name, platform=PLATFORM,
-                versions=[m.runtime.version for m in self.registry.all() if m.runtime.name == served.name])
+                name=runtime.name, versions=[r.version for r in self.plane.models() if r.name == runtime.name],
+                platform=PLATFORM)
             response.inputs.add(name=INPUT_NAME, datatype=DATATYPE_OF.get(spec.dtype, "FP32"), shape=[-1, *spec.shape])
-            for name, datatype, shape in output_metadata(served):
+            for name, datatype, shape in output_metadata(runtime):
                 response.outputs.add(name=name, datatype=datatype, shape=shape)
             return response
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
-        async with self._rpc("ModelInfer", request.model_name, context):
-            model = self.registry.get(request.model_name, request.model_version)
-            served = model.runtime
-            start = time.perf_counter()
+        async with self.rpcs.scope("ModelInfer", request.model_name, context):
+            runtime = self.plane.model(request.model_name, request.model_version)  # its input shape and outputs
             options = InferOptions(request.parameters)
-            wanted = requested_outputs(request, served)
-            batch = decode_batch(request, served, self.settings)
-            spec = served.parts.input_spec
-            inputs = [input_from_array(batch[i], spec, field="inputs[0]") for i in range(len(batch))]
-            deadline = None if context.time_remaining() is None else time.monotonic() + context.time_remaining()
+            encode = partial(encode_response, request, requested_outputs(request, runtime))
+            examples = [Example(tensor=array) for array in decode_batch(request, runtime, self.settings)]
+            model, version, deadline = request.model_name, request.model_version, rpc.deadline(context)
             if not options.explain:
-                self.metrics.stage_duration.labels(served.name, "preprocess").observe(time.perf_counter() - start)
-                scores = await _submit_all(model, inputs, PredictKey(), deadline)
-                outputs, method = {"logits": np.stack([s.logits for s in scores])}, ""
-            else:
-                key, items = self._explain_items(served, options, inputs)
-                self.metrics.stage_duration.labels(served.name, "preprocess").observe(time.perf_counter() - start)
-                rows = await _submit_all(model, items, key, deadline)
-                outputs, method = explanation_outputs(served, key.method, rows), key.method
-            start = time.perf_counter()
-            response = encode_response(request, served, method, outputs, wanted)
-            self.metrics.stage_duration.labels(served.name, "encode").observe(time.perf_counter() - start)
-            if method:
-                self._count_top_components(served, method, outputs)
-            return response
-
-    def _explain_items(self, served: ModelRuntime, options: InferOptions, inputs: list[torch.Tensor]):
-        """Validate method, target class and suppressed ids once, through convert.explain_options."""
-        template = pb.ExplainRequest(
-            model=served.name, version=served.version, method=options.method,
-            heatmaps=HEATMAP_ENUM[options.heatmaps],
-            interventions=[pb.Intervention(suppress=ids) for ids in options.suppress])
-        if options.target_class is not None:
-            template.target_class = options.target_class
-        try:
-            key, target, suppress = convert.explain_options(template, served, self.settings)
-        except InvalidInputError as exc:
-            if exc.field in PARAMETER_FIELDS:
-                raise InvalidInputError(PARAMETER_FIELDS[exc.field], str(exc).partition(": ")[2]) from exc
-            raise
-        return key, [ExplainItem(x, target, suppress) for x in inputs]
-
-    def _count_top_components(self, served: ModelRuntime, method: str, outputs: dict[str, np.ndarray]) -> None:
-        contributions = np.abs(outputs["component_contributions"])
-        for ids, row in zip(outputs["component_ids"], contributions):
-            if len(row) and ids[int(row.argmax())]:
-                self.metrics.component_uses.labels(served.name, method, ids[int(row.argmax())]).inc()
-
-    def _rpc(self, rpc: str, model: str, context) -> _RpcScope:
-        return _RpcScope(self, rpc, model, context)
-
-    def _record(self, rpc: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        label = model if model in self.registry.models else ""
-        self.metrics.requests.labels(rpc, label, code.name).inc()
-        self.metrics.request_duration.labels(rpc, label).observe(seconds)
-
-
-async def _submit_all(model: BatchedModel, payloads: list, key, deadline: float | None) -> list:
-    """Submit every example at once (they batch); the first failure fails the request."""
-    tasks = [asyncio.ensure_future(model.batcher.submit(p, key=key, deadline=deadline)) for p in payloads]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+                return await self.plane.predict(PredictCall(model, version, examples, deadline=deadline), encode)
+            call = ExplainCall(model, version, examples, method=options.method, target_class=options.target_class,
+                               heatmaps=options.heatmaps, interventions=options.suppress, deadline=deadline)
+            return await self.plane.explain(call, encode)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,11 @@ import torch
 
 from handlers.archive import ARCHIVE_SUFFIX, read_archive
 from handlers.errors import ArchiveError, NotFoundError
+from handlers.rows import ExplainedRow
 from handlers.runtime import ModelRuntime
 from server.batcher import DynamicBatcher
 from server.decode import ImageDecoder
 from server.metrics import BatcherMetrics, Metrics
-from server.results import ExplainedRow, explained_rows, predicted_rows
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,9 @@ class BatchedModel:
         self.runtime = runtime
         self.metrics = metrics
         self.label = f"{runtime.name}:{runtime.version}"
-        # Label lookups cost microseconds each; the compute stages are resolved once.
-        self._stages = {stage: metrics.stage_duration.labels(runtime.name, stage) for stage in ("forward", "explain")}
+        # Label lookups cost microseconds each; the stages of a request are resolved once.
+        self.stages = {stage: metrics.stage_duration.labels(runtime.name, stage)
+                       for stage in ("preprocess", "forward", "explain", "encode")}
         # One compute thread per model: batches of a model run one after another.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{runtime.name}")
         self.batcher = DynamicBatcher(
@@ -59,25 +59,24 @@ class BatchedModel:
         return self.process(key, payloads)
 
     def process(self, key, payloads: list) -> list:
-        """Runs in the compute thread: one batch -> one result per payload."""
+        """Runs in the compute thread: one batch -> one host row (or error) per payload. Records the
+        compute stages, and of explanations the residual shares and the additivity violations."""
         if isinstance(key, PredictKey):
-            start = time.perf_counter()
-            logits = self.runtime.predict(torch.stack(payloads))
-            self._stages["forward"].observe(time.perf_counter() - start)
-            return predicted_rows(logits)
-        logits, explanation, timings = self.runtime.explain(key.method, payloads, key.heatmaps)
+            rows, timings = self.runtime.predict_rows(payloads)
+        else:
+            rows, timings = self.runtime.explain_rows(key.method, payloads, key.heatmaps)
+            self._observe_explained(key.method, [row for row in rows if isinstance(row, ExplainedRow)])
         for stage_name, seconds in timings.items():
-            self._stages[stage_name].observe(seconds)
-        additive = self.runtime.explainers[key.method].additive
-        rows = explained_rows(logits, explanation, [len(item.suppress) for item in payloads], additive)
-        answered = [row for row in rows if isinstance(row, ExplainedRow)]
-        residual_metric = self.metrics.residual_share.labels(self.runtime.name, key.method)
+            self.stages[stage_name].observe(seconds)
+        return rows
+
+    def _observe_explained(self, method: str, answered: list[ExplainedRow]) -> None:
+        residual_metric = self.metrics.residual_share.labels(self.runtime.name, method)
         for row in answered:
             residual_metric.observe(row.residual_share)
-        violations = sum(not row.additive for row in answered) if additive else 0
+        violations = sum(not row.additive for row in answered) if self.runtime.explainers[method].additive else 0
         if violations:
-            self.metrics.additivity_violations.labels(self.runtime.name, key.method).inc(violations)
-        return rows
+            self.metrics.additivity_violations.labels(self.runtime.name, method).inc(violations)
 
     async def close(self, grace_s: float) -> None:
         await self.batcher.close(grace_s)
@@ -104,7 +103,7 @@ class ModelRegistry:
         loaded: dict[tuple[str, str], list[tuple[Path, ModelRuntime]]] = {}
         for path in sorted(store.glob(f"*{ARCHIVE_SUFFIX}")):
             try:
-                served = ModelRuntime(read_archive(path), device, self.settings.backend, self.settings.autocast)
+                runtime = ModelRuntime(read_archive(path), device, self.settings.backend, self.settings.autocast)
             except ArchiveError as exc:
                 self._refuse(path.name, str(exc))
                 continue
@@ -112,7 +111,7 @@ class ModelRegistry:
                 log.exception("loading %s failed", path.name)
                 self._refuse(path.name, f"{path.name}: cannot be loaded ({type(exc).__name__}): {exc}")
                 continue
-            loaded.setdefault((served.name, served.version), []).append((path, served))
+            loaded.setdefault((runtime.name, runtime.version), []).append((path, runtime))
         for (name, version), copies in loaded.items():
             if len(copies) > 1:
                 files = " and ".join(path.name for path, _ in copies)
@@ -120,25 +119,25 @@ class ModelRegistry:
                     self._refuse(path.name, f"model {name!r} version {version!r} is in two archives, {files}; "
                                             "both are refused: remove or renumber one")
                 continue
-            path, served = copies[0]
-            self._log_checks(path, served)
-            self.models.setdefault(name, {})[version] = BatchedModel(served, self.settings, self.metrics)
-            log.info("loaded %s version %s (%s) on %s", name, version, ", ".join(served.explainers), device)
+            path, runtime = copies[0]
+            self._log_checks(path, runtime)
+            self.models.setdefault(name, {})[version] = BatchedModel(runtime, self.settings, self.metrics)
+            log.info("loaded %s version %s (%s) on %s", name, version, ", ".join(runtime.explainers), device)
 
     def _refuse(self, key: str, message: str) -> None:
         self.load_errors[key] = message
         log.error("refusing %s: %s", key, message)
 
-    def _log_checks(self, path: Path, served: ModelRuntime) -> None:
-        if not served.additivity_inputs:
+    def _log_checks(self, path: Path, runtime: ModelRuntime) -> None:
+        if not runtime.additivity_inputs:
             return
-        log.log(logging.INFO if served.archive.samples is not None else logging.WARNING,
-                "%s: additive methods checked on %s", path.name, served.additivity_inputs)
-        for method, reason in served.refused_methods.items():
+        log.log(logging.INFO if runtime.archive.samples is not None else logging.WARNING,
+                "%s: additive methods checked on %s", path.name, runtime.additivity_inputs)
+        for method, reason in runtime.refused_methods.items():
             self._refuse(f"{path.name}:{method}", reason)
-        if served.default_method != served.archive.default_method:
+        if runtime.default_method != runtime.archive.default_method:
             log.warning("%s: default method %r is refused; %r answers requests that name no method", path.name,
-                        served.archive.default_method, served.default_method)
+                        runtime.archive.default_method, runtime.default_method)
 
     def start(self) -> None:
         for versions in self.models.values():

@@ -182,10 +182,10 @@ def test_an_archive_without_held_out_samples_is_checked_on_synthetic_inputs(stor
 
 
 def test_an_input_that_overflows_is_refused_alone(server, client):
-    served = server.app.registry.get("good").runtime
-    weight = next(p for p in served.parts.upstream.parameters() if p.dim() == 2)  # fc1 (16, 12)
+    runtime = server.app.registry.get("good").runtime
+    weight = next(p for p in runtime.parts.upstream.parameters() if p.dim() == 2)  # fc1 (16, 12)
     extreme = (3e38 * weight[weight.abs().sum(1).argmax()].sign()).reshape(1, 12).detach().numpy()  # finite
-    assert not served.predict(torch.from_numpy(extreme)[None]).isfinite().all()  # but the forward overflows
+    assert not runtime.predict(torch.from_numpy(extreme)[None]).isfinite().all()  # but the forward overflows
     normal = [_x(seed) for seed in range(5, 9)]
     alone = [client.explain(x, model="good") for x in normal]
     with ThreadPoolExecutor(8) as pool:  # at once, so they share batches (max_delay_ms)

@@ -1,12 +1,12 @@
 """A batch's results as per-example host rows, made once per batch on the compute thread.
 
-The event loop then builds each response from plain numpy arrays and Python numbers: a torch
-call there costs 5–10 µs and several times that with the cold caches an idle server has, while
+A transport then builds each answer from plain numpy arrays and Python numbers: a torch call on
+the event loop costs 5–10 µs and several times that with the cold caches an idle server has, while
 one batched sort, softmax and ``tolist`` per field serve the whole batch (BENCHMARKS.md).
 
 Each row is also checked here: an example whose numbers are not all finite (its forward pass
 overflowed float32) gets an :class:`~handlers.errors.InvalidInputError` instead of a row, and an
-additive method's row says whether it adds up (:func:`handlers.runtime.additivity_gaps`).
+additive method's row says whether it adds up (:func:`additivity_gaps`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,29 @@ import torch
 
 from handlers.base import Explanation
 from handlers.errors import InvalidInputError
-from handlers.runtime import additivity_gaps
 
 OVERFLOW = ("the model's computation overflows float32 on this input (logits or explanation not finite); "
             "send inputs in the range the model was trained on")
+
+# An additive explanation adds up within float32 rounding: sums of a few thousand float32 products
+# stay far below this share of the terms' magnitude, and a decomposition that misses by more is wrong.
+ADDITIVITY_RTOL = 1e-3
+ADDITIVITY_ATOL = 1e-5
+
+
+def additivity_gaps(explanation: Explanation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completeness per example, of an explanation on the CPU.
+
+    Returns the gap ``|sum(contribution) + residual_contribution + bias - target_logit|`` (B,) float32,
+    and whether it is within float32 rounding (B,) bool: at most ``ADDITIVITY_RTOL`` times the
+    terms' magnitude plus ``ADDITIVITY_ATOL`` (False where anything is not finite).
+    """
+    e = explanation
+    contribution = torch.where(e.component_index >= 0, e.contribution.double(), 0.0)
+    terms = (contribution, e.residual_contribution.double(), e.bias.double(), e.target_logit.double())
+    gap = (terms[0].sum(1) + terms[1] + terms[2] - terms[3]).abs()
+    magnitude = terms[0].abs().sum(1) + terms[1].abs() + terms[2].abs() + terms[3].abs()
+    return gap.float(), gap <= ADDITIVITY_RTOL * magnitude + ADDITIVITY_ATOL
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +88,14 @@ class ExplainedRow:
     intervened: list[Scores]
     additive: bool
     additivity_gap: float
+
+    def top_component(self) -> int | None:
+        """The index (into the method's components) of the reported component that contributes most
+        in absolute value (the first of equals), or None when none is reported."""
+        reported = self.component_index >= 0
+        if not reported.any():
+            return None
+        return int(self.component_index[np.argmax(np.where(reported, np.abs(self.contribution), -1.0))])
 
 
 def ranked_scores(logits: torch.Tensor) -> list[Scores]:

@@ -1,0 +1,87 @@
+"""What every rpc of every protocol shares: its duration and its count by status code, and the
+conversion of an error into a status (code, message, and the field at fault in the ``protoserve-field``
+trailer), the field named in the protocol's own words."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import grpc
+
+from server.errors import field_of, message_of, status_for
+from server.metrics import Metrics
+from server.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+FIELD_TRAILER = "protoserve-field"
+
+
+class Status(NamedTuple):
+    code: grpc.StatusCode
+    message: str
+    field: str  # "" when no field is at fault
+
+
+def deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The rpc's deadline as a :func:`time.monotonic` time, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class Rpcs:
+    """The rpcs of one protocol. ``field_names`` renames the data plane's fields into the protocol's
+    (server/errors.py); the protocol's own errors already use its names."""
+
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, field_names: Mapping[str, str] | None = None):
+        self.registry = registry
+        self.metrics = metrics
+        self.field_names = field_names or {}
+
+    def scope(self, rpc: str, model: str, context: grpc.aio.ServicerContext) -> RpcScope:
+        """``async with`` around an rpc's work: times and counts it; an error aborts the rpc with its status."""
+        return RpcScope(self, rpc, model, context)
+
+    def record(self, rpc: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
+        # Only known model names become label values, so a hostile client cannot grow the series.
+        label = model if model in self.registry.models else ""
+        self.metrics.requests.labels(rpc, label, code.name).inc()
+        self.metrics.request_duration.labels(rpc, label).observe(seconds)
+
+    def status(self, error: BaseException) -> Status:
+        return Status(status_for(error), message_of(error, self.field_names), field_of(error, self.field_names))
+
+    async def abort(self, context: grpc.aio.ServicerContext, status: Status) -> None:
+        """End the rpc with ``status``; raises grpc.aio.AbortError."""
+        if status.field:
+            context.set_trailing_metadata(((FIELD_TRAILER, status.field),))
+        await context.abort(status.code, status.message)
+
+
+class RpcScope:
+    """One rpc: timed, counted by status code, its error turned into its status."""
+
+    def __init__(self, rpcs: Rpcs, rpc: str, model: str, context: grpc.aio.ServicerContext):
+        self.rpcs, self.rpc, self.model, self.context = rpcs, rpc, model, context
+
+    async def __aenter__(self) -> RpcScope:
+        self.start = time.perf_counter()
+        return self
+
+    async def __aexit__(self, kind, error, tb) -> bool | None:
+        seconds = time.perf_counter() - self.start
+        if error is None:
+            self.rpcs.record(self.rpc, self.model, grpc.StatusCode.OK, seconds)
+            return False
+        if isinstance(error, (asyncio.CancelledError, grpc.aio.AbortError)):
+            self.rpcs.record(self.rpc, self.model, grpc.StatusCode.CANCELLED, seconds)
+            return False
+        status = self.rpcs.status(error)
+        if status.code is grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", self.rpc, exc_info=error)
+        self.rpcs.record(self.rpc, self.model, status.code, seconds)
+        await self.rpcs.abort(self.context, status)

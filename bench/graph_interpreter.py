@@ -2,7 +2,7 @@
 
     python -m bench.graph_interpreter
 
-Archives' graphs run in an interpreter (``handlers.model_parts.GraphProgram``) instead of
+Archives' graphs run in an interpreter (``handlers.graph_program.GraphProgram``) instead of
 fx-generated code. This times ``downstream(upstream(x))`` against the eager ``model(x)`` it
 was split from, in alternating rounds on one thread, and prints the ratio of medians per model
 with the spread of the per-round ratios.
@@ -16,7 +16,7 @@ import time
 import torch
 import torchvision
 
-from handlers.model_parts import split
+from handlers.graph_program import split
 from model_store.recipes.mnist import MNIST_LAYER, MnistCNN
 
 ROUNDS, CALLS = 9, 50

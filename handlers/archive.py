@@ -7,7 +7,7 @@ An archive is an uncompressed zip holding
   weight hash, each method's hyperparameters, fit report and components, the versions of
   the tools that wrote it, and the sha256 of every other member;
 * ``model/{upstream,downstream}.graph.json`` and ``.safetensors``: the model's two parts
-  (see :mod:`handlers.model_parts`);
+  (see :mod:`handlers.graph_program`);
 * ``methods/<name>/factors.safetensors`` and ``methods/<name>/exemplars/<id>.png``;
 * ``samples/inputs.safetensors``: a few held-out inputs per class with their labels (archives
   written before it have none): the server checks additive methods on them at load.
@@ -38,7 +38,7 @@ from safetensors.torch import save as save_safetensors
 from handlers.base import Component, FittedMethod
 from handlers.errors import ArchiveError
 from handlers.model import InputSpec, ModelParts
-from handlers.model_parts import UnsafeGraphError, dump_graph_module, load_graph_module
+from handlers.graph_program import UnsafeGraphError, dump_graph_module, load_graph_module
 from handlers.onnx_backend import export_part
 
 FORMAT = "protoserve-archive"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from handlers.model_parts import non_negative_layers, split, weights_sha256
+from handlers.graph_program import non_negative_layers, split, weights_sha256
 
 
 @dataclass

@@ -262,7 +262,7 @@ def _user_error(error: Exception, command: str) -> UserError | None:
 
 
 def _layers(args: argparse.Namespace) -> int:
-    from handlers.model_parts import layer_names
+    from handlers.graph_program import layer_names
     from handlers.packaging import load_model_definition
 
     print("\n".join(layer_names(load_model_definition(args.model_def, json.loads(args.model_kwargs)))))

@@ -21,7 +21,7 @@ from handlers.archive import read_archive, write_archive
 from handlers.errors import ArchiveError
 from handlers.explainers.protonmf import ProtoNMFConfig
 from handlers.fitting import protonmf
-from handlers.model_parts import UnsafeGraphError, dump_graph_module, load_graph_module, split
+from handlers.graph_program import UnsafeGraphError, dump_graph_module, load_graph_module, split
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def test_fit_report_factors_and_real_prototypes(mnist_parts, small_fit, small_da
     assert prototypes.shape == (10, 128 * 7 * 7) and inputs.shape == (10, 1, 28, 28)
     assert (prototypes >= 0).all()
     # Every prototype is the latent vector of a real candidate: a masked training patch.
-    recomputed = protofac.clip_features(mnist_parts.features(inputs))
+    recomputed = protofac.activation_rows(mnist_parts.features(inputs))
     assert torch.allclose(recomputed, prototypes, atol=1e-5)
     for row, image in zip(report["prototypes"], inputs):
         top, left, bottom, right = row["box"]

@@ -64,7 +64,7 @@ import torch
 
 from handlers.base import Codes, ExplainBatch, FactorSpec, FittedMethod, MethodConfig, RemovalExplainer
 from handlers.model import ModelParts, linear_head_weight
-from handlers.model_parts import GraphProgram
+from handlers.graph_program import GraphProgram
 from handlers.solvers.nmf import ENCODERS, nnls_encode
 
 NAME = "coupled_nmf"

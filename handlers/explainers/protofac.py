@@ -121,7 +121,7 @@ class ProtoFacConfig(MethodConfig):
         return self.n_prototypes if self.solver_iter is None else self.solver_iter
 
 
-def clip_features(features: torch.Tensor) -> torch.Tensor:
+def activation_rows(features: torch.Tensor) -> torch.Tensor:
     """(N, *feature_shape) -> (N, m), negative activations counted as zero (H ≥ 0 needs A ≥ 0)."""
     return features.clamp_min(0).flatten(1).float()
 
@@ -161,7 +161,7 @@ class ProtoFacExplainer(RemovalExplainer):
             self.prototype_logits_ = pooled @ weight.cpu().T  # (k, K)
 
     def encode_batch(self, batch: ExplainBatch) -> Codes:
-        features = clip_features(batch.features)  # (B, m)
+        features = activation_rows(batch.features)  # (B, m)
         b, k = len(features), len(self.prototypes_)
         w = simplex_least_squares(features, self.prototypes_, self.gram_, self.config.solver_steps)  # (B, k)
         energy = features.square().sum(1)

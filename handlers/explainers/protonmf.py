@@ -53,7 +53,7 @@ class ProtoNMFConfig(MethodConfig):
         self.require(self.init in INITS, "init", f"one of {', '.join(INITS)}")
 
 
-def clip_features(features: torch.Tensor) -> torch.Tensor:
+def non_negative(features: torch.Tensor) -> torch.Tensor:
     """The paper's rule, offline and online alike: negative features count as zero."""
     return features.clamp_min(0)
 
@@ -87,7 +87,7 @@ class ProtoNMFExplainer(AdditiveExplainer):
         self._flat_coefficients = self.coefficients_.flatten()  # (K·p,)
 
     def decompose(self, batch: ExplainBatch, suppressed: torch.Tensor) -> Decomposition:
-        grid = feature_grid(clip_features(batch.features)).float()  # (B, D, P)
+        grid = feature_grid(non_negative(batch.features)).float()  # (B, D, P)
         pooled = grid.mean(2)  # (B, D)
         t = batch.targets
         b, p = len(pooled), self.prototypes_.shape[1]

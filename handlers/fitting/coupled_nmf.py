@@ -23,7 +23,7 @@ from handlers.explainers.coupled_nmf import (
     tap_module,
 )
 from handlers.model import ModelParts
-from handlers.model_parts import GraphProgram, non_negative_layers
+from handlers.graph_program import GraphProgram, non_negative_layers
 from handlers.solvers.active_set import kkt_violation
 from handlers.solvers.nmf import NMF, nnls_encode
 

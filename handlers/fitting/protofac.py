@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import png_bytes, to_uint8_image
-from handlers.explainers.protofac import NAME, ProtoFacConfig, clip_features
+from handlers.explainers.protofac import NAME, ProtoFacConfig, activation_rows
 from handlers.model import ModelParts
 from handlers.solvers.nmf import NMF, nnls_encode
 from handlers.solvers.simplex import project_to_simplex, simplex_kkt_violation, simplex_least_squares
@@ -86,7 +86,7 @@ def sample_candidates(parts: ModelParts, x_train: torch.Tensor, y_train: torch.T
         rows = source[start:start + batch_size]
         inputs = torch.stack([candidate_input(x_train[i], tuple(box), is_image)
                               for i, box in zip(rows[:, 0].tolist(), rows[:, 1:].tolist())])
-        latents.append(clip_features(parts.features(inputs, batch_size)))
+        latents.append(activation_rows(parts.features(inputs, batch_size)))
     return torch.cat(latents), source
 
 
@@ -259,7 +259,7 @@ def fit(parts: ModelParts, data: FitData, config: ProtoFacConfig = ProtoFacConfi
     if (raw < 0).any():
         log(f"protofac: {(raw < 0).float().mean().item():.1%} of the features at {parts.layer!r} are negative "
             "and are clipped to zero (offline and online alike)")
-    a_train = clip_features(raw)
+    a_train = activation_rows(raw)
     with torch.no_grad():
         oracle = parts.downstream(raw).argmax(1)
     del raw
@@ -275,7 +275,7 @@ def fit(parts: ModelParts, data: FitData, config: ProtoFacConfig = ProtoFacConfi
     chosen = chosen[torch.argsort(data.y_train[source[chosen, 0]] * len(source) + chosen)]
     prototypes = latents[chosen.to(device)].contiguous()
 
-    a_test = clip_features(parts.features(data.x_test))
+    a_test = activation_rows(parts.features(data.x_test))
     oracle_test = parts.logits(data.x_test).argmax(1)
     nmf = NMF(config.n_prototypes, max_iter=config.nmf_max_iter, random_state=config.random_state)
     nmf.fit(a_train)

@@ -12,7 +12,7 @@ import torch
 
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import crops_png, grid_cell_box
-from handlers.explainers.protonmf import NAME, ProtoNMFConfig, clip_features, feature_grid
+from handlers.explainers.protonmf import NAME, ProtoNMFConfig, non_negative, feature_grid
 from handlers.model import ModelParts, pooled_linear_head
 from handlers.solvers.nmf import NMF
 
@@ -34,7 +34,7 @@ def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfi
     if (features < 0).any():
         log(f"protonmf: {(features < 0).float().mean().item():.1%} of the features at {parts.layer!r} are negative "
             "and are clipped to zero (offline and online alike)")
-    features = clip_features(features)
+    features = non_negative(features)
     grid_shape = list(features.shape[2:])
     positions = feature_grid(features)  # (N, D, P)
 
@@ -102,7 +102,7 @@ def _exemplar(x_train: torch.Tensor, members: torch.Tensor, encoding: torch.Tens
 
 def _table3(parts: ModelParts, data: FitData, factors: dict[str, torch.Tensor]) -> dict:
     """Held-out accuracies of the paper's Table 3: NMF prototypes only, residual only, both."""
-    features = clip_features(parts.features(data.x_test))
+    features = non_negative(parts.features(data.x_test))
     logits = parts.logits(data.x_test)
     pooled = feature_grid(features).mean(2).cpu()  # (M, D)
     nmf_head = torch.einsum("kp,kpd->kd", factors["coefficients_"], factors["prototypes_"])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from handlers.model_parts import UnsafeGraphError, dump_graph_module, load_graph_module, split, weights_sha256
+from handlers.graph_program import UnsafeGraphError, dump_graph_module, load_graph_module, split, weights_sha256
 
 
 def test_resnet_split_and_round_trip():

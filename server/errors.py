@@ -1,8 +1,10 @@
-"""The one table from error kinds to gRPC status codes, and what of an error goes back to the client."""
+"""The one table from error kinds to status codes (gRPC, and HTTP for the HTTP transport), and what of
+an error goes back to the client."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from http import HTTPStatus
 
 import grpc
 
@@ -10,14 +12,16 @@ from handlers.errors import ArchiveError, InvalidInputError, NotFoundError, clip
 from server.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
 from server.decode import DecodeBudgetError
 
-STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DecodeBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (BatcherClosedError, grpc.StatusCode.UNAVAILABLE),
-    (ArchiveError, grpc.StatusCode.FAILED_PRECONDITION),
+# error kind -> (gRPC status code, HTTP status); the HTTP column follows gRPC's own mapping of codes to
+# HTTP statuses (grpc-gateway), but for RESOURCE_EXHAUSTED: 429 says "retry later" to HTTP clients.
+STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode, HTTPStatus], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT, HTTPStatus.BAD_REQUEST),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND, HTTPStatus.NOT_FOUND),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.TOO_MANY_REQUESTS),
+    (DecodeBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.TOO_MANY_REQUESTS),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED, HTTPStatus.GATEWAY_TIMEOUT),
+    (BatcherClosedError, grpc.StatusCode.UNAVAILABLE, HTTPStatus.SERVICE_UNAVAILABLE),
+    (ArchiveError, grpc.StatusCode.FAILED_PRECONDITION, HTTPStatus.BAD_REQUEST),
 )
 
 # Messages travel in a header (percent-encoded, so up to 3x their UTF-8 size); a client drops a
@@ -33,10 +37,15 @@ FIELD_ERRORS = (InvalidInputError, DecodeBudgetError)
 
 def status_for(error: BaseException) -> grpc.StatusCode:
     """The status code for ``error``; INTERNAL only for what no row names (a bug)."""
-    for kind, code in STATUS_BY_ERROR:
+    return statuses_for(error)[0]
+
+
+def statuses_for(error: BaseException) -> tuple[grpc.StatusCode, HTTPStatus]:
+    """The gRPC and HTTP statuses for ``error``; INTERNAL (500) only for what no row names (a bug)."""
+    for kind, code, http_status in STATUS_BY_ERROR:
         if isinstance(error, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
+            return code, http_status
+    return grpc.StatusCode.INTERNAL, HTTPStatus.INTERNAL_SERVER_ERROR
 
 
 def protocol_field(field: str, names: Mapping[str, str]) -> str:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
+from typing import NamedTuple, NoReturn
 
 import grpc
 
-from server.errors import field_of, message_of, status_for
+from server.errors import field_of, message_of, statuses_for
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 
@@ -25,6 +26,7 @@ class Status(NamedTuple):
     code: grpc.StatusCode
     message: str
     field: str  # "" when no field is at fault
+    http: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR  # the same status for the HTTP transport
 
 
 def deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -44,7 +46,14 @@ class Rpcs:
 
     def scope(self, rpc: str, model: str, context: grpc.aio.ServicerContext) -> RpcScope:
         """``async with`` around an rpc's work: times and counts it; an error aborts the rpc with its status."""
-        return RpcScope(self, rpc, model, context)
+        return RpcScope(self, rpc, model, lambda status: self.abort(context, status))
+
+    def http_scope(self, rpc: str, model: str, fail: Callable[[Status], NoReturn]) -> RpcScope:
+        """As :meth:`scope` for a request of the HTTP transport: an error is passed to ``fail``, which
+        raises what the transport answers with."""
+        async def abort(status: Status) -> NoReturn:
+            fail(status)
+        return RpcScope(self, rpc, model, abort)
 
     def record(self, rpc: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
         # Only known model names become label values, so a hostile client cannot grow the series.
@@ -53,7 +62,8 @@ class Rpcs:
         self.metrics.request_duration.labels(rpc, label).observe(seconds)
 
     def status(self, error: BaseException) -> Status:
-        return Status(status_for(error), message_of(error, self.field_names), field_of(error, self.field_names))
+        code, http = statuses_for(error)
+        return Status(code, message_of(error, self.field_names), field_of(error, self.field_names), http)
 
     async def abort(self, context: grpc.aio.ServicerContext, status: Status) -> None:
         """End the rpc with ``status``; raises grpc.aio.AbortError."""
@@ -63,10 +73,11 @@ class Rpcs:
 
 
 class RpcScope:
-    """One rpc: timed, counted by status code, its error turned into its status."""
+    """One rpc: timed, counted by status code, its error turned into its status and passed to ``abort``
+    (which raises)."""
 
-    def __init__(self, rpcs: Rpcs, rpc: str, model: str, context: grpc.aio.ServicerContext):
-        self.rpcs, self.rpc, self.model, self.context = rpcs, rpc, model, context
+    def __init__(self, rpcs: Rpcs, rpc: str, model: str, abort: Callable[[Status], Awaitable[NoReturn]]):
+        self.rpcs, self.rpc, self.model, self.abort = rpcs, rpc, model, abort
 
     async def __aenter__(self) -> RpcScope:
         self.start = time.perf_counter()
@@ -84,4 +95,4 @@ class RpcScope:
         if status.code is grpc.StatusCode.INTERNAL:
             log.exception("%s failed", self.rpc, exc_info=error)
         self.rpcs.record(self.rpc, self.model, status.code, seconds)
-        await self.rpcs.abort(self.context, status)
+        await self.abort(status)

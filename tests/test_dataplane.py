@@ -18,7 +18,7 @@ from server.dataplane import DataPlane, Example, ExplainCall, PredictCall, decod
 from server.decode import DecodeBudgetError
 from server.errors import field_of, message_of
 from server.metrics import Metrics
-from server.oip import FIELD_NAMES
+from server.oip_infer import FIELD_NAMES
 from server.registry import ModelRegistry
 from server.settings import Settings
 

@@ -99,11 +99,18 @@ def explain_response(request: pb.ExplainRequest, result: ExplainResult) -> pb.Ex
 
 
 def model_info(runtime: ModelRuntime, with_components: bool) -> pb.ModelInfo:
+    """A model version's info; ``with_components`` (GetModel): its components with their exemplars, and the
+    archive's held-out samples (at most handlers.archive.MAX_SAMPLES, each of at most MAX_INPUT_ELEMENTS)."""
     spec = runtime.parts.input_spec
     info = pb.ModelInfo(name=runtime.name, version=runtime.version, input_dtype=spec.dtype,
                         input_shape=spec.shape, labels=runtime.labels, default_method=runtime.default_method,
                         layer=runtime.parts.layer, feature_shape=runtime.parts.feature_shape,
-                        backend=BACKEND_NAMES[runtime.backend], execution_provider=runtime.execution_provider)
+                        backend=BACKEND_NAMES[runtime.backend], execution_provider=runtime.execution_provider,
+                        image_mode=(spec.image or {}).get("mode", ""))
+    samples = runtime.archive.samples
+    if with_components and samples is not None:
+        for index, (x, label) in enumerate(zip(samples.inputs.numpy(), samples.labels.tolist())):
+            info.samples.add(index=index, class_index=label, label=runtime.labels[label], input=to_tensor(x))
     for name, explainer in runtime.explainers.items():
         method = info.methods.add(name=name, additive=explainer.additive,
                                   residual_share_definition=explainer.residual_share_definition,

@@ -27,6 +27,27 @@ def test_client_cli_explains_an_image_and_writes_an_overlay(server, mnist_split,
     assert Image.open(overlay).width > 224  # the input plus heatmap panels
 
 
+def test_client_cli_explains_a_held_out_sample_without_a_file(server, client):
+    from protoserve_client import from_tensor
+    from protoserve_client.cli import format_explanation
+
+    sample = client.get_model("mnist").samples[3]
+    result = subprocess.run([BIN / "protoserve-client", "explain", "--sample", "3", "--model", "mnist",
+                             "--address", server.address], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expected = client.explain(from_tensor(sample.input), model="mnist", heatmaps="none")
+    assert result.stdout == format_explanation(expected) + "\n"
+    assert result.stderr == f"sample 3: class {sample.class_index} ({sample.label})\n"
+    models = subprocess.run([BIN / "protoserve-client", "models", "--address", server.address],
+                            capture_output=True, text=True, timeout=120)
+    assert "samples (--sample N): 0: 0, 1: 0, 2: 1, 3: 1" in models.stdout
+    for args, message in ((["--sample", "99"], "--sample 99: model mnist has samples 0 to 19"),
+                          (["--sample", "1", "x.png"], "give INPUT or --sample N"), ([], "give INPUT or --sample N")):
+        refused = subprocess.run([BIN / "protoserve-client", "explain", *args, "--model", "mnist",
+                                  "--address", server.address], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
 def test_client_cli_reports_grpc_errors_with_exit_code_2(server, tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((3, 3), np.float32))
     result = subprocess.run([BIN / "protoserve-client", "explain", tmp_path / "bad.npy", "--model", "mnist",

@@ -1,12 +1,14 @@
 """`protoserve-client`: predictions and explanations from the command line.
 
     protoserve-client explain INPUT --model M [--suppress ID ...] [--overlay out.png] ...
+    protoserve-client explain --sample 3 --model M
     protoserve-client predict INPUT --model M
     protoserve-client models
 
 INPUT is an image (.png/.jpg/.jpeg, sent as `image` bytes for the server to preprocess),
 a .npy array (sent as a float32 `input` tensor) or a .csv of numbers (one series, sent as
-a float32 tensor [1, length]).
+a float32 tensor [1, length]). Instead of INPUT, `--sample N` sends the model's held-out
+sample N (`GetModel` lists them, and `protoserve-client models`).
 
 Exit status: 0 on success; 2 for a user error (a bad option, a missing or unreadable INPUT,
 a request the server refused, a server that cannot be reached), printed as one line
@@ -42,6 +44,7 @@ from protoserve_client.client import (
     additivity_gap,
 )
 from protoserve_client.overlay import write_overlay
+from protoserve_client.tensors import from_tensor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -179,7 +182,9 @@ def format_models(models: Sequence[pb.ModelInfo]) -> str:
         header = (f"{info.name} version {info.version}: input {info.input_dtype} {list(info.input_shape)}, "
                   f"{len(info.labels)} classes, layer {info.layer or '-'}, default method {info.default_method}")
         rows = [[m.name, "yes" if m.additive else "no", str(len(m.components))] for m in info.methods]
-        blocks.append(header + "\n" + _table(["method", "additive", "components"], rows, numeric={2}))
+        samples = (f"\n  samples (--sample N): {', '.join(f'{s.index}: {s.label}' for s in info.samples)}"
+                   if info.samples else "")
+        blocks.append(header + "\n" + _table(["method", "additive", "components"], rows, numeric={2}) + samples)
     return "\n\n".join(blocks) if blocks else "no models"
 
 
@@ -210,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_input_command(name: str, help: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, parents=[connection], help=help)
-        command.add_argument("input", type=Path, metavar="INPUT", help="image (.png/.jpg), .npy array or .csv series")
+        command.add_argument("input", type=Path, metavar="INPUT", nargs="?",
+                             help="image (.png/.jpg), .npy array or .csv series")
+        command.add_argument("--sample", type=int, metavar="N",
+                             help="instead of INPUT: the model's held-out sample N (protoserve-client models)")
         command.add_argument("--model", required=True)
         command.add_argument("--version", default="", help="default: the newest")
         command.add_argument("--top-k", type=int, default=5)
@@ -234,7 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sample(client: ExplainerClient, args: argparse.Namespace) -> LoadedInput:
+    """The model's held-out sample ``args.sample``, as GetModel lists it."""
+    samples = client.get_model(args.model, args.version).samples
+    if not 0 <= args.sample < len(samples):
+        raise UserError(f"--sample {args.sample}: model {args.model} has "
+                        f"{f'samples 0 to {len(samples) - 1}' if samples else 'no held-out samples'}",
+                        "`protoserve-client models` lists them" if samples else "give an INPUT file")
+    sample = samples[args.sample]
+    print(f"sample {sample.index}: class {sample.class_index} ({sample.label})", file=sys.stderr)
+    return LoadedInput(array=from_tensor(sample.input, field=f"samples[{sample.index}].input"))
+
+
 def _run(args: argparse.Namespace) -> None:
+    if args.command in ("predict", "explain") and (args.input is None) == (args.sample is None):
+        raise UserError("give INPUT or --sample N (one of them)", "see protoserve-client explain --help")
     if args.command == "explain" and args.overlay and args.heatmaps == "none":
         raise UserError("--overlay draws heatmaps, but --heatmaps none asks for none", "leave out --heatmaps none")
     with ExplainerClient(args.address, timeout=args.timeout) as client:
@@ -243,7 +265,7 @@ def _run(args: argparse.Namespace) -> None:
             infos = [client.get_model(info.name, info.version) for info in client.list_models().models]
             print(format_models(infos))
             return
-        loaded = load_input(args.input)
+        loaded = _sample(client, args) if args.sample is not None else load_input(args.input)
         if args.command == "predict":
             response = client.predict(loaded.array, image=loaded.image, model=args.model,
                                       version=args.version, top_k=args.top_k)

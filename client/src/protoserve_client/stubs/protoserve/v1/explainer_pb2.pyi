@@ -229,7 +229,7 @@ class MethodInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., additive: _Optional[bool] = ..., residual_share_definition: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentInfo, _Mapping]]] = ..., fit_report_json: _Optional[str] = ..., contribution_definition: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "input_dtype", "input_shape", "labels", "methods", "default_method", "layer", "feature_shape", "backend", "execution_provider")
+    __slots__ = ("name", "version", "input_dtype", "input_shape", "labels", "methods", "default_method", "layer", "feature_shape", "backend", "execution_provider", "samples", "image_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,8 @@ class ModelInfo(_message.Message):
     FEATURE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_dtype: str
@@ -252,4 +254,18 @@ class ModelInfo(_message.Message):
     feature_shape: _containers.RepeatedScalarFieldContainer[int]
     backend: str
     execution_provider: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_dtype: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., default_method: _Optional[str] = ..., layer: _Optional[str] = ..., feature_shape: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., execution_provider: _Optional[str] = ...) -> None: ...
+    samples: _containers.RepeatedCompositeFieldContainer[SampleInfo]
+    image_mode: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_dtype: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., default_method: _Optional[str] = ..., layer: _Optional[str] = ..., feature_shape: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., execution_provider: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[SampleInfo, _Mapping]]] = ..., image_mode: _Optional[str] = ...) -> None: ...
+
+class SampleInfo(_message.Message):
+    __slots__ = ("index", "class_index", "label", "input")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    class_index: int
+    label: str
+    input: Tensor
+    def __init__(self, index: _Optional[int] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

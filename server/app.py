@@ -1,4 +1,5 @@
-"""The grpc.aio application: the data plane behind both services, health, reflection, metrics, shutdown."""
+"""The grpc.aio application: the data plane behind both services (and the HTTP port's), health, reflection,
+metrics, shutdown."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from protoserve_client import pb, pb_grpc
 from server import security
 from server.dataplane import DataPlane
 from server.drain import DrainInterceptor, close_sockets
+from server.http_api import HttpApi, error_response
+from server.http_server import HttpServer, tls_context
 from server.memory import keep_freed_memory
 from server.metrics import Metrics
 from server.metrics_http import MetricsServer, metrics_tokens
@@ -41,6 +44,8 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.port = settings.port
         self.metrics_server: MetricsServer | None = None
+        self.http_server: HttpServer | None = None
+        self.http_port = 0
         self.supervisor: WorkerSupervisor | None = None
         self.drain = DrainInterceptor()
 
@@ -49,6 +54,8 @@ class App:
         credentials = security.server_credentials(self.settings)
         interceptors = [self.drain, *security.interceptors(self.settings)]
         scrape_tokens = metrics_tokens(self.settings) if self.settings.metrics_port else None
+        tokens = security.bearer_tokens(self.settings)
+        http_tls = tls_context(self.settings) if self.settings.http_port else None
         device = resolve_device(self.settings.device)
         keep_freed_memory(self.settings.keep_freed_mib)  # before the compute threads start
         if self.settings.intra_op_threads:
@@ -72,6 +79,10 @@ class App:
         else:
             self.port = self.server.add_secure_port(address, credentials)
         await self.server.start()
+        if self.settings.http_port:
+            api = HttpApi(plane, self.settings, tokens)
+            self.http_server = HttpServer(api.handle, api.admit, error_response, self.settings, http_tls)
+            self.http_port = await self.http_server.start(self.settings.host, self.settings.http_port)
         if self.settings.metrics_port:
             self.metrics_server = MetricsServer.from_settings(self.metrics.registry, self.settings, scrape_tokens)
         for service in ("", EXPLAINER_SERVICE, OIP_SERVICE):
@@ -80,9 +91,10 @@ class App:
         self.supervisor = WorkerSupervisor(self.registry, self.health, (EXPLAINER_SERVICE, OIP_SERVICE),
                                            self.metrics, backoff_s=self.settings.restart_backoff_s)
         self.supervisor.start()
-        log.info("serving %d model(s) on %s:%d (device %s%s%s)", len(self.registry.models), self.settings.host,
+        log.info("serving %d model(s) on %s:%d (device %s%s%s)%s", len(self.registry.models), self.settings.host,
                  self.port, device, ", TLS" if credentials is not None else "",
-                 ", bearer tokens" if self.settings.auth_token_file is not None else "")
+                 ", bearer tokens" if self.settings.auth_token_file is not None else "",
+                 f"; HTTP (OIP REST, explorer page) on port {self.http_port}" if self.http_server else "")
 
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, refuse new rpcs, let in-flight ones finish within the grace period.
@@ -94,6 +106,9 @@ class App:
         """
         await self.health.enter_graceful_shutdown()
         self.drain.start()
+        # The HTTP port drains beside gRPC: it stops accepting, its requests in flight finish within the grace.
+        http_closed = asyncio.ensure_future(self.http_server.close(self.settings.shutdown_grace_s)
+                                            if self.http_server is not None else asyncio.sleep(0))
         if self.supervisor is not None:
             await self.supervisor.stop()
         if self.server is not None:
@@ -105,6 +120,7 @@ class App:
             await self.server.stop(max(0.0, end - time.monotonic()))
             log.info("refused %d rpc(s) while draining; %s; closed %d connection(s)", self.drain.refused, outcome,
                      closed)
+        await http_closed
         await self.registry.close(self.settings.shutdown_grace_s)
         if self.metrics_server is not None:
             self.metrics_server.close()

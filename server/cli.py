@@ -29,6 +29,9 @@ def _serve(args: argparse.Namespace) -> int:
                         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                         metrics_token_file=_path(args.metrics_token_file), metrics_timeout_s=args.metrics_timeout_s,
                         metrics_max_connections=args.metrics_max_connections,
+                        http_port=args.http_port, http_timeout_s=args.http_timeout_s,
+                        http_max_connections=args.http_max_connections, http_max_body_bytes=args.http_max_body_bytes,
+                        http_max_buffered_bytes=args.http_max_buffered_bytes,
                         max_stream_outstanding=args.max_stream_outstanding, device=args.device, backend=args.backend,
                         autocast=args.autocast, intra_op_threads=args.intra_op_threads,
                         keep_freed_mib=args.keep_freed_mib,
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="protoserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve every archive in a model store over gRPC")
+    serve = sub.add_parser("serve", help="serve every archive in a model store over gRPC (and HTTP)")
     limits = Settings(model_store=Path("."))  # the documented defaults (docs/limits.md)
     serve.add_argument("--model-store", required=True)
     serve.add_argument("--host", default="127.0.0.1")
@@ -145,6 +148,17 @@ def main(argv: list[str] | None = None) -> int:
                             "as much again, or is closed")
     serve.add_argument("--metrics-max-connections", type=int, default=limits.metrics_max_connections,
                        help="metrics connections served at once (a thread each); more are closed at once")
+    serve.add_argument("--http-port", type=int, default=8000,
+                       help="HTTP on --host: the Open Inference Protocol's REST binding (/v2) and the explorer "
+                            "page (/), with the gRPC side's TLS and tokens; 0 turns it off")
+    serve.add_argument("--http-timeout-s", type=float, default=limits.http_timeout_s,
+                       help="an HTTP request's head, its body and the taking of its answer: each within this")
+    serve.add_argument("--http-max-connections", type=int, default=limits.http_max_connections,
+                       help="HTTP connections at once; more are answered 503 and closed")
+    serve.add_argument("--http-max-body-bytes", type=int, default=limits.http_max_body_bytes,
+                       help="largest HTTP request body (413 beyond, never read)")
+    serve.add_argument("--http-max-buffered-bytes", type=int, default=limits.http_max_buffered_bytes,
+                       help="HTTP request bodies held at once, over all connections (503 beyond)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     serve.add_argument("--backend", default="archive", choices=["archive", "torch", "onnx"],
                        help="forward pass in torch or ONNX Runtime; archive: as each archive prefers")

@@ -231,7 +231,8 @@ def decode_batch(inputs: Sequence[InputTensor], runtime: ModelRuntime, settings:
         if array.size and array.max() > 255:
             raise InvalidInputError(tensor.field, "UINT8 values must be at most 255")
         return array.astype(np.uint8).reshape(shape)
-    return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
+    with np.errstate(over="ignore"):  # a JSON number beyond float32 becomes inf, which the data plane refuses
+        return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
 
 
 def requested_outputs(names: Sequence[str], runtime: ModelRuntime) -> list[str] | None:

@@ -93,11 +93,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bearer_tokens(settings: Settings) -> BearerTokens | None:
+    """The tokens an rpc (or an HTTP request) must present, or None when none is needed."""
+    return None if settings.auth_token_file is None else BearerTokens(load_tokens(settings.auth_token_file))
+
+
 def interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     """The server's interceptors, outermost first: authentication, then the decode guard."""
     chain: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_token_file is not None:
-        chain.append(BearerTokenInterceptor(BearerTokens(load_tokens(settings.auth_token_file))))
+        chain.append(BearerTokenInterceptor(bearer_tokens(settings)))
         if settings.tls_cert is None and not is_loopback(settings.host):
             log.warning("bearer tokens are checked but TLS is off on %s: tokens travel in clear text",
                         settings.host)

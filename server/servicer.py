@@ -1,4 +1,7 @@
-"""protoserve.v1.Explainer: thin rpc handlers (convert -> call -> convert back)."""
+"""protoserve.v1.Explainer: thin rpc handlers (convert -> call -> convert back).
+
+:class:`ExplainerCalls` is each unary rpc from request message to response message, whatever carries
+it: the gRPC servicer here, and the HTTP transport's JSON mapping (server/http_api.py)."""
 
 from __future__ import annotations
 
@@ -19,24 +22,42 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
+class ExplainerCalls:
+    """The unary rpcs of protoserve.v1, message to message (``deadline``: a :func:`time.monotonic` time)."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    async def predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
+        return await self.plane.predict(convert.predict_call(request, deadline),
+                                        partial(convert.predict_response, request))
+
+    async def explain(self, request: pb.ExplainRequest, deadline: float | None) -> pb.ExplainResponse:
+        return await self.plane.explain(convert.explain_call(request, deadline),
+                                        partial(convert.explain_response, request))
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model_info(runtime, with_components=False)
+                                             for runtime in self.plane.models()])
+
+    def get_model(self, request: pb.GetModelRequest) -> pb.ModelInfo:
+        return convert.model_info(self.plane.model(request.model, request.version), with_components=True)
+
+
 class ExplainerServicer(pb_grpc.ExplainerServicer):
     def __init__(self, plane: DataPlane, settings: Settings):
         self.plane = plane
         self.settings = settings
+        self.calls = ExplainerCalls(plane)
         self.rpcs = Rpcs(plane.registry, plane.metrics)  # the data plane's field names are this protocol's
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         async with self.rpcs.scope("Predict", request.model, context):
-            return await self.plane.predict(convert.predict_call(request, rpc.deadline(context)),
-                                            partial(convert.predict_response, request))
+            return await self.calls.predict(request, rpc.deadline(context))
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         async with self.rpcs.scope("Explain", request.model, context):
-            return await self._explain(request, rpc.deadline(context))
-
-    async def _explain(self, request: pb.ExplainRequest, deadline: float | None) -> pb.ExplainResponse:
-        return await self.plane.explain(convert.explain_call(request, deadline),
-                                        partial(convert.explain_response, request))
+            return await self.calls.explain(request, rpc.deadline(context))
 
     async def ExplainStream(self, request_iterator: AsyncIterator[pb.ExplainRequest],
                             context) -> AsyncIterator[pb.ExplainStreamResponse]:
@@ -55,15 +76,16 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         async def answer(request: pb.ExplainRequest) -> None:
             start = time.perf_counter()
             try:
-                response = await self._explain(request, deadline)
+                response = await self.calls.explain(request, deadline)
                 message = pb.ExplainStreamResponse(request_id=request.request_id, response=response)
                 code = grpc.StatusCode.OK
             except Exception as exc:  # every error becomes a message on the stream
-                code, text, field = self.rpcs.status(exc)
+                status = self.rpcs.status(exc)
+                code = status.code
                 if code is grpc.StatusCode.INTERNAL:
                     log.exception("ExplainStream request %s failed", request.request_id)
                 message = pb.ExplainStreamResponse(request_id=request.request_id, error=pb.StreamError(
-                    code=code.name, message=text, field=field))
+                    code=code.name, message=status.message, field=status.field))
             self.rpcs.record("ExplainStream", request.model, code, time.perf_counter() - start)
             answers.put_nowait(message)
 
@@ -102,9 +124,8 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async with self.rpcs.scope("ListModels", "", context):
-            return pb.ListModelsResponse(models=[convert.model_info(runtime, with_components=False)
-                                                 for runtime in self.plane.models()])
+            return self.calls.list_models()
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
         async with self.rpcs.scope("GetModel", request.model, context):
-            return convert.model_info(self.plane.model(request.model, request.version), with_components=True)
+            return self.calls.get_model(request)

@@ -27,6 +27,14 @@ class Settings:
     metrics_timeout_s: float = 5.0   # a metrics connection sends its request within this, takes the answer within
                                      # as much again, or is closed
     metrics_max_connections: int = 8  # metrics connections (one thread each) at once; more are closed at once
+    # HTTP (server/http_server.py): the Open Inference Protocol's REST binding and the explorer page, on `host`
+    # with the gRPC side's TLS and tokens. 0: off (`protoserve serve` defaults to 8000).
+    http_port: int = 0
+    http_timeout_s: float = 10.0     # a request head, its body, and the taking of the answer: each within this;
+                                     # also how long an idle keep-alive connection stays open
+    http_max_connections: int = 64   # HTTP connections at once (TLS handshakes included); more: 503 and closed
+    http_max_body_bytes: int = 64 << 20  # a request body (Content-Length); more: 413, never read
+    http_max_buffered_bytes: int = 256 << 20  # request bodies held at once, over all connections; more: 503
     device: str = "auto"             # "auto": CUDA when present, else CPU
     backend: str = "archive"         # forward pass: "torch", "onnx", or "archive" (what each archive prefers)
     autocast: str = "none"           # "float16" / "bfloat16": the backbone in reduced precision (GPU), math in float32
@@ -71,6 +79,10 @@ class Settings:
             raise ValueError(f"keep_freed_mib must be >= 0 (0: glibc's defaults), got {self.keep_freed_mib}")
         if self.max_stream_outstanding < 1:
             raise ValueError(f"max_stream_outstanding must be >= 1, got {self.max_stream_outstanding}")
+        if self.http_max_connections < 1 or not self.http_timeout_s > 0 or self.http_max_body_bytes < 1 \
+                or self.http_max_buffered_bytes < self.http_max_body_bytes:
+            raise ValueError("http_max_connections and http_max_body_bytes must be >= 1, http_timeout_s > 0, and "
+                             "http_max_buffered_bytes at least http_max_body_bytes")
         if self.metrics_max_connections < 1 or not self.metrics_timeout_s > 0:
             raise ValueError("metrics_max_connections must be >= 1 and metrics_timeout_s > 0")
         for name in ("max_image_pixels", "decode_threads", "max_decode_backlog"):

@@ -114,6 +114,7 @@ class RunningServer:
         self.thread.start()
         self.call(self.app.start())
         self.address = f"127.0.0.1:{self.app.port}"
+        self.http_address = f"127.0.0.1:{self.app.http_port}"  # when settings.http_port is set
 
     def call(self, coroutine, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -136,7 +137,8 @@ def free_port() -> int:
 def server(demo_store):
     from server.settings import Settings
 
-    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=free_port(), max_delay_ms=1.0))
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=free_port(), http_port=free_port(),
+                                     max_delay_ms=1.0))
     yield running
     running.stop()
 

@@ -35,28 +35,34 @@ def _python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-@pytest.fixture(scope="session")
-def tritonclient_python() -> Path:
-    """The python of a venv with tritonclient[grpc]; created on first use (about a minute)."""
-    stamp = VENV / ".protoserve-installed"
-    if stamp.is_file() and stamp.read_text() == "\n".join(REQUIREMENTS):
-        return _python(VENV)
-    shutil.rmtree(VENV, ignore_errors=True)
-    VENV.parent.mkdir(parents=True, exist_ok=True)
+def venv_with(requirements: list[str], venv: Path) -> Path:
+    """The python of a venv of ``requirements`` at ``venv``, created on first use (about a minute) and
+    recreated when the requirements change; skips the test where the package index is unreachable."""
+    stamp = venv / ".protoserve-installed"
+    if stamp.is_file() and stamp.read_text() == "\n".join(requirements):
+        return _python(venv)
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
     # The base interpreter, not this venv's: the new venv must not see protoserve's packages.
     base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(VENV)], check=True, capture_output=True, timeout=300)
-    install = subprocess.run([str(_python(VENV)), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                              *REQUIREMENTS], capture_output=True, text=True, timeout=900)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    install = subprocess.run([str(_python(venv)), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                              *requirements], capture_output=True, text=True, timeout=900)
     if install.returncode != 0:
         output = install.stdout + install.stderr
-        shutil.rmtree(VENV, ignore_errors=True)
+        shutil.rmtree(venv, ignore_errors=True)
         if any(marker in output for marker in NETWORK_ERRORS):
-            pytest.skip(f"cannot install {' '.join(REQUIREMENTS)}: the package index is unreachable "
+            pytest.skip(f"cannot install {' '.join(requirements)}: the package index is unreachable "
                         f"(no network):\n{output[-2000:]}")
-        pytest.fail(f"pip install {' '.join(REQUIREMENTS)} failed:\n{output[-4000:]}")
-    stamp.write_text("\n".join(REQUIREMENTS))  # written last: a half-built venv is rebuilt next time
-    return _python(VENV)
+        pytest.fail(f"pip install {' '.join(requirements)} failed:\n{output[-4000:]}")
+    stamp.write_text("\n".join(requirements))  # written last: a half-built venv is rebuilt next time
+    return _python(venv)
+
+
+@pytest.fixture(scope="session")
+def tritonclient_python() -> Path:
+    """The python of a venv with tritonclient[grpc]."""
+    return venv_with(REQUIREMENTS, VENV)
 
 
 DRIVER = textwrap.dedent('''

@@ -1,0 +1,193 @@
+"""What the HTTP port answers (server/http_server.py carries it): routes, bearer tokens, errors.
+
+==========================================================  ======  ==========================================
+path                                                        method  answer
+==========================================================  ======  ==========================================
+``/v2/health/live``, ``/v2/health/ready``                   GET     200, or 503 when not ready (no token)
+``/v2``                                                     GET     server metadata
+``/v2/models/{name}[/versions/{v}]``                        GET     model metadata
+``/v2/models/{name}[/versions/{v}]/ready``                  GET     200, or 503 when not ready
+``/v2/models/{name}[/versions/{v}]/infer``                  POST    ModelInfer (server/oip_rest.py)
+``/protoserve.v1.Explainer/{rpc}``                          POST    a unary rpc of protoserve.v1 (ListModels,
+                                                                    GetModel, Predict, Explain) in the
+                                                                    protobuf JSON mapping
+``/``, ``/explorer.js``, ``/explorer.css``                  GET     the explorer page (no token: it asks
+                                                                    for one when the server wants it)
+==========================================================  ======  ==========================================
+
+Errors answer ``{"error": message, "field": the request field at fault}`` with the HTTP status of the
+error kind (server/errors.py's table), as KServe does; the messages and fields are gRPC's. Request
+metrics are recorded as for gRPC, the rpc label prefixed ``http:``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from http import HTTPStatus
+from importlib import resources
+from typing import NoReturn
+from urllib.parse import unquote
+
+from google.protobuf import json_format
+from protoserve_client import pb
+
+from handlers.errors import echo
+from server import oip_rest
+from server.dataplane import DataPlane
+from server.http_server import HttpError, Request, Response
+from server.oip_infer import FIELD_NAMES, infer
+from server.rpc import Rpcs, Status
+from server.security import BearerTokens
+from server.servicer import ExplainerCalls
+from server.settings import Settings
+
+# A JSON body larger than this is parsed in a thread, so that parsing does not hold up the event loop.
+PARSE_IN_THREAD_BYTES = 1 << 20
+EXPLORER_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
+                  "/explorer.js": ("explorer.js", "text/javascript; charset=utf-8"),
+                  "/explorer.css": ("explorer.css", "text/css; charset=utf-8")}
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", *EXPLORER_FILES})
+EXPLAINER_PREFIX = "/protoserve.v1.Explainer/"
+EXPLAINER_REQUESTS = {"ListModels": pb.ListModelsRequest, "GetModel": pb.GetModelRequest,
+                      "Predict": pb.PredictRequest, "Explain": pb.ExplainRequest}
+# The page may only talk to this server, and runs no script but its own.
+PAGE_HEADERS = [("Content-Security-Policy", "default-src 'self'; img-src 'self' data: blob:; "
+                                            "style-src 'self'; script-src 'self'; frame-ancestors 'none'")]
+
+
+def _json(document, status: int = HTTPStatus.OK) -> Response:
+    return Response(status, json.dumps(document, separators=(",", ":"), allow_nan=False).encode())
+
+
+def error_response(error: HttpError) -> Response:
+    document = {"error": str(error)}
+    if error.field:
+        document["field"] = error.field
+    return Response(error.status, json.dumps(document).encode(), headers=error.headers)
+
+
+def _fail(status: Status) -> NoReturn:
+    raise HttpError(status.http, status.message, field=status.field)
+
+
+class HttpApi:
+    """Routes requests to the data plane (the OIP REST binding, protoserve.v1 in JSON) and the page."""
+
+    def __init__(self, plane: DataPlane, settings: Settings, tokens: BearerTokens | None):
+        self.plane = plane
+        self.settings = settings
+        self.tokens = tokens
+        self.oip_rpcs = Rpcs(plane.registry, plane.metrics, FIELD_NAMES)
+        self.explainer_rpcs = Rpcs(plane.registry, plane.metrics)
+        self.calls = ExplainerCalls(plane)
+        folder = resources.files("server") / "explorer"
+        self.page = {path: (folder / name).read_bytes() for path, (name, _) in EXPLORER_FILES.items()}
+
+    def admit(self, request: Request) -> None:
+        """Refuse a request without a valid token from its head (its body is never read)."""
+        if self.tokens is None or request.path in OPEN_PATHS:
+            return
+        if not self.tokens.authorized(request.headers):
+            raise HttpError(HTTPStatus.UNAUTHORIZED,
+                            "missing or invalid bearer token (header `Authorization: Bearer <token>`)",
+                            [("WWW-Authenticate", 'Bearer realm="protoserve"')])
+
+    async def handle(self, request: Request) -> Response:
+        path = request.path
+        if path in EXPLORER_FILES:
+            _allow(request, "GET")
+            return Response(HTTPStatus.OK, self.page[path], EXPLORER_FILES[path][1], PAGE_HEADERS)
+        if path.startswith(EXPLAINER_PREFIX):
+            _allow(request, "POST")
+            return await self._explainer(path.removeprefix(EXPLAINER_PREFIX), request)
+        parts = [unquote(part) for part in path.split("/")[1:]]
+        if parts[:1] != ["v2"]:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no such path {echo(path)}; the API is under /v2 "
+                                                  f"and {EXPLAINER_PREFIX}, the explorer at /")
+        return await self._v2(parts[1:], request)
+
+    # ------------------------------------------------------------- Open Inference Protocol
+
+    async def _v2(self, parts: list[str], request: Request) -> Response:
+        if parts in ([], ["health", "live"], ["health", "ready"]):
+            _allow(request, "GET")
+            if not parts:
+                return _json(oip_rest.server_metadata())
+            if parts[1] == "live":
+                return _json({"live": True})
+            ready = self.plane.ready()
+            return _json({"ready": ready}, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
+        if parts[:1] != ["models"] or len(parts) < 2:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such path under /v2")
+        name, rest = parts[1], parts[2:]
+        version = ""
+        if rest[:1] == ["versions"] and len(rest) >= 2:
+            version, rest = rest[1], rest[2:]
+        if rest == []:
+            _allow(request, "GET")
+            async with self.oip_rpcs.http_scope("http:ModelMetadata", name, _fail):
+                runtime = self.plane.model(name, version)
+                versions = [r.version for r in self.plane.models() if r.name == runtime.name]
+                return _json(oip_rest.model_metadata(runtime, versions))
+        if rest == ["ready"]:
+            _allow(request, "GET")
+            ready = self.plane.ready(name, version)  # an unknown model is not ready, as over gRPC
+            return _json({"name": name, "ready": ready}, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
+        if rest == ["infer"]:
+            _allow(request, "POST")
+            return await self._infer(name, version, request)
+        raise HttpError(HTTPStatus.NOT_FOUND, "no such path under /v2/models/{name}")
+
+    async def _infer(self, name: str, version: str, request: Request) -> Response:
+        async with self.oip_rpcs.http_scope("http:ModelInfer", name, _fail):
+            parsed = await _off_loop(len(request.body), oip_rest.parse_infer, name, version, request.body,
+                                     request.header(oip_rest.HEADER_LENGTH))
+            body, header_length = await infer(self.plane, self.settings, parsed.request, None,
+                                              lambda outputs: oip_rest.infer_response(parsed, outputs))
+        if header_length is None:
+            return Response(HTTPStatus.OK, body, oip_rest.JSON_TYPE)
+        return Response(HTTPStatus.OK, body, oip_rest.BINARY_TYPE, [("Inference-Header-Content-Length",
+                                                                     str(header_length))])
+
+    # ------------------------------------------------------------- protoserve.v1 in JSON
+
+    async def _explainer(self, rpc: str, request: Request) -> Response:
+        message_type = EXPLAINER_REQUESTS.get(rpc)
+        if message_type is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no rpc {echo(rpc)}; known: {', '.join(EXPLAINER_REQUESTS)}")
+        # Parsed before the rpc's scope, as gRPC decodes a message before its servicer sees it.
+        message = await _off_loop(len(request.body), _parse_message, request.body, message_type)
+        async with self.explainer_rpcs.http_scope(f"http:{rpc}", getattr(message, "model", ""), _fail):
+            if rpc == "ListModels":
+                response = self.calls.list_models()
+            elif rpc == "GetModel":
+                response = self.calls.get_model(message)
+            elif rpc == "Predict":
+                response = await self.calls.predict(message, None)
+            else:
+                response = await self.calls.explain(message, None)
+        text = json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None,
+                                         always_print_fields_with_no_presence=True)
+        return Response(HTTPStatus.OK, text.encode())
+
+
+def _parse_message(body: bytes, message_type):
+    try:
+        return json_format.Parse(body or b"{}", message_type())
+    except (json_format.ParseError, ValueError, RecursionError) as error:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"request: not a {message_type.DESCRIPTOR.full_name} in JSON: "
+                                                f"{echo(str(error))}", field="request") from None
+
+
+async def _off_loop(body_bytes: int, function, *args):
+    """``function(*args)``, in a thread when it parses more than PARSE_IN_THREAD_BYTES."""
+    if body_bytes > PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(function, *args)
+    return function(*args)
+
+
+def _allow(request: Request, method: str) -> None:
+    if request.method != method and not (method == "GET" and request.method == "HEAD"):
+        raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {method}", [("Allow", method)])
+

@@ -1,0 +1,499 @@
+"""The HTTP port on a live server: the Open Inference Protocol's REST binding (JSON and binary tensors)
+against the gRPC OIP service bitwise, protoserve.v1 in JSON against gRPC, errors, metrics, and the
+bounds a stranger meets (attack payloads over TLS with bearer tokens)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import struct
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import json_format
+from prometheus_client.parser import text_string_to_metric_families
+from protoserve_client import pb
+from protoserve_client.stubs.inference import grpc_service_pb2 as oip
+from protoserve_client.stubs.inference import grpc_service_pb2_grpc as oip_grpc
+
+from conftest import RunningServer, free_port
+from server.settings import Settings
+from test_oip import decode, infer_request
+from test_security import TOKEN, pki, token_file  # noqa: F401 (fixtures)
+
+SUPPRESS = ["c1.p0", "c7.p2"]
+
+
+def call(address: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+         context: ssl.SSLContext | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+    host, port = address.rsplit(":", 1)
+    connection = (http.client.HTTPSConnection(host, int(port), timeout=60, context=context) if context
+                  else http.client.HTTPConnection(host, int(port), timeout=60))
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def infer_body(x: np.ndarray, *, binary: bool = False, outputs=(), binary_output: bool = False, **parameters):
+    """An infer request body (and its headers): ``x`` as JSON data, or as binary data after the JSON."""
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(x.shape)}
+    if binary:
+        tensor["parameters"] = {"binary_data_size": x.nbytes}
+    else:
+        tensor["data"] = x.reshape(-1).tolist()
+    document = {"id": "h-1", "inputs": [tensor], "parameters": dict(parameters)}
+    if binary_output:
+        document["parameters"]["binary_data_output"] = True
+    if outputs:
+        document["outputs"] = [{"name": name, "parameters": {"binary_data": True}} if binary_output is None
+                               else {"name": name} for name in outputs]
+    head = json.dumps(document).encode()
+    if not binary:
+        return head, {"Content-Type": "application/json"}
+    return head + x.astype("<f4").tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def rest_arrays(headers: http.client.HTTPMessage, body: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """A REST infer response -> its JSON and its outputs as arrays (binary ones read after the JSON)."""
+    split = int(headers.get("Inference-Header-Content-Length", len(body)))
+    document = json.loads(body[:split])
+    offset, arrays = split, {}
+    for output in document["outputs"]:
+        shape, datatype = output["shape"], output["datatype"]
+        if "data" in output:
+            values = output["data"]
+            arrays[output["name"]] = (np.array(values, dtype=object) if datatype == "BYTES" else
+                                      np.array(values, dtype={"FP32": "<f4", "INT64": "<i8"}[datatype])).reshape(shape)
+            continue
+        size = output["parameters"]["binary_data_size"]
+        raw = body[offset:offset + size]
+        offset += size
+        if datatype == "BYTES":
+            items, at = [], 0
+            while at < len(raw):
+                (n,) = struct.unpack_from("<I", raw, at)
+                items.append(raw[at + 4:at + 4 + n].decode())
+                at += 4 + n
+            arrays[output["name"]] = np.array(items, dtype=object).reshape(shape)
+        else:
+            arrays[output["name"]] = np.frombuffer(raw, {"FP32": "<f4", "INT64": "<i8"}[datatype]).reshape(shape)
+    assert offset == len(body)
+    return document, arrays
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_split) -> np.ndarray:
+    return mnist_split["x_test"][:4].numpy()
+
+
+@pytest.fixture(scope="module")
+def oip_stub(server):
+    channel = grpc.insecure_channel(server.address)
+    yield oip_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+# ------------------------------------------------------------------------------ the protocol
+
+
+def test_health_server_and_model_metadata_match_grpc(server, oip_stub):
+    address = server.http_address
+    assert call(address, "GET", "/v2/health/live")[::2] == (200, b'{"live":true}')
+    assert call(address, "GET", "/v2/health/ready")[::2] == (200, b'{"ready":true}')
+    status, _, body = call(address, "GET", "/v2")
+    assert status == 200 and json.loads(body) == {"name": "protoserve", "version": oip_stub.ServerMetadata(
+        oip.ServerMetadataRequest()).version, "extensions": ["parameters", "binary_tensor_data"]}
+    expected = json_format.MessageToDict(oip_stub.ModelMetadata(oip.ModelMetadataRequest(name="mnist")))
+    for entry in expected["inputs"] + expected["outputs"]:
+        entry["shape"] = [int(n) for n in entry["shape"]]  # int64 is a string in protobuf's JSON
+    for path in ("/v2/models/mnist", "/v2/models/mnist/versions/1"):
+        status, headers, body = call(address, "GET", path)
+        assert (status, headers["Content-Type"], json.loads(body)) == (200, "application/json", expected)
+    assert call(address, "GET", "/v2/models/mnist/ready")[0] == 200
+    assert call(address, "GET", "/v2/models/mnist/versions/1/ready")[0] == 200
+    for path in ("/v2/models/mnist/versions/9/ready", "/v2/models/no-such-model/ready"):
+        status, _, body = call(address, "GET", path)
+        assert status == 503 and json.loads(body)["ready"] is False
+    status, _, body = call(address, "GET", "/v2/models/no-such-model")
+    assert status == 404 and "no-such-model" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_infer_equals_the_grpc_service_bitwise(server, oip_stub, digits, binary):
+    parameters = {"method": "protonmf", "suppress": ",".join(SUPPRESS), "heatmaps": "feature_grid"}
+    expected = decode(oip_stub.ModelInfer(infer_request(digits, **parameters), timeout=60))
+    body, headers = infer_body(digits, binary=binary, binary_output=binary, **parameters)
+    status, answer_headers, answer = call(server.http_address, "POST", "/v2/models/mnist/infer", body, headers)
+    assert status == 200, answer[:500]
+    assert answer_headers["Content-Type"] == ("application/octet-stream" if binary else "application/json")
+    document, arrays = rest_arrays(answer_headers, answer)
+    assert (document["id"], document["model_name"], document["model_version"]) == ("h-1", "mnist", "1")
+    assert document["parameters"] == {"method": "protonmf"}
+    assert list(arrays) == list(expected)
+    for name, array in expected.items():
+        assert arrays[name].shape == array.shape, name
+        if array.dtype == object:
+            assert arrays[name].tolist() == array.tolist(), name
+        else:
+            assert arrays[name].dtype == array.dtype and arrays[name].tobytes() == array.tobytes(), name
+
+
+def test_nested_data_uint8_target_class_outputs_and_the_bare_prediction(server, oip_stub, digits):
+    address = server.http_address
+    flat, headers = infer_body(digits[:2], target_class=3, outputs=["target_class", "logits"])
+    nested = json.loads(flat)
+    nested["inputs"][0]["data"] = digits[:2].tolist()
+    answers = [rest_arrays(*call(address, "POST", "/v2/models/mnist/infer", body, headers)[1:])
+               for body in (flat, json.dumps(nested).encode())]
+    for document, arrays in answers:
+        assert [o["name"] for o in document["outputs"]] == ["target_class", "logits"]
+        assert arrays["target_class"].tolist() == [3, 3]
+    assert answers[0][1]["logits"].tobytes() == answers[1][1]["logits"].tobytes()
+    pixels = np.arange(784, dtype=np.uint8).reshape(1, 1, 28, 28)
+    document = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                            "data": pixels.reshape(-1).tolist()}], "parameters": {"explain": False}}
+    status, answer_headers, answer = call(address, "POST", "/v2/models/mnist/infer", json.dumps(document).encode())
+    assert status == 200
+    request = oip.ModelInferRequest(model_name="mnist", inputs=[oip.ModelInferRequest.InferInputTensor(
+        name="input", datatype="UINT8", shape=[1, 1, 28, 28])], raw_input_contents=[pixels.tobytes()])
+    request.parameters["explain"].bool_param = False
+    expected = decode(oip_stub.ModelInfer(request, timeout=60))
+    _, arrays = rest_arrays(answer_headers, answer)
+    assert list(arrays) == ["logits"] and arrays["logits"].tobytes() == expected["logits"].tobytes()
+    # Per output: logits in binary, target_class in JSON.
+    body, headers = infer_body(digits[:1])
+    document = json.loads(body)
+    document["outputs"] = [{"name": "logits", "parameters": {"binary_data": True}}, {"name": "target_class"}]
+    status, answer_headers, answer = call(address, "POST", "/v2/models/mnist/infer", json.dumps(document).encode())
+    head, arrays = rest_arrays(answer_headers, answer)
+    assert [("data" in o, o.get("parameters")) for o in head["outputs"]] == [(False, {"binary_data_size": 40}),
+                                                                             (True, None)]
+
+
+def _edit(body: bytes, edit) -> bytes:
+    document = json.loads(body)
+    edit(document)
+    return json.dumps(document).encode()
+
+
+def _set(path: str, value):
+    def edit(document):
+        *parents, last = path.split(".")
+        target = document
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target.setdefault(part, {})
+        target[last] = value
+    return edit
+
+
+# (edit of a good JSON body, HTTP status, field at fault)
+BAD_REQUESTS = {
+    "wrong shape": (_set("inputs.0.shape", [1, 28, 28]), 400, "inputs[0].shape"),
+    "huge shape": (_set("inputs.0.shape", [2 ** 63, 1, 28, 28]), 400, "inputs[0].shape"),
+    "shape of strings": (_set("inputs.0.shape", ["1", 1, 28, 28]), 400, "inputs[0].shape"),
+    "wrong datatype": (_set("inputs.0.datatype", "INT32"), 400, "inputs[0].datatype"),
+    "wrong name": (_set("inputs.0.name", "x"), 400, "inputs[0].name"),
+    "too few values": (_set("inputs.0.data", [0.0] * 783), 400, "inputs[0].data"),
+    "strings": (_set("inputs.0.data", ["0.5"] * 784), 400, "inputs[0].data"),
+    "bools": (_set("inputs.0.data", [True] * 784), 400, "inputs[0].data"),
+    "nulls": (_set("inputs.0.data", [None] * 784), 400, "inputs[0].data"),
+    "a number past any float": (_set("inputs.0.data", [10 ** 400] * 784), 400, "inputs[0].data"),
+    "overflowing float32": (_set("inputs.0.data", [1e39] * 784), 400, "inputs[0].data"),
+    "no data": (_set("inputs.0.data", None), 400, "inputs[0].data"),
+    "no inputs": (_set("inputs", []), 400, "inputs"),
+    "unknown parameter": (_set("parameters.supress", "c1.p0"), 400, "parameters.supress"),
+    "target class as a float": (_set("parameters.target_class", 3.0), 400, "parameters.target_class"),
+    "target class as a bool": (_set("parameters.target_class", True), 400, "parameters.target_class"),
+    "target class out of range": (_set("parameters.target_class", 10), 400, "parameters.target_class"),
+    "parameter object": (_set("parameters.method", {"x": 1}), 400, "parameters.method"),
+    "unknown method": (_set("parameters.method", "no-such-method"), 404, ""),
+    "unknown component": (_set("parameters.suppress", "c1.p0,zz"), 404, ""),
+    "unknown output": (_set("outputs", [{"name": "nope"}]), 400, "outputs[0].name"),
+    "output not produced": (_set("outputs", [{"name": "heatmaps"}]), 400, "outputs"),
+    "id not a string": (_set("id", 7), 400, "id"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_the_status_of_their_error_kind_and_the_field(server, digits, case):
+    edit, code, field = BAD_REQUESTS[case]
+    body, headers = infer_body(digits[:1])
+    status, answer_headers, answer = call(server.http_address, "POST", "/v2/models/mnist/infer", _edit(body, edit),
+                                          headers)
+    assert status == code, answer
+    document = json.loads(answer)
+    assert document.get("field", "") == field and document["error"] and len(answer) < 1200
+    assert answer_headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize("body, header, field", [
+    (b"{", None, "request"),
+    (b"[1, 2]", None, "request"),
+    (b"\xff\xfe", None, "request"),
+    (b"[" * 100_000, None, "request"),
+    # binary data: lengths that lie
+    (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,1,28,28],"parameters":{"binary_data_size":3136}}]}'
+     + b"\0" * 100, "len", "inputs[0].parameters.binary_data_size"),
+    (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,1,28,28],"parameters":{"binary_data_size":12}}]}'
+     + b"\0" * 12, "len", "inputs[0].parameters.binary_data_size"),
+    (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,1,28,28],"parameters":{"binary_data_size":-1}}]}',
+     "len", "inputs[0].parameters.binary_data_size"),
+    (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,1,28,28],"parameters":{"binary_data_size":3136}}]}'
+     + b"\0" * 3140, "len", "Inference-Header-Content-Length"),
+    (b'{"inputs":[]}', "999", "Inference-Header-Content-Length"),
+    (b'{"inputs":[]}', "-1", "Inference-Header-Content-Length"),
+    (b'{"inputs":[]}', "5", "request"),
+    (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,1,28,28],"parameters":{"binary_data_size":3136}}]}'
+     + np.full(784, np.nan, "<f4").tobytes(), "len", "inputs[0].data"),
+])
+def test_bad_json_and_binary_length_lies_are_invalid(server, body, header, field):
+    headers = {}
+    if header == "len":
+        headers["Inference-Header-Content-Length"] = str(body.index(b"}]}") + 3)
+    elif header is not None:
+        headers["Inference-Header-Content-Length"] = header
+    status, _, answer = call(server.http_address, "POST", "/v2/models/mnist/infer", body, headers)
+    assert status == 400, answer
+    assert json.loads(answer)["field"] == field
+
+
+def _requests_total(server, **labels) -> float:
+    text = call(f"127.0.0.1:{server.app.settings.metrics_port}", "GET", "/metrics")[2].decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "protoserve_requests_total" and all(sample.labels.get(k) == v
+                                                                  for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_requests_are_counted_as_grpc_counts_them_with_an_http_rpc_label(server, digits):
+    ok = {"rpc": "http:ModelInfer", "model": "mnist", "code": "OK"}
+    bad = {"rpc": "http:ModelInfer", "model": "mnist", "code": "INVALID_ARGUMENT"}
+    before = _requests_total(server, **ok), _requests_total(server, **bad)
+    body, headers = infer_body(digits[:1])
+    assert call(server.http_address, "POST", "/v2/models/mnist/infer", body, headers)[0] == 200
+    assert call(server.http_address, "POST", "/v2/models/mnist/infer", b'{"inputs":[]}')[0] == 400
+    assert (_requests_total(server, **ok), _requests_total(server, **bad)) == (before[0] + 1, before[1] + 1)
+
+
+def test_protoserve_v1_in_json_equals_grpc(server, client, digits):
+    """Explain, Predict, GetModel and ListModels in protobuf's JSON mapping, as the explorer page calls them."""
+    request = pb.ExplainRequest(model="mnist", method="protonmf", top_k=10, heatmaps=pb.HEATMAP_MODE_INPUT,
+                                interventions=[pb.Intervention(suppress=SUPPRESS)], request_id="j-1")
+    request.input.CopyFrom(client.get_model("mnist").samples[3].input)
+    status, _, body = call(server.http_address, "POST", "/protoserve.v1.Explainer/Explain",
+                           json_format.MessageToJson(request).encode())
+    assert status == 200
+    over_http = json_format.Parse(body, pb.ExplainResponse())
+    assert over_http == client.stub.Explain(request, timeout=60)
+    status, _, body = call(server.http_address, "POST", "/protoserve.v1.Explainer/GetModel", b'{"model": "mnist"}')
+    info = json_format.Parse(body, pb.ModelInfo())
+    assert info == client.get_model("mnist")
+    status, _, body = call(server.http_address, "POST", "/protoserve.v1.Explainer/ListModels", b"{}")
+    assert json_format.Parse(body, pb.ListModelsResponse()) == client.list_models()
+    status, _, body = call(server.http_address, "POST", "/protoserve.v1.Explainer/Explain",
+                           b'{"model": "mnist", "topK": -1, "image": "AAAA"}')
+    assert (status, json.loads(body)["field"]) == (400, "top_k")
+    status, _, body = call(server.http_address, "POST", "/protoserve.v1.Explainer/Explain", b'{"modle": "mnist"}')
+    assert (status, json.loads(body)["field"]) == (400, "request")
+
+
+def test_get_model_lists_the_held_out_samples_with_their_labels(client, demo_store):
+    from handlers.archive import read_archive
+
+    info = client.get_model("mnist")
+    samples = read_archive(demo_store / "mnist-1.psar").samples
+    assert [(s.index, s.class_index, s.label) for s in info.samples] == [
+        (i, label, info.labels[label]) for i, label in enumerate(samples.labels.tolist())]
+    assert info.samples[3].input.shape == [1, 28, 28]
+    assert np.frombuffer(info.samples[3].input.data, "<f4").tobytes() == samples.inputs[3].numpy().tobytes()
+    assert info.image_mode == "L"
+    assert not client.list_models().models[0].samples  # ListModels leaves them out
+
+
+def test_paths_methods_and_the_page(server):
+    address = server.http_address
+    assert call(address, "POST", "/v2/health/live")[0] == 405
+    assert call(address, "GET", "/v2/models/mnist/infer")[0] == 405
+    assert call(address, "GET", "/nope")[0] == 404
+    assert call(address, "GET", "/protoserve.v1.Explainer/Nope")[0] == 405
+    assert call(address, "POST", "/protoserve.v1.Explainer/Nope", b"{}")[0] == 404
+    status, headers, body = call(address, "GET", "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and b"explorer.js" in body
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    for path, kind in (("/explorer.js", "text/javascript"), ("/explorer.css", "text/css")):
+        status, headers, body = call(address, "GET", path)
+        assert status == 200 and headers["Content-Type"].startswith(kind) and body
+    status, headers, body = call(address, "HEAD", "/")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+
+
+# ------------------------------------------------------------------------------ the bounds
+
+TIMEOUT_S = 1.0
+MAX_BODY = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def secured(demo_store, pki, token_file):  # noqa: F811 (fixtures imported above)
+    """A server with HTTPS (the gRPC side's certificate), bearer tokens and small HTTP limits."""
+    running = RunningServer(Settings(
+        model_store=demo_store, port=0, metrics_port=0, http_port=free_port(), shutdown_grace_s=2.0,
+        tls_cert=pki["server.crt"], tls_key=pki["server.key"], auth_token_file=token_file,
+        http_timeout_s=TIMEOUT_S, http_max_connections=4, http_max_body_bytes=MAX_BODY,
+        http_max_buffered_bytes=2 * MAX_BODY))
+    context = ssl.create_default_context(cafile=str(pki["ca.crt"]))
+    yield running, context
+    running.stop()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _socket(secured) -> socket.socket:
+    running, context = secured
+    host, port = running.http_address.rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    return context.wrap_socket(raw, server_hostname=host)
+
+
+def _read_all(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and when it closed (monotonic)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            chunk = b""
+        if not chunk:
+            return data, time.monotonic()
+        data += chunk
+
+
+def test_https_with_the_grpc_certificate_and_bearer_tokens(secured, digits):
+    running, context = secured
+    address = running.http_address
+    assert call(address, "GET", "/v2/health/ready", context=context)[0] == 200  # open, as gRPC health is
+    assert call(address, "GET", "/", context=context)[0] == 200  # the page asks for a token itself
+    status, headers, body = call(address, "GET", "/v2/models/mnist", context=context)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert call(address, "GET", "/v2/models/mnist", headers={"Authorization": "Bearer wrong-token-0123456789"},
+                context=context)[0] == 401
+    assert call(address, "GET", "/v2/models/mnist", headers=AUTH, context=context)[0] == 200
+    body, headers = infer_body(digits[:1])
+    assert call(address, "POST", "/v2/models/mnist/infer", body, {**headers, **AUTH}, context=context)[0] == 200
+    assert call(address, "POST", "/protoserve.v1.Explainer/ListModels", b"{}", context=context)[0] == 401
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):  # plain HTTP to HTTPS
+        call(address, "GET", "/v2/health/live")
+
+
+def test_a_refused_request_is_answered_before_its_body_is_read(secured):
+    token = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    for head, status in ((b"POST /v2/models/mnist/infer HTTP/1.1\r\nContent-Length: 60000\r\n\r\n", 401),
+                         (b"POST /v2/models/mnist/infer HTTP/1.1\r\n" + token
+                          + b"Content-Length: 1000000000000000000\r\n\r\n", 413),
+                         (b"POST /v2/models/mnist/infer HTTP/1.1\r\n" + token
+                          + b"Content-Length: 99999999999999999999999\r\n\r\n", 400),
+                         (b"POST /v2/models/mnist/infer HTTP/1.1\r\n" + token
+                          + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", 411)):
+        with _socket(secured) as sock:
+            start = time.monotonic()
+            sock.sendall(head)
+            answer, closed = _read_all(sock)
+        assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+        assert closed - start < TIMEOUT_S / 2, "answered at once, without waiting for the body"
+        assert b"Connection: close" in answer
+
+
+@pytest.mark.parametrize("sent", [
+    b"GET /v2/models/mnist HTTP/1.1\r\nHost: x\r\n",  # a head that never ends
+    b"POST /v2/models/mnist/infer HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
+    + b"\r\nContent-Length: 4000\r\n\r\n{\"inputs\":",  # a body that never ends
+    b"",  # nothing at all
+])
+def test_slow_or_silent_clients_are_closed_within_the_timeout(secured, sent):
+    with _socket(secured) as sock:
+        start = time.monotonic()
+        for byte in range(0, len(sent), 8):  # a trickle, slowloris-style
+            sock.sendall(sent[byte:byte + 8])
+            time.sleep(0.01)
+        answer, closed = _read_all(sock)
+    assert answer == b"" and TIMEOUT_S * 0.9 <= closed - start <= TIMEOUT_S + 2.0
+
+
+def test_a_long_head_is_refused(secured):
+    with _socket(secured) as sock:
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nX-Padding: " + b"a" * (20 << 10) + b"\r\n\r\n")
+        answer, _ = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_connections_and_buffered_bodies_are_bounded(secured):
+    held = [_socket(secured) for _ in range(2)]
+    try:
+        for sock in held:  # two bodies of the largest size, half sent: the budget of bodies held is spent
+            sock.sendall(f"POST /v2/models/mnist/infer HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                         f"Content-Length: {MAX_BODY}\r\n\r\n".encode() + b" " * 100)
+        time.sleep(0.2)
+        with _socket(secured) as sock:
+            sock.sendall(f"POST /v2/models/mnist/infer HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                         f"Content-Length: 100\r\n\r\n".encode())
+            assert _read_all(sock)[0].startswith(b"HTTP/1.1 503 ")
+        held += [_socket(secured) for _ in range(2)]  # 4 connections open: the limit
+        time.sleep(0.1)
+        running, _ = secured
+        host, port = running.http_address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:  # the 5th: closed at once
+            start = time.monotonic()
+            answer, closed = _read_all(sock)
+            assert answer == b"" and closed - start < TIMEOUT_S / 2
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)
+    assert call(secured[0].http_address, "GET", "/v2/health/live", context=secured[1])[0] == 200
+
+
+def test_keep_alive_connections_serve_several_requests_then_close_when_idle(secured):
+    running, context = secured
+    host, port = running.http_address.rsplit(":", 1)
+    connection = http.client.HTTPSConnection(host, int(port), timeout=10, context=context)
+    for _ in range(3):
+        connection.request("GET", "/v2/models/mnist/ready", headers=AUTH)
+        response = connection.getresponse()
+        assert response.status == 200 and response.read() == b'{"name":"mnist","ready":true}'
+    sock = connection.sock
+    start = time.monotonic()
+    answer, closed = _read_all(sock)
+    assert answer == b"" and TIMEOUT_S * 0.9 <= closed - start <= TIMEOUT_S + 2.0
+    connection.close()
+
+
+def test_many_concurrent_attackers_leave_the_server_answering(secured, digits):
+    """Slow heads, huge announced bodies and garbage at once; the server still answers a good request."""
+    def attack(i):
+        try:
+            with _socket(secured) as sock:
+                sock.sendall([b"GET / HTTP/1.1\r\n", b"POST /v2 HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+                              b"\x16\x03\x01garbage\r\n\r\n"][i % 3])
+                _read_all(sock)
+        except OSError:
+            pass  # refused at the connection limit
+    threads = [threading.Thread(target=attack, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    running, context = secured
+    body, headers = infer_body(digits[:1])
+    assert call(running.http_address, "POST", "/v2/models/mnist/infer", body, {**headers, **AUTH},
+                context=context)[0] == 200

@@ -24,6 +24,9 @@ nonnegative matrix factorization", Pattern Recognition 41(4), 2008.
 A. Cichocki, A.-H. Phan, "Fast local algorithms for large scale nonnegative matrix
 and tensor factorizations", IEICE Trans. Fundamentals E92-A(3), 2009.
 
+J. Mairal, F. Bach, J. Ponce, G. Sapiro, "Online learning for matrix factorization and
+sparse coding", JMLR 11, 2010.
+
 N. B. Erichson, A. Mendible, S. Wihlborn, J. N. Kutz, "Randomized nonnegative matrix
 factorization", Pattern Recognition Letters 104, 2018.
 
@@ -42,7 +45,7 @@ import torch
 
 from handlers.solvers.active_set import active_set_codes
 
-__all__ = ["NMF", "nnls_encode"]
+__all__ = ["NMF", "MiniBatchNMF", "nnls_encode"]
 
 INITS = ("random", "nndsvd", "nndsvda", "nndsvdar")
 SOLVERS = ("hals", "rhals", "mu")
@@ -563,3 +566,163 @@ class NMF:
             raise RuntimeError("this NMF instance is not fitted yet; call fit first")
         solver = "mu" if self.solver == "mu" else "hals"
         return nnls_encode(X, self.components_, n_iter, solver=solver, eps=self.eps)
+
+
+class MiniBatchNMF:
+    """Online NMF ``X ~= W H`` over mini-batches of rows, for an X that does not fit in memory.
+
+    Mairal et al. (2010), as scikit-learn's :class:`~sklearn.decomposition.MiniBatchNMF` for the
+    Frobenius loss: for each mini-batch ``X_b`` (b, n_features) the codes ``W_b`` are solved with
+    ``H`` fixed (:func:`nnls_encode`, ``transform_iter`` HALS sweeps), the sufficient statistics
+    are accumulated, ``A <- rho A + W_b^T W_b`` (k, k) and ``B <- rho B + W_b^T X_b``
+    (k, n_features), and ``H`` takes ``update_sweeps`` HALS sweeps on ``min ||X - W H||`` through
+    ``A`` and ``B`` alone. ``rho = forget_factor ** (b / n_samples)`` discounts the codes of older
+    dictionaries, so after a pass over the data the previous pass weighs ``forget_factor``. Memory
+    is O((b + k) n_features) whatever n_samples; the iteration counts are fixed (no tolerance).
+
+    With ``batch_size >= n_samples`` and ``forget_factor=0`` a pass is one alternating HALS
+    iteration with the codes solved afresh, so the fit approaches :class:`NMF`'s.
+
+    Parameters
+    ----------
+    n_components : int
+        Number of components k.
+    init : {"nndsvda", "nndsvd", "nndsvdar", "random"}, default="nndsvda"
+        Initialisation of H, as :class:`NMF`'s, from the first mini-batch.
+    batch_size : int, default=1024
+        Rows per mini-batch.
+    max_iter : int, default=20
+        Passes over the data.
+    forget_factor : float, default=0.7
+        Weight of the previous pass's statistics after one pass, in [0, 1].
+    transform_iter : int, default=30
+        HALS sweeps solving each mini-batch's codes.
+    update_sweeps : int, default=10
+        HALS sweeps of H after each mini-batch.
+    random_state : int, default=0
+        Seed of the initialisation's random draws.
+
+    Attributes
+    ----------
+    components_ : Tensor of shape (n_components, n_features)
+        The dictionary H.
+    n_iter_ : int
+        Passes over the data run.
+    n_steps_ : int
+        Mini-batches processed.
+    reconstruction_err_ : float
+        ``||X - W H||_F``, W the codes by :meth:`transform`, after :meth:`fit` (one more pass).
+    relative_error_ : float
+        ``reconstruction_err_ / ||X||_F`` (0 for an all-zero X).
+    n_features_in_ : int
+    """
+
+    def __init__(self, n_components: int, *, init: str = "nndsvda", batch_size: int = 1024, max_iter: int = 20,
+                 forget_factor: float = 0.7, transform_iter: int = 30, update_sweeps: int = 10,
+                 random_state: int = 0) -> None:
+        self.n_components = n_components
+        self.init = init
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.forget_factor = forget_factor
+        self.transform_iter = transform_iter
+        self.update_sweeps = update_sweeps
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        if not isinstance(self.n_components, int) or self.n_components < 1:
+            raise ValueError(f"n_components must be a positive int, got {self.n_components!r}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
+        if self.batch_size < 1 or self.max_iter < 0 or not 0 <= self.forget_factor <= 1:
+            raise ValueError("need batch_size >= 1, max_iter >= 0 and 0 <= forget_factor <= 1, got "
+                             f"batch_size={self.batch_size}, max_iter={self.max_iter}, "
+                             f"forget_factor={self.forget_factor}")
+
+    @torch.no_grad()
+    def partial_fit(self, X: torch.Tensor, n_samples: int | None = None) -> MiniBatchNMF:
+        """Update the model with one mini-batch.
+
+        Parameters
+        ----------
+        X : Tensor of shape (b, n_features)
+            Non-negative, finite rows. The first call initialises H from them (the NNDSVD
+            variants need ``n_components <= min(b, n_features)``).
+        n_samples : int, optional
+            Rows in the whole data, for the forgetting rate; default: ``b`` (forget per batch).
+
+        Returns
+        -------
+        self : MiniBatchNMF
+        """
+        X = _as_float(X)
+        _check_non_negative(X)
+        k = self.n_components
+        if not hasattr(self, "components_"):
+            self._check_params()
+            if self.init != "random" and k > min(X.shape):
+                raise ValueError(f"init={self.init!r} needs n_components <= min(batch rows, n_features) = "
+                                 f"{min(X.shape)}, got n_components={k}")
+            _, self.components_ = _initialize(X, k, self.init, torch.Generator().manual_seed(self.random_state))
+            self._A = torch.zeros(k, k, dtype=X.dtype, device=X.device)
+            self._B = torch.zeros(k, X.shape[1], dtype=X.dtype, device=X.device)
+            self.n_steps_ = 0
+            self.n_features_in_ = X.shape[1]
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, the model {self.n_features_in_}")
+        H = self.components_
+        W = nnls_encode(X, H, self.transform_iter)
+        rho = self.forget_factor ** (len(X) / (n_samples or len(X)))
+        self._A.mul_(rho).add_(W.T @ W)
+        self._B.mul_(rho).add_(W.T @ X)
+        _hals_sweeps(H, self._B, self._A, self.update_sweeps)
+        self.n_steps_ += 1
+        return self
+
+    @torch.no_grad()
+    def fit(self, X) -> MiniBatchNMF:
+        """``max_iter`` passes of :meth:`partial_fit` over ``X`` in order, then the error in one more pass.
+
+        Parameters
+        ----------
+        X : Tensor or array-like of shape (n_samples, n_features)
+            Anything with ``len`` and row slices ``X[i:j]`` that give tensors or arrays (rows read
+            from disk, say); each slice is used and dropped, so only a mini-batch is in memory.
+
+        Returns
+        -------
+        self : MiniBatchNMF
+        """
+        self._check_params()
+        for attribute in ("components_", "_A", "_B"):
+            self.__dict__.pop(attribute, None)
+        n = len(X)
+        for _ in range(self.max_iter):
+            for start in range(0, n, self.batch_size):
+                self.partial_fit(torch.as_tensor(X[start:start + self.batch_size]), n_samples=n)
+        self.n_iter_ = self.max_iter
+        residual, total = 0.0, 0.0
+        for start in range(0, n, self.batch_size):
+            batch = _as_float(torch.as_tensor(X[start:start + self.batch_size]))
+            W = self.transform(batch, self.transform_iter)
+            residual += float(_squared_norm(torch.addmm(batch, W, self.components_, alpha=-1)))
+            total += float(_squared_norm(batch))
+        self.reconstruction_err_ = math.sqrt(residual)
+        self.relative_error_ = self.reconstruction_err_ / (math.sqrt(total) or 1.0)
+        return self
+
+    def transform(self, X: torch.Tensor, n_iter: int = 100) -> torch.Tensor:
+        """Codes of rows with ``components_`` frozen, by :func:`nnls_encode` (``n_iter`` HALS sweeps).
+
+        Parameters
+        ----------
+        X : Tensor of shape (n_samples, n_features)
+        n_iter : int, default=100
+
+        Returns
+        -------
+        W : Tensor of shape (n_samples, n_components)
+        """
+        if not hasattr(self, "components_"):
+            raise RuntimeError("this MiniBatchNMF instance is not fitted yet; call fit or partial_fit first")
+        return nnls_encode(X, self.components_, n_iter)

@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import re
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,15 +158,27 @@ def write_archive(directory: Path | str, name: str, version: str, parts: ModelPa
     }
     path = Path(directory) / archive_filename(name, version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     if len(manifest_bytes) > MAX_MANIFEST_BYTES:
         raise ValueError(f"the manifest would be {len(manifest_bytes)} bytes, more than readers accept "
                          f"({MAX_MANIFEST_BYTES}); shorten the model card or the fit reports")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for member, data in [(MANIFEST, manifest_bytes), *sorted(members.items())]:
-            zf.writestr(zipfile.ZipInfo(member, date_time=_ZIP_EPOCH), data)
-    tmp.replace(path)  # readers never see a half-written archive
+    # Written under a temporary name of its own in the same directory (not an archive's suffix, so a
+    # server never loads it), then renamed over the archive: readers see the old archive or the whole
+    # new one, and Ctrl-C or a crash while writing leaves neither a half-written archive nor the file.
+    descriptor, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+                for member, data in [(MANIFEST, manifest_bytes), *sorted(members.items())]:
+                    zf.writestr(zipfile.ZipInfo(member, date_time=_ZIP_EPOCH), data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the archive from a server running as another user
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -10,6 +10,7 @@ STORE ?= model_store
 HOST ?= 127.0.0.1
 PORT ?= 50051
 METRICS_PORT ?= 9100
+HTTP_PORT ?= 8000
 STAMP := $(VENV)/.installed
 
 .PHONY: python venv demo run test stubs bench soak clean
@@ -39,7 +40,8 @@ demo: $(STAMP)
 	$(PY) -m model_store.build_demo --store $(STORE) --work build/demo
 
 run: demo
-	$(VENV)/bin/protoserve serve --model-store $(STORE) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(VENV)/bin/protoserve serve --model-store $(STORE) --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) \
+		--metrics-port $(METRICS_PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

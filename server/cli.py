@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from protoserve_client.cli import EXIT_USER_ERROR, OneLineArgumentParser, UserError
 
 from handlers.errors import ArchiveError, ProtoserveError
-from server.settings import AUTOCAST_CHOICES, Settings
+from server.settings import AUTOCAST_CHOICES, DEFAULT_HTTP_PORT, Settings
 
 if TYPE_CHECKING:
     from handlers.base import FitData
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                             "as much again, or is closed")
     serve.add_argument("--metrics-max-connections", type=int, default=limits.metrics_max_connections,
                        help="metrics connections served at once (a thread each); more are closed at once")
-    serve.add_argument("--http-port", type=int, default=8000,
+    serve.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                        help="HTTP on --host: the Open Inference Protocol's REST binding (/v2) and the explorer "
                             "page (/), with the gRPC side's TLS and tokens; 0 turns it off")
     serve.add_argument("--http-timeout-s", type=float, default=limits.http_timeout_s,

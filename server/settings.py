@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 AUTOCAST_CHOICES = ("none", "float16", "bfloat16")
+DEFAULT_HTTP_PORT = 8000  # `protoserve serve --http-port`'s default (Settings' is 0: off unless asked for)
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,14 @@ import pytest
 import yaml
 
 from server.oip import OIP_SERVICE
-from server.settings import Settings
+from server.settings import DEFAULT_HTTP_PORT, Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 K8S = REPO_ROOT / "deploy" / "k8s"
 KSERVE = REPO_ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 IMAGE = "protoserve:0.1.0"
 DEFAULTS = Settings(model_store=Path("/models"))
-GRPC_PORT, METRICS_PORT = DEFAULTS.port, DEFAULTS.metrics_port
+GRPC_PORT, HTTP_PORT, METRICS_PORT = DEFAULTS.port, DEFAULT_HTTP_PORT, DEFAULTS.metrics_port
 # Kubernetes versions the core manifests must validate against.
 KUBERNETES_VERSIONS = ("1.29.0", "1.33.0")
 CORE_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
@@ -83,7 +83,7 @@ def test_deployment_runs_the_image_on_a_gpu_with_grpc_probes(objects):
     container = _container(pod["spec"], "protoserve")
     assert container["image"] == IMAGE
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == GRPC_PORT, probe
@@ -102,8 +102,9 @@ def test_deployment_runs_the_image_on_a_gpu_with_grpc_probes(objects):
 def test_dockerfile_agrees_with_the_manifests():
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert "FROM nvidia/cuda" in dockerfile
-    assert f"EXPOSE {GRPC_PORT} {METRICS_PORT}" in dockerfile
+    assert f"EXPOSE {GRPC_PORT} {HTTP_PORT} {METRICS_PORT}" in dockerfile
     for flag in ("--model-store\", \"/models", f"--port\", \"{GRPC_PORT}", f"--metrics-port\", \"{METRICS_PORT}",
+                 f"--http-port\", \"{HTTP_PORT}",
                  "--host\", \"0.0.0.0", "--metrics-host\", \"0.0.0.0"):
         assert flag in dockerfile, flag
 
@@ -114,7 +115,7 @@ def test_service_selects_the_pods_and_names_the_ports(objects):
     service = objects[("Service", "protoserve")]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
-    assert ports == {"grpc": (GRPC_PORT, "grpc"), "metrics": (METRICS_PORT, "metrics")}
+    assert ports == {"grpc": (GRPC_PORT, "grpc"), "http": (HTTP_PORT, "http"), "metrics": (METRICS_PORT, "metrics")}
     headless = objects[("Service", "protoserve-headless")]
     assert headless["spec"]["clusterIP"] == "None"
 

@@ -209,7 +209,7 @@ def test_compose_wires_the_service_prometheus_and_grafana():
     protoserve = services["protoserve"]
     assert protoserve["image"] == "protoserve:0.1.0"
     assert (COMPOSE.parent / protoserve["build"]["context"] / protoserve["build"]["dockerfile"]).is_file()
-    assert {p.rsplit(":", 1)[-1] for p in protoserve["ports"]} == {"50051", "9100"}
+    assert {p.rsplit(":", 1)[-1] for p in protoserve["ports"]} == {"50051", "8000", "9100"}
     assert any(v.endswith(":/models:ro") for v in protoserve["volumes"])
 
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())

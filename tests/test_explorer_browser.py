@@ -48,6 +48,12 @@ def browser():
     driver.quit()
 
 
+def open_page(browser, server) -> None:
+    """A fresh page (the same address again would only move to its #fragment, keeping the old page)."""
+    browser.get("about:blank")
+    browser.get(f"http://{server.http_address}/#mnist")
+
+
 def number(text: str) -> float:
     return float(text.replace("\u2212", "-"))
 
@@ -83,7 +89,7 @@ def check_page_against(browser, expected: pb.ExplainResponse) -> None:
 
 def test_the_page_explains_a_sample_and_a_suppression_as_explain_does(browser, server, client):
     info = client.get_model("mnist")
-    browser.get(f"http://{server.http_address}/#mnist")
+    open_page(browser, server)
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, 'button[data-sample="3"]'))
     active_method = browser.find_element(By.CSS_SELECTOR, ".tab.active").get_attribute("data-method")
     assert active_method == info.default_method == "protonmf"
@@ -141,7 +147,7 @@ def test_a_dropped_image_is_explained_as_explain_explains_it(browser, server, cl
     buffer = io.BytesIO()
     Image.fromarray(digit, mode="L").save(buffer, format="PNG")
     png.write_bytes(buffer.getvalue())
-    browser.get(f"http://{server.http_address}/#mnist")
+    open_page(browser, server)
     WebDriverWait(browser, 60).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, "#components button[data-component-id]"))
     browser.find_element(By.CSS_SELECTOR, 'button[data-method="srae"]').click()
@@ -156,7 +162,7 @@ def test_a_dropped_image_is_explained_as_explain_explains_it(browser, server, cl
 
 def test_the_gallery_and_fit_report_of_each_method(browser, server, client):
     info = client.get_model("mnist")
-    browser.get(f"http://{server.http_address}/#mnist")
+    open_page(browser, server)
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".gallery-item"))
     for method in info.methods:
         browser.find_element(By.CSS_SELECTOR, f'button[data-method="{method.name}"]').click()
@@ -168,3 +174,19 @@ def test_the_gallery_and_fit_report_of_each_method(browser, server, client):
         with_exemplar = sum(1 for c in method.components if c.exemplar_png)
         assert len(browser.find_elements(By.CSS_SELECTOR, ".gallery-item img.exemplar")) == with_exemplar
         assert browser.find_elements(By.CSS_SELECTOR, "#fit-report table.report-table"), method.name
+
+
+def test_a_component_clicked_in_the_gallery_is_suppressed(browser, server, client):
+    info = client.get_model("mnist")
+    open_page(browser, server)  # the first sample, explained by the default method
+    WebDriverWait(browser, 60).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#components button[data-component-id]"))
+    browser.find_element(By.CSS_SELECTOR, '.gallery-item[data-component-id="c0.p1"]').click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "intervention").is_displayed()
+                                     and "busy" not in d.find_element(By.TAG_NAME, "body").get_attribute("class"))
+    request = pb.ExplainRequest(model="mnist", top_k=10, interventions=[pb.Intervention(suppress=["c0.p1"])])
+    request.input.CopyFrom(info.samples[0].input)
+    intervened = client.stub.Explain(request, timeout=60).interventions[0]
+    assert_shown(browser.find_element(By.ID, "intervened-target-logit"), intervened.target_logit)
+    for selector in ('.gallery-item[data-component-id="c0.p1"]', '#components button[data-component-id="c0.p1"]'):
+        assert "suppressed" in browser.find_element(By.CSS_SELECTOR, selector).get_attribute("class")

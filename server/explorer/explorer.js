@@ -291,6 +291,9 @@ function renderExplanation() {
     $("intervention").hidden = true;
     return;
   }
+  for (const item of document.querySelectorAll(".gallery-item")) {
+    item.classList.toggle("suppressed", state.suppressed.has(item.dataset.componentId));
+  }
   renderPrediction(answer);
   renderIntervention(answer);
   renderChart(answer);
@@ -641,7 +644,7 @@ function renderGallery() {
       row.append(el("button", {
         type: "button", class: `gallery-item${state.suppressed.has(c.id) ? " suppressed" : ""}`, dataset: {componentId: c.id},
         title: `${c.id}: click to ${state.suppressed.has(c.id) ? "restore" : "suppress"} in the explanation`,
-        onclick: () => { toggleComponent(c.id); renderGallery(); },
+        onclick: () => toggleComponent(c.id),
       }, exemplar(c.id, "large"), el("div", {class: "gallery-label"}, c.label || c.id), el("div", {class: "muted small"}, c.id)));
     }
     box.append(el("section", {class: "gallery-class"}, el("h3", {}, `class ${classLabel(index)}`, el("span", {class: "muted small"}, ` · ${members.length}`)), row));
@@ -764,7 +767,7 @@ function wire() {
   $("heatmap-select").addEventListener("change", (event) => { state.heatmap = event.target.value; drawInput(); });
   $("heatmap-opacity").addEventListener("input", drawInput);
   $("gallery-class").addEventListener("change", renderGallery);
-  $("reset-suppressed").addEventListener("click", () => { state.suppressed.clear(); explain(); renderGallery(); });
+  $("reset-suppressed").addEventListener("click", () => { state.suppressed.clear(); explain(); });
   const zone = $("drop-zone");
   const take = (file) => file && dropFile(file).catch((e) => showError(e.message));
   zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });

@@ -497,3 +497,20 @@ def test_many_concurrent_attackers_leave_the_server_answering(secured, digits):
     body, headers = infer_body(digits[:1])
     assert call(running.http_address, "POST", "/v2/models/mnist/infer", body, {**headers, **AUTH},
                 context=context)[0] == 200
+
+
+def test_shutdown_answers_the_requests_in_flight_then_closes_the_port(demo_store, digits):
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=0, http_port=free_port(),
+                                     max_delay_ms=500.0, shutdown_grace_s=5.0))
+    body, headers = infer_body(digits[:1])
+    answers = []
+    request = threading.Thread(target=lambda: answers.append(
+        call(running.http_address, "POST", "/v2/models/mnist/infer", body, headers)[0]))
+    request.start()
+    time.sleep(0.2)  # the request waits in its batch (max_delay_ms) while the server is told to stop
+    running.stop()
+    request.join(10)
+    assert answers == [200]
+    host, port = running.http_address.rsplit(":", 1)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=5)

@@ -19,11 +19,14 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from handlers.model import ModelParts
+
+if TYPE_CHECKING:
+    from handlers.fitting.streaming import StreamedData
 
 
 @dataclass(frozen=True)
@@ -123,12 +126,18 @@ class FitData:
 
     x_train : (N, *input_shape) float32;  y_train : (N,) int64
     x_test  : (M, *input_shape) float32;  y_test  : (M,) int64  (held out, for the fit report)
+    sample  : None, or where the data came from a larger source than memory holds: the splits are
+              uniform samples, {"n", "of", "test_n", "test_of", "seed", "max_memory_mib"}
+    stream  : None, or the whole source on disk (features by class, inputs by index) for the
+              methods that stream it (offline, :mod:`handlers.fitting.streaming`)
     """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    sample: dict | None = None
+    stream: StreamedData | None = None
 
 
 @dataclass

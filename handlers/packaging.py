@@ -18,6 +18,8 @@ from torch import nn
 
 from handlers.archive import HeldOutSamples, read_archive, write_archive
 from handlers.base import FitData, FittedMethod
+from handlers.fitting.engine import Engine, LocalEngine
+from handlers.fitting.streaming import StreamedSource, streams
 from handlers.methods import METHODS
 from handlers.model import InputSpec, ModelParts
 
@@ -56,14 +58,33 @@ def load_fit_data(path: Path | str) -> FitData:
                          for k in ("x_train", "y_train", "x_test", "y_test")))
 
 
-def fit_methods(parts: ModelParts, data: FitData, methods: dict[str, dict], log=print) -> list[FittedMethod]:
+def fit_methods(parts: ModelParts, data: FitData, methods: dict[str, dict], log=print,
+                engine: Engine | None = None) -> list[FittedMethod]:
     """Fit each named method with its hyperparameters, e.g. ``{"protonmf": {"n_prototypes": 3}}``
-    (checked by the method's config: ValueError naming the allowed keys)."""
+    (checked by the method's config: ValueError naming the allowed keys), each a task of ``engine``
+    (default: in process). A method fitted on in-memory samples of a larger source records the
+    sample (``data.sample``) in its fit report."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
-    return [METHODS[name].fit(parts, data, METHODS[name].config.from_dict(params), log=log)
-            for name, params in methods.items()]
+    configs = [(name, METHODS[name].config.from_dict(params)) for name, params in methods.items()]
+    fitted = (engine or LocalEngine()).map(_fit_method, [(parts, data, name, config, log) for name, config in configs],
+                                           desc="fit methods")
+    for method in fitted:
+        if data.sample is not None and not streams(method.name):
+            method.fit_report["sample"] = data.sample
+    return fitted
+
+
+def _fit_method(task: tuple) -> FittedMethod:
+    """One method's fit (an engine task): ``(parts, data, name, config, log)``."""
+    parts, data, name, config, log = task
+    return METHODS[name].fit(parts, data, config, log=log)
+
+
+def _resolve(data: FitData | StreamedSource, parts: ModelParts, methods: dict[str, dict], engine: Engine,
+             log) -> FitData:
+    return data.fit_data(parts, list(methods), engine, log) if isinstance(data, StreamedSource) else data
 
 
 def held_out_samples(data: FitData, per_class: int = 2, limit: int = 32) -> HeldOutSamples | None:
@@ -81,27 +102,34 @@ def held_out_samples(data: FitData, per_class: int = 2, limit: int = 32) -> Held
     return HeldOutSamples(data.x_test[index].float(), data.y_test[index].long())
 
 
-def package(model: nn.Module, *, layer: str, input_spec: InputSpec, labels: list[str], data: FitData,
-            methods: dict[str, dict], name: str, version: str, out_dir: Path | str, model_card: dict | None = None,
-            backend: str = "torch", log=print) -> Path:
-    """Split ``model`` at ``layer``, fit ``methods`` and write the archive into ``out_dir``."""
+def package(model: nn.Module, *, layer: str, input_spec: InputSpec, labels: list[str],
+            data: FitData | StreamedSource, methods: dict[str, dict], name: str, version: str, out_dir: Path | str,
+            model_card: dict | None = None, backend: str = "torch", engine: Engine | None = None,
+            log=print) -> Path:
+    """Split ``model`` at ``layer``, fit ``methods`` on ``data`` (in memory, or a source read in
+    batches) with ``engine`` (default: in process) and write the archive into ``out_dir``."""
     parts = ModelParts.from_model(model, layer, input_spec, labels)
     log(f"split at {layer!r}: features {parts.feature_shape}; weights sha256 {parts.weights_sha256[:12]}…")
-    fitted = fit_methods(parts, data, methods, log=log)
+    engine = engine or LocalEngine()
+    data = _resolve(data, parts, methods, engine, log)
+    fitted = fit_methods(parts, data, methods, log=log, engine=engine)
     path = write_archive(out_dir, name, version, parts, fitted, model_card=model_card, backend=backend,
                          samples=held_out_samples(data))
     log(f"wrote {path}")
     return path
 
 
-def add_methods(archive_path: Path | str, data: FitData, methods: dict[str, dict], out_dir: Path | str,
-                version: str | None = None, log=print) -> Path:
+def add_methods(archive_path: Path | str, data: FitData | StreamedSource, methods: dict[str, dict],
+                out_dir: Path | str, version: str | None = None, engine: Engine | None = None, log=print) -> Path:
     """Fit more methods against the model inside an archive; write it again (optionally as a new version).
 
     The archive keeps its held-out samples; one written before they were stored gets them from ``data``.
     """
     archive = read_archive(archive_path)
-    fitted = {**archive.methods, **{m.name: m for m in fit_methods(archive.parts, data, methods, log=log)}}
+    engine = engine or LocalEngine()
+    data = _resolve(data, archive.parts, methods, engine, log)
+    fitted = {**archive.methods,
+              **{m.name: m for m in fit_methods(archive.parts, data, methods, log=log, engine=engine)}}
     path = write_archive(out_dir, archive.name, version or archive.version, archive.parts, list(fitted.values()),
                          default_method=archive.default_method, model_card=archive.manifest.get("model_card"),
                          backend=archive.manifest.get("backend", "torch"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 import zipfile
@@ -18,6 +19,7 @@ from server.settings import AUTOCAST_CHOICES, DEFAULT_HTTP_PORT, Settings
 
 if TYPE_CHECKING:
     from handlers.base import FitData
+    from handlers.fitting.streaming import StreamedSource
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -60,11 +62,30 @@ def _path(value: str | None) -> Path | None:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help=".npz with x_train, y_train, x_test, y_test")
+    parser.add_argument("--data", required=True,
+                        help=".npz with x_train, y_train, x_test, y_test (read whole); a directory of x_train.npy, "
+                             "y_train.npy, x_test.npy, y_test.npy (memory-mapped); an image folder DIR/train/<label>/*, "
+                             "DIR/test/<label>/*; or a CSV/Parquet table of series, one row each")
     parser.add_argument("--method", action="append", required=True, help="method to fit (repeatable)")
     parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="a method hyperparameter, e.g. protonmf.n_prototypes=5")
     parser.add_argument("--out", required=True, help="directory to write the archive into (the model store)")
+    data = parser.add_argument_group("data that is not an .npz (read in batches)")
+    data.add_argument("--label-column", help="a table's column of labels (values as in --labels)")
+    data.add_argument("--test-fraction", type=float,
+                      help="hold out this share of each class of an image folder or table without a test split")
+    data.add_argument("--cache-dir", default="build/feature-cache",
+                      help="the on-disk feature cache; a fit interrupted after featurizing resumes from it")
+    data.add_argument("--max-memory-mib", type=int,
+                      help="bound the fit's memory: methods that need every row in memory get a uniform sample "
+                           "(recorded in the fit report)")
+    data.add_argument("--batch-size", type=int, default=64, help="examples per featurization batch")
+    data.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                      help="DataLoader workers decoding inputs")
+    data.add_argument("--seed", type=int, default=0, help="seed of a --test-fraction split and of the samples")
+    parser.add_argument("--engine", default="local", choices=["local", "ray"],
+                        help="where the fit runs: in this process, or on a Ray cluster")
+    parser.add_argument("--ray-address", help="a Ray cluster's address (--engine ray; default: start a local Ray)")
 
 
 def _methods(args: argparse.Namespace) -> dict[str, dict]:
@@ -94,14 +115,31 @@ def _methods(args: argparse.Namespace) -> dict[str, dict]:
     return methods
 
 
-def _fit_data(path: str) -> FitData:
+def _fit_data(args: argparse.Namespace) -> FitData | StreamedSource:
+    """An .npz read whole, or any other --data as a source read in batches."""
+    from handlers.fitting.streaming import StreamedSource
     from handlers.packaging import load_fit_data
 
+    path = args.data
+    if not path.endswith(".npz"):
+        return StreamedSource(path, args.cache_dir, label_column=args.label_column, test_fraction=args.test_fraction,
+                              max_memory_mib=args.max_memory_mib, batch_size=args.batch_size,
+                              num_workers=args.num_workers, seed=args.seed)
+    for option in ("label_column", "test_fraction", "max_memory_mib"):
+        if getattr(args, option) is not None:
+            raise UserError(f"--{option.replace('_', '-')}: an .npz is read whole",
+                            "leave the option out, or give --data as a directory of .npy files")
     try:
         return load_fit_data(path)
     except (ValueError, EOFError, zipfile.BadZipFile) as error:  # not an .npz, a damaged one, or keys missing
         raise UserError(f"--data {path}: not a readable .npz of x_train, y_train, x_test, y_test ({error})",
                         "write it with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)") from error
+
+
+def _engine(args: argparse.Namespace):
+    from handlers.fitting.engine import make_engine
+
+    return make_engine(args.engine, ray_address=args.ray_address)
 
 
 def _package(args: argparse.Namespace) -> int:
@@ -116,15 +154,15 @@ def _package(args: argparse.Namespace) -> int:
         image = {"mode": args.image_mode, "size": args.input_shape[1:], "scale": args.scale,
                  "mean": args.mean or [0.0] * channels, "std": args.std or [1.0] * channels}
     package(model, layer=args.layer, input_spec=InputSpec(shape=args.input_shape, image=image), labels=labels,
-            data=_fit_data(args.data), methods=_methods(args), name=args.name, version=args.version,
-            out_dir=args.out, backend=args.backend)
+            data=_fit_data(args), methods=_methods(args), name=args.name, version=args.version,
+            out_dir=args.out, backend=args.backend, engine=_engine(args))
     return 0
 
 
 def _fit(args: argparse.Namespace) -> int:
     from handlers.packaging import add_methods
 
-    add_methods(args.archive, _fit_data(args.data), _methods(args), args.out, version=args.version)
+    add_methods(args.archive, _fit_data(args), _methods(args), args.out, version=args.version, engine=_engine(args))
     return 0
 
 

@@ -108,15 +108,15 @@ class LocalEngine:
 
 
 def make_engine(name: str, *, ray_address: str | None = None) -> Engine:
-    """The engine called ``name`` ("local" or "ray"); ValueError for another, or for Ray before it lands."""
+    """The engine called ``name`` ("local" or "ray"); ValueError for another, or for Ray where it is not installed."""
     if name == "local":
         return LocalEngine()
     if name == "ray":
         try:
             from handlers.fitting.ray_engine import RayEngine
         except ModuleNotFoundError as error:
-            if error.name != "handlers.fitting.ray_engine":
+            if error.name != "ray":
                 raise
-            raise ValueError("--engine ray is not implemented yet; use --engine local") from None
+            raise ValueError("--engine ray needs Ray: install the `ray` extra (pip install 'protoserve[ray]')") from None
         return RayEngine(address=ray_address)
     raise ValueError(f"unknown engine {name!r}; expected one of {', '.join(ENGINES)}")

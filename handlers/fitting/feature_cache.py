@@ -135,7 +135,9 @@ class FeatureCache:
                 runs = np.split(rows, np.flatnonzero(np.diff(slots[rows]) != 1) + 1)
                 for run in runs:
                     f.seek(self._data_offset(split, c) + int(slots[run[0]]) * self.row_bytes)
-                    f.write(features[run].tobytes())
+                    # Rows next to each other in the batch (a class-sorted folder's) are written without a copy.
+                    adjacent = run[-1] - run[0] == len(run) - 1
+                    f.write(memoryview(features[run[0]:run[-1] + 1] if adjacent else features[run]))
         self._written[split][index] = True
 
     def mark_complete(self) -> None:

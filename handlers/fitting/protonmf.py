@@ -6,6 +6,7 @@ ProtoNMF: a black-box model turned into a prototype-based one by NMF.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
@@ -13,14 +14,29 @@ import torch
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import crops_png, grid_cell_box
 from handlers.explainers.protonmf import NAME, ProtoNMFConfig, non_negative, feature_grid
+from handlers.fitting.feature_cache import FeatureCache
 from handlers.model import ModelParts, pooled_linear_head
-from handlers.solvers.nmf import NMF
+from handlers.solvers.nmf import NMF, MiniBatchNMF
 
 EXEMPLARS_PER_PROTOTYPE = 3
+# The fit reads ``data.stream`` when there is one (handlers.fitting.streaming).
+STREAMS = True
+# Online NMF over the feature cache (handlers.solvers.nmf.MiniBatchNMF): about ONLINE_STEPS mini-batch
+# updates of each class's dictionary, in whole passes and at least ONLINE_MIN_PASSES (50 passes over a
+# class that is one batch, 3 over one of 20 batches or more), so the work per class is bounded by the
+# batch size rather than the class size; and the forgetting of the previous pass's statistics (fast:
+# a pass's first codes are stale by its end; see docs/methods.md).
+ONLINE_STEPS = 50
+ONLINE_MIN_PASSES = 3
+ONLINE_FORGET_FACTOR = 0.1
+# Copies of a mini-batch of rows the online fit holds at once (the rows, their clipped grid, the residual).
+MINI_BATCH_COPIES = 3
 
 
 def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfig(), log=print) -> FittedMethod:
-    """Fit ProtoNMF on ``data.x_train`` and report on ``data.x_test``.
+    """Fit ProtoNMF on the training data and report on the held-out data: ``data.x_train`` and
+    ``data.x_test`` in memory (NMF per class), or, with ``data.stream``, the whole source's cached
+    features (online NMF per class, each class a task of the stream's engine).
 
     Returns tensors ``prototypes_`` (K, p, D), ``coefficients_`` (K, p),
     ``residual_prototypes_`` (K, D) and ``bias_`` (K,).
@@ -30,44 +46,64 @@ def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfi
     n_prototypes = config.n_prototypes
     if n_prototypes > dim:
         raise ValueError(f"n_prototypes={n_prototypes} exceeds the layer's {dim} channels")
-    features = parts.features(data.x_train)
-    if (features < 0).any():
-        log(f"protonmf: {(features < 0).float().mean().item():.1%} of the features at {parts.layer!r} are negative "
-            "and are clipped to zero (offline and online alike)")
-    features = non_negative(features)
-    grid_shape = list(features.shape[2:])
-    positions = feature_grid(features)  # (N, D, P)
+    grid_shape = list(parts.feature_shape[1:])
+    draws = bool(grid_shape) and len(parts.input_spec.shape) == 3
+    for c in range(num_classes):
+        count = int((data.y_train == c).sum()) if data.stream is None else data.stream.cache.count("train", c)
+        if count == 0:
+            raise ValueError(f"class {c} ({parts.labels[c]!r}) has no training examples")
+
+    if data.stream is None:
+        features = parts.features(data.x_train)
+        _log_negatives(float((features < 0).float().mean()), parts, log)
+        positions = feature_grid(non_negative(features))  # (N, D, P)
+        per_class = [_class_nmf(positions, data.y_train, c, config, draws) for c in range(num_classes)]
+
+        def training_input(c: int, i: int) -> torch.Tensor:  # class c's i-th training input
+            return data.x_train[(data.y_train == c).nonzero().flatten()[i]]
+
+        test = [(parts.features(data.x_test), data.y_test)]
+        extra = {"n_train": len(data.x_train), "n_test": len(data.x_test)}
+    else:
+        stream = data.stream
+        rows = max(n_prototypes, stream.batch_bytes // (4 * dim * MINI_BATCH_COPIES))
+        per_class = stream.engine.map(_class_online_nmf, [(stream.cache, c, config, rows, draws)
+                                                          for c in range(num_classes)], desc="protonmf classes")
+        _log_negatives(sum(r["negative"] for r in per_class) / sum(r["entries"] for r in per_class), parts, log)
+
+        def training_input(c: int, i: int) -> torch.Tensor:
+            return stream.train[int(stream.cache.indices("train", c)[i])][0]
+
+        test = _cached_test(stream.cache, rows // max(1, math.prod(grid_shape)))
+        extra = {"n_train": len(stream.cache.labels["train"]), "n_test": len(stream.cache.labels["test"]),
+                 "streamed": True, "online_nmf": {"steps": ONLINE_STEPS, "min_passes": ONLINE_MIN_PASSES,
+                                                  "forget_factor": ONLINE_FORGET_FACTOR, "batch_rows": rows,
+                                                  "passes": {parts.labels[c]: r["n_iter"]
+                                                             for c, r in enumerate(per_class)}}}
 
     prototypes = torch.zeros(num_classes, n_prototypes, dim)
     coefficients = torch.zeros(num_classes, n_prototypes)
     feature_error, head_error, exemplars = {}, {}, {}
     components: list[Component] = []
-    for c in range(num_classes):
-        start = time.perf_counter()
-        members = (data.y_train == c).nonzero().flatten()
-        if len(members) == 0:
-            raise ValueError(f"class {c} ({parts.labels[c]!r}) has no training examples")
-        matrix = positions[members].transpose(1, 2).reshape(-1, dim).float()  # (n_c·P, D)
-        nmf = NMF(n_prototypes, init=config.init, solver=config.solver, max_iter=config.max_iter, tol=config.tol,
-                  random_state=config.random_state)
-        encoding = nmf.fit_transform(matrix)  # (n_c·P, p)
-        basis = nmf.components_.cpu()  # (p, D)
+    for c, result in enumerate(per_class):
+        basis = result["basis"]  # (p, D)
         v = head_weight[c].cpu()
         # Least squares V^c ≈ C^c B^c; lstsq handles a rank-deficient basis.
         coef = torch.linalg.lstsq(basis.T.double(), v.double().unsqueeze(1)).solution.squeeze(1).float()
         residual = v - coef @ basis
         prototypes[c], coefficients[c] = basis, coef
-        feature_error[parts.labels[c]] = float(nmf.relative_error_)
+        feature_error[parts.labels[c]] = float(result["relative_error"])
         head_error[parts.labels[c]] = float(residual.norm() / v.norm().clamp_min(1e-12))
         for i in range(n_prototypes):
             component = Component(id=f"c{c}.p{i}", label=f"{parts.labels[c]} prototype {i}", class_index=c)
             components.append(component)
-            if grid_shape and len(parts.input_spec.shape) == 3:
-                exemplars[component.id] = _exemplar(data.x_train, members, encoding[:, i].cpu(), grid_shape,
+            if draws:
+                exemplars[component.id] = _exemplar([training_input(c, j) for j, _ in result["exemplars"][i]],
+                                                    [where for _, where in result["exemplars"][i]], grid_shape,
                                                     parts.input_spec.shape[1:])
-        log(f"protonmf: class {parts.labels[c]!r}: {len(members)} images, relative error "
-            f"{nmf.relative_error_:.4f} after {nmf.n_iter_} iterations, head error {head_error[parts.labels[c]]:.4f} "
-            f"({time.perf_counter() - start:.1f}s)")
+        log(f"protonmf: class {parts.labels[c]!r}: {result['n_examples']} images, relative error "
+            f"{result['relative_error']:.4f} after {result['n_iter']} iterations, head error "
+            f"{head_error[parts.labels[c]]:.4f} ({result['seconds']:.1f}s)")
 
     residual_prototypes = head_weight.cpu() - torch.einsum("kp,kpd->kd", coefficients, prototypes)
     factors = {
@@ -77,45 +113,130 @@ def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfi
         "bias_": head_bias.cpu().contiguous(),
     }
     report = {
-        **_table3(parts, data, factors),
+        **_table3(parts, test, factors),
         "feature_reconstruction_error": feature_error,
         "head_reconstruction_error": head_error,
-        "n_train": len(data.x_train),
-        "n_test": len(data.x_test),
+        **extra,
     }
     return FittedMethod(NAME, factors, components, dataclasses.asdict(config), report, exemplars)
 
 
-def _exemplar(x_train: torch.Tensor, members: torch.Tensor, encoding: torch.Tensor, grid_shape: list[int],
-              input_hw: list[int]) -> bytes:
+
+def _log_negatives(fraction: float, parts: ModelParts, log) -> None:
+    if fraction > 0:
+        log(f"protonmf: {fraction:.1%} of the features at {parts.layer!r} are negative "
+            "and are clipped to zero (offline and online alike)")
+
+
+def _class_nmf(positions: torch.Tensor, y: torch.Tensor, c: int, config: ProtoNMFConfig, draws: bool) -> dict:
+    """Class c's NMF on its rows in memory: the basis (p, D), its error and exemplar choices."""
+    start = time.perf_counter()
+    members = (y == c).nonzero().flatten()
+    dim = positions.shape[1]
+    matrix = positions[members].transpose(1, 2).reshape(-1, dim).float()  # (n_c·P, D)
+    nmf = NMF(config.n_prototypes, init=config.init, solver=config.solver, max_iter=config.max_iter, tol=config.tol,
+              random_state=config.random_state)
+    encoding = nmf.fit_transform(matrix)  # (n_c·P, p)
+    strength, where = encoding.cpu().reshape(len(members), -1, config.n_prototypes).max(dim=1)  # (n_c, p)
+    return {"basis": nmf.components_.cpu(), "relative_error": nmf.relative_error_, "n_iter": nmf.n_iter_,
+            "n_examples": len(members), "seconds": time.perf_counter() - start,
+            "exemplars": _top_regions(strength, where, torch.arange(len(members))) if draws else None}
+
+
+class _ClassRows:
+    """Class c's clipped training features as NMF rows (n_c·P, D), read from the cache on demand."""
+
+    def __init__(self, cache: FeatureCache, c: int):
+        self.cache, self.c = cache, c
+        self.positions = math.prod(cache.feature_shape[1:])
+        self.dim = cache.feature_shape[0]
+
+    def __len__(self) -> int:
+        return self.cache.count("train", self.c) * self.positions
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        first, last = rows.start // self.positions, -(-min(rows.stop, len(self)) // self.positions)
+        features = torch.from_numpy(self.cache.read("train", self.c, first, last))
+        matrix = feature_grid(non_negative(features)).transpose(1, 2).reshape(-1, self.dim)
+        offset = first * self.positions
+        return matrix[rows.start - offset:min(rows.stop, len(self)) - offset]
+
+
+def _class_online_nmf(task: tuple[FeatureCache, int, ProtoNMFConfig, int, bool]) -> dict:
+    """Class c's online NMF over its cached features (an engine task): the basis (p, D), its error,
+    exemplar choices and the count of negative features."""
+    cache, c, config, rows, draws = task
+    # Thousands of small products: one intra-op thread, as thread synchronisation would cost more
+    # than it saves (15x on a busy 2-core machine); on a cluster a task has one core anyway.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _online_nmf(cache, c, config, rows, draws)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _online_nmf(cache: FeatureCache, c: int, config: ProtoNMFConfig, rows: int, draws: bool) -> dict:
+    start = time.perf_counter()
+    matrix = _ClassRows(cache, c)
+    images = max(1, rows // matrix.positions)
+    passes = max(ONLINE_MIN_PASSES, math.ceil(ONLINE_STEPS / math.ceil(cache.count("train", c) / images)))
+    nmf = MiniBatchNMF(config.n_prototypes, init=config.init, batch_size=images * matrix.positions,
+                       max_iter=passes, forget_factor=ONLINE_FORGET_FACTOR, random_state=config.random_state)
+    nmf.fit(matrix)
+    strengths, wheres, negative = [], [], 0
+    for _, features in cache.batches("train", c, images):
+        negative += int((features < 0).sum())
+        batch = torch.from_numpy(features)
+        codes = nmf.transform(feature_grid(non_negative(batch)).transpose(1, 2).reshape(-1, matrix.dim))
+        strength, where = codes.reshape(len(batch), -1, config.n_prototypes).max(dim=1)
+        strengths.append(strength)
+        wheres.append(where)
+    n = cache.count("train", c)
+    return {"basis": nmf.components_.cpu(), "relative_error": nmf.relative_error_, "n_iter": nmf.n_iter_,
+            "n_examples": n, "seconds": time.perf_counter() - start, "negative": negative,
+            "entries": n * math.prod(cache.feature_shape),
+            "exemplars": _top_regions(torch.cat(strengths), torch.cat(wheres), torch.arange(n)) if draws else None}
+
+
+def _top_regions(strength: torch.Tensor, where: torch.Tensor, examples: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per prototype, the (example, grid position) where it is most present, one per example, strongest first.
+
+    strength, where : (n, p) the largest code of each example and its position; examples : (n,)
+    """
+    order = strength.argsort(dim=0, descending=True)[:EXEMPLARS_PER_PROTOTYPE]  # (e, p)
+    return [[(int(examples[j]), int(where[j, i])) for j in order[:, i].tolist()] for i in range(strength.shape[1])]
+
+
+def _exemplar(images: list[torch.Tensor], positions: list[int], grid_shape: list[int], input_hw: list[int]) -> bytes:
     """The training regions where the prototype is most present, one per image."""
-    per_image = encoding.reshape(len(members), -1)  # (n_c, P)
-    strength, where = per_image.max(dim=1)
-    order = strength.argsort(descending=True)[:EXEMPLARS_PER_PROTOTYPE]
-    images, boxes = [], []
-    for j in order.tolist():
-        row, col = divmod(int(where[j]), grid_shape[1])
-        images.append(x_train[members[j]])
-        boxes.append(grid_cell_box(tuple(input_hw), tuple(grid_shape), row, col))
+    boxes = [grid_cell_box(tuple(input_hw), tuple(grid_shape), *divmod(where, grid_shape[1])) for where in positions]
     return crops_png(images, boxes)
 
 
-def _table3(parts: ModelParts, data: FitData, factors: dict[str, torch.Tensor]) -> dict:
-    """Held-out accuracies of the paper's Table 3: NMF prototypes only, residual only, both."""
-    features = non_negative(parts.features(data.x_test))
-    logits = parts.logits(data.x_test)
-    pooled = feature_grid(features).mean(2).cpu()  # (M, D)
+def _cached_test(cache: FeatureCache, images: int):
+    """The held-out split's cached features and labels, batch by batch."""
+    for c in range(cache.num_classes):
+        for _, features in cache.batches("test", c, max(1, images)):
+            yield torch.from_numpy(features), torch.full((len(features),), c, dtype=torch.int64)
+
+
+def _table3(parts: ModelParts, test, factors: dict[str, torch.Tensor]) -> dict:
+    """Held-out accuracies of the paper's Table 3: NMF prototypes only, residual only, both.
+
+    ``test`` gives batches ``(features, y)``: the layer's raw features and the labels.
+    """
     nmf_head = torch.einsum("kp,kpd->kd", factors["coefficients_"], factors["prototypes_"])
-    bias = factors["bias_"]
-    y = data.y_test
-
-    def acc(scores: torch.Tensor) -> float:
-        return round(float((scores.argmax(1).cpu() == y).double().mean()), 6)
-
-    return {
-        "acc_black_box": acc(logits),
-        "acc_nmf_only": acc(pooled @ nmf_head.T + bias),
-        "acc_residual_only": acc(pooled @ factors["residual_prototypes_"].T + bias),
-        "acc_nmf_plus_residual": acc(pooled @ (nmf_head + factors["residual_prototypes_"]).T + bias),
-    }
-
+    heads = {"acc_nmf_only": nmf_head, "acc_residual_only": factors["residual_prototypes_"],
+             "acc_nmf_plus_residual": nmf_head + factors["residual_prototypes_"]}
+    correct = dict.fromkeys(["acc_black_box", *heads], 0)
+    total = 0
+    for features, y in test:
+        with torch.inference_mode():
+            logits = parts.downstream(features.to(parts.device)).cpu()
+        pooled = feature_grid(non_negative(features)).mean(2).cpu()  # (M, D)
+        correct["acc_black_box"] += int((logits.argmax(1) == y).sum())
+        for key, head in heads.items():
+            correct[key] += int(((pooled @ head.T + factors["bias_"]).argmax(1) == y).sum())
+        total += len(y)
+    return {key: round(value / total, 6) if total else float("nan") for key, value in correct.items()}

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torchvision
 
+from bench import fit_data
 from handlers.archive import Archive, read_archive, write_archive
 from handlers.base import Component, ExplainBatch, FittedMethod
 from handlers.model import InputSpec, ModelParts, pooled_linear_head
@@ -502,6 +503,8 @@ def table(results: dict) -> str:
     for method, r in f["per_method"].items():
         lines.append(f"| `explain_over_predict[{method}]` | demo MNIST model, batch 8 | {r['value']:.3f} | "
                      f"{r['spread'][0]:.3f}–{r['spread'][1]:.3f} | |")
+    for key, what, value, spread in fit_data.rows(f["fit_data"]):
+        lines.append(f"| `{key}` | {what} | {value:.3f} | {spread} | {fit_data.GOALS[key]} |")
     return "\n".join(lines)
 
 
@@ -535,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, fn in [("explain_over_predict", explain_over_predict), ("onnx_over_torch", onnx_over_torch),
                      ("dff_over_ours", dff_over_ours),
                      ("sklearn_over_fit", sklearn_over_fit), ("grpc", grpc_overhead_and_memory),
-                     ("batching_efficiency", batching_efficiency), ("per_method", per_method)]:
+                     ("batching_efficiency", batching_efficiency), ("per_method", per_method),
+                     ("fit_data", lambda device, cfg: fit_data.run())]:
         log(f"bench: {name} …")
         start = time.perf_counter()
         figures[name] = fn(device, cfg)

@@ -32,8 +32,8 @@ class FeatureCache:
 
     Layout: ``manifest.json`` (the key, the per-class counts and ``complete``) and, per split s
     and class c, ``{s}_c{c}.npy`` (n_sc, *feature_shape) float32, the features of the split's
-    examples of class c in the source's order, and ``{s}_c{c}_index.npy`` (n_sc,) int64, their
-    indices in the split. ``complete`` is set once every row is written: an incomplete cache
+    examples of class c in the split's order (:meth:`indices` says which they are).
+    ``complete`` is set once every row is written: an incomplete cache
     (an interrupted featurization) is started again, a complete one with the same key reused.
 
     Parameters
@@ -54,13 +54,15 @@ class FeatureCache:
         self.num_classes = num_classes
         self.labels = {split: np.asarray(y, dtype=np.int64) for split, y in labels.items()}
         self.row_bytes = 4 * int(np.prod(self.feature_shape))
-        # slot[s][i]: the row of example i of split s in its class's file.
-        self._slot = {}
+        # Per split: the examples of each class in order (members[s][c]), and slot[s][i], the row of
+        # example i in its class's file; one stable sort, not a pass per class.
+        self._members, self._slot = {}, {}
         for split, y in self.labels.items():
+            order = np.argsort(y, kind="stable")
+            counts = np.bincount(y, minlength=num_classes)
+            self._members[split] = np.split(order, np.cumsum(counts)[:-1])
             slot = np.empty(len(y), dtype=np.int64)
-            for c in range(num_classes):
-                members = np.flatnonzero(y == c)
-                slot[members] = np.arange(len(members))
+            slot[order] = np.arange(len(y)) - np.repeat(np.cumsum(counts) - counts, counts)
             self._slot[split] = slot
         self._written = {split: np.zeros(len(y), dtype=bool) for split, y in self.labels.items()}
         self._header_bytes: dict[str, int] = {}
@@ -68,7 +70,7 @@ class FeatureCache:
         self.complete = bool(manifest and manifest["key"] == key and manifest["complete"])
 
     @classmethod
-    def open(cls, root: Path | str, key: dict, labels: dict[str, np.ndarray], num_classes: int) -> "FeatureCache":
+    def open(cls, root: Path | str, key: dict, labels: dict[str, np.ndarray], num_classes: int) -> FeatureCache:
         """The cache for ``key`` under ``root`` (a directory named by the key's hash): reused when
         complete, else emptied and laid out anew (files of the right size, rows not yet written)."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -97,17 +99,15 @@ class FeatureCache:
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True)
         self._write_manifest()  # complete: false, before any row
-        for split, y in self.labels.items():
-            for c in range(self.num_classes):
-                members = np.flatnonzero(y == c)
-                np.save(self._path(split, c, "_index"), members.astype(np.int64))
+        for split, by_class in self._members.items():
+            for c, members in enumerate(by_class):
                 # A header, then a sparse file of the final size: rows are written in place.
                 array = np.lib.format.open_memmap(self._path(split, c), mode="w+", dtype=np.float32,
                                                   shape=(len(members), *self.feature_shape))
                 del array
 
-    def _path(self, split: str, c: int, suffix: str = "") -> Path:
-        return self.directory / f"{split}_c{c}{suffix}.npy"
+    def _path(self, split: str, c: int) -> Path:
+        return self.directory / f"{split}_c{c}.npy"
 
     def _data_offset(self, split: str, c: int) -> int:
         key = f"{split}_{c}"
@@ -150,11 +150,11 @@ class FeatureCache:
 
     def count(self, split: str, c: int) -> int:
         """Examples of class ``c`` in ``split``."""
-        return int((self.labels[split] == c).sum())
+        return len(self._members[split][c])
 
     def indices(self, split: str, c: int) -> np.ndarray:
         """(n_sc,) int64: the split's indices of its examples of class ``c``, in the files' order."""
-        return np.load(self._path(split, c, "_index"))
+        return self._members[split][c]
 
     def read(self, split: str, c: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of class ``c``'s features: (stop - start, *feature_shape) float32."""

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_fit_data import PROTONMF, SRAE, assert_contract, assert_same_archive, package, work  # noqa: F401 (fixture)
 from torch.utils.data import TensorDataset
 
 from handlers.fitting.engine import LocalEngine, make_engine
@@ -59,3 +60,16 @@ def test_map_runs_tasks_and_keeps_the_items_order(local_ray):
     items = [(i, np.arange(i * 1000, dtype=np.float64)) for i in range(7, 0, -1)]  # the slowest first
     assert make_engine("ray").map(_square_sum, items) == LocalEngine().map(_square_sum, items) \
         == [(i, float(np.square(np.arange(i * 1000, dtype=np.float64)).sum())) for i in range(7, 0, -1)]
+
+
+def test_package_with_the_ray_engine_gives_the_local_engines_archive(local_ray, work, tmp_path):
+    """`protoserve package --engine ray` of an ImageFolder of MNIST PNGs (features by Ray Data actors,
+    fits and ProtoNMF's per-class fits as Ray tasks) writes the archive `--engine local` writes, and it
+    serves with the contract's invariants."""
+    archives = {}
+    for engine in ("local", "ray"):
+        assert package(work, work / "digits", tmp_path / engine, *PROTONMF, *SRAE, "--engine", engine,
+                       "--cache-dir", str(tmp_path / f"cache-{engine}")) == 0
+        archives[engine] = tmp_path / engine / "digits-1.psar"
+    assert_same_archive(archives["ray"], archives["local"])
+    assert_contract(archives["ray"])

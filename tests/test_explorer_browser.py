@@ -190,3 +190,26 @@ def test_a_component_clicked_in_the_gallery_is_suppressed(browser, server, clien
     assert_shown(browser.find_element(By.ID, "intervened-target-logit"), intervened.target_logit)
     for selector in ('.gallery-item[data-component-id="c0.p1"]', '#components button[data-component-id="c0.p1"]'):
         assert "suppressed" in browser.find_element(By.CSS_SELECTOR, selector).get_attribute("class")
+
+
+def test_a_series_model_draws_its_input_and_heatmap_and_ranks_a_non_additive_method(browser, server, client):
+    from selenium.webdriver.support.ui import Select
+
+    info = client.get_model("ecg")
+    open_page(browser, server)
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".sample"))
+    Select(browser.find_element(By.ID, "model-select")).select_by_visible_text("ecg v1")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, 'button[data-sample="4"] svg'))
+    browser.find_element(By.CSS_SELECTOR, 'button[data-sample="4"]').click()
+    wait_for_explanation(browser, "held-out sample 4")
+    method = browser.find_element(By.CSS_SELECTOR, ".tab.active").get_attribute("data-method")
+    assert method == info.default_method and not next(m for m in info.methods if m.name == method).additive
+    request = pb.ExplainRequest(model="ecg", method=method, top_k=len(info.labels), heatmaps=pb.HEATMAP_MODE_INPUT)
+    request.input.CopyFrom(info.samples[4].input)
+    expected = client.stub.Explain(request, timeout=60)
+    check_page_against(browser, expected)
+    assert browser.find_element(By.ID, "decomposition-title").text == "Components, ranked"
+    top = max(expected.components, key=lambda c: (abs(c.contribution), c.weight))
+    assert browser.find_element(By.ID, "heatmap-select").get_attribute("value") == top.id  # a new input's default
+    bands = browser.find_elements(By.CSS_SELECTOR, "#input-series rect")
+    assert len(bands) == info.input_shape[-1] and browser.find_element(By.CSS_SELECTOR, "#input-series path")

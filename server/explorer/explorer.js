@@ -167,7 +167,7 @@ function classLabel(index) { return index < 0 ? "shared" : state.info.labels[ind
 
 async function selectMethod(name) {
   state.method = name;
-  state.suppressed.clear();
+  newInput();
   const tabs = clear($("method-tabs"));
   for (const method of state.info.methods) {
     tabs.append(el("button", {
@@ -207,7 +207,7 @@ async function pickSample(index) {
   document.querySelectorAll(".sample").forEach((b) => b.classList.toggle("active", b.dataset.sample === String(index)));
   state.input = {tensor: sample.input, values: floatsFromBase64(sample.input.data), shape: shapeOf(sample.input),
                  caption: `held-out sample ${index} · true class ${sample.label}`};
-  state.suppressed.clear();
+  newInput();
   await explain();
 }
 
@@ -228,8 +228,14 @@ async function dropFile(file) {
     state.input = {tensor: {dtype: "float32", shape, data: base64FromFloats(values)}, values, shape,
                    caption: `${file.name} (${numbers.length} values)`};
   }
-  state.suppressed.clear();
+  newInput();
   await explain();
+}
+
+// A new input starts with every component and the heatmap of its top component.
+function newInput() {
+  state.suppressed.clear();
+  state.heatmap = "";
 }
 
 function loadPicture(file) {

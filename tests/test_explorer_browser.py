@@ -17,6 +17,10 @@ import pytest
 from PIL import Image
 from protoserve_client import pb
 
+from conftest import RunningServer, free_port
+from server.settings import Settings
+from test_security import TOKEN, token_file  # noqa: F401 (a fixture)
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "build" / "test-artifacts"
@@ -213,3 +217,19 @@ def test_a_series_model_draws_its_input_and_heatmap_and_ranks_a_non_additive_met
     assert browser.find_element(By.ID, "heatmap-select").get_attribute("value") == top.id  # a new input's default
     bands = browser.find_elements(By.CSS_SELECTOR, "#input-series rect")
     assert len(bands) == info.input_shape[-1] and browser.find_element(By.CSS_SELECTOR, "#input-series path")
+
+
+def test_a_server_with_bearer_tokens_gets_the_token_the_user_types(browser, demo_store, token_file):  # noqa: F811
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=0, http_port=free_port(),
+                                     auth_token_file=token_file, shutdown_grace_s=2.0))
+    try:
+        browser.get("about:blank")
+        browser.get(f"http://{running.http_address}/#mnist")
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "token-dialog").is_displayed())
+        browser.find_element(By.ID, "token-input").send_keys(TOKEN + "\n")
+        WebDriverWait(browser, 60).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "#components button[data-component-id]"))
+        assert browser.execute_script("return sessionStorage.getItem('protoserve-token')") == TOKEN
+    finally:
+        browser.execute_script("sessionStorage.clear()")
+        running.stop()

@@ -163,7 +163,7 @@ def featurize_over_loop(work: Path, folder: Path, definition: Path, weights: Pat
     """Inputs per second: LocalEngine.featurize into a fresh feature cache / DataLoader + forward, interleaved."""
     from torch.utils.data import DataLoader
 
-    from handlers.fitting.engine import LocalEngine, _one_thread
+    from handlers.fitting.engine import LocalEngine, one_intraop_thread
     from handlers.fitting.feature_cache import FeatureCache, cache_key
     from handlers.fitting.sources import open_source
     from handlers.model import InputSpec, ModelParts
@@ -183,7 +183,7 @@ def featurize_over_loop(work: Path, folder: Path, definition: Path, weights: Pat
             engine.featurize(parts, source.train, cache, "train", batch_size=BATCH_SIZE, num_workers=WORKERS)
 
     def plain_loop():
-        loader = DataLoader(source.train, batch_size=BATCH_SIZE, num_workers=WORKERS, worker_init_fn=_one_thread)
+        loader = DataLoader(source.train, batch_size=BATCH_SIZE, num_workers=WORKERS, worker_init_fn=one_intraop_thread)
         with torch.inference_mode():
             for x, _ in loader:
                 parts.upstream(x)

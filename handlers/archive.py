@@ -39,8 +39,12 @@ from safetensors.torch import save as save_safetensors
 
 from handlers.base import Component, FittedMethod
 from handlers.errors import ArchiveError
+from handlers.graph_program import (
+    UnsafeGraphError,
+    dump_graph_module,
+    load_graph_module,
+)
 from handlers.model import InputSpec, ModelParts
-from handlers.graph_program import UnsafeGraphError, dump_graph_module, load_graph_module
 from handlers.onnx_backend import export_part
 
 FORMAT = "protoserve-archive"

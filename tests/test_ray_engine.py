@@ -8,7 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_fit_data import PROTONMF, SRAE, assert_contract, assert_same_archive, package, work  # noqa: F401 (fixture)
+from test_fit_data import (  # noqa: F401 (fixture)
+    PROTONMF,
+    SRAE,
+    assert_contract,
+    assert_same_archive,
+    package,
+    work,
+)
 from torch.utils.data import TensorDataset
 
 from handlers.fitting.engine import LocalEngine, make_engine

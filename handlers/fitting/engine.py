@@ -47,7 +47,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _one_thread(_worker_id: int) -> None:
+def one_intraop_thread(_worker_id: int) -> None:
     # Decoding workers each get one intra-op thread: the forward pass keeps the cores.
     torch.set_num_threads(1)
 
@@ -81,7 +81,7 @@ class LocalEngine:
                   batch_size: int, num_workers: int) -> None:
         upstream = upstream_on(parts, self.device)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            worker_init_fn=_one_thread if num_workers else None,
+                            worker_init_fn=one_intraop_thread if num_workers else None,
                             pin_memory=self.device.type == "cuda")
         # Disk writes overlap the next batch's forward pass; one at a time bounds what waits.
         with ThreadPoolExecutor(1) as writer, progress(len(dataset), f"featurize {split}") as bar:

@@ -162,6 +162,9 @@ class ExplainBatch:
     targets  : (B,) int64, the explained class of each example
     suppress : (B, M, N) bool, M intervention sets over the method's N components
     heatmaps : whether to compute heatmaps
+    heatmap_kind : "contribution" (each component's share of the target logit, in space) or
+               "presence" (where each component is present, and the residual's map), for an
+               explainer whose ``presence_maps`` is True
     taps     : what the explainer's ``tapped_upstream`` returned besides ``features``, when
                the forward pass ran it; None: the explainer computes what it needs itself
     """
@@ -173,6 +176,7 @@ class ExplainBatch:
     suppress: torch.Tensor
     heatmaps: bool
     taps: tuple[torch.Tensor, ...] | None = None
+    heatmap_kind: str = "contribution"
 
 
 @dataclass
@@ -188,6 +192,7 @@ class Explanation:
     target_logit          : (B,) float32, the model's logit of the target class
     heatmaps              : (B, C, H, W) float32 on the feature grid, or None
     intervened_logits     : (B, M, K) float32, the logits with each intervention applied
+    residual_heatmap      : (B, H, W) float32, the residual's map (presence heatmaps), or None
     """
 
     target_class: torch.Tensor
@@ -200,6 +205,7 @@ class Explanation:
     target_logit: torch.Tensor
     heatmaps: torch.Tensor | None
     intervened_logits: torch.Tensor
+    residual_heatmap: torch.Tensor | None = None
 
 
 FactorSpec = tuple[torch.dtype, tuple[int | str, ...]]
@@ -230,6 +236,9 @@ class Explainer(ABC):
     # A module (B, *input_shape) -> (features, *taps) that the torch forward pass runs instead of
     # the upstream, for methods that also read other layers (``ExplainBatch.taps``).
     tapped_upstream: torch.nn.Module | None = None
+    # Whether explain() draws presence heatmaps (``ExplainBatch.heatmap_kind``); requests for them are
+    # refused otherwise.
+    presence_maps: bool = False
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         self.model = model
@@ -285,6 +294,7 @@ class Decomposition:
     residual                : (B,) float32, or None: the target logit less the contributions and the bias
     heatmaps                : (B, C, H, W) float32, or None
     suppressed_contribution : (B, U) float32, each suppressed component's contribution to its own class's logit
+    residual_heatmap        : (B, H, W) float32, or None
     """
 
     component_index: torch.Tensor
@@ -294,6 +304,7 @@ class Decomposition:
     residual: torch.Tensor | None
     heatmaps: torch.Tensor | None
     suppressed_contribution: torch.Tensor
+    residual_heatmap: torch.Tensor | None = None
 
 
 class AdditiveExplainer(Explainer):
@@ -343,6 +354,7 @@ class AdditiveExplainer(Explainer):
             target_logit=target_logit,
             heatmaps=terms.heatmaps,
             intervened_logits=logits.unsqueeze(1) - removed,
+            residual_heatmap=terms.residual_heatmap,
         )
 
 

@@ -70,6 +70,7 @@ class ExplainedRow:
     weight, contribution: (C,) float32
     heatmaps            : (C, H, W) float32 on the feature grid, or None
     intervened          : the example's own M intervened logit vectors, ranked
+    residual_heatmap    : (H, W) float32, the residual's map (presence heatmaps), or None
     additive            : an additive method's row that adds up within float32 rounding
     additivity_gap      : |sum(contribution) + residual_contribution + bias - target_logit|; 0 for
                           a method that is not additive
@@ -88,6 +89,7 @@ class ExplainedRow:
     intervened: list[Scores]
     additive: bool
     additivity_gap: float
+    residual_heatmap: np.ndarray | None = None
 
     def top_component(self) -> int | None:
         """The index (into the method's components) of the reported component that contributes most
@@ -127,6 +129,8 @@ def explained_rows(logits: torch.Tensor, explanation: Explanation, n_interventio
               & e.intervened_logits.isfinite().reshape(b, -1).all(1))
     if e.heatmaps is not None:
         finite &= e.heatmaps.isfinite().reshape(b, -1).all(1)
+    if e.residual_heatmap is not None:
+        finite &= e.residual_heatmap.isfinite().reshape(b, -1).all(1)
     if additive:
         gap, adds_up = additivity_gaps(e)
         gaps, adds_up = gap.tolist(), adds_up.tolist()
@@ -134,9 +138,11 @@ def explained_rows(logits: torch.Tensor, explanation: Explanation, n_interventio
         gaps, adds_up = [0.0] * b, [False] * b
     intervened = ranked_scores(e.intervened_logits.reshape(b * m, k))
     heatmaps = e.heatmaps.numpy() if e.heatmaps is not None else [None] * b
+    residual_heatmaps = e.residual_heatmap.numpy() if e.residual_heatmap is not None else [None] * b
     columns = zip(ranked_scores(logits), e.target_class.tolist(), e.target_logit.tolist(), e.bias.tolist(),
                   e.residual_contribution.tolist(), e.residual_share.tolist(), e.component_index.numpy(),
                   e.weight.numpy(), e.contribution.numpy(), heatmaps)
     return [ExplainedRow(*fields, intervened=intervened[i * m:i * m + n_interventions[i]], additive=adds_up[i],
-                         additivity_gap=gaps[i]) if ok else InvalidInputError("input", OVERFLOW)
+                         additivity_gap=gaps[i], residual_heatmap=residual_heatmaps[i])
+            if ok else InvalidInputError("input", OVERFLOW)
             for i, (fields, ok) in enumerate(zip(columns, finite.tolist()))]

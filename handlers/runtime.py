@@ -135,7 +135,8 @@ class ModelRuntime:
                 ) -> tuple[torch.Tensor, Explanation, dict[str, float]]:
         """Explain a batch with one method.
 
-        ``heatmaps`` is "none", "feature_grid" or "input". Returns the logits (B, K) and the
+        ``heatmaps`` is "none", "feature_grid" or "input" (contribution densities), or "presence_feature_grid"
+        or "presence_input" (presence maps, for an explainer that draws them). Returns the logits (B, K) and the
         explanation, both on the CPU, and the seconds spent in the "forward" and "explain"
         stages (the device synchronized at each boundary, so GPU time is counted where it is spent).
         """
@@ -165,11 +166,17 @@ class ModelRuntime:
             targets = torch.tensor([item.target if item.target is not None else -1 for item in items],
                                    device=self.device)
             targets = torch.where(targets < 0, logits.argmax(1), targets)
+            presence = heatmaps.startswith("presence_")
             explanation = explainer.explain(ExplainBatch(
                 inputs=inputs, features=features, logits=logits, targets=targets,
-                suppress=suppress.to(self.device), heatmaps=heatmaps != "none", taps=taps))
-            if heatmaps == "input" and explanation.heatmaps is not None:
-                explanation.heatmaps = self._to_input_size(explanation.heatmaps)
+                suppress=suppress.to(self.device), heatmaps=heatmaps != "none", taps=taps,
+                heatmap_kind="presence" if presence else "contribution"))
+            if heatmaps.endswith("input") and explanation.heatmaps is not None:
+                # A density keeps its sum (its contribution); a presence map its values.
+                explanation.heatmaps = self._to_input_size(explanation.heatmaps, keep_sum=not presence)
+                if explanation.residual_heatmap is not None:
+                    explanation.residual_heatmap = self._to_input_size(
+                        explanation.residual_heatmap.unsqueeze(1), keep_sum=False).squeeze(1)
         result = logits.detach().float().cpu(), _detach_cpu(explanation)
         return *result, {"forward": forward_done - start, "explain": self._clock() - forward_done}
 
@@ -230,14 +237,15 @@ class ModelRuntime:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _to_input_size(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) -> (B, C, H, W) at the input's size, rescaled so each map keeps its sum."""
+    def _to_input_size(self, maps: torch.Tensor, keep_sum: bool = True) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C, H, W) at the input's size, bilinear; ``keep_sum``: rescaled so each map
+        keeps its sum."""
         shape = self.parts.input_spec.shape
         if len(shape) != 3:
             return maps
         size = tuple(shape[1:])
         up = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
-        return up * (maps.shape[2] * maps.shape[3]) / (size[0] * size[1])
+        return up * (maps.shape[2] * maps.shape[3]) / (size[0] * size[1]) if keep_sum else up
 
 
 def _detach_cpu(explanation: Explanation) -> Explanation:

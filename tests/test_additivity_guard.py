@@ -4,7 +4,8 @@
   inputs for archives written before samples were stored); one that does not add up is refused
   alone. The scenario of issue 15: ProtoNMF packaged at a signed layer (a Linear without ReLU)
   that feeds a linear head directly, as a LeNet-5 without its last ReLU split at its first
-  linear layer.
+  linear layer, by the code before issue 18 (whose archives say nothing of ``head_reads``); since
+  then such a fit adds up (tests/test_protonmf_paper.py) and serves.
 * On every answer the server checks completeness again, says so in ``additive`` and
   ``additivity_gap``, and counts violations in ``protoserve_additivity_violations_total``.
 * An input whose forward pass overflows float32 is refused alone, with INVALID_ARGUMENT.
@@ -24,7 +25,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, free_port, fully_connected_problem
+from conftest import RunningServer, free_port, fully_connected_problem, rewrite_archive
 from prometheus_client.parser import text_string_to_metric_families
 from protoserve_client import ExplainerClient, ExplainerError
 from protoserve_client.stubs.inference import grpc_service_pb2 as oip
@@ -63,6 +64,11 @@ def store(tmp_path_factory) -> Path:
             methods={"protonmf": {"n_prototypes": 2, "max_iter": 50},
                      "srae": {"n_xfeatures": 2, "hidden": 8, "epochs": 1}},
             name="signed", version="1", out_dir=store, log=lambda message: None)
+    # The same fit as written before issue 18: its residual counted the clipped features only.
+    written = store / "signed-1.psar"
+    rewrite_archive(written, store.parent / "signed-before-18.psar",
+                    lambda members, manifest: manifest["methods"]["protonmf"]["hyperparameters"].pop("head_reads"))
+    (store.parent / "signed-before-18.psar").replace(written)
     good = fit_methods(parts, data, {"protonmf": {"n_prototypes": 2, "max_iter": 50}}, log=lambda _: None)
     write_archive(store, "good", "1", parts, good, samples=held_out_samples(data))  # after a ReLU: adds up
     return store

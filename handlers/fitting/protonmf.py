@@ -1,6 +1,10 @@
 """Offline half of protonmf: the fit and its report (the online explainer is handlers/explainers/protonmf.py).
 
-ProtoNMF: a black-box model turned into a prototype-based one by NMF.
+ProtoNMF: a black-box model turned into a prototype-based one by NMF. Per class: NMF of the clipped
+features (paper eqs. 1-3, :func:`_class_nmf`, or online, :func:`_class_online_nmf`), the head's row
+by least squares on the prototypes (eq. 4) and the residual prototype (eq. 5), in :func:`fit`;
+what the head reads of negative features (:func:`head_reads`); the report's Table 3 accuracies
+(:func:`_table3`) and Fig. 5 sweep over the prototype count (:func:`_p_sweep`).
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import torch
 
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import crops_png, grid_cell_box
-from handlers.explainers.protonmf import NAME, ProtoNMFConfig, non_negative, feature_grid
+from handlers.explainers.protonmf import NAME, ProtoNMFConfig, feature_grid, non_negative
 from handlers.fitting.feature_cache import FeatureCache
+from handlers.graph_program import non_negative_layers
 from handlers.model import ModelParts, pooled_linear_head
 from handlers.solvers.nmf import NMF, MiniBatchNMF
 
@@ -31,6 +36,10 @@ ONLINE_MIN_PASSES = 3
 ONLINE_FORGET_FACTOR = 0.1
 # Copies of a mini-batch of rows the online fit holds at once (the rows, their clipped grid, the residual).
 MINI_BATCH_COPIES = 3
+# The Fig. 5 sweep fits each class on its first SWEEP_EXAMPLES training examples, SWEEP_MAX_ITER
+# iterations per fit: a few seconds for the demo models next to the fit itself.
+SWEEP_EXAMPLES = 20
+SWEEP_MAX_ITER = 100
 
 
 def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfig(), log=print) -> FittedMethod:
@@ -39,9 +48,10 @@ def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfi
     features (online NMF per class, each class a task of the stream's engine).
 
     Returns tensors ``prototypes_`` (K, p, D), ``coefficients_`` (K, p),
-    ``residual_prototypes_`` (K, D) and ``bias_`` (K,).
+    ``residual_prototypes_`` (K, D) and ``bias_`` (K,); the hyperparameters record ``head_reads``.
     """
     head_weight, head_bias = pooled_linear_head(parts)
+    config = dataclasses.replace(config, head_reads=head_reads(parts, head_weight, head_bias))
     num_classes, dim = head_weight.shape
     n_prototypes = config.n_prototypes
     if n_prototypes > dim:
@@ -62,6 +72,9 @@ def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfi
         def training_input(c: int, i: int) -> torch.Tensor:  # class c's i-th training input
             return data.x_train[(data.y_train == c).nonzero().flatten()[i]]
 
+        def sweep_positions(c: int) -> torch.Tensor:  # class c's first sweep examples, (n, D, P) clipped
+            return positions[(data.y_train == c).nonzero().flatten()[:SWEEP_EXAMPLES]]
+
         test = [(parts.features(data.x_test), data.y_test)]
         extra = {"n_train": len(data.x_train), "n_test": len(data.x_test)}
     else:
@@ -73,6 +86,10 @@ def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfi
 
         def training_input(c: int, i: int) -> torch.Tensor:
             return stream.train[int(stream.cache.indices("train", c)[i])][0]
+
+        def sweep_positions(c: int) -> torch.Tensor:
+            first = stream.cache.read("train", c, 0, min(SWEEP_EXAMPLES, stream.cache.count("train", c)))
+            return feature_grid(non_negative(torch.from_numpy(first)))
 
         test = _cached_test(stream.cache, rows // max(1, math.prod(grid_shape)))
         extra = {"n_train": len(stream.cache.labels["train"]), "n_test": len(stream.cache.labels["test"]),
@@ -88,9 +105,8 @@ def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfi
     for c, result in enumerate(per_class):
         basis = result["basis"]  # (p, D)
         v = head_weight[c].cpu()
-        # Least squares V^c ≈ C^c B^c; lstsq handles a rank-deficient basis.
-        coef = torch.linalg.lstsq(basis.T.double(), v.double().unsqueeze(1)).solution.squeeze(1).float()
-        residual = v - coef @ basis
+        coef = _head_coefficients(basis, v)
+        residual = v - coef @ basis  # eq. 5
         prototypes[c], coefficients[c] = basis, coef
         feature_error[parts.labels[c]] = float(result["relative_error"])
         head_error[parts.labels[c]] = float(residual.norm() / v.norm().clamp_min(1e-12))
@@ -113,19 +129,73 @@ def fit(parts: ModelParts, data: FitData, config: ProtoNMFConfig = ProtoNMFConfi
         "bias_": head_bias.cpu().contiguous(),
     }
     report = {
-        **_table3(parts, test, factors),
+        **_table3(parts, test, factors, config.head_reads),
         "feature_reconstruction_error": feature_error,
         "head_reconstruction_error": head_error,
+        "head_reads": config.head_reads,
+        "p_sweep": _p_sweep([sweep_positions(c) for c in range(num_classes)], head_weight.cpu(), config),
         **extra,
     }
     return FittedMethod(NAME, factors, components, dataclasses.asdict(config), report, exemplars)
 
 
+def _head_coefficients(basis: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """C^c = argmin ‖V^c − C B^c‖² (eq. 4), (p,); lstsq handles a rank-deficient basis (p, D)."""
+    return torch.linalg.lstsq(basis.T.double(), v.double().unsqueeze(1)).solution.squeeze(1).float()
+
+
+def head_reads(parts: ModelParts, head_weight: torch.Tensor, head_bias: torch.Tensor, atol: float = 1e-4) -> str:
+    """What the head does with the layer's negative features: "signed" when it is linear on them
+    (they reach it), "clipped" when it reads max(F, 0) (a ReLU starts it). Probed with seeded signed
+    feature maps; a head that does neither is refused unless the layer has no negative features.
+
+    head_weight : (K, D), head_bias : (K,) from :func:`handlers.model.pooled_linear_head`
+    """
+    d, *grid = parts.feature_shape
+    probe = torch.randn(8, d, *grid, generator=torch.Generator().manual_seed(0)).to(parts.device)
+    with torch.inference_mode():
+        logits = parts.downstream(probe)
+    flat = probe.flatten(2) if grid else probe.unsqueeze(2)
+    scale = atol * max(1.0, logits.abs().max().item())
+    for reads, seen in (("signed", flat), ("clipped", flat.clamp_min(0))):
+        if (seen.mean(2) @ head_weight.T + head_bias - logits).abs().max().item() <= scale:
+            return reads
+    if parts.layer in non_negative_layers(parts.upstream):
+        return "clipped"
+    raise ValueError(f"protonmf: the head after {parts.layer!r} is linear on non-negative features but reads "
+                     "negative ones neither as they are nor clipped at zero, so no decomposition of its logits "
+                     "is exact: explain a layer after a ReLU, or one that feeds the pooled linear head directly")
+
+
+def _p_sweep(per_class: list[torch.Tensor], head_weight: torch.Tensor, config: ProtoNMFConfig) -> list[dict]:
+    """The paper's Fig. 5: per prototype count p, the feature and head reconstruction errors, each the
+    mean over classes of ‖A^c − E^c B^c‖_F / ‖A^c‖_F (eq. 3, relative) and ‖R^c‖ / ‖V^c‖ (eq. 5).
+
+    per_class : K tensors (n_c, D, P), a subset of each class's clipped features; head_weight : (K, D)
+    """
+    dim = head_weight.shape[1]
+    rows = []
+    for p in sorted({p for p in config.p_sweep if p <= dim}):
+        feature_errors, head_errors = [], []
+        for c, positions in enumerate(per_class):
+            matrix = positions.transpose(1, 2).reshape(-1, dim).float()
+            nmf = NMF(p, init=config.init, solver=config.solver, max_iter=SWEEP_MAX_ITER, tol=config.tol,
+                      random_state=config.random_state)
+            nmf.fit(matrix)
+            v = head_weight[c]
+            residual = v - _head_coefficients(nmf.components_.cpu(), v) @ nmf.components_.cpu()
+            feature_errors.append(float(nmf.relative_error_))
+            head_errors.append(float(residual.norm() / v.norm().clamp_min(1e-12)))
+        rows.append({"p": p, "feature_reconstruction_error": round(sum(feature_errors) / len(feature_errors), 6),
+                     "head_reconstruction_error": round(sum(head_errors) / len(head_errors), 6)})
+    return rows
+
+
 
 def _log_negatives(fraction: float, parts: ModelParts, log) -> None:
     if fraction > 0:
-        log(f"protonmf: {fraction:.1%} of the features at {parts.layer!r} are negative "
-            "and are clipped to zero (offline and online alike)")
+        log(f"protonmf: {fraction:.1%} of the features at {parts.layer!r} are negative: NMF sees them as zero, "
+            "and what reaches the head of them goes to the residual prototype")
 
 
 def _class_nmf(positions: torch.Tensor, y: torch.Tensor, c: int, config: ProtoNMFConfig, draws: bool) -> dict:
@@ -221,22 +291,27 @@ def _cached_test(cache: FeatureCache, images: int):
             yield torch.from_numpy(features), torch.full((len(features),), c, dtype=torch.int64)
 
 
-def _table3(parts: ModelParts, test, factors: dict[str, torch.Tensor]) -> dict:
-    """Held-out accuracies of the paper's Table 3: NMF prototypes only, residual only, both.
+def _table3(parts: ModelParts, test, factors: dict[str, torch.Tensor], reads: str) -> dict:
+    """Held-out accuracies of the paper's Table 3: NMF prototypes only, residual only, both; the
+    terms as served (handlers/explainers/protonmf.py), so that both together are the black box.
 
-    ``test`` gives batches ``(features, y)``: the layer's raw features and the labels.
+    ``test`` gives batches ``(features, y)``: the layer's raw features and the labels; ``reads``:
+    what the head reads of negative features.
     """
-    nmf_head = torch.einsum("kp,kpd->kd", factors["coefficients_"], factors["prototypes_"])
-    heads = {"acc_nmf_only": nmf_head, "acc_residual_only": factors["residual_prototypes_"],
-             "acc_nmf_plus_residual": nmf_head + factors["residual_prototypes_"]}
-    correct = dict.fromkeys(["acc_black_box", *heads], 0)
+    nmf_head = torch.einsum("kp,kpd->kd", factors["coefficients_"], factors["prototypes_"])  # (K, D)
+    correct = dict.fromkeys(["acc_black_box", "acc_nmf_only", "acc_residual_only", "acc_nmf_plus_residual"], 0)
     total = 0
     for features, y in test:
         with torch.inference_mode():
             logits = parts.downstream(features.to(parts.device)).cpu()
-        pooled = feature_grid(non_negative(features)).mean(2).cpu()  # (M, D)
-        correct["acc_black_box"] += int((logits.argmax(1) == y).sum())
-        for key, head in heads.items():
-            correct[key] += int(((pooled @ head.T + factors["bias_"]).argmax(1) == y).sum())
+        grid = feature_grid(features).cpu()
+        pooled = non_negative(grid).mean(2)  # (M, D)
+        pooled_read = grid.mean(2) if reads == "signed" else pooled
+        nmf_only = pooled @ nmf_head.T
+        residual_only = pooled_read @ factors["residual_prototypes_"].T - (pooled - pooled_read) @ nmf_head.T
+        for key, scores in (("acc_black_box", logits), ("acc_nmf_only", nmf_only + factors["bias_"]),
+                            ("acc_residual_only", residual_only + factors["bias_"]),
+                            ("acc_nmf_plus_residual", nmf_only + residual_only + factors["bias_"])):
+            correct[key] += int((scores.argmax(1) == y).sum())
         total += len(y)
     return {key: round(value / total, 6) if total else float("nan") for key, value in correct.items()}

@@ -1,0 +1,58 @@
+"""Exact non-negative least squares for a few unknowns, each problem with its own Gram matrix.
+
+``w = argmin_{w ≥ 0} ½ wᵀGw − cᵀw`` (``‖a − wH‖²`` up to a constant, ``G = HHᵀ``, ``c = Ha``) for a
+batch of problems whose dictionaries ``H`` differ (ProtoNMF's presence maps: each example's target
+class has its own prototypes), by trying every support S of the k unknowns: the least-squares
+solution on S, ``w_S = G_SS⁻¹ c_S``, is a candidate when it is non-negative, and the NNLS solution
+is the candidate of lowest objective (it is itself the least-squares solution on its own support,
+and every candidate is a feasible point). Fixed cost: 2^k − 1 supports of k × k, so for small k
+only (:data:`MAX_UNKNOWNS`); :func:`handlers.solvers.active_set.active_set_codes` shares one ``G``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# 1023 supports: about 10^5 multiply-adds per right-hand side.
+MAX_UNKNOWNS = 10
+
+
+def supports(k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(2^k − 1, k) bool: every non-empty subset of k unknowns."""
+    bits = torch.arange(1, 2 ** k, device=device).unsqueeze(1)
+    return (bits >> torch.arange(k, device=device)) & 1 == 1
+
+
+def enumerated_nnls(cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Exact NNLS codes of many right-hand sides per problem.
+
+    Parameters
+    ----------
+    cross : Tensor of shape (B, k, P)
+        ``c = H a`` for P right-hand sides ``a`` of each of the B problems.
+    gram : Tensor of shape (B, k, k)
+        ``G = H Hᵀ`` of each problem.
+
+    Returns
+    -------
+    codes : Tensor of shape (B, k, P), float32, non-negative
+    """
+    b, k, _ = cross.shape
+    if k > MAX_UNKNOWNS:
+        raise ValueError(f"enumerated_nnls solves at most {MAX_UNKNOWNS} unknowns, got {k}")
+    dtype = torch.float64  # G_SS of nearly collinear rows (augmented prototypes) needs it
+    support = supports(k, cross.device)  # (S, k)
+    inside = (support.unsqueeze(2) & support.unsqueeze(1)).to(dtype)  # (S, k, k)
+    g, c = gram.to(dtype), cross.to(dtype)
+    eye = torch.eye(k, dtype=dtype, device=cross.device)
+    # A ridge keeps G_SS invertible for collinear or zero rows of H; off S the identity, then dropped.
+    ridge = 1e-10 * g.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30).view(b, 1, 1, 1)
+    g_s = g.unsqueeze(1) * inside + ridge * eye + (1 - inside) * eye  # (B, S, k, k)
+    w = torch.linalg.inv(g_s) * inside @ c.unsqueeze(1)  # (B, S, k, P), zero off S
+    tolerance = 1e-9 * w.abs().amax((1, 2), keepdim=True).clamp_min(1e-30)
+    feasible = (w >= -tolerance).all(2)  # (B, S, P)
+    objective = torch.where(feasible, -0.5 * (w * c.unsqueeze(1)).sum(2), torch.inf)  # ½wᵀGw − cᵀw at w_S
+    best_value, best = objective.min(1)  # (B, P)
+    chosen = w.gather(1, best.view(b, 1, 1, -1).expand(b, 1, k, w.shape[3])).squeeze(1)
+    # w = 0 (objective 0) wins where no support does better.
+    return torch.where((best_value < 0).unsqueeze(1), chosen.clamp_min(0), 0.0).float()

@@ -17,7 +17,12 @@ HEATMAP_MODES = {
     pb.HEATMAP_MODE_NONE: "none",
     pb.HEATMAP_MODE_FEATURE_GRID: "feature_grid",
     pb.HEATMAP_MODE_INPUT: "input",
+    pb.HEATMAP_MODE_PRESENCE_FEATURE_GRID: "presence_feature_grid",
+    pb.HEATMAP_MODE_PRESENCE_INPUT: "presence_input",
 }
+
+# Heatmap.component_id of ExplainResponse.residual_heatmap: the residual is no component.
+RESIDUAL_HEATMAP_ID = "residual"
 
 # ModelInfo.backend names the library that runs the forward pass.
 BACKEND_NAMES = {"torch": "torch", "onnx": "onnxruntime"}
@@ -91,6 +96,9 @@ def explain_response(request: pb.ExplainRequest, result: ExplainResult) -> pb.Ex
     if row.heatmaps is not None:
         for j, c in reported:
             response.heatmaps.add(component_id=c.id, map=to_tensor(row.heatmaps[j]))
+    if row.residual_heatmap is not None:
+        response.residual_heatmap.component_id = RESIDUAL_HEATMAP_ID
+        response.residual_heatmap.map.CopyFrom(to_tensor(row.residual_heatmap))
     for intervention, scores in zip(request.interventions, row.intervened):
         answer = response.interventions.add(suppressed=intervention.suppress,
                                             target_logit=float(scores.logits[row.target_class]))
@@ -115,6 +123,7 @@ def model_info(runtime: ModelRuntime, with_components: bool) -> pb.ModelInfo:
         method = info.methods.add(name=name, additive=explainer.additive,
                                   residual_share_definition=explainer.residual_share_definition,
                                   contribution_definition=explainer.contribution_definition,
+                                  presence_maps=explainer.presence_maps,
                                   fit_report_json=json.dumps(explainer.fit_report, sort_keys=True))
         if with_components:
             exemplars = runtime.archive.methods[name].exemplars

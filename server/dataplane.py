@@ -31,7 +31,7 @@ from server.metrics import Metrics
 from server.registry import BatchedModel, ExplainKey, ModelRegistry, PredictKey
 from server.settings import Settings
 
-HEATMAP_MODES = ("none", "feature_grid", "input")
+HEATMAP_MODES = ("none", "feature_grid", "input", "presence_feature_grid", "presence_input")
 
 Answer = TypeVar("Answer")
 
@@ -111,6 +111,10 @@ def explain_options(call: ExplainCall, runtime: ModelRuntime,
         raise NotFoundError(f"method of model {runtime.name!r}", method, sorted(runtime.explainers))
     if call.heatmaps not in HEATMAP_MODES:
         raise InvalidInputError("heatmaps", f"{echo(call.heatmaps)} is not one of {', '.join(HEATMAP_MODES)}")
+    if call.heatmaps.startswith("presence_") and not explainer.presence_maps:
+        raise InvalidInputError("heatmaps", f"method {method!r} has no presence maps; ask for feature_grid or input "
+                                            f"(contribution densities), or use a method whose model info says "
+                                            f"presence_maps")
     target = call.target_class
     if target is not None and not 0 <= target < len(runtime.labels):
         raise InvalidInputError("target_class", f"must be in [0, {len(runtime.labels)}), got {target}")

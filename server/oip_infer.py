@@ -20,6 +20,8 @@ name              type            meaning
 ``suppress``      string          component ids to suppress, comma-separated: one
                                   intervention set; several sets separated by ``;``
 ``heatmaps``      string          ``none`` (default), ``feature_grid`` or ``input``
+                                  (contribution densities), ``presence_feature_grid``
+                                  or ``presence_input`` (presence maps)
 ``explain``       bool            ``false``: the bare prediction (``logits`` only)
 ================  ==============  =====================================================
 
@@ -38,6 +40,8 @@ name                         datatype  shape           holds
 ``residual_contribution``    FP32      [N]             what the components do not carry
 ``residual_share``           FP32      [N]             in [0, 1]
 ``heatmaps``                 FP32      [N, C, H, W]    only when ``heatmaps`` is not none
+``residual_heatmap``         FP32      [N, H, W]       the residual's map, only with the
+                                                       presence modes
 ``intervened_logits``        FP32      [N, M, K]       only when ``suppress`` is given
 ``additivity_gap``           FP32      [N]             |sum(contributions) + residual +
                                                        bias - target_logit|; 0 for a
@@ -111,6 +115,7 @@ def output_metadata(runtime: ModelRuntime) -> list[tuple[str, str, list[int]]]:
         ("residual_contribution", "FP32", [-1]),
         ("residual_share", "FP32", [-1]),
         ("heatmaps", "FP32", [-1, -1, -1, -1]),
+        ("residual_heatmap", "FP32", [-1, -1, -1]),
         ("intervened_logits", "FP32", [-1, -1, k]),
         ("additivity_gap", "FP32", [-1]),
     ]
@@ -300,6 +305,8 @@ def explanation_arrays(result: ExplainResult) -> dict[str, np.ndarray]:
     }
     if rows[0].heatmaps is not None:
         arrays["heatmaps"] = np.stack([row.heatmaps for row in rows])
+    if rows[0].residual_heatmap is not None:
+        arrays["residual_heatmap"] = np.stack([row.residual_heatmap for row in rows])
     if rows[0].intervened:
         arrays["intervened_logits"] = np.stack([np.stack([s.logits for s in row.intervened]) for row in rows])
     arrays["additivity_gap"] = np.array([row.additivity_gap for row in rows], dtype=np.float32)

@@ -234,9 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--intervention", type=_parse_id_list, action="append", default=[], metavar="ID,ID",
                          help="one more intervention: comma-separated ids suppressed together (repeatable)")
     explain.add_argument("--heatmaps", choices=list(HEATMAP_MODES),
-                         help="heatmap mode (default: feature_grid with --overlay, else none)")
+                         help="heatmap mode: contribution densities (feature_grid, input) or the paper's presence "
+                              "maps with the residual's map (presence_feature_grid, presence_input; methods whose "
+                              "model info says presence_maps); default: feature_grid with --overlay, else none")
     explain.add_argument("--overlay", type=Path, metavar="OUT.png",
-                         help="write the input with the top components' heatmaps to this PNG")
+                         help="write the input with the top components' heatmaps (of the --heatmaps mode) to "
+                              "this PNG")
 
     commands.add_parser("models", parents=[connection], help="served models, their methods and components")
     return parser

@@ -28,11 +28,15 @@ ADDITIVITY_RTOL = 1e-4
 # The trailer in which the server names the request field at fault (INVALID_ARGUMENT).
 FIELD_TRAILER = "protoserve-field"
 
-HeatmapName = Literal["feature_grid", "input", "none"]
+# feature_grid and input: contribution densities; presence_*: where each component is present, and the
+# residual's map (ExplainResponse.residual_heatmap), for methods whose MethodInfo says presence_maps.
+HeatmapName = Literal["feature_grid", "input", "none", "presence_feature_grid", "presence_input"]
 HEATMAP_MODES: dict[str, int] = {
     "none": pb.HEATMAP_MODE_NONE,
     "feature_grid": pb.HEATMAP_MODE_FEATURE_GRID,
     "input": pb.HEATMAP_MODE_INPUT,
+    "presence_feature_grid": pb.HEATMAP_MODE_PRESENCE_FEATURE_GRID,
+    "presence_input": pb.HEATMAP_MODE_PRESENCE_INPUT,
 }
 
 InputArray = np.ndarray | pb.Tensor
@@ -279,6 +283,13 @@ def heatmap_arrays(response: pb.ExplainResponse) -> dict[str, np.ndarray]:
         heatmap.component_id: from_tensor(heatmap.map, field=f"heatmaps[{index}].map")
         for index, heatmap in enumerate(response.heatmaps)
     }
+
+
+def residual_heatmap_array(response: pb.ExplainResponse) -> np.ndarray | None:
+    """The residual's map [H, W] (presence heatmap modes), or None when the response has none."""
+    if not response.HasField("residual_heatmap"):
+        return None
+    return from_tensor(response.residual_heatmap.map, field="residual_heatmap.map")
 
 
 def additivity_gap(response: pb.ExplainResponse) -> float:

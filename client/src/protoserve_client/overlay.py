@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from protoserve_client.stubs.protoserve.v1 import explainer_pb2 as pb
-from protoserve_client.client import heatmap_arrays
+from protoserve_client.client import heatmap_arrays, residual_heatmap_array
 
 PANEL_SIZE = 224                 # longer side of an image panel, pixels
 SERIES_PANEL = (448, 160)        # width, height of a series panel
@@ -187,21 +187,27 @@ def render_overlay(input_array: np.ndarray, heatmaps: Sequence[tuple[str, np.nda
 def top_component_heatmaps(
     response: pb.ExplainResponse, limit: int = MAX_COMPONENT_PANELS
 ) -> list[tuple[str, np.ndarray]]:
-    """(title, heatmap) of the `limit` components with the largest |contribution| that have a heatmap.
+    """(title, heatmap) of the `limit` components with the largest |contribution| that have a heatmap,
+    then, with the presence heatmap modes, the residual's map.
 
-    Titles are "id +contribution".
+    Titles are "id +contribution" ("residual +contribution").
     """
     maps = heatmap_arrays(response)
     ranked = sorted(response.components, key=lambda component: abs(component.contribution), reverse=True)
-    return [(f"{component.id} {component.contribution:+.3g}", maps[component.id])
-            for component in ranked if component.id in maps][:limit]
+    panels = [(f"{component.id} {component.contribution:+.3g}", maps[component.id])
+              for component in ranked if component.id in maps][:limit]
+    residual = residual_heatmap_array(response)
+    if residual is not None:
+        panels.append((f"residual {response.residual_contribution:+.3g}", residual))
+    return panels
 
 
 def write_overlay(path: str | os.PathLike[str], input_array: np.ndarray, response: pb.ExplainResponse) -> Image.Image:
     """Render the top components' heatmaps of `response` over `input_array` into a PNG at `path`."""
     heatmaps = top_component_heatmaps(response)
     if not heatmaps:
-        raise ValueError("the response has no heatmaps to draw; request them with heatmaps='feature_grid' or 'input'")
+        raise ValueError("the response has no heatmaps to draw; request them with heatmaps='feature_grid', 'input', "
+                         "'presence_feature_grid' or 'presence_input'")
     picture = render_overlay(input_array, heatmaps)
     picture.save(path, format="PNG")
     return picture

@@ -12,9 +12,13 @@ class HeatmapMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HEATMAP_MODE_NONE: _ClassVar[HeatmapMode]
     HEATMAP_MODE_FEATURE_GRID: _ClassVar[HeatmapMode]
     HEATMAP_MODE_INPUT: _ClassVar[HeatmapMode]
+    HEATMAP_MODE_PRESENCE_FEATURE_GRID: _ClassVar[HeatmapMode]
+    HEATMAP_MODE_PRESENCE_INPUT: _ClassVar[HeatmapMode]
 HEATMAP_MODE_NONE: HeatmapMode
 HEATMAP_MODE_FEATURE_GRID: HeatmapMode
 HEATMAP_MODE_INPUT: HeatmapMode
+HEATMAP_MODE_PRESENCE_FEATURE_GRID: HeatmapMode
+HEATMAP_MODE_PRESENCE_INPUT: HeatmapMode
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -129,7 +133,7 @@ class InterventionResult(_message.Message):
     def __init__(self, suppressed: _Optional[_Iterable[str]] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_logit: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "method", "prediction", "target_class", "target_logit", "components", "bias", "residual_contribution", "residual_share", "heatmaps", "interventions", "additive", "additivity_gap")
+    __slots__ = ("request_id", "model", "version", "method", "prediction", "target_class", "target_logit", "components", "bias", "residual_contribution", "residual_share", "heatmaps", "interventions", "additive", "additivity_gap", "residual_heatmap")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +149,7 @@ class ExplainResponse(_message.Message):
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     ADDITIVE_FIELD_NUMBER: _ClassVar[int]
     ADDITIVITY_GAP_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_HEATMAP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: str
@@ -160,7 +165,8 @@ class ExplainResponse(_message.Message):
     interventions: _containers.RepeatedCompositeFieldContainer[InterventionResult]
     additive: bool
     additivity_gap: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_class: _Optional[int] = ..., target_logit: _Optional[float] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., bias: _Optional[float] = ..., residual_contribution: _Optional[float] = ..., residual_share: _Optional[float] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., interventions: _Optional[_Iterable[_Union[InterventionResult, _Mapping]]] = ..., additive: _Optional[bool] = ..., additivity_gap: _Optional[float] = ...) -> None: ...
+    residual_heatmap: Heatmap
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_class: _Optional[int] = ..., target_logit: _Optional[float] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., bias: _Optional[float] = ..., residual_contribution: _Optional[float] = ..., residual_share: _Optional[float] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., interventions: _Optional[_Iterable[_Union[InterventionResult, _Mapping]]] = ..., additive: _Optional[bool] = ..., additivity_gap: _Optional[float] = ..., residual_heatmap: _Optional[_Union[Heatmap, _Mapping]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message", "field")
@@ -213,20 +219,22 @@ class ComponentInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., class_index: _Optional[int] = ..., exemplar_png: _Optional[bytes] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
-    __slots__ = ("name", "additive", "residual_share_definition", "components", "fit_report_json", "contribution_definition")
+    __slots__ = ("name", "additive", "residual_share_definition", "components", "fit_report_json", "contribution_definition", "presence_maps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDITIVE_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_SHARE_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     FIT_REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_MAPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     additive: bool
     residual_share_definition: str
     components: _containers.RepeatedCompositeFieldContainer[ComponentInfo]
     fit_report_json: str
     contribution_definition: str
-    def __init__(self, name: _Optional[str] = ..., additive: _Optional[bool] = ..., residual_share_definition: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentInfo, _Mapping]]] = ..., fit_report_json: _Optional[str] = ..., contribution_definition: _Optional[str] = ...) -> None: ...
+    presence_maps: bool
+    def __init__(self, name: _Optional[str] = ..., additive: _Optional[bool] = ..., residual_share_definition: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentInfo, _Mapping]]] = ..., fit_report_json: _Optional[str] = ..., contribution_definition: _Optional[str] = ..., presence_maps: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "input_dtype", "input_shape", "labels", "methods", "default_method", "layer", "feature_shape", "backend", "execution_provider", "samples", "image_mode")

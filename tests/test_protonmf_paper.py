@@ -234,3 +234,23 @@ def test_a_method_without_presence_maps_refuses_the_mode(server):
         with pytest.raises(grpc.RpcError) as unknown:
             pb_grpc.ExplainerStub(channel).Explain(request, timeout=30)
         assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_presence_heatmaps_over_the_open_inference_protocol(server):
+    running, archive, data = server
+    from protoserve_client.stubs.inference import grpc_service_pb2 as oip
+    from protoserve_client.stubs.inference import grpc_service_pb2_grpc as oip_grpc
+
+    x = data.x_test[:3].numpy()
+    request = oip.ModelInferRequest(model_name="conv", inputs=[oip.ModelInferRequest.InferInputTensor(
+        name="input", datatype="FP32", shape=x.shape)], raw_input_contents=[x.tobytes()])
+    request.parameters["heatmaps"].string_param = "presence_feature_grid"
+    with grpc.insecure_channel(running.address) as channel:
+        response = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    outputs = {o.name: (list(o.shape), raw) for o, raw in zip(response.outputs, response.raw_output_contents)}
+    explainer = ProtoNMFExplainer(archive.parts, archive.methods["protonmf"])
+    _, _, expected = _explain(explainer, archive.parts, data.x_test[:3], kind="presence")
+    for name, tensor in (("heatmaps", expected.heatmaps), ("residual_heatmap", expected.residual_heatmap)):
+        shape, raw = outputs[name]
+        assert shape == list(tensor.shape)
+        np.testing.assert_allclose(np.frombuffer(raw, "<f4").reshape(shape), tensor.numpy(), atol=1e-5)

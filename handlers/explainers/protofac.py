@@ -15,32 +15,43 @@ flattened row per training input, form A (n × m); the frozen model's own predic
 * W (n × k) ≥ 0 with every row on the probability simplex, kept there by Euclidean
   projection of each row after every optimizer step (sort-based, Duchi et al. 2008).
 
-The loss (paper eq. 3) on a mini-batch B is
+The loss (paper eq. 4) is a sum of per-row terms: on a mini-batch B, with ŷ the oracle labels,
 
-    λ_ce · CE(f_down(W_B H), ŷ_B) + λ_r · L_r + λ_c · L_c,
-    L_r = ‖A_B − W_B H‖_F / (sqrt(|B|) · ā)        (the F-loss (1/n)‖A − WH‖_F, estimated
-                                                      on the batch and made scale-free by ā,
-                                                      the mean row norm of A)
-    L_c = (1/k) Σ_j min_c ‖h_j − a_c‖² / ā²          (concentration: every prototype near
-                                                      some candidate's latent vector a_c)
+    λ_ce · L_ce + λ_r · L_r + λ_c · L_c
+    L_ce = mean_i CE(f_down(w_i H), ŷ_i)                    (eq. 2, multi-class)
+    L_r  = mean_i ‖a_i − w_i H‖ / ā                          (eq. 1 row by row, made scale-free by ā,
+                                                              the mean row norm of the training A)
+    L_c  = mean_i min_j ‖w_i − e_j‖²                         (eq. 3: concentration of each row of W
+                                                              on one prototype; e_j the basis vectors)
 
-with f_down the frozen network after the layer. Adam updates W and H; H is clamped at
-zero after each step; the nearest candidate of every prototype (for L_c) is recomputed
-once per epoch. Every ``projection_interval`` epochs each prototype is replaced by its
-nearest candidate (distinct candidates, greedily, closest prototype first) and W is
-refined with H frozen by the reconstruction solver below; the projected H with the best
-accuracy against the oracle (on a fixed subset of the training data) is kept.
+with f_down the frozen network after the layer. Eq. 1 is (1/n)‖A − WH‖_F; its mean of row norms
+here equals it for one row and makes the loss a sum over rows, so a row's W never depends on the
+other rows of its batch (the fit report's F-loss is eq. 1 as written). Adam updates W and H; H is
+clamped at zero after each step. (An earlier version also pulled every prototype towards its
+nearest candidate, (1/k) Σ_j min_c ‖h_j − a_c‖² / ā², under the name of eq. 3; on the MNIST demo,
+weight 0.1 against 0, it picked the same prototypes, so it is gone.) Every ``projection_interval`` epochs each prototype is replaced by its
+nearest candidate (distinct candidates, greedily, closest prototype first) and W is trained alone
+with H frozen (Algorithm 1, lines 15-21); the projected H with the best accuracy against the
+oracle (on a fixed subset of the training data) is kept.
 
-Per request, with a the clipped, flattened features of one input and H frozen, the
-weights are the simplex-constrained least-squares code
+W with H frozen, after a projection, for held-out data and per request, comes from one of two
+protocols (``served_protocol`` chooses the one served; the fit report measures both):
+
+* ``paper``: the paper's protocol, W trained alone with the same loss (L_ce, L_r, L_c) and the
+  oracle ŷ the model's own prediction (the server has it at request time): ``code_steps``
+  projected Adam steps (:func:`handlers.solvers.simplex.projected_adam`, step ``lr_codes``)
+  from the least-squares code below, computed on k-sized quantities (HHᵀ cached, aHᵀ once per
+  input) and, before an affine head, the prototypes' logits, so a step costs O(k²) per input;
+* ``least_squares``: the simplex-constrained least-squares code
 
     w = argmin_{w ∈ Δ_k} ‖a − w H‖²,
 
-found by a fixed number of primal active-set steps (:func:`simplex_least_squares`, the Gram
-matrix cached), exact once each row's support is found. The same solver gives the held-out W
-of the fit report, so the reported accuracies are those of the served explanation, and the
-report says on what share of held-out rows it had converged in that many steps. The
-surrogate's prediction is f_down(wH). ProtoFac is not additive; a prototype's contribution is the drop of the
+  found by a fixed number of primal active-set steps (:func:`simplex_least_squares`, the Gram
+  matrix cached), exact once each row's support is found; the report says on what share of
+  held-out rows it had converged in that many steps. Archives written before ``served_protocol``
+  existed serve this one, as they were fitted and reported with it.
+
+The surrogate's prediction is f_down(wH). ProtoFac is not additive; a prototype's contribution is the drop of the
 surrogate's target logit when its weight is set to zero,
 c_i = f_down(wH)[t] − f_down(w_{−i}H)[t], and an intervention evaluates f_down(w'H) with
 the suppressed weights zeroed and *not* renormalized (so suppression removes the
@@ -52,15 +63,29 @@ demo models) Σ_i c_i + residual + bias equals the model's target logit exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from handlers.base import Codes, ExplainBatch, FittedMethod, MethodConfig, RemovalExplainer
+from handlers.base import (
+    Codes,
+    ExplainBatch,
+    FittedMethod,
+    MethodConfig,
+    RemovalExplainer,
+)
 from handlers.model import ModelParts, linear_head_weight
-from handlers.solvers.simplex import simplex_least_squares
+from handlers.solvers.active_set import active_set_codes
+from handlers.solvers.simplex import (
+    projected_adam,
+    simplex_least_squares,
+    vertex_distance,
+)
 
 NAME = "protofac"
+PROTOCOLS = ("paper", "least_squares")
 
 
 @dataclass(frozen=True)
@@ -68,22 +93,29 @@ class ProtoFacConfig(MethodConfig):
     """ProtoFac's hyperparameters.
 
     n_prototypes : k.
-    lambda_ce, lambda_r, lambda_c : weights of the loss terms (module docstring).
+    lambda_ce, lambda_r, lambda_c : weights of eq. 4's terms: cross-entropy against the oracle
+        (eq. 2), reconstruction (eq. 1), concentration of W (eq. 3) (module docstring).
     epochs, projection_interval, batch_size, lr_weights, lr_prototypes : the Adam schedule;
         ``lr_prototypes`` is relative to the features' root-mean-square entry.
+    served_protocol : how W is found with H frozen, per request and for the reported figures:
+        ``paper`` (eq. 4 by projected Adam) or ``least_squares`` (module docstring).
+    code_steps, lr_codes : the projected Adam steps and step size of the ``paper`` protocol (Algorithm
+        1's W-only epochs after each projection use them too).
     candidate_fraction : share of every class's training inputs cut into candidates.
     window, windows_per_side : the sliding window of image models (pixels; positions per
         axis); 16 and 5 on a 32×32 input are the paper's 16×16 windows at stride 4.
-    solver_iter : steps of the active-set simplex solver online per request, and offline for W
-        after each projection, the held-out W and the accuracies that choose the kept
-        prototypes; None: n_prototypes (enough to add every prototype once; archives store the
-        number). The report's ``solver_converged`` is the share of held-out rows whose codes are
-        optimal after that many steps.
+    solver_iter : steps of the active-set simplex solver (the least-squares code, also the start of
+        the ``paper`` protocol's steps); None: n_prototypes (enough to add every prototype once;
+        archives store the number). The report's ``solver_converged`` is the share of held-out rows
+        whose least-squares codes are optimal after that many steps.
     eval_size : training rows (a fixed random subset) on which the accuracy against the
         oracle picks the best projection.
     nmf_max_iter : iterations of the plain NMF baseline (f_loss_nmf).
-    k_sweep, sweep_epochs : the accuracy-vs-k table and plot (paper Fig. 5), each k fitted
-        with ``sweep_epochs`` epochs and a projection after every epoch; () skips it.
+    k_sweep, sweep_epochs, sweep_rows : the accuracy-vs-k table and plot (paper Fig. 5), each k fitted
+        on ``sweep_rows`` training rows (a fixed random subset; 0: all) with ``sweep_epochs`` epochs;
+        () skips it, and the missing-values test with it.
+    missing_fraction : share of the activation values set to zero in the missing-values test
+        (paper Sec. IV-C), fitted with the sweep's settings at its largest k up to n_prototypes.
     """
 
     method = NAME
@@ -96,6 +128,9 @@ class ProtoFacConfig(MethodConfig):
     batch_size: int = 256
     lr_weights: float = 0.01
     lr_prototypes: float = 1.0
+    served_protocol: str = "paper"
+    code_steps: int = 30
+    lr_codes: float = 0.01
     candidate_fraction: float = 0.2
     window: int = 20
     windows_per_side: int = 5
@@ -103,17 +138,30 @@ class ProtoFacConfig(MethodConfig):
     eval_size: int = 1000
     nmf_max_iter: int = 50
     k_sweep: tuple[int, ...] = (5, 10, 20, 50)
-    sweep_epochs: int = 1
+    sweep_epochs: int = 4
+    sweep_rows: int = 1000
+    missing_fraction: float = 0.2
     random_state: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         self.require_at_least(1, "n_prototypes", "epochs", "projection_interval", "batch_size", "window",
                               "windows_per_side", "eval_size", "nmf_max_iter", "sweep_epochs")
-        self.require_at_least(0, "lambda_ce", "lambda_r", "lambda_c", "lr_weights", "lr_prototypes")
+        self.require_at_least(0, "lambda_ce", "lambda_r", "lambda_c", "lr_weights", "lr_prototypes",
+                              "code_steps", "lr_codes", "sweep_rows")
+        self.require(self.served_protocol in PROTOCOLS, "served_protocol", f"one of {', '.join(PROTOCOLS)}")
         self.require(0 < self.candidate_fraction <= 1, "candidate_fraction", "in (0, 1]")
+        self.require(0 <= self.missing_fraction < 1, "missing_fraction", "in [0, 1)")
         self.require(self.solver_iter is None or self.solver_iter >= 1, "solver_iter", "None or at least 1")
         self.require(all(k >= 1 for k in self.k_sweep), "k_sweep", "positive numbers of prototypes")
+
+    @classmethod
+    def from_hyperparameters(cls, stored: dict) -> ProtoFacConfig:
+        """As :meth:`MethodConfig.from_hyperparameters`, except that archives written before
+        ``served_protocol`` existed were fitted and reported with least squares, and serve it."""
+        if stored and "served_protocol" not in stored:
+            stored = {**stored, "served_protocol": "least_squares"}
+        return super().from_hyperparameters(stored)
 
     @property
     def solver_steps(self) -> int:
@@ -126,6 +174,102 @@ def activation_rows(features: torch.Tensor) -> torch.Tensor:
     return features.clamp_min(0).flatten(1).float()
 
 
+def objective_terms(w: torch.Tensor, logits: torch.Tensor, oracle: torch.Tensor, residual_norm: torch.Tensor,
+                    scale: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """Eq. 4's terms, row by row: {"ce" (eq. 2), "reconstruction" (eq. 1), "concentration" (eq. 3)}.
+
+    Parameters
+    ----------
+    w : (B, k) codes on the simplex.
+    logits : (B, K) the surrogate's f_down(wH).
+    oracle : (B,) int64 the model's predicted classes.
+    residual_norm : (B,) ‖a_i − w_i H‖.
+    scale : ā, the mean row norm of the training activations.
+
+    Returns
+    -------
+    dict of (B,) tensors; the loss is Σ_i λ_ce ce_i + λ_r reconstruction_i + λ_c concentration_i
+    (:func:`weighted_objective`), and its batch mean the paper's eq. 4 on the batch.
+    """
+    return {"ce": F.cross_entropy(logits, oracle, reduction="none"),
+            "reconstruction": residual_norm / scale,
+            "concentration": vertex_distance(w)}
+
+
+def weighted_objective(terms: dict[str, torch.Tensor], config: ProtoFacConfig) -> torch.Tensor:
+    """(B,) λ_ce ce + λ_r reconstruction + λ_c concentration, from :func:`objective_terms`."""
+    return (config.lambda_ce * terms["ce"] + config.lambda_r * terms["reconstruction"]
+            + config.lambda_c * terms["concentration"])
+
+
+def affine_prototype_logits(parts: ModelParts, prototypes: torch.Tensor) -> torch.Tensor | None:
+    """(k, K) each prototype's logits less the head's bias, when the head after the layer is an
+    average pool + linear layer (then f_down(wH) = w @ this + f_down(0)); else None."""
+    weight = linear_head_weight(parts)
+    if weight is None:
+        return None
+    pooled = prototypes.reshape(len(prototypes), parts.feature_shape[0], -1).mean(2)  # (k, C)
+    return pooled @ weight.to(pooled).T
+
+
+def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Tensor, oracle: torch.Tensor,
+                surrogate: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor | float,
+                config: ProtoFacConfig, start: torch.Tensor | None = None) -> torch.Tensor:
+    """W with H frozen by the paper's protocol: ``config.code_steps`` projected Adam steps on eq. 4, row by row.
+
+    Parameters
+    ----------
+    features : (B, m) the rows a.
+    prototypes : (k, m) H;  gram : (k, k) HHᵀ.
+    oracle : (B,) int64 the model's predicted classes.
+    surrogate : callable (B, k) codes -> (B, K) logits f_down(wH), differentiable.
+    scale : ā.
+    start : (B, k) codes to start from; default the simplex least-squares codes (computed in float64).
+
+    Returns
+    -------
+    Tensor of shape (B, k) on the simplex. Each row depends on its own input only.
+    """
+    # Inference tensors cannot be saved for backward: the k-sized quantities are made outside inference
+    # mode. In float64: ‖a − wH‖² below is a difference of terms about ‖a‖², nearly equal when the
+    # input is close to the prototypes' hull, and Adam's normalized steps would turn a row's rounding
+    # (which depends on the batch's shape in a float32 product) into steps of full size.
+    with torch.inference_mode(False), torch.enable_grad():
+        features64 = features.double()
+        cross = features64 @ prototypes.double().T  # (B, k)
+        energy = features64.square().sum(1)  # (B,)
+        gram, oracle = gram.double(), oracle.clone()
+        if start is None:
+            start = active_set_codes(cross, gram, config.solver_steps, simplex=True)
+        start = start.double()
+        # The norm is smoothed by 1e-3 ā: at a zero residual (an input equal to a prototype) its gradient,
+        # the residual's direction, would be rounding noise.
+        smoothing = (1e-3 * float(scale)) ** 2
+
+        def loss(w):
+            # ‖a − wH‖² = ‖a‖² − 2 w·aHᵀ + w HHᵀ wᵀ: no m-sized product per step.
+            residual_sq = (energy - 2 * (w * cross).sum(1) + ((w @ gram) * w).sum(1)).clamp_min(0)
+            residual = (residual_sq + smoothing).sqrt()
+            return weighted_objective(objective_terms(w, surrogate(w.float()).double(), oracle, residual, scale),
+                                      config).sum()
+
+        return projected_adam(start, loss, config.code_steps, config.lr_codes).to(features.dtype)
+
+
+def surrogate_logits(parts: ModelParts, prototypes: torch.Tensor, prototype_logits: torch.Tensor | None,
+                     zero_logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The surrogate w (B, k) -> f_down(wH) (B, K), differentiable in w: by the prototypes' logits
+    (k, K) and f_down(0) (K,) when the head is affine, else by the downstream on wH.
+
+    Build it outside inference mode: it holds copies of what autograd saves for the backward pass.
+    """
+    if prototype_logits is not None:
+        head, bias = prototype_logits.clone(), zero_logits.clone()
+        return lambda w: w @ head + bias
+    frozen = prototypes.clone()
+    return lambda w: parts.downstream((w @ frozen).reshape(-1, *parts.feature_shape)).float()
+
+
 class ProtoFacExplainer(RemovalExplainer):
     name = NAME
     config_class = ProtoFacConfig
@@ -135,8 +279,9 @@ class ProtoFacExplainer(RemovalExplainer):
     )
     contribution_definition = (
         "f_down(wH)[t] - f_down(w_{-i}H)[t]: the drop of the surrogate's target logit when prototype i's weight is "
-        "set to zero (the others not renormalized); weight = w_i, the simplex least-squares code of the features "
-        "on the prototypes H. Not additive in general: bias = f_down(0)[t] and residual_contribution = the model's "
+        "set to zero (the others not renormalized); weight = w_i, the code of the features on the prototypes H "
+        "by the archive's served_protocol (paper: eq. 4 by projected Adam, the model's prediction as the oracle; "
+        "least_squares: the simplex least-squares code). Not additive in general: bias = f_down(0)[t] and residual_contribution = the model's "
         "target logit minus the surrogate's f_down(wH)[t], so the sum identity holds exactly only when the network "
         "after the layer is affine (true for the demo models). Interventions: f_down(w'H), suppressed weights zeroed"
     )
@@ -147,23 +292,31 @@ class ProtoFacExplainer(RemovalExplainer):
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         super().__init__(model, fitted)
-        k = len(self.prototypes_)
-        self.gram_ = self.prototypes_ @ self.prototypes_.T  # (k, k), cached for the solver
+        prototypes64 = self.prototypes_.double()
+        self.gram_ = prototypes64 @ prototypes64.T  # (k, k) float64, cached for the solvers
         with torch.inference_mode():
             device = model.device
             self.zero_logits_ = model.downstream(torch.zeros(1, *model.feature_shape, device=device))[0].float().cpu()
         # An average-pool + linear head is affine in the reconstruction wH: the logits of any
         # weights w are w @ (each prototype's logits without the bias) + bias (see removed_logits).
-        weight = linear_head_weight(model)
-        self.prototype_logits_ = None
-        if weight is not None:
-            pooled = self.prototypes_.reshape(k, model.feature_shape[0], -1).mean(2)  # (k, C)
-            self.prototype_logits_ = pooled @ weight.cpu().T  # (k, K)
+        self.prototype_logits_ = affine_prototype_logits(model, self.prototypes_)  # (k, K) or None
+
+    def declared_factors(self):
+        if self.config.served_protocol == "paper":  # eq. 1's scale ā, for the per-request loss
+            return {**self.factors, "feature_scale_": (torch.float32, (1,))}
+        return self.factors
 
     def encode_batch(self, batch: ExplainBatch) -> Codes:
         features = activation_rows(batch.features)  # (B, m)
         b, k = len(features), len(self.prototypes_)
-        w = simplex_least_squares(features, self.prototypes_, self.gram_, self.config.solver_steps)  # (B, k)
+        if self.config.served_protocol == "paper":
+            with torch.inference_mode(False):
+                surrogate = surrogate_logits(self.model, self.prototypes_, self.prototype_logits_, self.zero_logits_)
+            oracle = batch.logits.detach().argmax(1)  # the model's own prediction
+            w = paper_codes(features, self.prototypes_, self.gram_, oracle, surrogate, self.feature_scale_[0],
+                            self.config)  # (B, k)
+        else:
+            w = simplex_least_squares(features, self.prototypes_, self.gram_, self.config.solver_steps)  # (B, k)
         energy = features.square().sum(1)
         unexplained = (features - w @ self.prototypes_).square().sum(1)
         return Codes(

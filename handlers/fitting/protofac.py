@@ -12,16 +12,29 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import png_bytes, to_uint8_image
-from handlers.explainers.protofac import NAME, ProtoFacConfig, activation_rows
+from handlers.explainers.protofac import (
+    NAME,
+    PROTOCOLS,
+    ProtoFacConfig,
+    activation_rows,
+    affine_prototype_logits,
+    objective_terms,
+    paper_codes,
+    surrogate_logits,
+    weighted_objective,
+)
 from handlers.model import ModelParts
 from handlers.solvers.nmf import NMF, nnls_encode
-from handlers.solvers.simplex import project_to_simplex, simplex_kkt_violation, simplex_least_squares
+from handlers.solvers.simplex import (
+    project_to_simplex,
+    simplex_kkt_violation,
+    simplex_least_squares,
+)
 
 EXEMPLAR_SCALE = 4  # image exemplars are drawn at 4x the input size
 
@@ -123,15 +136,23 @@ class _Problem:
     """What every fit at one layer shares: A, the oracle, the candidates, the downstream."""
 
     def __init__(self, parts: ModelParts, a_train: torch.Tensor, oracle: torch.Tensor, latents: torch.Tensor,
-                 solver_iter: int, eval_rows: torch.Tensor):
-        self.parts = parts
+                 config: ProtoFacConfig, eval_rows: torch.Tensor, scale: torch.Tensor | None = None,
+                 votes: torch.Tensor | None = None):
+        self.parts, self.config = parts, config
         self.a, self.oracle, self.latents = a_train, oracle, latents
         self.sq_norms = (latents * latents).sum(1)
-        self.scale = a_train.norm(dim=1).mean().clamp_min(1e-12)  # ā
-        self.solver_iter = solver_iter
+        self.scale = a_train.norm(dim=1).mean().clamp_min(1e-12) if scale is None else scale  # ā
         self.eval_rows = eval_rows.to(a_train.device)
         with torch.no_grad():
-            self.votes = self.surrogate(latents).argmax(1).cpu()
+            self.zero_logits = parts.downstream(torch.zeros(1, *parts.feature_shape, device=a_train.device))[0].float()
+            self.votes = self.surrogate(latents).argmax(1).cpu() if votes is None else votes
+
+    def subset(self, rows: torch.Tensor, a: torch.Tensor | None = None) -> _Problem:
+        """The problem on training rows ``rows`` (all of them evaluated), with the same candidates and ā;
+        ``a`` replaces those rows' activations (the missing-values test)."""
+        a = self.a[rows.to(self.a.device)] if a is None else a
+        return _Problem(self.parts, a, self.oracle[rows.to(self.a.device)], self.latents, self.config,
+                        torch.arange(len(rows)), self.scale, self.votes)
 
     def surrogate(self, reconstruction: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """f_down on flattened reconstructions (N, m) -> logits (N, K)."""
@@ -139,27 +160,46 @@ class _Problem:
         return torch.cat([self.parts.downstream(reconstruction[i:i + batch_size].reshape(-1, *shape))
                           for i in range(0, len(reconstruction), batch_size)])
 
-    def codes(self, a: torch.Tensor, prototypes: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """The simplex codes (N, k) of rows ``a`` (N, m), by the serving solver."""
+    def codes(self, a: torch.Tensor, prototypes: torch.Tensor, oracle: torch.Tensor, protocol: str,
+              batch_size: int = 4096) -> torch.Tensor:
+        """W (N, k) of rows ``a`` (N, m) with H = ``prototypes`` frozen, by ``protocol`` ("paper": eq. 4
+        with ``oracle`` (N,) as the labels; "least_squares"), as the explainer computes them."""
+        prototypes = prototypes.detach()
         with torch.no_grad():
-            gram = prototypes @ prototypes.T
-            return torch.cat([simplex_least_squares(a[i:i + batch_size], prototypes, gram, self.solver_iter)
-                              for i in range(0, len(a), batch_size)])
+            gram = prototypes.double() @ prototypes.double().T
+        surrogate = surrogate_logits(self.parts, prototypes, affine_prototype_logits(self.parts, prototypes),
+                                     self.zero_logits)
+        codes = []
+        for i in range(0, len(a), batch_size):
+            rows = a[i:i + batch_size]
+            if protocol == "paper":
+                codes.append(paper_codes(rows, prototypes, gram, oracle[i:i + batch_size], surrogate, self.scale,
+                                         self.config))
+            else:
+                with torch.no_grad():
+                    codes.append(simplex_least_squares(rows, prototypes, gram, self.config.solver_steps))
+        return torch.cat(codes)
 
-    def accuracy(self, prototypes: torch.Tensor, a: torch.Tensor, labels: torch.Tensor) -> float:
-        """Agreement of the surrogate f_down(wH), w by the serving solver, with ``labels``."""
+    def evaluate(self, prototypes: torch.Tensor, a: torch.Tensor, oracle: torch.Tensor, labels: torch.Tensor,
+                 protocol: str) -> tuple[dict, torch.Tensor]:
+        """The surrogate f_down(wH), W by ``protocol``, against the oracle and ``labels``, and eq. 1's F-loss
+        (1/n)‖A − WH‖_F as written; returns the figures and W (n, k)."""
+        w = self.codes(a, prototypes, oracle, protocol)
         with torch.no_grad():
-            w = self.codes(a, prototypes)
-            predicted = self.surrogate(w @ prototypes).argmax(1)
-        return float((predicted.cpu() == labels.cpu()).double().mean())
+            reconstruction = w @ prototypes
+            predicted = self.surrogate(reconstruction).argmax(1).cpu()
+            residual = float((a - reconstruction).norm())
+        return {"acc_vs_oracle": round(float((predicted == oracle.cpu()).double().mean()), 6),
+                "acc_vs_ground_truth": round(float((predicted == labels.cpu()).double().mean()), 6),
+                "f_loss": round(residual / len(a), 6),
+                "relative_error": round(residual / (float(a.norm()) or 1.0), 6)}, w
 
     def train_accuracy(self, prototypes: torch.Tensor) -> float:
-        """:meth:`accuracy` against the oracle on the fixed evaluation subset of the training rows."""
-        return self.accuracy(prototypes, self.a[self.eval_rows], self.oracle[self.eval_rows])
-
-    def refine(self, prototypes: torch.Tensor) -> torch.Tensor:
-        """W (n, k) for every training row with H frozen."""
-        return self.codes(self.a, prototypes)
+        """Accuracy against the oracle, W by the served protocol, on the fixed evaluation subset of the training rows."""
+        rows = self.eval_rows
+        figures, _ = self.evaluate(prototypes, self.a[rows], self.oracle[rows], self.oracle[rows],
+                                   self.config.served_protocol)
+        return figures["acc_vs_oracle"]
 
 
 def _fit_prototypes(problem: _Problem, config: ProtoFacConfig, generator: torch.Generator,
@@ -176,7 +216,7 @@ def _fit_prototypes(problem: _Problem, config: ProtoFacConfig, generator: torch.
     best_accuracy = problem.train_accuracy(latents[chosen.to(device)])
     best, history = chosen, [{"epoch": 0, "acc_vs_oracle_train": round(best_accuracy, 6), "replaced": k}]
     prototypes = latents[chosen.to(device)].clone().requires_grad_(True)
-    weights = problem.refine(prototypes.detach()).requires_grad_(True)
+    weights = problem.codes(a, prototypes, oracle, "paper").requires_grad_(True)
     # Adam moves every coordinate by about its learning rate: H's is relative to the
     # features' root-mean-square entry, W's is on the simplex's scale.
     optimizer = torch.optim.Adam([
@@ -186,15 +226,12 @@ def _fit_prototypes(problem: _Problem, config: ProtoFacConfig, generator: torch.
     # A progress bar where stderr is a terminal.
     bar = tqdm(range(1, epochs + 1), desc=f"protofac k={k}", disable=None, leave=False)
     for epoch in bar:
-        with torch.no_grad():
-            nearest = latents[(problem.sq_norms.unsqueeze(0) - 2 * prototypes @ latents.T).argmin(1)]
         for rows in torch.randperm(n, generator=generator).split(config.batch_size):
             rows = rows.to(device)
             reconstruction = weights[rows] @ prototypes
-            ce = F.cross_entropy(problem.surrogate(reconstruction), oracle[rows])
-            reconstruction_loss = (a[rows] - reconstruction).norm() / (math.sqrt(len(rows)) * problem.scale)
-            concentration = (prototypes - nearest).square().sum(1).mean() / problem.scale ** 2
-            loss = config.lambda_ce * ce + config.lambda_r * reconstruction_loss + config.lambda_c * concentration
+            terms = objective_terms(weights[rows], problem.surrogate(reconstruction), oracle[rows],
+                                    (a[rows] - reconstruction).norm(dim=1), problem.scale)
+            loss = weighted_objective(terms, config).mean()
             optimizer.zero_grad(set_to_none=True)
             # Only W and H: the frozen model's parameters get no gradients.
             loss.backward(inputs=[prototypes, weights])
@@ -202,15 +239,19 @@ def _fit_prototypes(problem: _Problem, config: ProtoFacConfig, generator: torch.
             with torch.no_grad():
                 prototypes.clamp_(min=0)
                 weights.copy_(project_to_simplex(weights))
-        bar.set_postfix(ce=f"{float(ce.detach()):.3f}", rec=f"{float(reconstruction_loss.detach()):.3f}")
+        bar.set_postfix(ce=f"{float(terms['ce'].detach().mean()):.3f}",
+                        rec=f"{float(terms['reconstruction'].detach().mean()):.3f}")
         if epoch % config.projection_interval == 0 or epoch == epochs:
             with torch.no_grad():
                 projected = _nearest_distinct(prototypes, latents, problem.sq_norms)
                 replaced = int(len(set(projected.tolist()) - set(chosen.tolist())))
                 chosen = projected
                 prototypes.copy_(latents[projected.to(device)])
-                weights.copy_(problem.refine(prototypes))
-                accuracy = problem.train_accuracy(prototypes)
+            # Algorithm 1, lines 15-21: W trained alone with the full loss, H frozen.
+            codes = problem.codes(a, prototypes, oracle, "paper")
+            with torch.no_grad():
+                weights.copy_(codes)
+            accuracy = problem.train_accuracy(prototypes)
             history.append({"epoch": epoch, "acc_vs_oracle_train": round(accuracy, 6), "replaced": replaced})
             log(f"protofac k={k}: epoch {epoch}: projected ({replaced} prototypes replaced), "
                 f"train accuracy vs oracle {accuracy:.4f}")
@@ -219,28 +260,71 @@ def _fit_prototypes(problem: _Problem, config: ProtoFacConfig, generator: torch.
     return best, history
 
 
-def _heldout_row(problem: _Problem, prototypes: torch.Tensor, a_test: torch.Tensor, oracle_test: torch.Tensor,
-                 y_test: torch.Tensor, nmf_prototypes: torch.Tensor) -> dict:
-    """The paper's Table I–III figures on held-out data, H frozen and W solved."""
-    w = problem.codes(a_test, prototypes)
-    with torch.no_grad():
-        surrogate = problem.surrogate(w @ prototypes).argmax(1).cpu()
-        accuracy = float((surrogate == oracle_test.cpu()).double().mean())
-        nmf_codes = nnls_encode(a_test, nmf_prototypes, n_iter=200)
-    n = len(a_test)
-    norm = float(a_test.norm()) or 1.0
-    residual = float((a_test - w @ prototypes).norm())
-    residual_nmf = float((a_test - nmf_codes @ nmf_prototypes).norm())
+def objective_report(config: ProtoFacConfig) -> dict:
+    """The fitted loss's terms, with the paper's equation numbers and weights."""
     return {
-        "n_prototypes": len(prototypes),
-        "acc_vs_oracle": round(accuracy, 6),
-        "acc_vs_ground_truth": round(float((surrogate == y_test).double().mean()), 6),
-        "f_loss": round(residual / n, 6),
-        "f_loss_nmf": round(residual_nmf / n, 6),
-        "relative_error": round(residual / norm, 6),
-        "relative_error_nmf": round(residual_nmf / norm, 6),
-        "solver_converged": round(float((simplex_kkt_violation(w, a_test, prototypes) <= 1e-6).double().mean()), 6),
+        "cross_entropy": {"equation": 2, "weight": config.lambda_ce,
+                          "definition": "mean_i CE(f_down(w_i H), oracle_i), the oracle the model's prediction"},
+        "reconstruction": {"equation": 1, "weight": config.lambda_r,
+                           "definition": "mean_i ||a_i - w_i H|| / a_bar (eq. 1 row by row; a_bar the mean row "
+                                         "norm of the training activations)"},
+        "concentration": {"equation": 3, "weight": config.lambda_c,
+                          "definition": "mean_i min_j ||w_i - e_j||^2"},
+        "total": "eq. 4: sum of weight * term; W rows on the simplex, H >= 0",
     }
+
+
+def _sweep(problem: _Problem, config: ProtoFacConfig, a_test: torch.Tensor, oracle_test: torch.Tensor,
+           y_test: torch.Tensor, generator: torch.Generator, log) -> tuple[list[dict], dict | None, dict]:
+    """Fig. 5's accuracy vs k and Sec. IV-C's missing-values test, each a fit on ``config.sweep_rows``
+    training rows with ``config.sweep_epochs`` epochs, evaluated on the held-out rows by the served protocol.
+    The missing-values fit is at the sweep's largest k up to ``n_prototypes``.
+
+    Returns the sweep's rows, the missing-values figures (None without a sweep) and the settings.
+    """
+    n = len(problem.a)
+    rows = torch.randperm(n, generator=generator)[:config.sweep_rows or n].sort().values
+    settings = {"rows": len(rows), "epochs": config.sweep_epochs,
+                "projection_interval": max(1, config.sweep_epochs // 2), "protocol": config.served_protocol}
+    small = problem.subset(rows)
+    protocol = config.served_protocol
+
+    def fit_and_evaluate(subproblem: _Problem, k: int, a_eval: torch.Tensor) -> dict:
+        point = dataclasses.replace(config, n_prototypes=k, epochs=settings["epochs"],
+                                    projection_interval=settings["projection_interval"])
+        picked, _ = _fit_prototypes(subproblem, point, torch.Generator().manual_seed(config.random_state),
+                                    lambda _: None)
+        figures, _ = subproblem.evaluate(problem.latents[picked.to(a_eval.device)], a_eval, oracle_test, y_test,
+                                         protocol)
+        return {"k": k, **{key: figures[key] for key in ("acc_vs_oracle", "acc_vs_ground_truth", "f_loss")}}
+
+    sweep = []
+    for k in [k for k in config.k_sweep if k <= len(problem.latents)]:
+        sweep.append(fit_and_evaluate(small, k, a_test))
+        log(f"protofac: k sweep: k={k}: held-out accuracy vs oracle {sweep[-1]['acc_vs_oracle']:.4f}, "
+            f"vs ground truth {sweep[-1]['acc_vs_ground_truth']:.4f}")
+    if not sweep:
+        return sweep, None, settings
+    # At the sweep's largest k up to n_prototypes: its fit with nothing missing is the comparison, at no cost.
+    complete = max((row for row in sweep if row["k"] <= config.n_prototypes), key=lambda row: row["k"],
+                   default=sweep[0])
+    k = complete["k"]
+    # Sec. IV-C: a share of the activation matrix's values replaced by zeros, training and held-out alike.
+    missing = torch.Generator().manual_seed(config.random_state + 1)
+
+    def with_missing(a: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(a.shape, generator=missing) >= config.missing_fraction
+        return a * keep.to(a.device)
+
+    masked = fit_and_evaluate(problem.subset(rows, with_missing(small.a)), k, with_missing(a_test))
+    result = {"fraction": config.missing_fraction, "k": k,
+              "acc_vs_oracle": masked["acc_vs_oracle"], "acc_vs_ground_truth": masked["acc_vs_ground_truth"],
+              "acc_vs_ground_truth_complete": complete["acc_vs_ground_truth"],
+              "ground_truth_drop": round(complete["acc_vs_ground_truth"] - masked["acc_vs_ground_truth"], 6)}
+    log(f"protofac: {config.missing_fraction:.0%} of the values missing: held-out accuracy vs oracle "
+        f"{result['acc_vs_oracle']:.4f}, vs ground truth {result['acc_vs_ground_truth']:.4f} "
+        f"({result['acc_vs_ground_truth_complete']:.4f} with none missing)")
+    return sweep, result, settings
 
 
 def fit(parts: ModelParts, data: FitData, config: ProtoFacConfig = ProtoFacConfig(), log=print) -> FittedMethod:
@@ -249,8 +333,9 @@ def fit(parts: ModelParts, data: FitData, config: ProtoFacConfig = ProtoFacConfi
     Returns
     -------
     FittedMethod with factors ``prototypes_`` (k, m) — H, real candidates' latent vectors —
-    ``prototype_inputs_`` (k, *input_shape) — the candidates' (masked) inputs — and, with a
-    sweep, ``k_sweep_png_`` (bytes,) uint8, the PNG of the accuracy-vs-k plot.
+    ``prototype_inputs_`` (k, *input_shape) — the candidates' (masked) inputs — ``feature_scale_`` (1,)
+    — ā, eq. 1's scale, for the ``paper`` protocol — and, with a sweep, ``k_sweep_png_`` (bytes,)
+    uint8, the PNG of the accuracy-vs-k plot.
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.random_state)
@@ -267,7 +352,7 @@ def fit(parts: ModelParts, data: FitData, config: ProtoFacConfig = ProtoFacConfi
                                         config.windows_per_side, generator)
     eval_rows = torch.randperm(len(a_train), generator=generator)[:config.eval_size].sort().values
     config = dataclasses.replace(config, solver_iter=config.solver_steps)
-    problem = _Problem(parts, a_train, oracle, latents, config.solver_iter, eval_rows)
+    problem = _Problem(parts, a_train, oracle, latents, config, eval_rows)
     log(f"protofac: A is {tuple(a_train.shape)}, {len(latents)} candidates "
         f"({time.perf_counter() - start:.1f}s)")
     chosen, history = _fit_prototypes(problem, config, generator, log)
@@ -277,23 +362,32 @@ def fit(parts: ModelParts, data: FitData, config: ProtoFacConfig = ProtoFacConfi
 
     a_test = activation_rows(parts.features(data.x_test))
     oracle_test = parts.logits(data.x_test).argmax(1)
+    protocols = {}
+    for protocol in PROTOCOLS:
+        protocols[protocol], w = problem.evaluate(prototypes, a_test, oracle_test, data.y_test, protocol)
+        if protocol == "least_squares":
+            converged = simplex_kkt_violation(w, a_test, prototypes) <= 1e-6
+            protocols[protocol]["solver_converged"] = round(float(converged.double().mean()), 6)
+    served = protocols[config.served_protocol]
     nmf = NMF(config.n_prototypes, max_iter=config.nmf_max_iter, random_state=config.random_state)
     nmf.fit(a_train)
-    row = _heldout_row(problem, prototypes, a_test, oracle_test, data.y_test, nmf.components_)
+    with torch.no_grad():
+        nmf_reconstruction = nnls_encode(a_test, nmf.components_, n_iter=200) @ nmf.components_
+        nmf_predicted = problem.surrogate(nmf_reconstruction).argmax(1).cpu()
+    residual_nmf = float((a_test - nmf_reconstruction).norm())
+    row = {"n_prototypes": len(prototypes), **served,
+           "f_loss_nmf": round(residual_nmf / len(a_test), 6),
+           "relative_error_nmf": round(residual_nmf / (float(a_test.norm()) or 1.0), 6),
+           "solver_converged": protocols["least_squares"]["solver_converged"]}
     log(f"protofac: held-out accuracy vs oracle {row['acc_vs_oracle']:.4f}, vs ground truth "
         f"{row['acc_vs_ground_truth']:.4f}, F-loss {row['f_loss']:.4f} (NMF {row['f_loss_nmf']:.4f}) "
-        f"({time.perf_counter() - start:.1f}s)")
+        f"by the {config.served_protocol} protocol; least squares: {protocols['least_squares']['acc_vs_oracle']:.4f}, "
+        f"F-loss {protocols['least_squares']['f_loss']:.4f} ({time.perf_counter() - start:.1f}s)")
 
     factors = {"prototypes_": prototypes.cpu(),
-               "prototype_inputs_": _prototype_inputs(data.x_train, source[chosen]).contiguous()}
-    sweep = []
-    for k in [k for k in config.k_sweep if k <= len(latents)]:
-        sweep_generator = torch.Generator().manual_seed(config.random_state)
-        point = dataclasses.replace(config, n_prototypes=k, epochs=config.sweep_epochs, projection_interval=1)
-        picked, _ = _fit_prototypes(problem, point, sweep_generator, lambda _: None)
-        accuracy = problem.accuracy(latents[picked.to(device)], a_test, oracle_test)
-        sweep.append({"k": k, "acc_vs_oracle": round(accuracy, 6)})
-        log(f"protofac: k sweep: k={k}: held-out accuracy vs oracle {accuracy:.4f}")
+               "prototype_inputs_": _prototype_inputs(data.x_train, source[chosen]).contiguous(),
+               "feature_scale_": problem.scale.reshape(1).float().cpu()}
+    sweep, missing_values, sweep_settings = _sweep(problem, config, a_test, oracle_test, data.y_test, generator, log)
     if sweep:
         factors["k_sweep_png_"] = torch.frombuffer(bytearray(_sweep_png(sweep, parts.layer)), dtype=torch.uint8)
 
@@ -311,6 +405,12 @@ def fit(parts: ModelParts, data: FitData, config: ProtoFacConfig = ProtoFacConfi
     report = {
         **{key: row[key] for key in ("acc_vs_oracle", "acc_vs_ground_truth", "f_loss", "f_loss_nmf",
                                      "solver_converged")},
+        "objective": objective_report(config),
+        "served_protocol": config.served_protocol,
+        "protocols": protocols,
+        "nmf_surrogate_accuracy": {
+            "acc_vs_oracle": round(float((nmf_predicted == oracle_test.cpu()).double().mean()), 6),
+            "acc_vs_ground_truth": round(float((nmf_predicted == data.y_test).double().mean()), 6)},
         "layer": parts.layer,
         "layers": {parts.layer: row},
         "acc_black_box": round(float((oracle_test.cpu() == data.y_test).double().mean()), 6),
@@ -318,7 +418,8 @@ def fit(parts: ModelParts, data: FitData, config: ProtoFacConfig = ProtoFacConfi
         "history": history,
         "k_sweep": sweep,
         "k_sweep_plot": "factors['k_sweep_png_']: PNG bytes as a uint8 tensor" if sweep else None,
-        "k_sweep_settings": {"epochs": config.sweep_epochs, "projection_interval": 1},
+        "k_sweep_settings": sweep_settings,
+        "missing_values": missing_values,
         "prototypes": listing,
         "n_candidates": len(latents),
         "n_train": len(data.x_train),

@@ -1,4 +1,5 @@
-"""Codes on the probability simplex: exact least squares (ProtoFac's weights), projection, optimality."""
+"""Codes on the probability simplex: exact least squares (ProtoFac's weights), projection, optimality,
+the distance to the nearest vertex (ProtoFac's concentration), and projected Adam steps."""
 
 from __future__ import annotations
 
@@ -28,6 +29,58 @@ def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
     rho = ((u - cumulative / ranks) > 0).sum(-1, keepdim=True)
     theta = cumulative.gather(-1, rho - 1) / rho.to(v.dtype)
     return (v - theta).clamp_min(0)
+
+
+def vertex_distance(w: torch.Tensor) -> torch.Tensor:
+    """min_j ‖w_i − e_j‖² of every row: the squared distance to the nearest standard basis vector.
+
+    Equal to ‖w‖² − 2 max_j w_j + 1 (the nearest vertex is the largest entry's); zero exactly at the
+    vertices (one-hot rows).
+
+    Parameters
+    ----------
+    w : Tensor of shape (B, k)
+
+    Returns
+    -------
+    Tensor of shape (B,)
+    """
+    return (w.square().sum(1) - 2 * w.max(1).values + 1).clamp_min(0)
+
+
+def projected_adam(w: torch.Tensor, loss_of, n_steps: int, lr: float) -> torch.Tensor:
+    """``n_steps`` steps of Adam (β = 0.9, 0.999) on the rows of ``w``, each step projected onto the simplex.
+
+    Adam's moments are per entry, so as long as ``loss_of`` is a sum of per-row terms, a row's
+    path does not depend on the other rows of the batch. Runs with autograd on whatever mode the
+    caller is in; the result is detached.
+
+    Parameters
+    ----------
+    w : Tensor of shape (B, k)
+        The starting codes, on the simplex.
+    loss_of : callable (B, k) -> scalar Tensor
+        The objective, a sum over rows.
+    n_steps : int
+        Number of steps (no tolerance test).
+    lr : float
+        Adam's step size.
+
+    Returns
+    -------
+    Tensor of shape (B, k) on the simplex.
+    """
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    w = w.detach().clone()
+    first, second = torch.zeros_like(w), torch.zeros_like(w)
+    for step in range(1, n_steps + 1):
+        w.requires_grad_(True)
+        (gradient,) = torch.autograd.grad(loss_of(w), w)
+        first.mul_(beta1).add_(gradient, alpha=1 - beta1)
+        second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+        update = (first / (1 - beta1 ** step)) / ((second / (1 - beta2 ** step)).sqrt() + eps)
+        w = project_to_simplex(w.detach() - lr * update)
+    return w
 
 
 def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Tensor,

@@ -62,3 +62,26 @@ def eclat(transactions: Iterable[Iterable[int]], min_count: int, max_len: int | 
 
     grow((), roots)
     return frequent
+
+
+def closed(frequent: dict[frozenset[int], int]) -> dict[frozenset[int], int]:
+    """The closed itemsets among ``frequent``: those with no proper superset of the same count.
+
+    ``frequent`` is what :func:`eclat` returns (closed under subsets up to its ``max_len``). If
+    X ⊂ Y have the same count, so does X ∪ {y} for any y ∈ Y \\ X (its count lies between), so
+    checking the supersets one item larger suffices. An itemset of ``max_len`` items counts as
+    closed: its supersets were not enumerated.
+
+    Parameters
+    ----------
+    frequent : dict[frozenset[int], int]
+        Itemset -> count, as from :func:`eclat`.
+
+    Returns
+    -------
+    dict[frozenset[int], int]
+        The closed ones, with their counts.
+    """
+    covered = {itemset - {item} for itemset, count in frequent.items() if len(itemset) > 1 for item in itemset
+               if frequent.get(itemset - {item}) == count}
+    return {itemset: count for itemset, count in frequent.items() if itemset not in covered}

@@ -11,6 +11,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,7 @@ from handlers.fitting.gradcam_rules import _mine_rules, _shared_groups, fit
 from handlers.methods import METHODS
 from handlers.model import pooled_linear_head
 from handlers.runtime import ExplainItem, ModelRuntime
-from handlers.solvers.eclat import eclat
+from handlers.solvers.eclat import closed, eclat
 
 # ---------------------------------------------------------------- eclat and rule mining
 
@@ -53,6 +54,17 @@ def test_eclat_known_example():
         eclat(transactions, 0)
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 6), max_size=5), max_size=25), st.integers(1, 5),
+       st.one_of(st.none(), st.integers(1, 3)))
+def test_closed_matches_brute_force(transactions, min_count, max_len):
+    frequent = brute_force(transactions, min_count, max_len)
+    limit = max_len or 99
+    expected = {s: n for s, n in frequent.items()
+                if len(s) == limit or not any(s < t and m == n for t, m in frequent.items())}
+    assert closed(eclat(transactions, min_count, max_len)) == expected
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.lists(st.integers(0, 6), min_size=1, max_size=4), st.integers(0, 2)),
                 min_size=1, max_size=30),
@@ -67,12 +79,16 @@ def test_rules_match_brute_force(rows, tau):
         if not mine:
             continue
         found = []
-        for itemset, count in brute_force(mine, max(1, math.ceil(tau * len(mine) - 1e-9)), 4).items():
+        frequent = brute_force(mine, max(1, math.ceil(tau * len(mine) - 1e-9)), 4)
+        for itemset, count in frequent.items():
             covering = sum(1 for t in everywhere if t >= itemset)
-            found.append((c, tuple(sorted(itemset)), count / len(mine), count / len(transactions), count / covering))
+            is_closed = len(itemset) == 4 or not any(itemset < t and n == count for t, n in frequent.items())
+            found.append((c, tuple(sorted(itemset)), count / len(mine), count / len(transactions), count / covering,
+                          is_closed))
         found.sort(key=lambda r: (-r[3] * r[4], len(r[1]), r[1]))
         expected[c] = found
-    got = {c: [(r["class"], r["filters"], r["class_support"], r["support"], r["confidence"]) for r in found]
+    got = {c: [(r["class"], r["filters"], r["class_support"], r["support"], r["confidence"], r["closed"])
+               for r in found]
            for c, found in rules.items()}
     assert got == expected
 
@@ -156,31 +172,56 @@ def test_fit_report_and_components(fitted, mnist_parts):
     assert all(png.startswith(b"\x89PNG") for png in fitted.exemplars.values())
     filters = fitted.factors["component_filters_"]
     table = fitted.factors["class_components_"]
-    assert table.shape[0] == 10 and table.shape[1] >= q
-    assert sum(1 for r in report["rules"] if r["class"] == "3") == q
+    assert table.shape == (10, q)
+    for c, label in enumerate(mnist_parts.labels):
+        rules = [r for r in report["rules"] if r["class"] == label]
+        assert 0 < len(rules) <= q
+        # A class's row is its rules R^c, best first by support x confidence.
+        assert table[c].tolist() == [ids.index(r["component"]) for r in rules] + [-1] * (q - len(rules))
+        scores = [r["support"] * r["confidence"] for r in rules]
+        assert scores == sorted(scores, reverse=True)
+        # Closed: no rule of the class is a subset of another with the same support.
+        for a in rules:
+            assert not any(set(a["filters"]) < set(b["filters"]) and a["support"] == b["support"] for b in rules)
     for rule in report["rules"]:
-        c = mnist_parts.labels.index(rule["class"])
         i = ids.index(rule["component"])
         assert rule["class_support"] >= fitted.hyperparameters["tau_support"]
         assert 0 < rule["support"] <= rule["confidence"] <= 1
         assert filters[i].nonzero().flatten().tolist() == rule["filters"]
-        assert i in table[c].tolist()
-        assert fitted.components[i].class_index in (c, -1)
-    # A component is class-shared exactly when it is a rule (frequent set) of several classes.
-    for i, component in enumerate(fitted.components):
-        owners = (table == i).any(1).nonzero().flatten().tolist()
-        assert (component.class_index == -1) == (len(owners) > 1)
-        assert component.class_index == -1 or owners == [component.class_index]
-    matches = report["held_out_matches"]
-    assert matches["predicted_class"]["images_with_active_rule"] > matches["next_class"]["images_with_active_rule"]
+        assert fitted.components[i].class_index in (mnist_parts.labels.index(rule["class"]), -1)
     shared = {g["component"] for g in report["class_shared_filter_groups"]}
     assert shared == {c.id for c in fitted.components if c.class_index == -1}
+    assert report["transaction_size"] == fitted.hyperparameters["n_filters"]
+
+    per_request = report["per_request"]
+    assert set(per_request) == {
+        "images", "own_class_rule_share", "class_specific_rule_share", "images_with_rule", "rules_per_image",
+        "images_with_relevant_patch", "residual_share_mean", "other_class_match_rate",
+        "other_class_in_input_transactions_rate", "other_class_images_with_relevant_patch",
+        "relevance_agreement_with_pixel_perturbation", "definitions"}
+    assert per_request["images"] == report["n_test"]
+    for key, value in per_request.items():
+        if key not in ("images", "definitions"):
+            assert isinstance(value, float) and 0 <= value <= (1 if key != "rules_per_image" else q), key
+    assert per_request["own_class_rule_share"] == 1.0  # every reported rule is one of R^t
+    assert per_request["images_with_rule"] > per_request["other_class_match_rate"]
+
+    table1 = report["perturbation_table"]
+    assert [row["transaction_size"] for row in table1["rows"]] == [5, 10, 25]
+    labels = set(mnist_parts.labels) | {"mean"}
+    assert set(table1["baseline"]) == labels
+    for row in table1["rows"]:
+        assert set(row) == {"transaction_size", "rule_filters", "random_filters", "perturbed_filters"}
+        for key in ("rule_filters", "random_filters", "perturbed_filters"):
+            assert set(row[key]) == labels and all(isinstance(v, float) for v in row[key].values())
 
 
 def test_table1_rule_filters_cut_accuracy_more_than_random(fitted, mnist_parts, mnist_fit_data):
-    table = fitted.fit_report["perturbation_accuracy"]
-    assert table["rule_filters"]["mean"] < table["random_filters"]["mean"] <= table["baseline"]["mean"] + 1e-6
-    # Independent recomputation of one class's figures on the held-out set.
+    table = fitted.fit_report["perturbation_table"]
+    widest = table["rows"][-1]
+    assert widest["rule_filters"]["mean"] < widest["random_filters"]["mean"] <= table["baseline"]["mean"] + 1e-6
+    # Independent recomputation of one class's figures at the served size (10, a row) on the held-out set.
+    row = next(r for r in table["rows"] if r["transaction_size"] == fitted.hyperparameters["n_filters"])
     c = 3
     chosen = torch.zeros(128, dtype=torch.bool)
     for rule in fitted.fit_report["rules"]:
@@ -191,9 +232,9 @@ def test_table1_rule_filters_cut_accuracy_more_than_random(fitted, mnist_parts, 
         features = mnist_parts.upstream(x)
         base = (mnist_parts.downstream(features).argmax(1) == c).double().mean().item()
         cut = (mnist_parts.downstream(features * (~chosen).float()[:, None, None]).argmax(1) == c).double().mean()
-    assert table["n_filters"]["3"] == int(chosen.sum())
+    assert row["perturbed_filters"]["3"] == int(chosen.sum())
     assert table["baseline"]["3"] == pytest.approx(base, abs=1e-6)
-    assert table["rule_filters"]["3"] == pytest.approx(cut.item(), abs=1e-6)
+    assert row["rule_filters"]["3"] == pytest.approx(cut.item(), abs=1e-6)
 
 
 def test_fit_is_deterministic(mnist_parts, mnist_fit_data):
@@ -207,6 +248,61 @@ def test_fit_is_deterministic(mnist_parts, mnist_fit_data):
 
 # ---------------------------------------------------------------- the explainer
 
+def transaction_by_hand(parts, fitted, x, target):
+    """One input's patch-transactions for ``target``, from scratch: Grad-CAM of the pooled linear head,
+    eq. 1 over every window of the bilinearly upsampled map by loops, the perturbation test through the
+    downstream with the removed windows' grid cells scaled down, and eq. 2 on the activation maps
+    resized (nearest) to the input. Returns [(corner, relevant, sorted filters)] for the k candidates."""
+    config = fitted.hyperparameters
+    size, k, tau, n = config["patch_size"], config["n_candidates"], config["tau_prt"], config["n_filters"]
+    head_weight, _ = pooled_linear_head(parts)
+    with torch.no_grad():
+        features = parts.upstream(x[None])[0]  # (D, 7, 7)
+        y = parts.downstream(features[None])[0, target].item()
+    alpha = head_weight[target] / 49
+    cam = torch.einsum("d,dhw->hw", alpha, features).relu()
+    heat = F.interpolate(cam[None, None], size=(28, 28), mode="bilinear", align_corners=False)[0, 0].double()
+    up = features.repeat_interleave(4, 1).repeat_interleave(4, 2).double()  # nearest resize to 28x28
+    removed = torch.zeros(28, 28, dtype=torch.bool)
+    out, previous, still = [], y, True
+    for _ in range(k):
+        best, corner = -1.0, None
+        for r in range(28 - size + 1):
+            for c in range(28 - size + 1):
+                mass = heat[r:r + size, c:c + size].sum().item()
+                if mass > best + 1e-9 * max(1.0, abs(best)):
+                    best, corner = mass, (r, c)
+        r, c = corner
+        heat[r:r + size, c:c + size] = 0
+        removed[r:r + size, c:c + size] = True
+        share = F.avg_pool2d(removed.float()[None, None], 4)[0, 0]  # (7, 7) share of each cell removed
+        with torch.no_grad():
+            score = parts.downstream((features * (1 - share))[None])[0, target].item()
+        still = still and (previous - score) / abs(y) >= tau
+        previous = score
+        activation = up[:, r:r + size, c:c + size].sum((1, 2))  # eq. 2
+        out.append((corner, still, sorted(activation.argsort(descending=True)[:n].tolist())))
+    return out
+
+
+def test_an_inputs_transaction_recomputed_by_hand(mnist_parts, explainer, fitted, mnist_fit_data):
+    x = mnist_fit_data.x_test[:6]
+    with torch.no_grad():
+        targets = mnist_parts.downstream(mnist_parts.upstream(x)).argmax(1)
+    targets[5] = (targets[5] + 1) % 10  # one explains another class than its prediction
+    features = mnist_parts.upstream(x)
+    logits = mnist_parts.downstream(features)
+    none = torch.zeros(6, 0, len(fitted.components), dtype=torch.bool)
+    members, relevant = explainer.transactions(ExplainBatch(x, features, logits, targets, none, False))
+    for i in range(6):
+        expected = transaction_by_hand(mnist_parts, fitted, x[i], int(targets[i]))
+        assert relevant[i].tolist() == [still for _, still, _ in expected]
+        for j, (_, still, filters) in enumerate(expected):
+            if still:
+                assert members[i, j].nonzero().flatten().tolist() == filters
+    assert relevant[:, 0].any()
+
+
 def test_explain_invariants(mnist_parts, explainer, fitted, mnist_fit_data):
     x = mnist_fit_data.x_test[:24]
     # Half the batch explains its predicted class, half another class.
@@ -214,22 +310,23 @@ def test_explain_invariants(mnist_parts, explainer, fitted, mnist_fit_data):
         predicted = mnist_parts.downstream(mnist_parts.upstream(x)).argmax(1)
     targets = torch.where(torch.arange(24) % 2 == 0, predicted, (predicted + 3) % 10)
     features, logits, out = explain(mnist_parts, explainer, x, targets)
-    width = fitted.factors["class_components_"].shape[1]
+    q = fitted.hyperparameters["q"]
     b = len(x)
-    assert out.component_index.shape == (b, width) and out.heatmaps.shape == (b, width, 7, 7)
+    assert out.component_index.shape == (b, q) and out.heatmaps.shape == (b, q, 7, 7)
     assert torch.all(out.bias == 0) and torch.all(out.residual_contribution == 0)
 
+    none = torch.zeros(b, 0, len(fitted.components), dtype=torch.bool)
+    members, relevant = explainer.transactions(ExplainBatch(x, features, logits, targets, none, False))
     filters = fitted.factors["component_filters_"]
-    table = fitted.factors["class_components_"]
     reference = fitted.factors["filter_reference_"]
-    ratio = fitted.hyperparameters["activation_ratio"]
-    wh, ww = explainer.window
-    assert explainer.window == (3, 3)  # the 12-pixel patch on the 7x7 grid of a 28x28 input
+    ids = [c.id for c in fitted.components]
     head_weight, _ = pooled_linear_head(mnist_parts)
     alpha = head_weight[targets] / 49  # Grad-CAM weights of a pooled linear head, by hand
+    activation = {}
     n_returned = 0
     for i in range(b):
         t = int(targets[i])
+        rules = [r for r in fitted.fit_report["rules"] if r["class"] == mnist_parts.labels[t]]  # R^t, ranked
         index = out.component_index[i]
         valid = index >= 0
         n_valid = int(valid.sum())
@@ -237,28 +334,30 @@ def test_explain_invariants(mnist_parts, explainer, fitted, mnist_fit_data):
         assert torch.all(valid[:n_valid]) and not torch.any(valid[n_valid:])  # padding last
         assert torch.all(out.weight[i, ~valid] == 0) and torch.all(out.contribution[i, ~valid] == 0)
         assert torch.all(out.heatmaps[i, ~valid] == 0)
-        assert torch.all(out.weight[i, :n_valid][:-1] >= out.weight[i, :n_valid][1:])  # strongest first
-        # Every rule of the target class is returned exactly when it matches.
-        for k in table[t][table[t] >= 0].tolist():
-            members = filters[k].nonzero().flatten()
-            strength = max(
-                min(features[i, d, r:r + wh, c:c + ww].mean().item() / reference[d].item() for d in members.tolist())
-                for r in range(7 - wh + 1) for c in range(7 - ww + 1))
-            where = (index == k).nonzero().flatten()
-            if strength >= ratio + 1e-4:
-                assert len(where) == 1
-                j = int(where[0])
-                assert out.weight[i, j].item() == pytest.approx(strength, rel=1e-4)
-                keep = 1 - filters[k]
-                with torch.no_grad():
-                    zeroed = mnist_parts.downstream(features[i:i + 1] * keep[:, None, None])[0, t]
-                assert out.contribution[i, j].item() == pytest.approx((logits[i, t] - zeroed).item(), abs=1e-4)
-                expected_map = torch.einsum("d,dhw->hw", alpha[i] * filters[k], features[i]).relu()
-                assert torch.allclose(out.heatmaps[i, j], expected_map, atol=1e-5)
-            elif strength < ratio - 1e-4:
-                assert len(where) == 0
-        assert set(index[valid].tolist()) <= set(table[t].tolist())
-        # Residual share: positive Grad-CAM evidence outside the active rules' filters.
+        # Reported: exactly the rules of R^t contained in a relevant patch-transaction, in R^t's order.
+        held = [r for r in rules if any(relevant[i, j] and set(r["filters"]) <= set(members[i, j].nonzero()
+                                                                                     .flatten().tolist())
+                                        for j in range(members.shape[1]))]
+        assert [ids[j] for j in index[valid].tolist()] == [r["component"] for r in held]
+        # Closed: no reported rule is a subset of another reported one with the same support.
+        for a in held:
+            assert not any(set(a["filters"]) < set(c["filters"]) and a["support"] == c["support"] for c in held)
+        if t not in activation:
+            activation[t] = explainer.patches(ExplainBatch(x, features, logits, targets, none, False),
+                                              alpha, features.detach()).activation
+        for j, k in enumerate(index[valid].tolist()):
+            members_k = filters[k].nonzero().flatten()
+            strength = max((activation[t][i, p, members_k] / reference[members_k]).min().item()
+                           for p in range(members.shape[1])
+                           if relevant[i, p] and bool(members[i, p, members_k].all()))
+            assert out.weight[i, j].item() == pytest.approx(strength, rel=1e-5)
+            keep = 1 - filters[k]
+            with torch.no_grad():
+                zeroed = mnist_parts.downstream(features[i:i + 1] * keep[:, None, None])[0, t]
+            assert out.contribution[i, j].item() == pytest.approx((logits[i, t] - zeroed).item(), abs=1e-4)
+            expected_map = torch.einsum("d,dhw->hw", alpha[i] * filters[k], features[i]).relu()
+            assert torch.allclose(out.heatmaps[i, j], expected_map, atol=1e-5)
+        # Residual share: positive Grad-CAM evidence outside the reported rules' filters.
         evidence = (alpha[i][:, None, None] * features[i]).relu().sum((1, 2))
         union = filters[index[valid]].amax(0) if n_valid else torch.zeros(len(evidence))
         expected_share = ((evidence * (1 - union)).sum() / evidence.sum()).item()
@@ -345,8 +444,9 @@ def test_served(client, mnist_fit_data):
     method = next(m for m in info.methods if m.name == NAME)
     assert not method.additive and method.residual_share_definition
     report = json.loads(method.fit_report_json)
-    table = report["perturbation_accuracy"]
-    assert table["rule_filters"]["mean"] < table["random_filters"]["mean"]
+    table = report["perturbation_table"]
+    assert table["rows"][-1]["rule_filters"]["mean"] < table["rows"][-1]["random_filters"]["mean"]
+    assert report["per_request"]["own_class_rule_share"] == 1.0
     assert all(c.exemplar_png.startswith(b"\x89PNG") for c in method.components)
     x = mnist_fit_data.x_test[0].numpy()
     first = client.explain(x, model="mnist", method=NAME)

@@ -1,63 +1,64 @@
 """Grad-CAM rules: class-specific and class-shared filter sets mined from Grad-CAM explanations.
 
-Seed paper: "Interpreting Deep Models by Explaining their Predictions".
+Seed paper: "Interpreting Deep Models by Explaining their Predictions" (Meynen, Behzadi-Khormouji,
+Oramas). The layer's channels are the paper's "filters". One construction, :func:`extract_patches`,
+turns an input into its patch-transactions, offline for every training image and online for each
+request:
 
-Offline, on the training images (the paper's pipeline, with the layer's channels as "filters"):
+1. Grad-CAM at the explained layer for class c: α_d = mean_hw ∂y_c/∂F_d and
+   H = ReLU(Σ_d α_d F_d), upsampled (bilinear) to the input.
+2. Candidate patches (eq. 1): the ``patch_size`` square window with the most heatmap mass, over
+   every position; its region of the heatmap is zeroed and the search repeated, ``n_candidates``
+   (the paper's k) times.
+3. Relevant patches (the incremental perturbation test): the candidates are removed one after
+   another, best first; patch j is relevant while every step so far lowered the class logit by at
+   least τ_prt·|y_c|, i.e. (y_c^{j-1} − y_c^j) / |y_c| ≥ τ_prt. A patch is removed at the layer:
+   the features scaled by (1 − the share of each grid cell under the removed windows), which is
+   zeroing the windows in the layer's activation maps resized (nearest) to the input.
+4. Patch-transactions (eq. 2): per relevant patch the ``n_filters`` (= N − 1) filters with the
+   highest activation in the window (mean of the resized maps under it: eq. 2's sum / ω²), plus c.
 
-1. Grad-CAM at the explained layer for the predicted class c of each image:
-   α_d = mean_hw ∂y_c/∂F_d and L_c = ReLU(Σ_d α_d F_d), upsampled to the input.
-2. Candidate patches: a square window of ``patch_size`` pixels at ``n_locations`` random
-   positions is scored by the heatmap mass under it; the best is kept and its region of the
-   heatmap zeroed, ``n_candidates`` times.
-3. Relevant patches by incremental perturbation: the candidates are zeroed in the image one
-   after another (best first); patch j is relevant while every step so far lowered the class
-   logit by at least τ_prt·|y_c(x)|, i.e. (y_c(x^{j-1}) − y_c(x^j)) / |y_c(x)| ≥ τ_prt.
-4. One transaction per relevant patch: the ``n_filters`` (= N − 1) filters with the highest
-   mean activation inside the patch window (its footprint on the feature grid) plus the item c.
-5. Hierarchical eclat: frequent filter sets X per class (support within the class's
-   transactions ≥ τ_support, at most ``max_rule_len`` filters), then support and confidence
-   recomputed over all transactions: support(X → c) = #(X ∪ {c}) / #T and
-   confidence(X → c) = #(X ∪ {c}) / #(X).
-6. The top q rules per class by support × confidence. A filter set frequent in two or more classes
-   is class-shared (its component has class_index −1), any other is class-specific (class_index c).
-   The class-shared filter groups are the maximal filter sets frequent in two or more classes,
-   the q with the highest support over those classes. Components: the top rules of every class
-   and the class-shared groups, one per distinct filter set; a class's rules are the components
-   whose set is frequent in the class. A filter frequent in one class only is class-specific.
-7. Table 1 of the paper on held-out data (``perturbation_accuracy``): each class's accuracy with
-   the union of its top rules' filters zeroed, against as many random filters zeroed (averaged
-   over draws), and unperturbed.
-8. Visual patterns (exemplar PNGs): for a class-specific rule, per filter the average of the
-   class's relevant patches holding the filter, weighted by its activation, then the rule's
-   strongest patches; for a class-shared group, its patch group (strongest patches per class).
+Offline (handlers/fitting/gradcam_rules.py), on the training images with c the predicted class:
+hierarchical eclat (frequent filter sets per class, support within the class ≥ τ_support, at most
+``max_rule_len`` filters), closed itemsets only, support and confidence recomputed over all
+transactions, and per class the q rules with the highest support × confidence (R^c); class-shared
+filter groups; Table 1 at the transaction sizes ``table_sizes``.
 
-Per request, with F the layer features and t the target class:
+Per request, with t the target class:
 
-* Grad-CAM weights α = mean_hw ∂y_t/∂F (one batched backward pass).
-* Match strength of a rule X of class t: m_X = max over windows w of min_{d∈X} A_{d,w} / θ_d, where A_{d,w} is
-  filter d's mean activation in the grid window w (the patch size on the grid) and θ_d the
-  filter's mean activation in the training patches whose transactions hold it. The rule is
-  active when m_X ≥ ``activation_ratio``: all its filters fire together, in one window, at that
-  fraction of their typical strength. Components are the target class's active rules
-  (weight m_X), strongest first, padded with −1 to the widest class's rule count C.
-* contribution of X = y_t(F) − y_t(F with the channels of X zeroed) (a batched downstream pass).
-* heatmap of X = ReLU(Σ_{d∈X} α_d F_d), Grad-CAM restricted to the rule's filters, on the grid.
+* the input's patch-transactions for t (steps 1-4, batched: ``n_candidates`` fixed steps);
+* components: the rules of R^t contained in one of the input's relevant patch-transactions, in
+  R^t's order (support × confidence, best first), padded with −1 to q;
+* weight of a rule X: max over the relevant patches holding X of min_{d∈X} a_d / θ_d, with a_d the
+  filter's activation in the patch (step 4) and θ_d its mean activation in the mined training
+  transactions that hold it (1: the rule's weakest filter fires as it typically does in its patches);
+* contribution of X = y_t(F) − y_t(F with the channels of X zeroed) (a batched downstream pass);
+* heatmap of X = ReLU(Σ_{d∈X} α_d F_d), Grad-CAM restricted to the rule's filters, on the grid;
 * residual share = Σ_{d∉U} P_d / Σ_d P_d with P_d = Σ_hw ReLU(α_d F_{d,hw}) the filter's positive
-  Grad-CAM evidence and U the union of the active rules' filters (1 when there is no positive
-  evidence).
+  Grad-CAM evidence and U the union of the reported rules' filters (1 when there is no positive
+  evidence);
 * an intervention zeroes the union of the chosen components' filters and reruns the downstream.
+
+After a non-negative layer and an average-pool + linear head (the demo), Grad-CAM's weights, the
+perturbation test and every zeroed-filter logit come in closed form: no gradient, no pass.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from handlers.base import Codes, ExplainBatch, FittedMethod, MethodConfig, RemovalExplainer
+from handlers.base import (
+    Codes,
+    ExplainBatch,
+    FittedMethod,
+    MethodConfig,
+    RemovalExplainer,
+)
 from handlers.model import ModelParts, linear_head_weight
 
 NAME = "gradcam_rules"
@@ -70,40 +71,32 @@ class GradCAMRulesConfig(MethodConfig):
     q : rules kept per class (paper default 10)
     tau_prt : relative class-logit drop a perturbation step must reach for its patch to stay relevant
     tau_support : minimum support of a filter set within a class's transactions (paper default 0.5)
-    n_filters : filters per transaction (the paper's N − 1; the class is the N-th item)
+    n_filters : filters per transaction of the served rules (the paper's N − 1; the class is the N-th item)
     max_rule_len : most filters in one rule (bounds eclat's enumeration, which grows as 2^n_filters)
     patch_size : side of the square patch window, in input pixels
     n_candidates : candidate patches per image (k)
-    n_locations : random window positions scored per candidate
-    activation_ratio : online, a rule is active when its match strength reaches this
-    random_trials : random filter draws averaged per class in ``perturbation_accuracy``
-    random_state : seed of the random window positions and the random filters
+    random_trials : random filter draws averaged per class in ``perturbation_table``
+    random_state : seed of the random filters of ``perturbation_table``
+    table_sizes : transaction sizes (filters) of the rows of ``perturbation_table`` (the paper's 5, 10, 25)
     """
 
     method = NAME
     q: int = 10
     tau_prt: float = 0.1
     tau_support: float = 0.5
-    n_filters: int = 20
+    n_filters: int = 10
     max_rule_len: int = 4
     patch_size: int = 12
     n_candidates: int = 3
-    n_locations: int = 32
-    activation_ratio: float = 0.8
     random_trials: int = 20
     random_state: int = 0
+    table_sizes: tuple[int, ...] = (5, 10, 25)
 
     def __post_init__(self):
         super().__post_init__()
-        self.require_at_least(1, "q", "n_filters", "max_rule_len", "patch_size", "n_candidates", "n_locations",
-                              "random_trials")
-        self.require_at_least(0, "activation_ratio")
+        self.require_at_least(1, "q", "n_filters", "max_rule_len", "patch_size", "n_candidates", "random_trials")
         self.require(0 < self.tau_support <= 1, "tau_support", "in (0, 1]")
-
-
-def grid_window(patch_size: int, grid: Sequence[int], input_hw: Sequence[int]) -> tuple[int, ...]:
-    """The patch window's size on the feature grid, at least one cell a side."""
-    return tuple(max(1, round(patch_size * g / s)) for g, s in zip(grid, input_hw))
+        self.require(all(size >= 1 for size in self.table_sizes), "table_sizes", "sizes of at least 1")
 
 
 def gradcam_weights(features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -124,24 +117,127 @@ def gradcam_weights(features: torch.Tensor, logits: torch.Tensor, targets: torch
     return grad.float().flatten(2).mean(2)
 
 
+@functools.lru_cache(maxsize=16)
+def window_tables(size: int, input_hw: tuple[int, ...], grid: tuple[int, ...], device: torch.device):
+    """Per axis (rows, then columns), as matrices so that a 2-D window or pooling is ``rows @ X @ cols.T``:
+
+    band  : (span, pixels) float32, 1 on the pixels a window starting at each pixel covers
+    cover : (span, cells) float32, the share of each grid cell's pixels that window covers
+    pool  : (cells, pixels) float32, each grid cell's mean over its pixels (``adaptive_avg_pool``'s bins)
+    """
+    tables = []
+    for n_pixels, n_cells in zip(input_hw, grid):
+        pixels = torch.arange(n_pixels, device=device)
+        starts = torch.arange(n_pixels - size + 1, device=device)[:, None]
+        band = ((pixels >= starts) & (pixels < starts + size)).float()
+        pool = F.adaptive_avg_pool1d(torch.eye(n_pixels, device=device)[:, None], n_cells)[:, 0].T.contiguous()
+        tables.append((band, band @ pool.T, pool))
+    return tables
+
+
+@dataclass
+class Patches:
+    """An input's candidate patches and what the perturbation test and eq. 2 make of them.
+
+    corners    : (B, k, 2) int64, top-left pixel of each candidate window, best first
+    relevant   : (B, k) bool, the relevant patches (a prefix of the candidates)
+    activation : (B, k, D) float32, each filter's mean activation in each window (eq. 2 / ω²)
+    """
+
+    corners: torch.Tensor
+    relevant: torch.Tensor
+    activation: torch.Tensor
+
+
+def extract_patches(features: torch.Tensor, alpha: torch.Tensor, target_logit: torch.Tensor,
+                    perturbed_target_logits: Callable[[torch.Tensor], torch.Tensor], input_hw: Sequence[int],
+                    patch_size: int, n_candidates: int, tau_prt: float) -> Patches:
+    """Steps 1-3 and eq. 2 for a batch (module docstring): a fixed number of batched steps.
+
+    Parameters
+    ----------
+    features : (B, D, H, W) float32, the layer's output (no graph needed)
+    alpha : (B, D) float32, Grad-CAM weights of the class explained
+    target_logit : (B,) float32, that class's logit
+    perturbed_target_logits : (B, k, H, W) share of each grid cell removed -> (B, k) the class's logit
+        with the features scaled by (1 - share)
+    input_hw : the input's height and width
+
+    Returns
+    -------
+    Patches
+    """
+    grid = tuple(features.shape[2:])
+    (row_band, row_cover, row_pool), (col_band, col_cover, col_pool) = window_tables(
+        patch_size, tuple(input_hw), grid, features.device)
+    heat = F.interpolate(torch.einsum("bd,bdhw->bhw", alpha, features).relu()[:, None], size=tuple(input_hw),
+                         mode="bilinear", align_corners=False)[:, 0]
+    span_w = len(col_band)
+    corners = []
+    for _ in range(n_candidates):
+        mass = row_band @ heat @ col_band.T  # (B, span_h, span_w): eq. 1 at every window position
+        best = mass.flatten(1).argmax(1)  # the first of equal maxima, row-major
+        row, col = best // span_w, best % span_w
+        corners.append(torch.stack([row, col], 1))
+        heat = heat * (1 - row_band[row][:, :, None] * col_band[col][:, None, :])  # the window zeroed
+    corners = torch.stack(corners, 1)  # (B, k, 2)
+    rows, cols = corners.unbind(2)
+    cover = row_cover[rows][..., :, None] * col_cover[cols][..., None, :]  # (B, k, H, W)
+    activation = torch.einsum("bkhw,bdhw->bkd", cover, features) / cover.sum((2, 3))[..., None].clamp_min(1e-12)
+    # The candidates so far, removed together: their union's share of each grid cell.
+    kept = (1 - row_band[rows][..., :, None] * col_band[cols][..., None, :]).cumprod(1)  # (B, k, H_in, W_in)
+    removed = row_pool @ (1 - kept) @ col_pool.T  # (B, k, H, W)
+    scores = torch.cat([target_logit[:, None], perturbed_target_logits(removed)], 1)  # (B, k + 1)
+    drop = (scores[:, :-1] - scores[:, 1:]) / target_logit.abs()[:, None].clamp_min(1e-6)
+    relevant = (drop >= tau_prt).cumprod(1).bool()
+    return Patches(corners, relevant, activation)
+
+
+def top_filters(activation: torch.Tensor, n_filters: int) -> torch.Tensor:
+    """(..., D) activations -> (..., D) bool, the ``n_filters`` highest: a patch-transaction's filters."""
+    members = torch.zeros_like(activation, dtype=torch.bool)
+    return members.scatter_(-1, activation.topk(n_filters, dim=-1).indices, True)
+
+
+def removal_logits(features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                   head_weight: torch.Tensor | None, downstream: torch.nn.Module
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The perturbation test's model: (B, k, H, W) removed shares -> (B, k) target logits of
+    ``downstream(F · (1 − share))``; in closed form for an average-pool + linear ``head_weight`` (K, D)."""
+    rows = torch.arange(len(targets), device=targets.device)
+    target_logit = logits[rows, targets]
+    if head_weight is not None:
+        # y_t(F (1 - s)) = y_t - sum_hw s · (weight[t] · F) / HW: the pre-ReLU Grad-CAM mass removed.
+        score_map = torch.einsum("bd,bdhw->bhw", head_weight[targets], features) / features[0, 0].numel()
+        return lambda removed: target_logit[:, None] - torch.einsum("bkhw,bhw->bk", removed, score_map)
+
+    def by_downstream(removed: torch.Tensor) -> torch.Tensor:
+        scaled = features[:, None] * (1 - removed)[:, :, None]  # (B, k, D, H, W)
+        out = downstream(scaled.flatten(0, 1).to(features.dtype)).float().reshape(*removed.shape[:2], -1)
+        return out[rows, :, targets]
+    return by_downstream
+
+
 class GradCAMRulesExplainer(RemovalExplainer):
     name = NAME
     config_class = GradCAMRulesConfig
     residual_share_definition = (
-        "sum over filters d outside the active rules of P_d / sum over all filters of P_d, with "
+        "sum over filters d outside the reported rules of P_d / sum over all filters of P_d, with "
         "P_d = sum_hw ReLU(alpha_d F_d,hw) the filter's positive Grad-CAM evidence for the target "
         "(alpha = spatial mean of the target logit's gradient): the share of the Grad-CAM evidence the "
-        "active rules' filters do not carry; 1 when there is no positive evidence"
+        "reported rules' filters do not carry; 1 when there is no positive evidence"
     )
     contribution_definition = (
-        "target logit minus the target logit with the rule's filters (channels) zeroed at the layer; "
-        "weight = match strength, max over grid windows of min over the rule's filters of the filter's "
-        "window activation / its typical activation in the mined training patches; a rule is returned "
-        "when its weight reaches activation_ratio (non-additive: bias and residual_contribution are 0)"
+        "target logit minus the target logit with the rule's filters (channels) zeroed at the layer. "
+        "Reported: the target class's top rules (support x confidence order) contained in one of the input's "
+        "relevant patch-transactions (Grad-CAM of the target, eq. 1 windows, the perturbation test, the top "
+        "n_filters filters by eq. 2); weight = max over those patches of min over the rule's filters of the "
+        "filter's activation in the patch / its mean in the mined training patches (non-additive: bias and "
+        "residual_contribution are 0)"
     )
     factors = {
         "component_filters_": (torch.float32, ("C", "D")),  # 1 where the component's filter set holds the channel
-        "class_components_": (torch.int64, ("K", "width")),  # each class's rules, best first, -1 padding
+        "class_components_": (torch.int64, ("K", "width")),  # each class's rules R^c, best first, -1 padding
         "filter_reference_": (torch.float32, ("D",)),  # θ_d
     }
 
@@ -151,59 +247,101 @@ class GradCAMRulesExplainer(RemovalExplainer):
                              f"{model.feature_shape}")
         super().__init__(model, fitted)
         n_components, dim = self.component_filters_.shape
-        self.window = grid_window(self.config.patch_size, model.feature_shape[1:], model.input_spec.shape[1:])
+        self.input_hw = tuple(model.input_spec.shape[1:])
         # Row 0 is the empty filter set, so padding (index −1) maps to it after the +1 shift.
         self._filters = torch.cat([torch.zeros(1, dim), self.component_filters_])  # (R+1, D)
         size = int(self._filters.sum(1).max())
-        # Filter indices of each component, padded with the sentinel D (an always-passing +inf row).
+        # Filter indices of each component, padded with the sentinel D (an always-passing +inf column).
         index = torch.full((n_components + 1, max(1, size)), dim, dtype=torch.long)
         for i, row in enumerate(self._filters):
             members = row.nonzero().flatten()
             index[i, :len(members)] = members
         self._filter_index = index
-        # After a non-negative layer, an average-pool + linear head gives Grad-CAM's weights and
-        # every zeroed-filter logit in closed form: no gradient and no downstream pass.
+        # After a non-negative layer, an average-pool + linear head gives Grad-CAM's weights, the
+        # perturbation test and every zeroed-filter logit in closed form: no gradient and no downstream pass.
         self.head_weight_ = linear_head_weight(model)  # (K, D) or None
         self.needs_grad = self.head_weight_ is None
 
-    def encode_batch(self, batch: ExplainBatch) -> Codes:
-        t = batch.targets
-        features, logits = batch.features, batch.logits
+    def gradcam(self, batch: ExplainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grad-CAM weights α (B, D) of the targets, and the features (B, D, H, W) float32 without a graph."""
+        t, features = batch.targets, batch.features
         if self.head_weight_ is not None:
             # ∂logit_t/∂F[d, h, w] = weight[t, d] / HW at every position.
-            alpha = self.head_weight_[t] / math.prod(features.shape[2:])
-        else:
-            if not features.requires_grad:
-                # Features computed without a graph (e.g. frozen parameters): rebuild it from the layer on.
-                with torch.enable_grad():
-                    features = batch.features.detach().requires_grad_(True)
-                    logits = self.model.downstream(features)
-            alpha = gradcam_weights(features, logits, t)  # (B, D)
+            return self.head_weight_[t] / features[0, 0].numel(), features.detach().float()
+        logits = batch.logits
+        if not features.requires_grad:
+            # Features computed without a graph (e.g. frozen parameters): rebuild it from the layer on.
+            with torch.enable_grad():
+                features = batch.features.detach().requires_grad_(True)
+                logits = self.model.downstream(features)
+        return gradcam_weights(features, logits, t), features.detach().float()
+
+    def patches(self, batch: ExplainBatch, alpha: torch.Tensor, features: torch.Tensor) -> Patches:
+        """The targets' candidate and relevant patches and their filter activations (module docstring, 1-4)."""
+        c = self.config
         with torch.no_grad():
-            f = features.detach().float()
-            slots = self.class_components_[t] + 1  # (B, C), 0 = padding
+            logits = batch.logits.detach().float()
+            model = removal_logits(features, logits, batch.targets, self.head_weight_, self.model.downstream)
+            target_logit = logits.gather(1, batch.targets[:, None])[:, 0]
+            return extract_patches(features, alpha, target_logit, model, self.input_hw, c.patch_size,
+                                   c.n_candidates, c.tau_prt)
+
+    def transactions(self, batch: ExplainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input's patch-transactions for its target: (B, k, D) bool filters of each candidate patch,
+        and (B, k) bool, which candidates are relevant (only those are transactions)."""
+        alpha, features = self.gradcam(batch)
+        patches = self.patches(batch, alpha, features)
+        return top_filters(patches.activation, self.config.n_filters), patches.relevant
+
+    def rules_held(self, members: torch.Tensor, relevant: torch.Tensor, classes: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which rules of each class's R^c each relevant patch-transaction holds.
+
+        Parameters
+        ----------
+        members : (B, k, D) bool, the filters of each patch-transaction
+        relevant : (B, k) bool
+        classes : (B,) int64
+
+        Returns
+        -------
+        slots : (B, C) int64, the class's rules as component index + 1 (0 = padding)
+        holds : (B, C, k) bool, the rule's filters all lie in the relevant patch's transaction
+        """
+        slots = self.class_components_[classes] + 1
+        missing = torch.einsum("bcd,bkd->bck", self._filters[slots], (~members).float())
+        return slots, (missing == 0) & relevant[:, None, :] & (slots > 0)[:, :, None]
+
+    def encode_batch(self, batch: ExplainBatch) -> Codes:
+        t = batch.targets
+        alpha, f = self.gradcam(batch)
+        patches = self.patches(batch, alpha, f)
+        with torch.no_grad():
+            members = top_filters(patches.activation, self.config.n_filters)  # (B, k, D)
+            slots, holds = self.rules_held(members, patches.relevant, t)
             masks = self._filters[slots]  # (B, C, D)
-            # Match strength: the weakest filter of the rule, in its best window.
-            window = F.avg_pool2d(f, self.window, stride=1).flatten(2) / self.filter_reference_[:, None]
-            window = torch.cat([window, torch.full_like(window[:, :1], math.inf)], 1)  # (B, D+1, L)
+            matched = holds.any(2)
+            # Weight: the rule's weakest filter against its typical activation, in its best patch.
+            ratio = patches.activation / self.filter_reference_  # (B, k, D)
+            ratio = torch.cat([ratio, torch.full_like(ratio[:, :, :1], torch.inf)], 2)  # sentinel column D
             index = self._filter_index[slots]  # (B, C, S)
-            gathered = window.gather(1, index.flatten(1)[:, :, None].expand(-1, -1, window.shape[2]))
-            strength = gathered.reshape(*index.shape, -1).amin(2).amax(2)  # (B, C)
-            active = (slots > 0) & (strength >= self.config.activation_ratio)
-            order = torch.where(active, strength, torch.full_like(strength, -1.0)).argsort(
-                dim=1, descending=True, stable=True)
-            active, slots = active.gather(1, order), slots.gather(1, order)
-            masks = masks.gather(1, order[:, :, None].expand_as(masks)) * active[:, :, None]
-            weight = torch.where(active, strength.gather(1, order), torch.zeros_like(strength))
+            gathered = ratio[:, None].expand(-1, index.shape[1], -1, -1).gather(
+                3, index[:, :, None, :].expand(-1, -1, ratio.shape[1], -1))  # (B, C, k, S)
+            presence = torch.where(holds, gathered.amin(3), 0.0).amax(2)  # (B, C)
+            # Matched rules first, each group in R^t's order (support x confidence).
+            order = (~matched).to(torch.uint8).argsort(dim=1, stable=True)
+            matched, slots = matched.gather(1, order), slots.gather(1, order)
+            masks = masks.gather(1, order[:, :, None].expand_as(masks)) * matched[:, :, None]
+            weight = torch.where(matched, presence.gather(1, order), torch.zeros_like(presence))
 
             evidence = (alpha[:, :, None, None] * f).relu()  # (B, D, H, W)
             per_filter = evidence.sum((2, 3))
-            covered = masks.amax(1)  # (B, D) the union of the active rules' filters
+            covered = masks.amax(1)  # (B, D) the union of the reported rules' filters
             total = per_filter.sum(1)
             residual_share = torch.where(total > 0, (per_filter * (1 - covered)).sum(1) / total.clamp_min(1e-30),
                                          torch.ones_like(total))
             heatmaps = torch.einsum("bcd,bd,bdhw->bchw", masks, alpha, f).relu() if batch.heatmaps else None
-        return Codes(torch.where(active, slots - 1, torch.full_like(slots, -1)), weight, residual_share.clamp(0, 1),
+        return Codes(torch.where(matched, slots - 1, torch.full_like(slots, -1)), weight, residual_share.clamp(0, 1),
                      heatmaps)
 
     @torch.no_grad()

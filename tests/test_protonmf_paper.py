@@ -27,7 +27,7 @@ from handlers.archive import read_archive, write_archive
 from handlers.base import ExplainBatch, FitData
 from handlers.explainers.protonmf import ProtoNMFConfig, ProtoNMFExplainer
 from handlers.fitting import protonmf
-from handlers.model import InputSpec, ModelParts
+from handlers.model import InputSpec, ModelParts, pooled_linear_head
 from handlers.packaging import held_out_samples
 from server.settings import Settings
 
@@ -132,6 +132,11 @@ def test_a_head_that_reads_negative_features_otherwise_is_refused():
     parts = ModelParts.from_model(LeakyHead(), "fc1", InputSpec(shape=[1, 12]), LABELS)
     with pytest.raises(ValueError, match="reads negative ones neither as they are nor clipped at zero"):
         protonmf.fit(parts, data, ProtoNMFConfig(n_prototypes=2), log=lambda _: None)
+
+
+def test_a_relu_layer_is_read_clipped():
+    parts, _ = fully_connected_problem(10, 10)  # at the hidden ReLU: no negative features to read
+    assert protonmf.head_reads(parts, *pooled_linear_head(parts)) == "clipped"
 
 
 def test_presence_maps_are_eq_9_and_the_residual_map_eq_6(conv_fit):

@@ -1,7 +1,8 @@
 """Offline half of protonmf: the fit and its report (the online explainer is handlers/explainers/protonmf.py).
 
 ProtoNMF: a black-box model turned into a prototype-based one by NMF. Per class: NMF of the clipped
-features (paper eqs. 1-3, :func:`_class_nmf`, or online, :func:`_class_online_nmf`), the head's row
+features (paper eq. 1, its error eq. 3; the paper's multiplicative updates, eq. 2, are ``solver="mu"``;
+:func:`_class_nmf`, or online, :func:`_class_online_nmf`), the head's row
 by least squares on the prototypes (eq. 4) and the residual prototype (eq. 5), in :func:`fit`;
 what the head reads of negative features (:func:`head_reads`); the report's Table 3 accuracies
 (:func:`_table3`) and Fig. 5 sweep over the prototype count (:func:`_p_sweep`).
@@ -146,11 +147,13 @@ def _head_coefficients(basis: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def head_reads(parts: ModelParts, head_weight: torch.Tensor, head_bias: torch.Tensor, atol: float = 1e-4) -> str:
     """What the head does with the layer's negative features: "signed" when it is linear on them
-    (they reach it), "clipped" when it reads max(F, 0) (a ReLU starts it). Probed with seeded signed
-    feature maps; a head that does neither is refused unless the layer has no negative features.
+    (they reach it), "clipped" when it reads max(F, 0) (a ReLU starts it, or the layer is a ReLU's
+    output and has none). Probed with seeded signed feature maps; a head that does neither is refused.
 
     head_weight : (K, D), head_bias : (K,) from :func:`handlers.model.pooled_linear_head`
     """
+    if parts.layer in non_negative_layers(parts.upstream):
+        return "clipped"
     d, *grid = parts.feature_shape
     probe = torch.randn(8, d, *grid, generator=torch.Generator().manual_seed(0)).to(parts.device)
     with torch.inference_mode():
@@ -160,8 +163,6 @@ def head_reads(parts: ModelParts, head_weight: torch.Tensor, head_bias: torch.Te
     for reads, seen in (("signed", flat), ("clipped", flat.clamp_min(0))):
         if (seen.mean(2) @ head_weight.T + head_bias - logits).abs().max().item() <= scale:
             return reads
-    if parts.layer in non_negative_layers(parts.upstream):
-        return "clipped"
     raise ValueError(f"protonmf: the head after {parts.layer!r} is linear on non-negative features but reads "
                      "negative ones neither as they are nor clipped at zero, so no decomposition of its logits "
                      "is exact: explain a layer after a ReLU, or one that feeds the pooled linear head directly")
@@ -173,6 +174,17 @@ def _p_sweep(per_class: list[torch.Tensor], head_weight: torch.Tensor, config: P
 
     per_class : K tensors (n_c, D, P), a subset of each class's clipped features; head_weight : (K, D)
     """
+    # Small products: one intra-op thread (63 s of CPU instead of 1.6 s for MNIST's sweep on a busy
+    # 2-core machine, the threads' synchronisation costing more than it saves).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _sweep_rows(per_class, head_weight, config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep_rows(per_class: list[torch.Tensor], head_weight: torch.Tensor, config: ProtoNMFConfig) -> list[dict]:
     dim = head_weight.shape[1]
     rows = []
     for p in sorted({p for p in config.p_sweep if p <= dim}):

@@ -19,6 +19,18 @@ from handlers.archive import read_archive
 from handlers.base import ExplainBatch, FitData
 from handlers.explainers.srae import SRAEConfig, SRAEExplainer
 from handlers.fitting import srae
+from handlers.fitting.excitation_backprop import (
+    RELU,
+    activations,
+    chain_of,
+    contrast_signal,
+    contrastive_mwp,
+    linear_stage,
+    region_operator,
+    spatial_mean_stage,
+    step_down,
+)
+from handlers.graph_program import split
 from handlers.runtime import ExplainItem, ModelRuntime
 
 NAME = srae.NAME
@@ -148,11 +160,17 @@ def test_fit_report_table1(served):
     assert explainer.additive and not explainer.needs_grad
     report = explainer.fit_report
     json.dumps(report)
-    for key in ("f_reg_train", "f_reg_test", "locality"):
+    for key in ("f_reg_train", "f_reg_test"):
         assert set(report[key]) == {"srae", "nn", "sae"}, key
         assert all(math.isfinite(v) and v >= 0 for v in report[key].values()), key
-    assert all(v <= math.log(9) + 1e-6 for v in report["locality"].values())
-    assert "3x3" in report["locality_definition"]
+    # Table 1's locality row, with its Z and ExcitationBP columns.
+    assert set(report["locality"]) == {"srae", "nn", "sae", "z", "excitation_backprop"}
+    assert all(isinstance(v, float) and 0 <= v <= math.log(9) + 1e-6 for v in report["locality"].values())
+    assert set(report["locality_per_class"]) == {"srae", "nn", "sae", "excitation_backprop"}
+    assert "3x3" in report["locality_definition"] and "c-MWP" in report["locality_definition"]
+    # The paper's training data: 50 positives and 8000 negatives per class, capped at MNIST's 3600 others.
+    assert set(report["n_train_positives_per_class"].values()) == {50}
+    assert all(n == 50 + 3600 for n in report["n_train_per_class"].values())
     # The modules learned the logit: F_reg far below a constant readout's.
     for variant in ("srae", "nn", "sae"):
         assert report["f_reg_test"][variant] < 0.25 * report["f_reg_reference"]["test"], variant
@@ -161,6 +179,98 @@ def test_fit_report_table1(served):
     assert report["inactive_xfeatures"]["srae"] == 0
     assert explainer.config.n_xfeatures == 5
     assert len(explainer.components) == 50
+
+
+# ---------------------------------------------------------------- excitation backprop and locality
+
+def test_c_mwp_by_hand():
+    """x = [1, 2] -> h = relu(x A) = [3, 2] -> y = h B = -1, one unit at the top."""
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[1.0], [-2.0]])
+    stages = [linear_stage(a), RELU, linear_stage(b)]
+    values = activations(stages, torch.tensor([[1.0, 2.0]]))
+    assert values[2].tolist() == [[3.0, 2.0]] and values[3].tolist() == [[-1.0]]
+    top = torch.ones(1, 1, 1)
+    # MWP at h: B⁺ = [1, 0] gives h_0 all of it; the dual's (−B)⁺ = [0, 2] gives h_1 all of it.
+    assert step_down(stages[2], values[2], top[0]).tolist() == [[1.0, 0.0]]
+    assert step_down(stages[2], values[2], top[0], negate=True).tolist() == [[0.0, 1.0]]
+    # Contrast at h: max([1, 0] − [0, 1], 0) = [1, 0]; then h_0 = x A[:, 0] splits 1·1 : 2·1 over x.
+    got = contrastive_mwp(stages, values, top, negate_at=2, contrast=2)
+    assert torch.allclose(got, torch.tensor([[[1 / 3, 2 / 3]]]))
+    # Contrast at the input instead: the target's [1/3, 2/3] less the dual's, which h_1 = x_1 sends all to x_1.
+    got = contrastive_mwp(stages, values, top, negate_at=2, contrast=0)
+    assert torch.allclose(got, torch.tensor([[[1 / 3, 0.0]]]))
+
+
+def _tiny_cnn():
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+    with torch.no_grad():
+        features[1].running_mean.uniform_(-0.2, 0.2), features[1].running_var.uniform_(0.5, 2)
+        features[1].weight.uniform_(-1, 1), features[1].bias.uniform_(0.2, 0.5)
+        features[4].weight.abs_()  # every active input excites: the mass is kept (W⁺ x > 0)
+    upstream, _ = split(nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)), "_0_5")
+    return upstream
+
+
+def test_excitation_backprop_conserves_the_probability_at_every_layer():
+    upstream = _tiny_cnn()
+    stages = [*chain_of(upstream), spatial_mean_stage()]
+    assert [s.kind for s in stages] == ["affine", "pass", "max", "affine", "pass", "pool"]  # BatchNorm folded
+    x = torch.rand(3, 1, 6, 6) + 0.1  # every pixel excites
+    values = activations(stages, x)
+    with torch.no_grad():
+        assert torch.allclose(values[5], upstream(x))
+    signal = torch.zeros(3, 4)
+    signal[:, 1] = 1  # channel 1's spatial mean
+    for k in range(len(stages) - 1, -1, -1):
+        signal = step_down(stages[k], values[k], signal)
+        assert (signal >= 0).all()
+        # Mass is kept wherever the unit is active (an inactive unit's signal dies at its own layer).
+        alive = values[-1][:, 1] > 0
+        assert torch.allclose(signal.flatten(1).sum(1)[alive], torch.ones(int(alive.sum()))), k
+    # c-MWP with the dual at the last convolution (its weights negated): non-negative maps of at most the
+    # unit's mass; the transposed map gives each map's mass in each region of the input.
+    units = torch.eye(4).unsqueeze(1).expand(4, 3, 4)
+    maps = contrastive_mwp(stages, values, units, negate_at=3, contrast=3)
+    assert maps.shape == (4, 3, 1, 6, 6) and (maps >= 0).all() and (maps.sum() > 0)
+    assert (maps.flatten(2).sum(2) <= 1 + 1e-5).all()
+    regions = torch.zeros(4, 1, 6, 6)
+    regions[0, :, :3, :3], regions[1, :, :3, 3:], regions[2, :, 3:, :3], regions[3, :, 3:, 3:] = 1, 1, 1, 1
+    operator = region_operator(stages, values, regions, contrast=3)  # (B, R, 3, 3, 3)
+    at_contrast = contrast_signal(stages, values, units, negate_at=3, contrast=3)
+    mass = torch.einsum("brk,ubk->ubr", operator.flatten(2), at_contrast.flatten(2))
+    assert torch.allclose(mass, torch.einsum("ubk,rk->ubr", maps.flatten(2), regions.flatten(1)), atol=1e-6)
+    # A spatial mean's own weights are positive: its dual passes nothing on, c-MWP is plain MWP.
+    plain = contrastive_mwp(stages, values, units, negate_at=5, contrast=5)
+    assert torch.allclose(plain.flatten(2).sum(2)[1], torch.ones(3))
+
+
+def test_locality_is_the_entropy_of_the_mean_region_histogram():
+    masks = srae.region_masks((7, 7))
+    assert masks.shape == (9, 7, 7) and torch.equal(masks.sum(0), torch.ones(7, 7))
+    assert masks[4].sum() == 9 and masks[0].sum() == 4  # bands 2, 3, 2: the middle one the largest
+
+    def mass(*maps):  # (U, B, 7, 7) -> (U, B, R)
+        return torch.einsum("ubhw,rhw->ubr", torch.stack(maps).unsqueeze(0), masks)
+
+    even = (masks / masks.sum((1, 2), keepdim=True)).sum(0)  # the same mass in every region
+    corner, centre = torch.zeros(7, 7), torch.zeros(7, 7)
+    corner[0, 0], centre[3, 3] = 1, 5
+    assert torch.allclose(srae.locality(mass(even)), torch.tensor([math.log(9)]))
+    assert srae.locality(mass(corner)).tolist() == [0.0]
+    # Averaged over images before the entropy (the paper's S̄): one region each -> ln 2, not 0;
+    # a map without mass is left out, and a unit without any is NaN.
+    assert torch.allclose(srae.locality(mass(corner, centre, torch.zeros(7, 7))), torch.tensor([math.log(2)]))
+    assert srae.locality(mass(torch.zeros(7, 7))).isnan().all()
+
+
+def test_archives_from_before_the_paper_training_data_read_back_as_fitted():
+    old = {"n_xfeatures": 5, "negative_ratio": 3.0, "epochs": 30, "layer_z": "spatial mean of the explained layer"}
+    config = SRAEConfig.from_hyperparameters(old)
+    assert (config.positives, config.negative_ratio, config.epochs) == (None, 3.0, 30)
+    assert (SRAEConfig().positives, SRAEConfig().negatives, SRAEConfig().negative_ratio) == (50, 8000, None)
 
 
 # ---------------------------------------------------------------- small fits

@@ -3,9 +3,12 @@
 Seed paper: "Learning Explainable Embeddings for Deep Networks" (Qi and Li; later
 "Embedding Deep Networks into Visual Explanations", Qi, Khorram and Li).
 
-Offline, for every explained class c an explanation module reads the layer's spatially
-pooled features Z (D,) (a fully connected layer is used as is) and is trained on the
-class's positives and sampled negatives (the paper's training data):
+Offline, for every explained class c an explanation module reads Z (D,): the explained layer
+itself when it is fully connected (the paper's Z, a fully connected layer), else its spatial
+mean, which for a model whose head is global average pooling + linear (the demo MNIST CNN, which
+has no hidden fully connected layer) is the vector the fully connected head reads. It is trained
+on the class's positives and negatives drawn from the other classes (by default the paper's 50
+and 8000 per class, capped at what the data has):
 
     encoder      E(Z) = ReLU(W2ᵀ ReLU(W1ᵀ Z + b1) + b2)        n non-negative x-features
     readout      ȳ    = vᵀ E(Z) + b                              reproduces the logit ŷ_c
@@ -60,9 +63,16 @@ class SRAEConfig(MethodConfig):
     n_xfeatures : x-features per class (the paper's explanation space has 5).
     hidden : width of the encoder's and the decoder's hidden layer.
     beta, q : weight and sharpness of the log reconstruction penalty.
-    negative_ratio : negatives sampled from the other classes per positive.
-    epochs, batch_size, lr : Adam's schedule (a fixed number of steps).
+    positives : training positives per class (the paper's 50; None: all of the class's examples).
+    negatives : training negatives per class, drawn from the other classes (the paper's 8000;
+        None: all), capped at what the data has.
+    negative_ratio : when set, negatives = this times the positives used, instead of ``negatives``
+        (archives written before ``positives`` existed: all positives and 3 negatives per positive).
+    epochs, batch_size, lr : Adam's schedule (a fixed number of steps; on the demo's 50 + 3600
+        examples per class, 13 epochs are 377 steps, about the 390 of the previous default).
     classes : the explained classes (None: all; archives store the list).
+    locality_images : held-out positives per class whose excitation-backprop maps give the fit
+        report's locality.
     """
 
     method = NAME
@@ -70,19 +80,33 @@ class SRAEConfig(MethodConfig):
     hidden: int = 64
     beta: float = 0.1
     q: float = 100.0
-    negative_ratio: float = 3.0
-    epochs: int = 30
+    positives: int | None = 50
+    negatives: int | None = 8000
+    negative_ratio: float | None = None
+    epochs: int = 13
     batch_size: int = 128
     lr: float = 3e-3
     classes: tuple[int, ...] | None = None
     random_state: int = 0
+    locality_images: int = 20
 
     def __post_init__(self):
         super().__post_init__()
-        self.require_at_least(1, "n_xfeatures", "hidden", "epochs", "batch_size")
-        self.require_at_least(0, "beta", "q", "negative_ratio")
+        self.require_at_least(1, "n_xfeatures", "hidden", "epochs", "batch_size", "locality_images")
+        self.require_at_least(0, "beta", "q")
         self.require(self.lr > 0, "lr", "positive")
+        self.require(self.positives is None or self.positives >= 1, "positives", "None or at least 1")
+        self.require(self.negatives is None or self.negatives >= 0, "negatives", "None or at least 0")
+        self.require(self.negative_ratio is None or self.negative_ratio >= 0, "negative_ratio", "None or at least 0")
         self.require(self.classes is None or len(self.classes) > 0, "classes", "None or not empty")
+
+    @classmethod
+    def from_hyperparameters(cls, stored: dict) -> "SRAEConfig":
+        """The stored config; an archive from before ``positives`` existed (it stored a ratio) was fitted on every
+        positive."""
+        if "positives" not in stored and stored.get("negative_ratio") is not None:
+            stored = {**stored, "positives": None}
+        return super().from_hyperparameters(stored)
 
 
 def spatial_mean(features: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,16 @@ import torch
 from handlers.base import Component, FitData, FittedMethod
 from handlers.exemplars import crops_png, grid_cell_box
 from handlers.explainers.srae import NAME, SRAEConfig, encode, grad_cam, spatial_mean, xfeature_gradient
-from handlers.model import ModelParts
+from handlers.fitting.excitation_backprop import (
+    RELU,
+    activations,
+    chain_of,
+    contrast_signal,
+    linear_stage,
+    region_operator,
+    spatial_mean_stage,
+)
+from handlers.model import ModelParts, pooled_linear_head
 
 EXEMPLARS_PER_XFEATURE = 3
 
@@ -22,7 +31,11 @@ EXEMPLARS_PER_XFEATURE = 3
 VARIANTS = ("srae", "nn", "sae")  # the served module and the fit report's two baselines
 
 
-LOCALITY_REGIONS = 3  # locality: the feature grid cut into 3 x 3 regions
+LOCALITY_REGIONS = 3  # locality: the input image cut into 3 x 3 regions
+# The paper's held-out data: the remaining positives and 2000 negatives per class.
+TEST_NEGATIVES = 2000
+# Z column of Table 1: held-out images per class its c-MWP maps average over (128 maps per image).
+Z_LOCALITY_IMAGES = 5
 
 
 # The x-features' biases start positive: a ReLU x-feature that starts negative on every
@@ -30,23 +43,36 @@ LOCALITY_REGIONS = 3  # locality: the feature grid cut into 3 x 3 regions
 XFEATURE_BIAS_INIT = 0.5
 
 
-def region_entropy(cam: torch.Tensor, grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy (nats) of each map's mass over LOCALITY_REGIONS x LOCALITY_REGIONS regions.
+def region_masks(grid_hw: tuple[int, int]) -> torch.Tensor:
+    """(R, H, W) 0/1 masks of LOCALITY_REGIONS x LOCALITY_REGIONS regions of a grid, row-major.
 
     Rows and columns are cut into bands of as equal size as the grid allows, the middle
-    band the largest (7 -> 2, 3, 2). Returns ``(entropy (...), has_mass (...) bool)``
-    for maps ``cam`` (..., H·W); maps with no mass have entropy 0 and ``has_mass`` False.
+    band the largest (7 -> 2, 3, 2; 28 -> 9, 10, 9).
     """
-    region = torch.zeros(grid_hw[0] * grid_hw[1], LOCALITY_REGIONS ** 2, dtype=cam.dtype, device=cam.device)
-    rows, cols = (_bands(size) for size in grid_hw)
-    for r in range(grid_hw[0]):
-        for c in range(grid_hw[1]):
-            region[r * grid_hw[1] + c, rows[r] * LOCALITY_REGIONS + cols[c]] = 1
-    mass = cam @ region
-    total = mass.sum(-1, keepdim=True)
-    p = mass / total.clamp_min(1e-30)
-    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
-    return entropy, total.squeeze(-1) > 0
+    rows, cols = (torch.tensor(_bands(size)) for size in grid_hw)
+    index = rows[:, None] * LOCALITY_REGIONS + cols[None, :]  # (H, W) region of each cell
+    return (index == torch.arange(LOCALITY_REGIONS ** 2)[:, None, None]).float()
+
+
+def locality(mass: torch.Tensor) -> torch.Tensor:
+    """The paper's locality H_n of each unit: the entropy (nats) of its region histogram averaged over examples.
+
+    Parameters
+    ----------
+    mass : (U, B, R) the mass of unit u's map on example b in each region (non-negative)
+
+    Returns
+    -------
+    (U,) H_n = −Σ_p S̄_p log S̄_p, S̄ the mean over the examples whose map has mass of their histograms
+    S_p = mass_p / Σ_p' mass_p' (the paper's P(region p | unit)); NaN for a unit without mass anywhere
+    """
+    total = mass.sum(2, keepdim=True)
+    has_mass = total > 0
+    histogram = torch.where(has_mass, mass / total.clamp_min(1e-30), 0.0)
+    count = has_mass.sum(1)
+    mean = histogram.sum(1) / count.clamp_min(1)  # sums to 1 where count > 0
+    entropy = -(mean * mean.clamp_min(1e-30).log()).sum(1)
+    return torch.where(count.squeeze(1) > 0, entropy, float("nan"))
 
 
 def _bands(size: int) -> list[int]:
@@ -55,16 +81,21 @@ def _bands(size: int) -> list[int]:
     return [0 if i < edge else LOCALITY_REGIONS - 1 if i >= size - edge else 1 for i in range(size)]
 
 
-def _training_sets(y: torch.Tensor, classes: list[int], negative_ratio: float, generator: torch.Generator,
-                   ) -> list[torch.Tensor]:
-    """Per class: its positives, then ``negative_ratio`` times as many negatives drawn from the other classes."""
+def _training_sets(y: torch.Tensor, classes: list[int], positives: int | None, negatives: int | None,
+                   negative_ratio: float | None, generator: torch.Generator) -> list[torch.Tensor]:
+    """Per class: ``positives`` of its examples (None: all), then negatives drawn from the other classes:
+    ``negative_ratio`` times as many as the positives when set, else ``negatives`` (None: all); both
+    capped at what the data has."""
     sets = []
     for c in classes:
-        positives = (y == c).nonzero().flatten()
+        own = (y == c).nonzero().flatten()
         others = (y != c).nonzero().flatten()
-        n_neg = min(len(others), round(negative_ratio * len(positives)))
-        negatives = others[torch.randperm(len(others), generator=generator)[:n_neg]].sort().values
-        sets.append(torch.cat([positives, negatives]))
+        n_pos = len(own) if positives is None else min(len(own), positives)
+        chosen = own[torch.randperm(len(own), generator=generator)[:n_pos]].sort().values
+        n_neg = (round(negative_ratio * n_pos) if negative_ratio is not None
+                 else len(others) if negatives is None else negatives)
+        drawn = others[torch.randperm(len(others), generator=generator)[:min(len(others), n_neg)]].sort().values
+        sets.append(torch.cat([chosen, drawn]))
     return sets
 
 
@@ -147,8 +178,9 @@ def fit(parts: ModelParts, data: FitData, config: SRAEConfig = SRAEConfig(), log
         raise ValueError(f"classes must be a subset of 0..{num_classes - 1}, got {classes}")
     config = dataclasses.replace(config, classes=classes)
     generator = torch.Generator().manual_seed(config.random_state)
-    train_sets = _training_sets(data.y_train, classes, config.negative_ratio, generator)
-    test_sets = _training_sets(data.y_test, classes, config.negative_ratio, generator)
+    train_sets = _training_sets(data.y_train, classes, config.positives, config.negatives, config.negative_ratio,
+                                generator)
+    test_sets = _training_sets(data.y_test, classes, None, TEST_NEGATIVES, config.negative_ratio, generator)
     for c, s in zip(classes, train_sets):
         if not (data.y_train[s] == c).any():
             raise ValueError(f"class {c} ({parts.labels[c]!r}) has no training examples")
@@ -163,8 +195,9 @@ def fit(parts: ModelParts, data: FitData, config: SRAEConfig = SRAEConfig(), log
     target = logits.float()[:, class_index].T  # (M, N)
     target_mean = torch.stack([target[i, s.to(z.device)].mean() for i, s in enumerate(train_sets)])
     target_scale = torch.stack([target[i, s.to(z.device)].std() for i, s in enumerate(train_sets)]).clamp_min(1e-6)
+    n_pos = int((data.y_train[train_sets[0]] == classes[0]).sum())
     log(f"srae: {len(classes)} classes x {len(VARIANTS)} variants ({', '.join(VARIANTS)}), "
-        f"{len(train_sets[0])} training examples for class {parts.labels[classes[0]]!r}")
+        f"{n_pos} positives + {len(train_sets[0]) - n_pos} negatives for class {parts.labels[classes[0]]!r}")
     params = _train((z - mean) / scale, (target - target_mean[:, None]) / target_scale[:, None], train_sets, config,
                     generator)
     modules = _fold(params, mean, scale, target_mean.repeat(len(VARIANTS)), target_scale.repeat(len(VARIANTS)))
@@ -175,6 +208,11 @@ def fit(parts: ModelParts, data: FitData, config: SRAEConfig = SRAEConfig(), log
     report = _report(parts, modules, params, (mean, scale), classes,
                      train=(z, logits, data.y_train, train_sets),
                      test=(test_features, _logits(parts, test_features), data.y_test, test_sets))
+    locality_start = time.perf_counter()
+    report["z_definition"] = (f"the spatial mean of {parts.layer!r} ({parts.feature_shape[0]} values)" if features.dim() > 2
+                              else f"{parts.layer!r} as is ({parts.feature_shape[0]} values)")
+    report.update(_locality(parts, modules, classes, data.x_test, data.y_test, config.locality_images))
+    log(f"srae: excitation-backprop locality in {time.perf_counter() - locality_start:.1f}s")
     m = len(classes)
     served = {name: t[:m].contiguous().cpu() for name, t in modules.items()}  # the SRAE variant comes first
     factors = {"classes_": torch.tensor(classes, dtype=torch.int64),
@@ -254,16 +292,7 @@ def _report(parts: ModelParts, modules: dict[str, torch.Tensor], params: dict[st
                 for g, (_, x, _) in enumerate(outputs):
                     decoded = (x @ params["u1"][g] + params["c1"][g]).relu() @ params["u2"][g] + params["c2"][g]
                     reconstruction.append((decoded - zs[sets[g % m].to(z.device)]).pow(2).mean())
-        test_feats, _, y_test, test_sets = test
-        entropy = []
-        if test_feats.dim() == 4:
-            positives = [(y_test == c).nonzero().flatten() for c in classes]
-            z = spatial_mean(test_feats).float()
-            for g, (hidden, x, _) in enumerate(_forward(modules, z, positives)):
-                gradient = xfeature_gradient(hidden[None], x[None], modules["w1"][g:g + 1], modules["w2"][g:g + 1])[0]
-                cam = grad_cam(gradient, test_feats[positives[g % m].to(z.device)].float())
-                ent, has_mass = region_entropy(cam, tuple(test_feats.shape[2:]))
-                entropy.append(ent[has_mass].mean() if has_mass.any() else float("nan"))
+        test_sets = test[3]
     report = {
         "f_reg_train": per_variant(f_reg["train"]),
         "f_reg_test": per_variant(f_reg["test"]),
@@ -280,19 +309,106 @@ def _report(parts: ModelParts, modules: dict[str, torch.Tensor], params: dict[st
                                            "NN's decoder is never trained)",
         "inactive_xfeatures": {v: sum(inactive[i * m:(i + 1) * m]) for i, v in enumerate(VARIANTS)},
         "n_train_per_class": {labels[c]: len(s) for c, s in zip(classes, train[3])},
+        "n_train_positives_per_class": {labels[c]: int((train[2][s] == c).sum()) for c, s in zip(classes, train[3])},
         "n_test_per_class": {labels[c]: len(s) for c, s in zip(classes, test_sets)},
     }
-    if entropy:
-        report["locality"] = per_variant(entropy)
-        report["locality_definition"] = (
-            f"entropy (nats, max ln {LOCALITY_REGIONS ** 2} = {math.log(LOCALITY_REGIONS ** 2):.4f}) of each "
-            f"x-feature's Grad-CAM mass over a fixed {LOCALITY_REGIONS}x{LOCALITY_REGIONS} grid of regions of the "
-            f"{test_feats.shape[2]}x{test_feats.shape[3]} feature grid (row and column bands "
-            f"{_bands(test_feats.shape[2])} / {_bands(test_feats.shape[3])}), averaged over x-features and the "
-            "class's held-out positives, then over classes; maps without mass (x-feature inactive) are left out; "
-            "a class whose maps all lack mass is left out; lower = more local. The paper used bird-part regions; "
-            "MNIST has no part annotations.")
     return report
+
+
+def _locality(parts: ModelParts, modules: dict[str, torch.Tensor], classes: list[int], x_test: torch.Tensor,
+              y_test: torch.Tensor, images_per_class: int) -> dict:
+    """Table 1's locality row: the entropy over image regions of c-MWP maps (excitation backprop).
+
+    Columns: the x-features of each variant's modules (SRAE, NN, SAE) and ExcitationBP on the class's
+    logit, each on the first ``images_per_class`` held-out positives of its class; Z, each dimension
+    of the layer the modules read, on the first Z_LOCALITY_IMAGES held-out images of every explained
+    class. Empty when the input is not an image or the upstream is not a chain that excitation
+    backprop supports.
+    """
+    if len(parts.input_spec.shape) != 3:
+        return {}
+    try:
+        chain = chain_of(parts.upstream)
+    except ValueError:
+        return {}
+    pooled = len(parts.feature_shape) > 1
+    base = [*chain, spatial_mean_stage()] if pooled else chain
+    # The contrast layer: the input of the stage that computes Z (the paper's pool5 below VGG's fc6),
+    # the explained layer for a pooled one; Z's own incoming weights are there.
+    z_stage = len(chain) if pooled else max(k for k, stage in enumerate(chain) if stage.kind == "affine")
+    grid_hw = tuple(parts.input_spec.shape[1:])
+    regions = region_masks(grid_hw).unsqueeze(1).expand(-1, parts.input_spec.shape[0], *grid_hw)
+    device = parts.device
+    m = len(classes)
+
+    def table_column(top: list, x: torch.Tensor, signal: torch.Tensor, negate_at: int) -> torch.Tensor:
+        """(U,) the locality of U units above ``base`` on images x, from their signals (U, B, out)."""
+        stages = [*base, *top]
+        values = activations(stages, x.to(device))
+        operator = region_operator(stages, values, regions, z_stage).flatten(2)  # (B, R, K)
+        mass = torch.cat([torch.einsum("brk,ubk->ubr", operator,
+                                       contrast_signal(stages, values, part, negate_at, z_stage).flatten(2))
+                          for part in signal.split(16)])
+        return locality(mass)
+
+    def one_hot(units: int, examples: int, size: int) -> torch.Tensor:
+        """(U, B, size): unit u's signal 1 on output u."""
+        return torch.eye(units, size, device=device).unsqueeze(1).expand(-1, examples, -1).contiguous()
+
+    positives = [x_test[(y_test == c).nonzero().flatten()[:images_per_class]] for c in classes]
+    n = modules["w2"].shape[2]
+    xfeatures = []  # per module (variant-major): mean locality of its x-features
+    for g in range(len(modules["w1"])):
+        encoder = [linear_stage(modules["w1"][g], modules["b1"][g]), RELU,
+                   linear_stage(modules["w2"][g], modules["b2"][g]), RELU]
+        x = positives[g % m]
+        # The dual of x-feature n: its own incoming weights, column n of the second layer, negated.
+        xfeatures.append(table_column(encoder, x, one_hot(n, len(x), n), len(base) + 2).nanmean())
+    logit = []
+    try:
+        weight, bias = pooled_linear_head(parts)
+    except ValueError:  # a deeper head: no single linear map from Z to the logits
+        weight = None
+    if weight is not None:
+        head = [linear_stage(weight.T, bias)]
+        for c, x in zip(classes, positives):
+            signal = torch.zeros(1, len(x), parts.num_classes, device=device)
+            signal[..., c] = 1
+            logit.append(table_column(head, x, signal, len(base))[0])
+    shown = torch.cat([x_test[(y_test == c).nonzero().flatten()[:Z_LOCALITY_IMAGES]] for c in classes])
+    dim = parts.feature_shape[0]
+    z_locality = table_column([], shown, one_hot(dim, len(shown), dim), z_stage)
+
+    def r(x) -> float | None:
+        x = float(x)
+        return None if math.isnan(x) else round(x, 6)
+
+    per_module = torch.stack(xfeatures).reshape(len(VARIANTS), m).nanmean(1)
+    table = {v: r(per_module[i]) for i, v in enumerate(VARIANTS)}
+    table["z"] = r(z_locality.nanmean())
+    table["excitation_backprop"] = r(torch.stack(logit).nanmean()) if logit else None
+    rows, cols = (_bands(size) for size in grid_hw)
+    return {
+        "locality": table,
+        "locality_per_class": {v: {parts.labels[c]: r(xfeatures[i * m + j]) for j, c in enumerate(classes)}
+                               for i, v in enumerate(VARIANTS)}
+                              | {"excitation_backprop": {parts.labels[c]: r(h) for c, h in zip(classes, logit)}},
+        "locality_definition": (
+            f"the paper's locality: per unit, H = entropy (nats, max ln {LOCALITY_REGIONS ** 2} = "
+            f"{math.log(LOCALITY_REGIONS ** 2):.4f}) of its region histogram averaged over images, the histogram "
+            f"of an image being its c-MWP map's mass in each of {LOCALITY_REGIONS}x{LOCALITY_REGIONS} regions of "
+            f"the {grid_hw[0]}x{grid_hw[1]} input (row and column bands of {rows.count(0)}, {rows.count(1)}, "
+            f"{rows.count(2)} / {cols.count(0)}, {cols.count(1)}, {cols.count(2)} pixels; the paper: 15 Voronoi "
+            "regions of bird-part annotations, which MNIST lacks). c-MWP: excitation backprop (Zhang et al. "
+            "2016) from the unit down to the input pixels, contrasted at the layer Z is computed from (the "
+            "explained layer) with the unit's dual (its own incoming weights negated; a dimension of Z, a "
+            "spatial mean, has positive ones, so its dual is empty and its map plain MWP), summed over input "
+            "channels. Columns: srae / nn / sae, each x-feature over its class's first "
+            f"{images_per_class} held-out positives, averaged over x-features (ones without mass left out) and "
+            "classes; excitation_backprop, the class's logit on the same images; z, each dimension of Z over the "
+            f"first {Z_LOCALITY_IMAGES} held-out images of every explained class, averaged over dimensions. "
+            "Lower = more local."),
+    }
 
 
 def _exemplars(x_train: torch.Tensor, y_train: torch.Tensor, features: torch.Tensor,

@@ -9,6 +9,7 @@ from protoserve_client import pb
 from protoserve_client.tensors import TensorFormatError, from_tensor, to_tensor
 
 from handlers.errors import InvalidInputError
+from handlers.neighbours import Neighbours
 from handlers.rows import Scores
 from handlers.runtime import ModelRuntime
 from server.dataplane import Example, ExplainCall, ExplainResult, PredictCall, PredictResult
@@ -62,7 +63,7 @@ def explain_call(request: pb.ExplainRequest, deadline: float | None) -> ExplainC
         target_class=request.target_class if request.HasField("target_class") else None,
         # An enum value this server does not know goes on as its number, for the data plane to refuse.
         heatmaps=HEATMAP_MODES.get(request.heatmaps, str(request.heatmaps)),
-        interventions=SuppressedIds(request.interventions), deadline=deadline)
+        interventions=SuppressedIds(request.interventions), deadline=deadline, neighbours=request.neighbours)
 
 
 def add_class_scores(target, scores: Scores, labels: list[str], k: int) -> None:
@@ -103,7 +104,19 @@ def explain_response(request: pb.ExplainRequest, result: ExplainResult) -> pb.Ex
         answer = response.interventions.add(suppressed=intervention.suppress,
                                             target_logit=float(scores.logits[row.target_class]))
         add_class_scores(answer.prediction, scores, runtime.labels, k)
+    if result.neighbours is not None:
+        add_neighbours(response, result.neighbours[0], components, runtime.labels)
     return response
+
+
+def add_neighbours(response: pb.ExplainResponse, found: Neighbours, components: list, labels: list[str]) -> None:
+    """The neighbour view: each neighbour, nearest first, and the shares of their top components."""
+    for probe, distance, label, top in zip(found.probe_index.tolist(), found.distance.tolist(),
+                                           found.class_index.tolist(), found.top_component.tolist()):
+        response.neighbours.add(probe_index=probe, distance=distance, class_index=label, label=labels[label],
+                                component_id=components[top].id)
+    for c, share in zip(components, found.component_share.tolist()):
+        response.neighbour_components.add(component_id=c.id, share=share)
 
 
 def model_info(runtime: ModelRuntime, with_components: bool) -> pb.ModelInfo:

@@ -7,7 +7,7 @@ examples to the model's batcher (all at once, so they batch together), and times
 every protocol shares (the preprocess and encode stages, the top component of each explanation).
 
 Errors name the request field at fault in this module's words: ``input`` (``input.shape``,
-``input.data``), ``image``, ``top_k``, ``heatmaps``, ``target_class``, ``interventions``. Each
+``input.data``), ``image``, ``top_k``, ``heatmaps``, ``target_class``, ``interventions``, ``neighbours``. Each
 transport renames them into its own (server/rpc.py), so none reads an error's text.
 """
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from handlers.errors import InvalidInputError, NotFoundError, echo
+from handlers.neighbours import MAX_NEIGHBOURS, Neighbours, NeighbourSearch
 from handlers.preprocess import input_from_array
 from handlers.rows import ExplainedRow, Scores
 from handlers.runtime import ExplainItem, ModelRuntime
@@ -60,7 +61,8 @@ class PredictCall:
 class ExplainCall:
     """An explanation of each example, with the same options. ``method`` "": the model's default;
     ``target_class`` None: each example's predicted class; ``heatmaps``: one of HEATMAP_MODES;
-    ``interventions``: per intervention, the component ids it suppresses."""
+    ``interventions``: per intervention, the component ids it suppresses; ``neighbours``: how many nearest
+    probe examples to return with each explanation (0: none; methods that are a :class:`NeighbourSearch`)."""
 
     model: str
     version: str
@@ -71,6 +73,7 @@ class ExplainCall:
     heatmaps: str = "none"
     interventions: Sequence[Sequence[str]] = ()
     deadline: float | None = None
+    neighbours: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,12 +87,14 @@ class PredictResult:
 
 @dataclass(frozen=True)
 class ExplainResult:
-    """As PredictResult, with the method that explained."""
+    """As PredictResult, with the method that explained; ``neighbours``: each row's nearest probe
+    examples, when the call asked for them, else None."""
 
     runtime: ModelRuntime
     method: str
     top_k: int
     rows: list[ExplainedRow]
+    neighbours: list[Neighbours] | None = None
 
 
 def top_k(requested: int, runtime: ModelRuntime, settings: Settings) -> int:
@@ -130,7 +135,21 @@ def explain_options(call: ExplainCall, runtime: ModelRuntime,
                 raise NotFoundError(f"component of method {method!r}", component_id)
             indices.append(explainer.component_ids[component_id])
         suppress.append(indices)
+    check_neighbours(call.neighbours, explainer, method)
     return ExplainKey(method, call.heatmaps), target, suppress
+
+
+def check_neighbours(count: int, explainer, method: str) -> None:
+    """Refuse a neighbour count out of [0, MAX_NEIGHBOURS] or the method's probe count, and any from a
+    method that has no probe examples (refused, not ignored: a client asking for them expects them)."""
+    if count == 0:
+        return
+    if not isinstance(explainer, NeighbourSearch):
+        raise InvalidInputError("neighbours", f"method {method!r} has no probe examples to search; ask for 0, "
+                                              f"or use a method that has (coupled_nmf)")
+    bound = min(MAX_NEIGHBOURS, explainer.n_probe)
+    if not 0 < count <= bound:
+        raise InvalidInputError("neighbours", f"must be in [0, {bound}], got {count}")
 
 
 async def decode_input(example: Example, runtime: ModelRuntime, settings: Settings,
@@ -199,7 +218,11 @@ class DataPlane:
                              target, suppress) for example in call.examples]
         model.stages["preprocess"].observe(time.perf_counter() - start)
         rows = await _submit_all(model, items, key, call.deadline)
-        answer = _encoded(model, encode, ExplainResult(runtime, key.method, k, rows))
+        neighbours = None
+        if call.neighbours:  # host arrays only: a product with the probe codes and a sort per row
+            search = runtime.explainers[key.method]
+            neighbours = [search.neighbours(row.component_index, row.weight, call.neighbours) for row in rows]
+        answer = _encoded(model, encode, ExplainResult(runtime, key.method, k, rows, neighbours))
         components = runtime.explainers[key.method].components
         for row in rows:
             if (top := row.top_component()) is not None:

@@ -180,10 +180,10 @@ def test_nearest_probes_of_a_probe_example_is_itself(explainer, fitted, mnist_pa
     x = mnist_fit_data.x_train[index]
     with torch.inference_mode():
         f, _, _ = explainer.encode(x, mnist_parts.upstream(x))
-    ids, similarity = explainer.nearest_probes(f, 3)
-    assert ids.shape == similarity.shape == (40, 3)
-    assert (similarity[:, 0] > 0.9999).all() and (ids[:, 0] == index).float().mean() >= 0.9
-    assert (similarity[:, :-1] >= similarity[:, 1:]).all()
+    ids, distance = explainer.nearest_probes(f, 3)
+    assert ids.shape == distance.shape == (40, 3)
+    assert (distance[:, 0] < 1e-4).all() and (ids[:, 0] == index).float().mean() >= 0.9
+    assert (distance[:, :-1] <= distance[:, 1:]).all()
 
 
 @pytest.mark.parametrize("options", [{"regularization": "unit_norm"}, {"regularization": "l2", "alpha": 1e-2},
@@ -301,3 +301,125 @@ def test_live_server_explains_with_coupled_nmf(client, mnist_split):
         contribution = {c.id: c.contribution for c in r.components}
         assert r.interventions[0].target_logit == pytest.approx(r.target_logit - contribution["concept3"], abs=1e-4)
         assert len(r.heatmaps) == 10
+
+
+# --------------------------------------------------------------------------- the neighbour view, served
+
+def _neighbours_by_hand(explainer, parts, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The fold-in of one input solved again by scipy's NNLS on the dictionary rebuilt from the stored
+    factors, and its cosine distance to every probe example's concept code: (f (d,), distance (N,))."""
+    n_in = len(explainer.pixel_offset_)
+    scales = explainer.view_scales_
+    blocks = [*(explainer.pixel_factors_[i] / scales[i] for i in range(n_in)),
+              *(getattr(explainer, f"neuron_factors_{j}_") / scales[n_in + j]
+                for j in range(len(explainer.config.layers)))]
+    dictionary = torch.cat(blocks).double().numpy()  # (T, d)
+    with torch.inference_mode():
+        view = explainer.encode(x[None], parts.upstream(x[None]))[2][0].double().numpy()
+    f, _ = nnls(dictionary, view)
+    probes = explainer.probe_codes_.double().numpy()
+    cosine = probes @ f / (np.linalg.norm(probes, axis=1) * np.linalg.norm(f))
+    return f, 1 - cosine
+
+
+def test_live_neighbours_are_the_nearest_probes_recomputed_by_hand(client, served, mnist_split):
+    from protoserve_client import explain_request
+
+    explainer = served.explainers[coupled_nmf.NAME]
+    probe_index, probe_labels = explainer.probe_index_.numpy(), explainer.probe_labels_.numpy()
+    top_concept = explainer.probe_codes_.argmax(1).numpy()
+    k = 30
+    for x in mnist_split["x_test"][:3]:
+        request = explain_request(x.numpy(), model="mnist", method=coupled_nmf.NAME, heatmaps="none")
+        plain = client.stub.Explain(request, timeout=30)
+        request.neighbours = k
+        answer = client.stub.Explain(request, timeout=30)
+        f, distance = _neighbours_by_hand(explainer, served.parts, x)
+        assert np.allclose([c.weight for c in answer.components], f, atol=1e-4)
+        served_ids = np.array([n.probe_index for n in answer.neighbours])
+        served_distance = np.array([n.distance for n in answer.neighbours])
+        assert len(served_ids) == k and (np.diff(served_distance) >= 0).all()
+        # The k nearest: each served neighbour at its distance recomputed here, and those the k smallest.
+        position = np.searchsorted(probe_index, served_ids)
+        assert np.array_equal(probe_index[position], served_ids) and len(set(served_ids)) == k
+        assert np.allclose(distance[position], served_distance, atol=1e-5)
+        assert np.allclose(np.sort(distance)[:k], served_distance, atol=1e-5)
+        assert [n.class_index for n in answer.neighbours] == probe_labels[position].tolist()
+        assert [n.label for n in answer.neighbours] == [served.labels[c] for c in probe_labels[position]]
+        assert [n.component_id for n in answer.neighbours] == [f"concept{d}" for d in top_concept[position]]
+        shares = np.array([s.share for s in answer.neighbour_components])
+        assert [s.component_id for s in answer.neighbour_components] == [f"concept{d}" for d in range(10)]
+        assert shares.sum() == pytest.approx(1, abs=1e-6)
+        assert np.allclose(shares, np.bincount(top_concept[position], minlength=10) / k)
+        # Without the field the answer is as before, and has no neighbours.
+        assert not plain.neighbours and not plain.neighbour_components
+        answer.ClearField("neighbours")
+        answer.ClearField("neighbour_components")
+        assert answer == plain
+
+
+def test_fit_report_has_the_neighbour_view(served):
+    knn = served.explainers[coupled_nmf.NAME].fit_report["knn"]
+    assert knn["k"] == 30 and 0 < knn["own_top_concept_share"] <= 1
+    assert knn["majority_matches_label"] > 0.8 and knn["majority_matches_model"] > 0.8
+
+
+# --------------------------------------------------------------------------- Fig. 4's masks and section 5's TCAV
+
+def test_median_mask_thresholds_at_the_median_exactly(fitted):
+    for d in range(D):
+        latent = fitted.factors["pixel_factors_"][:, :, d].reshape(1, 28, 28)
+        values = np.sort(latent.flatten().numpy())
+        lower_median = values[(len(values) - 1) // 2]
+        mask = coupled_nmf.median_mask(latent)
+        assert mask.dtype == torch.bool and np.array_equal(mask.numpy(), latent.numpy() > lower_median)
+        assert mask.sum() <= len(values) // 2
+    distinct = torch.randperm(784, generator=torch.Generator().manual_seed(0)).float().reshape(1, 28, 28)
+    mask = coupled_nmf.median_mask(distinct)
+    assert mask.sum() == 392 and mask[distinct >= 392].all() and not mask[distinct < 392].any()
+
+
+def test_tcav_report_scores_each_concept_and_class_with_p_values(fitted):
+    report = json.loads(json.dumps(fitted.fit_report["tcav"]))
+    # The demo's head is average pool + linear, so TCAV runs at the analysed layer before the explained one.
+    assert report["layer"] == "features_6" and report["random_sets"] == 4 and report["inputs"] == 200
+    assert [c["id"] for c in report["concepts"]] == [f"concept{d}" for d in range(D)]
+    for concept in report["concepts"]:
+        for name in ("score", "score_std", "p_value", "significant"):
+            assert len(concept[name]) == 10
+        assert all(0 <= s <= 1 for s in concept["score"]) and all(0 <= p <= 1 for p in concept["p_value"])
+        assert concept["significant"] == [p < report["alpha"] for p in concept["p_value"]]
+    assert all(0 <= s <= 1 for s in report["null_score"])
+
+
+def test_tcav_finds_a_planted_concept_and_not_a_random_one():
+    """Class 0's logit grows along e_0 and class 1's falls (with noise): a concept shifted along e_0
+    scores high for class 0 and low for class 1, significantly apart from random-vs-random CAVs; one
+    drawn like the random sets does not."""
+    from handlers.fitting import tcav
+
+    g = torch.Generator().manual_seed(0)
+    n_features = 10
+    classes = torch.arange(200) % 2
+    direction = torch.zeros(n_features)
+    direction[0] = 1
+    sign = torch.where(classes[:, None] == 0, 1.0, -1.0)
+    gradients = torch.randn(200, n_features, generator=g) + sign * direction
+    randoms = [torch.randn(30, n_features, generator=g) for _ in range(8)]
+    planted = torch.randn(30, n_features, generator=g) + 5 * direction
+    unplanted = torch.randn(30, n_features, generator=g)
+    scores, null, p_values = tcav.tcav_table([planted, unplanted], randoms, gradients, classes, 2)
+    assert scores.shape == (2, 4, 2) and null.shape == (4, 2) and p_values.shape == (2, 2)
+    assert (scores[0, :, 0] > 0.7).all() and (scores[0, :, 1] < 0.3).all() and (p_values[0] < 0.01).all()
+    assert (p_values[1] > 0.5).all()
+
+
+def test_layer_gradients_of_a_pooled_linear_head_are_its_weights(mnist_parts, mnist_split):
+    from handlers.fitting import tcav
+    from handlers.model import linear_head_weight
+
+    x, classes = mnist_split["x_test"][:5], torch.tensor([0, 3, 3, 9, 1])
+    gradients = tcav.layer_gradients(mnist_parts.upstream, mnist_parts.downstream, mnist_parts.layer, x, classes)
+    weight = linear_head_weight(mnist_parts)  # (K, C); logit = weight @ mean_hw(a) + bias
+    expected = (weight[classes][:, :, None] / 49).expand(5, 128, 49).flatten(1)
+    assert torch.allclose(gradients, expected, atol=1e-7)

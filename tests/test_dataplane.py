@@ -235,3 +235,25 @@ def test_protoserve_v1_answers_are_built_from_rows(plane, run):
         "r1", "mnist", "protonmf", 2)
     assert response.additive and len(response.heatmaps) == len(response.components) > 0
     assert [list(i.suppressed) for i in response.interventions] == [["c0.p0"]]
+
+
+@pytest.mark.parametrize("changes, detail", [
+    (dict(method="protonmf", neighbours=1), "method 'protonmf' has no probe examples to search; ask for 0, "
+                                            "or use a method that has (coupled_nmf)"),
+    (dict(method="coupled_nmf", neighbours=65), "must be in [0, 64], got 65"),
+    (dict(method="coupled_nmf", neighbours=-1), "must be in [0, 64], got -1"),
+])
+def test_neighbours_are_bounded_and_only_for_methods_with_probe_examples(plane, runtime, changes, detail):
+    with pytest.raises(InvalidInputError) as refused:
+        explain_options(_call(**changes), runtime, plane.settings)
+    assert (refused.value.field, refused.value.detail) == ("neighbours", detail)
+    explain_options(_call(method="coupled_nmf", neighbours=64), runtime, plane.settings)
+    explain_options(_call(method="protonmf", neighbours=0), runtime, plane.settings)
+
+
+def test_neighbours_come_with_each_example_of_a_call(plane, run):
+    images = [np.full((1, 28, 28), v, np.float32) for v in (0.0, 0.5)]
+    result = run(plane.explain(_call(examples=[Example(tensor=t) for t in images], method="coupled_nmf",
+                                     neighbours=5), lambda r: r))
+    assert len(result.neighbours) == 2 and all(len(n.probe_index) == 5 for n in result.neighbours)
+    assert run(plane.explain(_call(method="coupled_nmf"), lambda r: r)).neighbours is None

@@ -32,8 +32,9 @@ The global analysis (fit report ``concepts`` and ``layers``): per concept its to
 top probe examples and dominant group; per analysed layer the cosine similarity of the
 concepts over its neurons (columns of O_j) and the mean of the leading eigenvalues of
 that similarity matrix (the paper's Fig. 2 and 3); per concept an exemplar PNG showing its
-pixel mask (a column of P drawn as an image) and its top probe examples; the paper's
-kNN analysis of held-out examples in concept space among the probe examples.
+latent image (its columns of P drawn as an image), its topmost probe example and its top probe
+examples masked by the latent image's median (Fig. 4a-c); the paper's kNN analysis of held-out
+examples in concept space among the probe examples (Fig. 4d); TCAV scores of the concepts (section 5).
 
 Per request, with the factors fixed, the input is folded in: f ≥ 0 minimizing
 Σ_i ‖d_i − P_i f‖² + Σ_j ‖a_j − O_j f‖² (+ λ‖f‖² for "l2"), in the same normalized
@@ -53,6 +54,10 @@ logit_t(a) − logit_t(a_{d}), exact by construction; interventions are the logi
 a_S. The method is not additive. Heatmaps are the concepts' pixel masks weighted for
 this input, f_d · Σ_i P_i[:, d], at the input's resolution (the "feature grid" of this
 method's heatmaps is the pixel grid).
+
+On request (``ExplainRequest.neighbours``), the neighbour view of the paper's Fig. 4d: the
+input's k nearest probe examples by the cosine distance of concept codes, each with the concept
+it has its highest affinity for, and the distribution of those concepts (:meth:`neighbours`).
 """
 
 from __future__ import annotations
@@ -60,11 +65,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from handlers.base import Codes, ExplainBatch, FactorSpec, FittedMethod, MethodConfig, RemovalExplainer
-from handlers.model import ModelParts, linear_head_weight
 from handlers.graph_program import GraphProgram
+from handlers.model import ModelParts, linear_head_weight
+from handlers.neighbours import Neighbours, NeighbourSearch
 from handlers.solvers.nmf import ENCODERS, nnls_encode
 
 NAME = "coupled_nmf"
@@ -98,7 +105,13 @@ class CoupledNMFConfig(MethodConfig):
         concept to enter and leave once (archives store the number).
     fold_in_solver : the fold-in's solver, "active_set" (exact; archives fitted before it have
         "hals", 50 projected sweeps, which they keep) or another of :func:`nnls_encode`'s.
-    n_top_classes, n_top_examples, n_eigenvalues, knn : sizes of the fit report's tables.
+    n_top_classes, n_top_examples, n_eigenvalues : sizes of the fit report's tables.
+    knn : neighbours per held-out example in the fit report's neighbour view (the paper's about 30;
+        archives fitted before it have 5).
+    tcav_examples, tcav_random_sets, tcav_inputs : the fit report's TCAV validation (its section 5):
+        each concept's top ``tcav_examples`` probe examples against as many random probe examples,
+        ``tcav_random_sets`` CAVs per concept and as many random-vs-random ones for the null, scored
+        on at most ``tcav_inputs`` held-out inputs (as many of each class); 0 random sets: no TCAV.
     """
 
     method = NAME
@@ -118,14 +131,18 @@ class CoupledNMFConfig(MethodConfig):
     n_top_classes: int = 3
     n_top_examples: int = 8
     n_eigenvalues: int = 3
-    knn: int = 5
+    knn: int = 30
+    tcav_examples: int = 30
+    tcav_random_sets: int = 4
+    tcav_inputs: int = 200
     random_state: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         self.require_at_least(1, "n_concepts", "n_probe", "inner_iter", "check_every", "n_top_classes",
-                              "n_top_examples", "n_eigenvalues", "knn")
-        self.require_at_least(0, "alpha", "group_sparsity", "max_iter", "tol")
+                              "n_top_examples", "n_eigenvalues", "knn", "tcav_examples", "tcav_inputs")
+        self.require_at_least(0, "alpha", "group_sparsity", "max_iter", "tol", "tcav_random_sets")
+        self.require(self.tcav_random_sets != 1, "tcav_random_sets", "0 or at least 2 (the t-test needs two)")
         self.require(self.regularization in REGULARIZATIONS, "regularization", f"one of {', '.join(REGULARIZATIONS)}")
         self.require(self.fold_in_solver in ENCODERS, "fold_in_solver", f"one of {', '.join(ENCODERS)}")
         self.require(self.fold_in_iter is None or self.fold_in_iter >= 1, "fold_in_iter", "None or at least 1")
@@ -158,6 +175,11 @@ def tap_module(upstream: GraphProgram, layers: list[str], keep_output: bool = Tr
     return upstream.with_taps(layers, spatial_mean, keep_output)
 
 
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; a zero row stays zero."""
+    return t / torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min(EPS)
+
+
 def pixel_layout(input_shape: list[int]) -> tuple[int, tuple[int, int]]:
     """Input channels and the (H, W) of a pixel map: (C, H, W) -> C, (H, W);
     (C, L) -> C, (1, L); (L,) -> 1, (1, L)."""
@@ -168,8 +190,9 @@ def pixel_layout(input_shape: list[int]) -> tuple[int, tuple[int, int]]:
     return 1, (1, math.prod(input_shape))
 
 
-class CoupledNMFExplainer(RemovalExplainer):
-    """Fold-in of each input into the fitted concepts; contributions by intervention.
+class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
+    """Fold-in of each input into the fitted concepts; contributions by intervention; the
+    nearest probe examples in concept space on request.
 
     Heatmaps are (B, d, H, W) at the input's resolution (its pixel grid), not on the
     explained layer's grid.
@@ -207,6 +230,11 @@ class CoupledNMFExplainer(RemovalExplainer):
         # Makes every removal a product with the head's weight (see removed_logits).
         self.head_weight_ = linear_head_weight(model)
         self._build_taps()
+        # Host copies for the neighbour view (see neighbours): unit probe codes and what is reported of each probe.
+        self._probe_units = _unit_rows(self.probe_codes_.double()).numpy()
+        self._probe_top_concept = self.probe_codes_.argmax(1).numpy()
+        self._probe_ids = self.probe_index_.numpy()
+        self._probe_classes = self.probe_labels_.numpy()
 
     def declared_factors(self) -> dict[str, FactorSpec]:
         if not self.config.layers:
@@ -315,7 +343,7 @@ class CoupledNMFExplainer(RemovalExplainer):
         return batch.logits.float().unsqueeze(1) - lost @ self.head_weight_.T
 
     def nearest_probes(self, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The paper's kNN analysis: the probe examples nearest in concept space (cosine).
+        """The paper's kNN analysis: the probe examples nearest in concept space, by cosine distance.
 
         Parameters
         ----------
@@ -325,13 +353,36 @@ class CoupledNMFExplainer(RemovalExplainer):
         Returns
         -------
         ids : (B, k) int64 indices into the fit data's ``x_train``, nearest first
-        similarity : (B, k) cosine similarity of the concept vectors
-        (The neighbours' concept distributions are ``probe_codes_`` rows, normalized to sum 1.)
+        distance : (B, k) ``1 - cos(f, f_probe)``, in [0, 1] (non-negative codes), ascending
         """
-        unit = weight / torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min(EPS)
-        probes = self.probe_codes_ / torch.linalg.vector_norm(self.probe_codes_, dim=1, keepdim=True).clamp_min(EPS)
-        similarity, where = (unit @ probes.T).topk(k, dim=1)
-        return self.probe_index_[where], similarity
+        similarity, where = (_unit_rows(weight) @ _unit_rows(self.probe_codes_).T).topk(k, dim=1)
+        return self.probe_index_[where], 1 - similarity
+
+    @property
+    def n_probe(self) -> int:
+        return len(self._probe_ids)
+
+    def neighbours(self, component_index: np.ndarray, weight: np.ndarray, k: int) -> Neighbours:
+        """The paper's neighbour view of one input (Fig. 4d, 5d): its ``k`` nearest probe examples by
+        the cosine distance of concept codes (as :meth:`nearest_probes`, in float64 on the host; ties
+        to the lower probe position), each with the concept it has its highest affinity for
+        (argmax of its code), and the distribution of those concepts over the k.
+
+        Parameters
+        ----------
+        component_index : (C,) int64 the reported concepts (-1 = padding)
+        weight : (C,) float32 their fold-in coefficients f
+        k : neighbours, ``1 <= k <= n_probe``
+        """
+        f = np.zeros(self._probe_units.shape[1])
+        reported = component_index >= 0
+        f[component_index[reported]] = weight[reported]
+        distance = 1 - self._probe_units @ (f / max(float(np.linalg.norm(f)), EPS))
+        nearest = np.argsort(distance, kind="stable")[:k]
+        top = self._probe_top_concept[nearest]
+        return Neighbours(probe_index=self._probe_ids[nearest], distance=distance[nearest].astype(np.float32),
+                          class_index=self._probe_classes[nearest], top_component=top,
+                          component_share=np.bincount(top, minlength=len(f)) / k)
 
     def encode_batch(self, batch: ExplainBatch) -> Codes:
         f, residual_share, _ = self.encode(batch.inputs, batch.features, batch.taps)

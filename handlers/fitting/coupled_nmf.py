@@ -22,8 +22,9 @@ from handlers.explainers.coupled_nmf import (
     spatial_mean,
     tap_module,
 )
-from handlers.model import ModelParts
+from handlers.fitting import tcav
 from handlers.graph_program import GraphProgram, non_negative_layers
+from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers.active_set import kkt_violation
 from handlers.solvers.nmf import NMF, nnls_encode
 
@@ -119,6 +120,9 @@ def fit(parts: ModelParts, data: FitData, config: CoupledNMFConfig = CoupledNMFC
     if len(parts.input_spec.shape) == 3:
         exemplars = {c.id: _exemplar(factors["pixel_factors_"][:, :, d], map_hw, data.x_train,
                                      concepts[d]["top_examples"]) for d, c in enumerate(components)}
+    tcav_report = {}
+    if config.tcav_random_sets:
+        tcav_report = {"tcav": _tcav(parts, data, probe_x, F, analysed, config, [c.id for c in components])}
     fitted = FittedMethod(NAME, factors, components, dataclasses.asdict(config), {}, exemplars)
 
     explainer = CoupledNMFExplainer(parts, fitted).to(parts.device)
@@ -126,7 +130,8 @@ def fit(parts: ModelParts, data: FitData, config: CoupledNMFConfig = CoupledNMFC
     fitted.fit_report = _round({
         "concepts": concepts,
         "layers": _layer_similarity(blocks[n_in:], analysed, config.n_eigenvalues),
-        **_held_out(explainer, parts, data, X, W, F, sizes, view_names, config.knn),
+        **_held_out(explainer, parts, data, X, W, F, sizes, view_names, min(config.knn, n)),
+        **tcav_report,
         "n_iter": n_iter,
         "objective": objective,
         "n_probe": n,
@@ -254,8 +259,9 @@ def _layer_similarity(neuron_factors: list[torch.Tensor], names: list[str], n_ei
 def _held_out(explainer: "CoupledNMFExplainer", parts: ModelParts, data: FitData, X: torch.Tensor,
               W: torch.Tensor, F: torch.Tensor, sizes: list[int], view_names: list[str], knn: int) -> dict:
     """Relative reconstruction error per view (probe: the fit; test: the online fold-in),
-    the test residual shares, and the paper's kNN analysis in concept space: how often the
-    majority class of a test example's nearest probe examples is its label / the model's class."""
+    the test residual shares, and the paper's kNN analysis in concept space (Fig. 4d, 5d): how
+    often the majority class of a test example's ``knn`` nearest probe examples is its label / the
+    model's class, and the mean share of those neighbours whose top concept is the example's own."""
     def per_view(residual, X):
         errors = {}
         for name, r, x in zip(view_names, residual.split(sizes, 0), X.split(sizes, 0)):
@@ -276,8 +282,11 @@ def _held_out(explainer: "CoupledNMFExplainer", parts: ModelParts, data: FitData
     violation = kkt_violation(codes, x_test.T @ dictionary.T, gram, simplex=False)
     ids, _ = explainer.nearest_probes(codes.to(parts.device), knn)
     # probe_index_ is sorted, so a neighbour's position among the probes is found by bisection.
-    neighbour_labels = explainer.probe_labels_[torch.searchsorted(explainer.probe_index_, ids)].cpu()
+    neighbour_rows = torch.searchsorted(explainer.probe_index_, ids).cpu()
+    neighbour_labels = explainer.probe_labels_.cpu()[neighbour_rows]
     majority = torch.mode(neighbour_labels, dim=1).values
+    # The neighbour view's concept distribution: the share of the neighbours whose top concept is the input's.
+    same_top_concept = explainer.probe_codes_.cpu().argmax(1)[neighbour_rows] == codes.argmax(1, keepdim=True)
     predicted = parts.logits(data.x_test).argmax(1).cpu()
     return {
         "reconstruction_error": {"probe": per_view(X - W @ F, X),
@@ -287,16 +296,74 @@ def _held_out(explainer: "CoupledNMFExplainer", parts: ModelParts, data: FitData
         "residual_share_test": {"mean": float(shares.mean()), "median": float(shares.median()),
                                 "max": float(shares.max())},
         "knn": {"k": knn, "majority_matches_label": float((majority == data.y_test).double().mean()),
-                "majority_matches_model": float((majority == predicted).double().mean())},
+                "majority_matches_model": float((majority == predicted).double().mean()),
+                "own_top_concept_share": float(same_top_concept.double().mean())},
     }
+
+
+def median_mask(latent_image: torch.Tensor) -> torch.Tensor:
+    """The paper's mask of a concept's latent image (Fig. 4c, 5c): True where a value is above the
+    image's median (the lower median for an even count, a value of the image), else False.
+
+    (C, H, W) float -> (C, H, W) bool; at most half of the values are True, exactly half when they differ.
+    """
+    return latent_image > latent_image.flatten().median()
 
 
 def _exemplar(pixel_factor: torch.Tensor, map_hw: tuple[int, int], x_train: torch.Tensor,
               top_examples: list[int]) -> bytes:
-    """The concept's pixel mask (its P column drawn as an image), then its top probe examples."""
-    mask = pixel_factor.reshape(len(pixel_factor), *map_hw)
-    images = [mask, *(x_train[i] for i in top_examples[:EXEMPLAR_EXAMPLES])]
+    """The paper's Fig. 4a-c for one concept: its latent image (the P columns drawn as an image), its
+    topmost probe example, then its top probe examples with the pixels outside the latent image's
+    median mask set to the example's minimum (black)."""
+    latent = pixel_factor.reshape(len(pixel_factor), *map_hw)
+    mask = median_mask(latent)
+    top = [x_train[i] for i in top_examples[:EXEMPLAR_EXAMPLES]]
+    masked = [torch.where(mask, x, x.min()) for x in top]
+    images = [latent, top[0], *masked]
     return crops_png(images, [(0, 0, map_hw[0], map_hw[1])] * len(images))
+
+
+def _tcav(parts: ModelParts, data: FitData, probe_x: torch.Tensor, F: torch.Tensor, analysed: list[str],
+          config: CoupledNMFConfig, ids: list[str]) -> dict:
+    """The paper's TCAV validation (section 5, Fig. 6) of every concept, as a concept given by its top
+    probe examples (by F), for every class (see :mod:`handlers.fitting.tcav`).
+
+    The layer is the explained one, unless the head after it is linear (global average pool +
+    linear, as the demo's): there the gradient of a logit is one constant vector, so every input of a
+    class would score the same; then it is the analysed layer before it.
+    """
+    layer = analysed[-1]
+    if linear_head_weight(parts) is not None and len(analysed) > 1:
+        layer = analysed[-2]
+    generator = torch.Generator().manual_seed(config.random_state + 1)
+    n_examples = min(config.tcav_examples, len(probe_x) // 2)
+    top = F.argsort(dim=1, descending=True)[:, :n_examples]  # (d, n)
+    randoms = [torch.randperm(len(probe_x), generator=generator)[:n_examples]
+               for _ in range(2 * config.tcav_random_sets)]
+    # Held-out inputs, as many of each class (their own class's logit is differentiated).
+    per_class = max(1, config.tcav_inputs // parts.num_classes)
+    chosen = torch.cat([(data.y_test == k).nonzero().flatten()[:per_class] for k in range(parts.num_classes)])
+    gradients = tcav.layer_gradients(parts.upstream, parts.downstream, layer, data.x_test[chosen],
+                                     data.y_test[chosen])
+    needed = torch.cat([top.flatten(), *randoms]).unique()
+    activations = tcav.layer_activations(parts.upstream, layer, probe_x[needed])
+    row = torch.full((len(probe_x),), -1, dtype=torch.long)
+    row[needed] = torch.arange(len(needed))
+    scores, null, p_values = tcav.tcav_table([activations[row[t]] for t in top],
+                                             [activations[row[r]] for r in randoms],
+                                             gradients, data.y_test[chosen], parts.num_classes)
+    significant = p_values < tcav.SIGNIFICANCE
+    return {
+        "layer": layer, "concept_examples": n_examples, "random_sets": config.tcav_random_sets,
+        "inputs": len(chosen), "classifier": "ridge regression on +-1 labels (closed form), unit normal",
+        "test": "two-sided Welch t-test of the concept's scores against random-vs-random CAVs' scores",
+        "alpha": tcav.SIGNIFICANCE,
+        "null_score": null.mean(0).tolist(),
+        "concepts": [{"id": ids[d], "score": scores[d].mean(0).tolist(), "score_std": scores[d].std(0).tolist(),
+                      "p_value": p_values[d].tolist(), "significant": significant[d].tolist()}
+                     for d in range(len(ids))],
+        "significant_share": float(significant.double().mean()),
+    }
 
 
 def _round(value):

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotoserve/v1/explainer.proto\x12\rprotoserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\" \n\x0cIntervention\x12\x10\n\x08suppress\x18\x01 \x03(\t\"\x88\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05input\x18\x03 \x01(\x0b\x32\x15.protoserve.v1.Tensor\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"t\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12-\n\nprediction\x18\x04 \x03(\x0b\x32\x19.protoserve.v1.ClassScore\"\xa6\x02\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12$\n\x05input\x18\x04 \x01(\x0b\x32\x15.protoserve.v1.Tensor\x12\r\n\x05image\x18\x05 \x01(\x0c\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x19\n\x0ctarget_class\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12,\n\x08heatmaps\x18\x08 \x01(\x0e\x32\x1a.protoserve.v1.HeatmapMode\x12\x32\n\rinterventions\x18\t \x03(\x0b\x32\x1b.protoserve.v1.Intervention\x12\x12\n\nrequest_id\x18\n \x01(\tB\x0f\n\r_target_class\"T\n\nClassScore\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05logit\x18\x03 \x01(\x02\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\"a\n\tComponent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x03 \x01(\x05\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12\x14\n\x0c\x63ontribution\x18\x05 \x01(\x02\"C\n\x07Heatmap\x12\x14\n\x0c\x63omponent_id\x18\x01 \x01(\t\x12\"\n\x03map\x18\x02 \x01(\x0b\x32\x15.protoserve.v1.Tensor\"m\n\x12InterventionResult\x12\x12\n\nsuppressed\x18\x01 \x03(\t\x12-\n\nprediction\x18\x02 \x03(\x0b\x32\x19.protoserve.v1.ClassScore\x12\x14\n\x0ctarget_logit\x18\x03 \x01(\x02\"\xe3\x03\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12-\n\nprediction\x18\x05 \x03(\x0b\x32\x19.protoserve.v1.ClassScore\x12\x14\n\x0ctarget_class\x18\x06 \x01(\x05\x12\x14\n\x0ctarget_logit\x18\x07 \x01(\x02\x12,\n\ncomponents\x18\x08 \x03(\x0b\x32\x18.protoserve.v1.Component\x12\x0c\n\x04\x62ias\x18\t \x01(\x02\x12\x1d\n\x15residual_contribution\x18\n \x01(\x02\x12\x16\n\x0eresidual_share\x18\x0b \x01(\x02\x12(\n\x08heatmaps\x18\x0c \x03(\x0b\x32\x16.protoserve.v1.Heatmap\x12\x38\n\rinterventions\x18\r \x03(\x0b\x32!.protoserve.v1.InterventionResult\x12\x10\n\x08\x61\x64\x64itive\x18\x0e \x01(\x08\x12\x16\n\x0e\x61\x64\x64itivity_gap\x18\x0f \x01(\x02\x12\x30\n\x10residual_heatmap\x18\x10 \x01(\x0b\x32\x16.protoserve.v1.Heatmap\";\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\x96\x01\n\x15\x45xplainStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.protoserve.v1.ExplainResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.protoserve.v1.StreamErrorH\x00\x42\x08\n\x06result\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.protoserve.v1.ModelInfo\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"U\n\rComponentInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x03 \x01(\x05\x12\x14\n\x0c\x65xemplar_png\x18\x04 \x01(\x0c\"\xd2\x01\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x64itive\x18\x02 \x01(\x08\x12!\n\x19residual_share_definition\x18\x03 \x01(\t\x12\x30\n\ncomponents\x18\x04 \x03(\x0b\x32\x1c.protoserve.v1.ComponentInfo\x12\x17\n\x0f\x66it_report_json\x18\x05 \x01(\t\x12\x1f\n\x17\x63ontribution_definition\x18\x06 \x01(\t\x12\x15\n\rpresence_maps\x18\x07 \x01(\x08\"\xbb\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binput_dtype\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12*\n\x07methods\x18\x06 \x03(\x0b\x32\x19.protoserve.v1.MethodInfo\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x07 \x01(\t\x12\r\n\x05layer\x18\x08 \x01(\t\x12\x15\n\rfeature_shape\x18\t \x03(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x0b \x01(\t\x12*\n\x07samples\x18\x0c \x03(\x0b\x32\x19.protoserve.v1.SampleInfo\x12\x12\n\nimage_mode\x18\r \x01(\t\"e\n\nSampleInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12$\n\x05input\x18\x04 \x01(\x0b\x32\x15.protoserve.v1.Tensor*\xa4\x01\n\x0bHeatmapMode\x12\x15\n\x11HEATMAP_MODE_NONE\x10\x00\x12\x1d\n\x19HEATMAP_MODE_FEATURE_GRID\x10\x01\x12\x16\n\x12HEATMAP_MODE_INPUT\x10\x02\x12&\n\"HEATMAP_MODE_PRESENCE_FEATURE_GRID\x10\x03\x12\x1f\n\x1bHEATMAP_MODE_PRESENCE_INPUT\x10\x04\x32\x92\x03\n\tExplainer\x12H\n\x07Predict\x12\x1d.protoserve.v1.PredictRequest\x1a\x1e.protoserve.v1.PredictResponse\x12H\n\x07\x45xplain\x12\x1d.protoserve.v1.ExplainRequest\x1a\x1e.protoserve.v1.ExplainResponse\x12X\n\rExplainStream\x12\x1d.protoserve.v1.ExplainRequest\x1a$.protoserve.v1.ExplainStreamResponse(\x01\x30\x01\x12Q\n\nListModels\x12 .protoserve.v1.ListModelsRequest\x1a!.protoserve.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.protoserve.v1.GetModelRequest\x1a\x18.protoserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotoserve/v1/explainer.proto\x12\rprotoserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\" \n\x0cIntervention\x12\x10\n\x08suppress\x18\x01 \x03(\t\"\x88\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05input\x18\x03 \x01(\x0b\x32\x15.protoserve.v1.Tensor\x12\r\n\x05image\x18\x04 \x01(\x0c\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"t\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12-\n\nprediction\x18\x04 \x03(\x0b\x32\x19.protoserve.v1.ClassScore\"\xba\x02\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12$\n\x05input\x18\x04 \x01(\x0b\x32\x15.protoserve.v1.Tensor\x12\r\n\x05image\x18\x05 \x01(\x0c\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x19\n\x0ctarget_class\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12,\n\x08heatmaps\x18\x08 \x01(\x0e\x32\x1a.protoserve.v1.HeatmapMode\x12\x32\n\rinterventions\x18\t \x03(\x0b\x32\x1b.protoserve.v1.Intervention\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x12\n\nneighbours\x18\x0b \x01(\x05\x42\x0f\n\r_target_class\"T\n\nClassScore\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05logit\x18\x03 \x01(\x02\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\"a\n\tComponent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x03 \x01(\x05\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12\x14\n\x0c\x63ontribution\x18\x05 \x01(\x02\"C\n\x07Heatmap\x12\x14\n\x0c\x63omponent_id\x18\x01 \x01(\t\x12\"\n\x03map\x18\x02 \x01(\x0b\x32\x15.protoserve.v1.Tensor\"m\n\x12InterventionResult\x12\x12\n\nsuppressed\x18\x01 \x03(\t\x12-\n\nprediction\x18\x02 \x03(\x0b\x32\x19.protoserve.v1.ClassScore\x12\x14\n\x0ctarget_logit\x18\x03 \x01(\x02\"\xce\x04\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12-\n\nprediction\x18\x05 \x03(\x0b\x32\x19.protoserve.v1.ClassScore\x12\x14\n\x0ctarget_class\x18\x06 \x01(\x05\x12\x14\n\x0ctarget_logit\x18\x07 \x01(\x02\x12,\n\ncomponents\x18\x08 \x03(\x0b\x32\x18.protoserve.v1.Component\x12\x0c\n\x04\x62ias\x18\t \x01(\x02\x12\x1d\n\x15residual_contribution\x18\n \x01(\x02\x12\x16\n\x0eresidual_share\x18\x0b \x01(\x02\x12(\n\x08heatmaps\x18\x0c \x03(\x0b\x32\x16.protoserve.v1.Heatmap\x12\x38\n\rinterventions\x18\r \x03(\x0b\x32!.protoserve.v1.InterventionResult\x12\x10\n\x08\x61\x64\x64itive\x18\x0e \x01(\x08\x12\x16\n\x0e\x61\x64\x64itivity_gap\x18\x0f \x01(\x02\x12\x30\n\x10residual_heatmap\x18\x10 \x01(\x0b\x32\x16.protoserve.v1.Heatmap\x12,\n\nneighbours\x18\x11 \x03(\x0b\x32\x18.protoserve.v1.Neighbour\x12;\n\x14neighbour_components\x18\x12 \x03(\x0b\x32\x1d.protoserve.v1.ComponentShare\"l\n\tNeighbour\x12\x13\n\x0bprobe_index\x18\x01 \x01(\x03\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\x13\n\x0b\x63lass_index\x18\x03 \x01(\x05\x12\r\n\x05label\x18\x04 \x01(\t\x12\x14\n\x0c\x63omponent_id\x18\x05 \x01(\t\"5\n\x0e\x43omponentShare\x12\x14\n\x0c\x63omponent_id\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x02\";\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\x96\x01\n\x15\x45xplainStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.protoserve.v1.ExplainResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.protoserve.v1.StreamErrorH\x00\x42\x08\n\x06result\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.protoserve.v1.ModelInfo\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"U\n\rComponentInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x03 \x01(\x05\x12\x14\n\x0c\x65xemplar_png\x18\x04 \x01(\x0c\"\xd2\x01\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x64itive\x18\x02 \x01(\x08\x12!\n\x19residual_share_definition\x18\x03 \x01(\t\x12\x30\n\ncomponents\x18\x04 \x03(\x0b\x32\x1c.protoserve.v1.ComponentInfo\x12\x17\n\x0f\x66it_report_json\x18\x05 \x01(\t\x12\x1f\n\x17\x63ontribution_definition\x18\x06 \x01(\t\x12\x15\n\rpresence_maps\x18\x07 \x01(\x08\"\xbb\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binput_dtype\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12*\n\x07methods\x18\x06 \x03(\x0b\x32\x19.protoserve.v1.MethodInfo\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x07 \x01(\t\x12\r\n\x05layer\x18\x08 \x01(\t\x12\x15\n\rfeature_shape\x18\t \x03(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x0b \x01(\t\x12*\n\x07samples\x18\x0c \x03(\x0b\x32\x19.protoserve.v1.SampleInfo\x12\x12\n\nimage_mode\x18\r \x01(\t\"e\n\nSampleInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12$\n\x05input\x18\x04 \x01(\x0b\x32\x15.protoserve.v1.Tensor*\xa4\x01\n\x0bHeatmapMode\x12\x15\n\x11HEATMAP_MODE_NONE\x10\x00\x12\x1d\n\x19HEATMAP_MODE_FEATURE_GRID\x10\x01\x12\x16\n\x12HEATMAP_MODE_INPUT\x10\x02\x12&\n\"HEATMAP_MODE_PRESENCE_FEATURE_GRID\x10\x03\x12\x1f\n\x1bHEATMAP_MODE_PRESENCE_INPUT\x10\x04\x32\x92\x03\n\tExplainer\x12H\n\x07Predict\x12\x1d.protoserve.v1.PredictRequest\x1a\x1e.protoserve.v1.PredictResponse\x12H\n\x07\x45xplain\x12\x1d.protoserve.v1.ExplainRequest\x1a\x1e.protoserve.v1.ExplainResponse\x12X\n\rExplainStream\x12\x1d.protoserve.v1.ExplainRequest\x1a$.protoserve.v1.ExplainStreamResponse(\x01\x30\x01\x12Q\n\nListModels\x12 .protoserve.v1.ListModelsRequest\x1a!.protoserve.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.protoserve.v1.GetModelRequest\x1a\x18.protoserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protoserve_client.stubs.protoserve.v1.explainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HEATMAPMODE']._serialized_start=2613
-  _globals['_HEATMAPMODE']._serialized_end=2777
+  _globals['_HEATMAPMODE']._serialized_start=2905
+  _globals['_HEATMAPMODE']._serialized_end=3069
   _globals['_TENSOR']._serialized_start=48
   _globals['_TENSOR']._serialized_end=100
   _globals['_INTERVENTION']._serialized_start=102
@@ -42,35 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE']._serialized_start=275
   _globals['_PREDICTRESPONSE']._serialized_end=391
   _globals['_EXPLAINREQUEST']._serialized_start=394
-  _globals['_EXPLAINREQUEST']._serialized_end=688
-  _globals['_CLASSSCORE']._serialized_start=690
-  _globals['_CLASSSCORE']._serialized_end=774
-  _globals['_COMPONENT']._serialized_start=776
-  _globals['_COMPONENT']._serialized_end=873
-  _globals['_HEATMAP']._serialized_start=875
-  _globals['_HEATMAP']._serialized_end=942
-  _globals['_INTERVENTIONRESULT']._serialized_start=944
-  _globals['_INTERVENTIONRESULT']._serialized_end=1053
-  _globals['_EXPLAINRESPONSE']._serialized_start=1056
-  _globals['_EXPLAINRESPONSE']._serialized_end=1539
-  _globals['_STREAMERROR']._serialized_start=1541
-  _globals['_STREAMERROR']._serialized_end=1600
-  _globals['_EXPLAINSTREAMRESPONSE']._serialized_start=1603
-  _globals['_EXPLAINSTREAMRESPONSE']._serialized_end=1753
-  _globals['_LISTMODELSREQUEST']._serialized_start=1755
-  _globals['_LISTMODELSREQUEST']._serialized_end=1774
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1776
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1838
-  _globals['_GETMODELREQUEST']._serialized_start=1840
-  _globals['_GETMODELREQUEST']._serialized_end=1889
-  _globals['_COMPONENTINFO']._serialized_start=1891
-  _globals['_COMPONENTINFO']._serialized_end=1976
-  _globals['_METHODINFO']._serialized_start=1979
-  _globals['_METHODINFO']._serialized_end=2189
-  _globals['_MODELINFO']._serialized_start=2192
-  _globals['_MODELINFO']._serialized_end=2507
-  _globals['_SAMPLEINFO']._serialized_start=2509
-  _globals['_SAMPLEINFO']._serialized_end=2610
-  _globals['_EXPLAINER']._serialized_start=2780
-  _globals['_EXPLAINER']._serialized_end=3182
+  _globals['_EXPLAINREQUEST']._serialized_end=708
+  _globals['_CLASSSCORE']._serialized_start=710
+  _globals['_CLASSSCORE']._serialized_end=794
+  _globals['_COMPONENT']._serialized_start=796
+  _globals['_COMPONENT']._serialized_end=893
+  _globals['_HEATMAP']._serialized_start=895
+  _globals['_HEATMAP']._serialized_end=962
+  _globals['_INTERVENTIONRESULT']._serialized_start=964
+  _globals['_INTERVENTIONRESULT']._serialized_end=1073
+  _globals['_EXPLAINRESPONSE']._serialized_start=1076
+  _globals['_EXPLAINRESPONSE']._serialized_end=1666
+  _globals['_NEIGHBOUR']._serialized_start=1668
+  _globals['_NEIGHBOUR']._serialized_end=1776
+  _globals['_COMPONENTSHARE']._serialized_start=1778
+  _globals['_COMPONENTSHARE']._serialized_end=1831
+  _globals['_STREAMERROR']._serialized_start=1833
+  _globals['_STREAMERROR']._serialized_end=1892
+  _globals['_EXPLAINSTREAMRESPONSE']._serialized_start=1895
+  _globals['_EXPLAINSTREAMRESPONSE']._serialized_end=2045
+  _globals['_LISTMODELSREQUEST']._serialized_start=2047
+  _globals['_LISTMODELSREQUEST']._serialized_end=2066
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2068
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2130
+  _globals['_GETMODELREQUEST']._serialized_start=2132
+  _globals['_GETMODELREQUEST']._serialized_end=2181
+  _globals['_COMPONENTINFO']._serialized_start=2183
+  _globals['_COMPONENTINFO']._serialized_end=2268
+  _globals['_METHODINFO']._serialized_start=2271
+  _globals['_METHODINFO']._serialized_end=2481
+  _globals['_MODELINFO']._serialized_start=2484
+  _globals['_MODELINFO']._serialized_end=2799
+  _globals['_SAMPLEINFO']._serialized_start=2801
+  _globals['_SAMPLEINFO']._serialized_end=2902
+  _globals['_EXPLAINER']._serialized_start=3072
+  _globals['_EXPLAINER']._serialized_end=3474
 # @@protoc_insertion_point(module_scope)

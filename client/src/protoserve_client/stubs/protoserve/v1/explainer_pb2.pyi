@@ -65,7 +65,7 @@ class PredictResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "version", "method", "input", "image", "top_k", "target_class", "heatmaps", "interventions", "request_id")
+    __slots__ = ("model", "version", "method", "input", "image", "top_k", "target_class", "heatmaps", "interventions", "request_id", "neighbours")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class ExplainRequest(_message.Message):
     HEATMAPS_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     method: str
@@ -86,7 +87,8 @@ class ExplainRequest(_message.Message):
     heatmaps: HeatmapMode
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., target_class: _Optional[int] = ..., heatmaps: _Optional[_Union[HeatmapMode, str]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    neighbours: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., target_class: _Optional[int] = ..., heatmaps: _Optional[_Union[HeatmapMode, str]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., request_id: _Optional[str] = ..., neighbours: _Optional[int] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("class_index", "label", "logit", "probability")
@@ -133,7 +135,7 @@ class InterventionResult(_message.Message):
     def __init__(self, suppressed: _Optional[_Iterable[str]] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_logit: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "method", "prediction", "target_class", "target_logit", "components", "bias", "residual_contribution", "residual_share", "heatmaps", "interventions", "additive", "additivity_gap", "residual_heatmap")
+    __slots__ = ("request_id", "model", "version", "method", "prediction", "target_class", "target_logit", "components", "bias", "residual_contribution", "residual_share", "heatmaps", "interventions", "additive", "additivity_gap", "residual_heatmap", "neighbours", "neighbour_components")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +152,8 @@ class ExplainResponse(_message.Message):
     ADDITIVE_FIELD_NUMBER: _ClassVar[int]
     ADDITIVITY_GAP_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_HEATMAP_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOUR_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: str
@@ -166,7 +170,31 @@ class ExplainResponse(_message.Message):
     additive: bool
     additivity_gap: float
     residual_heatmap: Heatmap
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_class: _Optional[int] = ..., target_logit: _Optional[float] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., bias: _Optional[float] = ..., residual_contribution: _Optional[float] = ..., residual_share: _Optional[float] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., interventions: _Optional[_Iterable[_Union[InterventionResult, _Mapping]]] = ..., additive: _Optional[bool] = ..., additivity_gap: _Optional[float] = ..., residual_heatmap: _Optional[_Union[Heatmap, _Mapping]] = ...) -> None: ...
+    neighbours: _containers.RepeatedCompositeFieldContainer[Neighbour]
+    neighbour_components: _containers.RepeatedCompositeFieldContainer[ComponentShare]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_class: _Optional[int] = ..., target_logit: _Optional[float] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., bias: _Optional[float] = ..., residual_contribution: _Optional[float] = ..., residual_share: _Optional[float] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., interventions: _Optional[_Iterable[_Union[InterventionResult, _Mapping]]] = ..., additive: _Optional[bool] = ..., additivity_gap: _Optional[float] = ..., residual_heatmap: _Optional[_Union[Heatmap, _Mapping]] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., neighbour_components: _Optional[_Iterable[_Union[ComponentShare, _Mapping]]] = ...) -> None: ...
+
+class Neighbour(_message.Message):
+    __slots__ = ("probe_index", "distance", "class_index", "label", "component_id")
+    PROBE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_ID_FIELD_NUMBER: _ClassVar[int]
+    probe_index: int
+    distance: float
+    class_index: int
+    label: str
+    component_id: str
+    def __init__(self, probe_index: _Optional[int] = ..., distance: _Optional[float] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., component_id: _Optional[str] = ...) -> None: ...
+
+class ComponentShare(_message.Message):
+    __slots__ = ("component_id", "share")
+    COMPONENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    component_id: str
+    share: float
+    def __init__(self, component_id: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message", "field")

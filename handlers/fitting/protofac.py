@@ -161,9 +161,11 @@ class _Problem:
                           for i in range(0, len(reconstruction), batch_size)])
 
     def codes(self, a: torch.Tensor, prototypes: torch.Tensor, oracle: torch.Tensor, protocol: str,
-              batch_size: int = 4096) -> torch.Tensor:
+              batch_size: int = 1024) -> torch.Tensor:
         """W (N, k) of rows ``a`` (N, m) with H = ``prototypes`` frozen, by ``protocol`` ("paper": eq. 4
-        with ``oracle`` (N,) as the labels; "least_squares"), as the explainer computes them."""
+        with ``oracle`` (N,) as the labels; "least_squares"), as the explainer computes them. Rows are
+        independent; batches of ``batch_size`` because the active-set solver stops when a batch's
+        slowest row is optimal."""
         prototypes = prototypes.detach()
         with torch.no_grad():
             gram = prototypes.double() @ prototypes.double().T
@@ -181,10 +183,11 @@ class _Problem:
         return torch.cat(codes)
 
     def evaluate(self, prototypes: torch.Tensor, a: torch.Tensor, oracle: torch.Tensor, labels: torch.Tensor,
-                 protocol: str) -> tuple[dict, torch.Tensor]:
-        """The surrogate f_down(wH), W by ``protocol``, against the oracle and ``labels``, and eq. 1's F-loss
-        (1/n)‖A − WH‖_F as written; returns the figures and W (n, k)."""
-        w = self.codes(a, prototypes, oracle, protocol)
+                 protocol: str, w: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+        """The surrogate f_down(wH), W by ``protocol`` (or ``w`` (n, k) when given), against the oracle and
+        ``labels``, and eq. 1's F-loss (1/n)‖A − WH‖_F as written; returns the figures and W."""
+        if w is None:
+            w = self.codes(a, prototypes, oracle, protocol)
         with torch.no_grad():
             reconstruction = w @ prototypes
             predicted = self.surrogate(reconstruction).argmax(1).cpu()
@@ -194,11 +197,13 @@ class _Problem:
                 "f_loss": round(residual / len(a), 6),
                 "relative_error": round(residual / (float(a.norm()) or 1.0), 6)}, w
 
-    def train_accuracy(self, prototypes: torch.Tensor) -> float:
-        """Accuracy against the oracle, W by the served protocol, on the fixed evaluation subset of the training rows."""
+    def train_accuracy(self, prototypes: torch.Tensor, paper_codes: torch.Tensor | None = None) -> float:
+        """Accuracy against the oracle, W by the served protocol, on the fixed evaluation subset of the training
+        rows; ``paper_codes`` (n, k), every training row's W by the paper protocol, saves solving them again."""
         rows = self.eval_rows
+        reuse = paper_codes is not None and self.config.served_protocol == "paper"
         figures, _ = self.evaluate(prototypes, self.a[rows], self.oracle[rows], self.oracle[rows],
-                                   self.config.served_protocol)
+                                   self.config.served_protocol, paper_codes[rows] if reuse else None)
         return figures["acc_vs_oracle"]
 
 
@@ -213,10 +218,12 @@ def _fit_prototypes(problem: _Problem, config: ProtoFacConfig, generator: torch.
     n, m = a.shape
     device = a.device
     chosen = _initial_prototypes(problem.votes, k, generator)
-    best_accuracy = problem.train_accuracy(latents[chosen.to(device)])
+    prototypes = latents[chosen.to(device)].clone()
+    weights = problem.codes(a, prototypes, oracle, "paper")
+    best_accuracy = problem.train_accuracy(prototypes, weights)
     best, history = chosen, [{"epoch": 0, "acc_vs_oracle_train": round(best_accuracy, 6), "replaced": k}]
-    prototypes = latents[chosen.to(device)].clone().requires_grad_(True)
-    weights = problem.codes(a, prototypes, oracle, "paper").requires_grad_(True)
+    prototypes.requires_grad_(True)
+    weights.requires_grad_(True)
     # Adam moves every coordinate by about its learning rate: H's is relative to the
     # features' root-mean-square entry, W's is on the simplex's scale.
     optimizer = torch.optim.Adam([
@@ -251,7 +258,7 @@ def _fit_prototypes(problem: _Problem, config: ProtoFacConfig, generator: torch.
             codes = problem.codes(a, prototypes, oracle, "paper")
             with torch.no_grad():
                 weights.copy_(codes)
-            accuracy = problem.train_accuracy(prototypes)
+            accuracy = problem.train_accuracy(prototypes.detach(), codes)
             history.append({"epoch": epoch, "acc_vs_oracle_train": round(accuracy, 6), "replaced": replaced})
             log(f"protofac k={k}: epoch {epoch}: projected ({replaced} prototypes replaced), "
                 f"train accuracy vs oracle {accuracy:.4f}")

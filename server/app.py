@@ -18,7 +18,7 @@ from server import security
 from server.dataplane import DataPlane
 from server.drain import DrainInterceptor, close_sockets
 from server.http_api import HttpApi, error_response
-from server.http_server import HttpServer, tls_context
+from server.http_server import HttpServer, ListenError, tls_context
 from server.memory import keep_freed_memory
 from server.metrics import Metrics
 from server.metrics_http import MetricsServer, metrics_tokens
@@ -74,15 +74,24 @@ class App:
             [EXPLAINER_SERVICE, OIP_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
         address = f"{self.settings.host}:{self.settings.port}"
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc says only "Failed to bind": the port in use, the address not this machine's
+            await self.registry.close(0)
+            raise ListenError(f"cannot serve gRPC on {address}; choose another --port") from None
         await self.server.start()
         if self.settings.http_port:
             api = HttpApi(plane, self.settings, tokens)
             self.http_server = HttpServer(api.handle, api.admit, error_response, self.settings, http_tls)
-            self.http_port = await self.http_server.start(self.settings.host, self.settings.http_port)
+            try:
+                self.http_port = await self.http_server.start(self.settings.host, self.settings.http_port)
+            except ListenError:
+                await self.server.stop(0)
+                await self.registry.close(0)
+                raise
         if self.settings.metrics_port:
             self.metrics_server = MetricsServer.from_settings(self.metrics.registry, self.settings, scrape_tokens)
         for service in ("", EXPLAINER_SERVICE, OIP_SERVICE):

@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
                         http_port=args.http_port, http_timeout_s=args.http_timeout_s,
                         http_max_connections=args.http_max_connections, http_max_body_bytes=args.http_max_body_bytes,
                         http_max_buffered_bytes=args.http_max_buffered_bytes,
+                        http_allowed_hosts=tuple(args.http_allowed_host),
                         max_stream_outstanding=args.max_stream_outstanding, device=args.device, backend=args.backend,
                         autocast=args.autocast, intra_op_threads=args.intra_op_threads,
                         keep_freed_mib=args.keep_freed_mib,
@@ -46,12 +47,13 @@ def _serve(args: argparse.Namespace) -> int:
                         max_top_k=args.max_top_k, max_interventions=args.max_interventions,
                         tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                         tls_client_ca=_path(args.tls_client_ca), auth_token_file=_path(args.auth_token_file))
+    from server.http_server import ListenError
     from server.security import SecurityConfigError
 
     try:
         # uvloop's loop costs less per rpc than asyncio's (BENCHMARKS.md: uvloop).
         uvloop.run(App(settings).run_until_signal())
-    except SecurityConfigError as exc:
+    except (SecurityConfigError, ListenError) as exc:
         print(f"protoserve serve: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -195,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="HTTP connections at once; more are answered 503 and closed")
     serve.add_argument("--http-max-body-bytes", type=int, default=limits.http_max_body_bytes,
                        help="largest HTTP request body (413 beyond, never read)")
+    serve.add_argument("--http-allowed-host", action="append", default=[], metavar="NAME",
+                       help="a host name the HTTP port answers for (repeatable); default: the loopback names when "
+                            "--host is loopback, any otherwise (other names get 421: DNS rebinding)")
     serve.add_argument("--http-max-buffered-bytes", type=int, default=limits.http_max_buffered_bytes,
                        help="HTTP request bodies held at once, over all connections (503 beyond)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")

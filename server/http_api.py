@@ -27,7 +27,7 @@ import json
 from http import HTTPStatus
 from importlib import resources
 from typing import NoReturn
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from google.protobuf import json_format
 from protoserve_client import pb
@@ -48,6 +48,7 @@ EXPLORER_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
                   "/explorer.js": ("explorer.js", "text/javascript; charset=utf-8"),
                   "/explorer.css": ("explorer.css", "text/css; charset=utf-8")}
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", *EXPLORER_FILES})
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 EXPLAINER_PREFIX = "/protoserve.v1.Explainer/"
 EXPLAINER_REQUESTS = {"ListModels": pb.ListModelsRequest, "GetModel": pb.GetModelRequest,
                       "Predict": pb.PredictRequest, "Explain": pb.ExplainRequest}
@@ -78,6 +79,7 @@ class HttpApi:
         self.plane = plane
         self.settings = settings
         self.tokens = tokens
+        self.allowed_hosts = allowed_hosts(settings)
         self.oip_rpcs = Rpcs(plane.registry, plane.metrics, FIELD_NAMES)
         self.explainer_rpcs = Rpcs(plane.registry, plane.metrics)
         self.calls = ExplainerCalls(plane)
@@ -85,7 +87,21 @@ class HttpApi:
         self.page = {path: (folder / name).read_bytes() for path, (name, _) in EXPLORER_FILES.items()}
 
     def admit(self, request: Request) -> None:
-        """Refuse a request without a valid token from its head (its body is never read)."""
+        """Refuse, from its head (its body is never read), a request for another host name, one that a
+        page of another origin sends, or one without a valid token."""
+        host = request.header("host")
+        # DNS rebinding: a page of any site whose name resolves to this address reaches the port with
+        # its own name in Host. Bound to loopback, only loopback names are served (--http-allowed-host).
+        # A browser always sends Host, so a request without one is not a page's.
+        if host and self.allowed_hosts is not None and host_name(host) not in self.allowed_hosts:
+            raise HttpError(HTTPStatus.MISDIRECTED_REQUEST,
+                            f"host {echo(host)} is not served here; served: {', '.join(sorted(self.allowed_hosts))} "
+                            "(protoserve serve --http-allowed-host)", field="host")
+        # A page of another origin may send requests (a browser adds Origin) but must not spend our compute.
+        origin = request.header("origin")
+        if origin and urlsplit(origin).netloc.lower() != host.lower():
+            raise HttpError(HTTPStatus.FORBIDDEN, f"requests from pages of other origins are refused "
+                                                  f"(Origin {echo(origin)}, Host {echo(host)})", field="origin")
         if self.tokens is None or request.path in OPEN_PATHS:
             return
         if not self.tokens.authorized(request.headers):
@@ -185,6 +201,22 @@ async def _off_loop(body_bytes: int, function, *args):
     if body_bytes > PARSE_IN_THREAD_BYTES:
         return await asyncio.to_thread(function, *args)
     return function(*args)
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str] | None:
+    """The host names the HTTP port answers for (None: any): ``--http-allowed-host``, else the loopback
+    names when it is bound to loopback."""
+    if settings.http_allowed_hosts:
+        return frozenset(name.lower() for name in settings.http_allowed_hosts)
+    return LOOPBACK_NAMES if settings.host in LOOPBACK_NAMES else None
+
+
+def host_name(authority: str) -> str:
+    """The name in a Host header: ``name:port`` -> name, ``[::1]:port`` -> ::1, lower case."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:authority.find("]")]
+    return authority.rpartition(":")[0] if ":" in authority else authority
 
 
 def _allow(request: Request, method: str) -> None:

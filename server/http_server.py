@@ -72,6 +72,10 @@ class HttpError(Exception):
         self.field = field
 
 
+class ListenError(Exception):
+    """The HTTP port cannot be opened."""
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 Admit = Callable[[Request], None]  # raises HttpError to refuse a request from its head alone
 ErrorBody = Callable[[HttpError], Response]
@@ -114,7 +118,11 @@ class HttpServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the port (``port`` 0: a free one)."""
-        self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_HEAD_BYTES)
+        try:
+            self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_HEAD_BYTES)
+        except OSError as error:  # the port in use, the address not this machine's
+            raise ListenError(f"cannot serve HTTP on {host}:{port}: {error.strerror or error}; choose another "
+                              "--http-port (0 turns HTTP off)") from None
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self, grace_s: float) -> None:

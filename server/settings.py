@@ -36,6 +36,9 @@ class Settings:
     http_max_connections: int = 64   # HTTP connections at once (TLS handshakes included); more: 503 and closed
     http_max_body_bytes: int = 64 << 20  # a request body (Content-Length); more: 413, never read
     http_max_buffered_bytes: int = 256 << 20  # request bodies held at once, over all connections; more: 503
+    # Host names the HTTP port answers for (DNS rebinding); empty: the loopback names when `host` is
+    # loopback, any name otherwise
+    http_allowed_hosts: tuple[str, ...] = ()
     device: str = "auto"             # "auto": CUDA when present, else CPU
     backend: str = "archive"         # forward pass: "torch", "onnx", or "archive" (what each archive prefers)
     autocast: str = "none"           # "float16" / "bfloat16": the backbone in reduced precision (GPU), math in float32

@@ -514,3 +514,61 @@ def test_shutdown_answers_the_requests_in_flight_then_closes_the_port(demo_store
     host, port = running.http_address.rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=5)
+
+
+# ------------------------------------------------------------------------------ other sites' pages
+
+
+def test_other_host_names_and_pages_of_other_origins_are_refused_from_the_head(server, digits):
+    """Bound to loopback, the port answers only for loopback names (a DNS-rebinding page sends its own
+    name in Host: 421), and a request that a page of another origin sends is refused (403), before
+    any body is read or any compute spent."""
+    port = server.http_address.rsplit(":", 1)[1]
+    body, _ = infer_body(digits[:1])
+    before = _requests_total(server, rpc="http:ModelInfer", model="mnist", code="OK")
+    for host in (f"rebinding.example:{port}", "rebinding.example", f"127.0.0.2:{port}", f"[::2]:{port}"):
+        status, _, answer = call(server.http_address, "POST", "/v2/models/mnist/infer", body, {"Host": host})
+        assert status == 421, host
+        assert json.loads(answer)["field"] == "host" and "is not served here" in json.loads(answer)["error"]
+    for origin in ("http://attacker.example", f"http://localhost:{port}", "null"):
+        status, _, answer = call(server.http_address, "POST", "/v2/models/mnist/infer", body, {"Origin": origin})
+        assert (status, json.loads(answer)["field"]) == (403, "origin"), origin
+    assert _requests_total(server, rpc="http:ModelInfer", model="mnist", code="OK") == before
+    for host in (f"localhost:{port}", f"LOCALHOST:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert call(server.http_address, "GET", "/v2/health/live", headers={"Host": host})[0] == 200, host
+    # The explorer's own requests: Origin is the page's, the same as Host.
+    status, _, _ = call(server.http_address, "POST", "/v2/models/mnist/infer", body,
+                        {"Origin": f"http://127.0.0.1:{port}"})
+    assert status == 200
+    assert _requests_total(server, rpc="http:ModelInfer", model="mnist", code="OK") == before + 1
+
+
+def test_allowed_host_names_replace_the_loopback_names(demo_store):
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=0, http_port=free_port(),
+                                     http_allowed_hosts=("Explain.Internal",)))
+    try:
+        port = running.http_address.rsplit(":", 1)[1]
+        assert call(running.http_address, "GET", "/v2/health/live", headers={"Host": f"explain.internal:{port}"})[0] \
+            == 200
+        assert call(running.http_address, "GET", "/v2/health/live")[0] == 421  # Host 127.0.0.1:port
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("which", ["--port", "--http-port"])
+def test_a_port_in_use_is_a_one_line_error(tmp_path, which):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--http-port": "0", "--metrics-port": "0", which: port}
+        result = subprocess.run([Path(sys.executable).parent / "protoserve", "serve", "--model-store", str(tmp_path),
+                                 *(x for item in ports.items() for x in item)],
+                                capture_output=True, text=True, timeout=120)
+    ours = [line for line in result.stderr.splitlines() if line.startswith("protoserve serve:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(ours) == 1 and f"127.0.0.1:{port}" in ours[0] and f"choose another {which}" in ours[0], result.stderr

@@ -122,7 +122,7 @@ def test_protoserve_bad_option_values(fully_connected_archive, tmp_path):
     archive, data = fully_connected_archive
     line = _one_line_error(_fit(archive, data, "--method", "protonmf", "--param", "protonmf.n_protos=2"))
     assert line == ("protoserve fit: error: --param protonmf.n_protos: protonmf has no parameter 'n_protos' "
-                    "— use one of n_prototypes, solver, init, max_iter, tol, random_state")
+                    "— use one of n_prototypes, solver, init, max_iter, tol, random_state, head_reads, p_sweep")
     line = _one_line_error(_fit(archive, data, "--method", "protonfm"))
     assert line == ("protoserve fit: error: --method protonfm: no such method "
                     "— choose from coupled_nmf, gradcam_rules, protofac, protonmf, srae")

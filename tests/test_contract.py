@@ -162,7 +162,7 @@ def test_config_validates_ranges_and_choices():
 def test_protoserve_param_is_checked_against_the_config():
     from server.cli import UserError, _methods
 
-    keys = "n_prototypes, solver, init, max_iter, tol, random_state"
+    keys = "n_prototypes, solver, init, max_iter, tol, random_state, head_reads, p_sweep"
     args = argparse.Namespace(method=["protonmf"], param=["protonmf.n_prototypes=5", "protonmf.tol=1e-3"])
     assert _methods(args) == {"protonmf": {"n_prototypes": 5, "tol": 1e-3}}
     for param, problem in (("n_protos=2", "--param protonmf.n_protos: protonmf has no parameter 'n_protos'"),

@@ -95,7 +95,8 @@ def test_explain_options_of_plain_values(plane, runtime):
 
 
 @pytest.mark.parametrize("changes, field, detail", [
-    (dict(heatmaps="everywhere"), "heatmaps", "'everywhere' is not one of none, feature_grid, input"),
+    (dict(heatmaps="everywhere"), "heatmaps",
+     "'everywhere' is not one of none, feature_grid, input, presence_feature_grid, presence_input"),
     (dict(target_class=10), "target_class", "must be in [0, 10), got 10"),
     (dict(target_class=-1), "target_class", "must be in [0, 10), got -1"),
     (dict(interventions=[["c0.p0"]] * 3), "interventions", "at most 2 per request, got 3"),

@@ -107,7 +107,7 @@ def test_oip_errors_echo_clipped_and_name_a_printable_field(channel, message, co
     got_code, details, got_field = _refusal(oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer, message)
     assert (got_code, got_field) == (code, field), details[:200]
     assert details.startswith(starts), details[:200]
-    assert len(details) < 300
+    assert len(details) < 400  # the echo clipped to 64 characters, then the known names
 
 
 def test_every_message_and_field_is_capped_centrally():

@@ -423,3 +423,18 @@ def test_layer_gradients_of_a_pooled_linear_head_are_its_weights(mnist_parts, mn
     weight = linear_head_weight(mnist_parts)  # (K, C); logit = weight @ mean_hw(a) + bias
     expected = (weight[classes][:, :, None] / 49).expand(5, 128, 49).flatten(1)
     assert torch.allclose(gradients, expected, atol=1e-7)
+
+
+def test_welch_p_value_is_scipys_and_decides_constant_samples():
+    from scipy import stats
+
+    from handlers.fitting.tcav import welch_p_value
+
+    rng = np.random.default_rng(0)
+    for n_a, n_b in [(5, 7), (10, 10), (3, 20)]:
+        a, b = rng.random(n_a), rng.random(n_b) + 0.2
+        assert welch_p_value(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
+    b = rng.random(6)
+    assert welch_p_value(np.full(4, 0.5), b) == pytest.approx(
+        2 * stats.t.sf(abs(0.5 - b.mean()) / (b.std(ddof=1) / np.sqrt(6)), 5), rel=1e-9)
+    assert (welch_p_value(np.ones(4), np.ones(5)), welch_p_value(np.ones(4), np.zeros(5))) == (1.0, 0.0)

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 CROP_DISPLAY_PX = 64
 
@@ -45,6 +45,32 @@ def crops_png(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]]
         strip.paste(tile, (x, 0))
         x += tile.width + gap
     return png_bytes(strip)
+
+
+def example_png(x: torch.Tensor) -> bytes:
+    """One input example drawn as a small PNG: an image (C, H, W) at its own size (grey or RGB, min-max
+    scaled, as :func:`to_uint8_image`); a series (C, L) or (L,) as a line plot CROP_DISPLAY_PX high and
+    L wide (one pixel per sample, min-max scaled over the example, channels in turn in black, red, blue, ...)."""
+    x = x.detach().float().cpu()
+    if x.dim() == 3:
+        return png_bytes(Image.fromarray(to_uint8_image(x)))
+    series = x.reshape(-1, x.shape[-1])  # (C, L)
+    low, high = float(series.min()), float(series.max())
+    top = CROP_DISPLAY_PX - 1
+    rows = top - (series - low) / max(high - low, 1e-12) * top  # row 0 is the top: high values up
+    image = Image.new("RGB", (series.shape[1], CROP_DISPLAY_PX), "white")
+    draw = ImageDraw.Draw(image)
+    for channel, row in enumerate(rows.tolist()):
+        points = [(i, round(r)) for i, r in enumerate(row)]
+        colour = SERIES_COLOURS[channel % len(SERIES_COLOURS)]
+        if len(points) == 1:
+            draw.point(points, fill=colour)
+        else:
+            draw.line(points, fill=colour, width=1)
+    return png_bytes(image)
+
+
+SERIES_COLOURS = ("black", "red", "blue", "green", "orange", "purple")
 
 
 def png_bytes(image: Image.Image) -> bytes:

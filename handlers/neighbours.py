@@ -29,6 +29,8 @@ class Neighbours:
                       has its highest weight for
     component_share : (N,) float64, the share of the k neighbours whose top component is each of the
                       method's N components (sums to 1)
+    png             : k PNG images, each neighbour's example as drawn at fit time, or None where the
+                      method stored none (archives fitted before they were)
     """
 
     probe_index: np.ndarray
@@ -36,6 +38,7 @@ class Neighbours:
     class_index: np.ndarray
     top_component: np.ndarray
     component_share: np.ndarray
+    png: tuple[bytes, ...] | None = None
 
 
 class NeighbourSearch(ABC):

@@ -110,11 +110,13 @@ def explain_response(request: pb.ExplainRequest, result: ExplainResult) -> pb.Ex
 
 
 def add_neighbours(response: pb.ExplainResponse, found: Neighbours, components: list, labels: list[str]) -> None:
-    """The neighbour view: each neighbour, nearest first, and the shares of their top components."""
-    for probe, distance, label, top in zip(found.probe_index.tolist(), found.distance.tolist(),
-                                           found.class_index.tolist(), found.top_component.tolist()):
+    """The neighbour view: each neighbour, nearest first, with its PNG where the method stored one, and
+    the shares of their top components."""
+    pngs = found.png if found.png is not None else [b""] * len(found.probe_index)
+    for probe, distance, label, top, png in zip(found.probe_index.tolist(), found.distance.tolist(),
+                                                found.class_index.tolist(), found.top_component.tolist(), pngs):
         response.neighbours.add(probe_index=probe, distance=distance, class_index=label, label=labels[label],
-                                component_id=components[top].id)
+                                component_id=components[top].id, png=png)
     for c, share in zip(components, found.component_share.tolist()):
         response.neighbour_components.add(component_id=c.id, share=share)
 

@@ -358,6 +358,82 @@ def test_live_neighbours_are_the_nearest_probes_recomputed_by_hand(client, serve
         assert answer == plain
 
 
+def _decoded(png: bytes) -> np.ndarray:
+    from io import BytesIO
+
+    from PIL import Image
+
+    assert png.startswith(b"\x89PNG")
+    return np.asarray(Image.open(BytesIO(png)))
+
+
+def test_live_neighbours_carry_their_probe_examples_as_pngs(client, served, mnist_split):
+    """Each neighbour's PNG decodes to its training example (looked up again by probe_index in the
+    split the fit drew from), drawn as the fit draws it, which for an image is the digit itself."""
+    from protoserve_client import explain_request
+
+    from handlers.exemplars import example_png, to_uint8_image
+
+    for x in mnist_split["x_test"][:2]:
+        request = explain_request(x.numpy(), model="mnist", method=coupled_nmf.NAME, heatmaps="none")
+        request.neighbours = 5
+        answer = client.stub.Explain(request, timeout=30)
+        assert len(answer.neighbours) == 5
+        for n in answer.neighbours:
+            example = mnist_split["x_train"][n.probe_index]
+            assert n.class_index == int(mnist_split["y_train"][n.probe_index])
+            served_image = _decoded(n.png)
+            assert served_image.shape == (28, 28) and served_image.dtype == np.uint8
+            assert np.array_equal(served_image, _decoded(example_png(example)))
+            assert np.array_equal(served_image, to_uint8_image(example))
+
+
+def test_archives_without_probe_pngs_answer_neighbours_without_them(mnist_parts, fitted, explainer, batch):
+    from protoserve_client import pb
+
+    from server.convert import add_neighbours
+
+    assert len(fitted.factors["probe_png_offsets_"]) == len(fitted.factors["probe_index_"]) + 1
+    x, features, _ = batch
+    with torch.inference_mode():
+        weight = explainer.encode(x[:1], features[:1])[0][0].numpy()
+    index = np.arange(D)
+    stored = explainer.neighbours(index, weight, 4)
+    assert len(stored.png) == 4
+    older = {k: v for k, v in fitted.factors.items() if not k.startswith("probe_png")}
+    old = CoupledNMFExplainer(mnist_parts, dataclasses.replace(fitted, factors=older))
+    found = old.neighbours(index, weight, 4)
+    assert found.png is None and np.array_equal(found.probe_index, stored.probe_index)
+    response = pb.ExplainResponse()
+    add_neighbours(response, found, old.components, mnist_parts.labels)
+    assert [n.png for n in response.neighbours] == [b""] * 4
+    assert [n.probe_index for n in response.neighbours] == stored.probe_index.tolist()
+    half = {k: v for k, v in fitted.factors.items() if k != "probe_png_offsets_"}
+    with pytest.raises(ValueError, match="probe_png_ without probe_png_offsets_"):
+        CoupledNMFExplainer(mnist_parts, dataclasses.replace(fitted, factors=half))
+    cut = {**fitted.factors, "probe_png_offsets_": fitted.factors["probe_png_offsets_"][:-1]}
+    with pytest.raises(ValueError, match="probe_png_offsets_"):
+        CoupledNMFExplainer(mnist_parts, dataclasses.replace(fitted, factors=cut))
+
+
+def test_series_probe_examples_are_drawn_as_line_plots():
+    """A 1-D input's probe examples are line plots, 64 pixels high and one pixel per sample wide, the
+    highest sample's pixel at the top row and the lowest's at the bottom."""
+    from handlers.exemplars import CROP_DISPLAY_PX, example_png
+
+    parts, data = fully_connected_problem(100, 60)
+    fitted = coupled_nmf.fit(parts, data, SMALL, **QUIET)
+    explainer = CoupledNMFExplainer(parts, fitted)
+    found = explainer.neighbours(np.arange(3), np.ones(3, np.float32), 5)
+    for probe, png in zip(found.probe_index.tolist(), found.png):
+        series = data.x_train[probe].flatten()
+        image = _decoded(png)
+        assert image.shape == (CROP_DISPLAY_PX, 12, 3) and np.array_equal(image, _decoded(example_png(series[None])))
+        ink = (image != 255).any(2)  # the plot's pixels: black on white
+        assert ink[0, int(series.argmax())] and ink[CROP_DISPLAY_PX - 1, int(series.argmin())]
+        assert ink.any(0).all()  # a line through every sample
+
+
 def test_fit_report_has_the_neighbour_view(served):
     knn = served.explainers[coupled_nmf.NAME].fit_report["knn"]
     assert knn["k"] == 30 and 0 < knn["own_top_concept_share"] <= 1

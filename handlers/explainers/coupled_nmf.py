@@ -57,7 +57,8 @@ method's heatmaps is the pixel grid).
 
 On request (``ExplainRequest.neighbours``), the neighbour view of the paper's Fig. 4d: the
 input's k nearest probe examples by the cosine distance of concept codes, each with the concept
-it has its highest affinity for, and the distribution of those concepts (:meth:`neighbours`).
+it has its highest affinity for, the distribution of those concepts and each neighbour's example drawn as
+a PNG at fit time (the optional ``probe_png_``, ``probe_png_offsets_``; :meth:`neighbours`).
 """
 
 from __future__ import annotations
@@ -190,6 +191,30 @@ def pixel_layout(input_shape: list[int]) -> tuple[int, tuple[int, int]]:
     return 1, (1, math.prod(input_shape))
 
 
+def _probe_png(factors: dict[str, torch.Tensor], n_probe: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The probe examples' PNGs as host arrays (bytes (T,) uint8, offsets (N + 1,) int64), from the
+    optional fitted tensors ``probe_png_`` and ``probe_png_offsets_``; None where the archive has neither
+    (fitted before they were stored: its neighbours come without PNGs).
+
+    Raises
+    ------
+    ValueError
+        If only one is stored, or the offsets do not cut the bytes into N pieces.
+    """
+    data, offsets = factors.get("probe_png_"), factors.get("probe_png_offsets_")
+    if data is None and offsets is None:
+        return None
+    if data is None or offsets is None:
+        raise ValueError(f"{NAME} stores {'probe_png_' if offsets is None else 'probe_png_offsets_'} "
+                         f"without {'probe_png_offsets_' if offsets is None else 'probe_png_'}")
+    data, offsets = data.to(torch.uint8).flatten().numpy(), offsets.to(torch.int64).numpy()
+    if (offsets.shape != (n_probe + 1,) or offsets[0] != 0 or offsets[-1] != len(data)
+            or (np.diff(offsets) < 0).any()):
+        raise ValueError(f"{NAME} factor probe_png_offsets_ has shape {offsets.shape}, expected ({n_probe + 1},) "
+                         f"offsets rising from 0 to the {len(data)} bytes of probe_png_")
+    return data, offsets
+
+
 class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
     """Fold-in of each input into the fitted concepts; contributions by intervention; the
     nearest probe examples in concept space on request.
@@ -235,6 +260,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         self._probe_top_concept = self.probe_codes_.argmax(1).numpy()
         self._probe_ids = self.probe_index_.numpy()
         self._probe_classes = self.probe_labels_.numpy()
+        self._probe_png = _probe_png(fitted.factors, len(self._probe_ids))
 
     def declared_factors(self) -> dict[str, FactorSpec]:
         if not self.config.layers:
@@ -380,9 +406,13 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         distance = 1 - self._probe_units @ (f / max(float(np.linalg.norm(f)), EPS))
         nearest = np.argsort(distance, kind="stable")[:k]
         top = self._probe_top_concept[nearest]
+        png = None
+        if self._probe_png is not None:
+            data, offsets = self._probe_png
+            png = tuple(data[offsets[n]:offsets[n + 1]].tobytes() for n in nearest.tolist())
         return Neighbours(probe_index=self._probe_ids[nearest], distance=distance[nearest].astype(np.float32),
                           class_index=self._probe_classes[nearest], top_component=top,
-                          component_share=np.bincount(top, minlength=len(f)) / k)
+                          component_share=np.bincount(top, minlength=len(f)) / k, png=png)
 
     def encode_batch(self, batch: ExplainBatch) -> Codes:
         f, residual_share, _ = self.encode(batch.inputs, batch.features, batch.taps)

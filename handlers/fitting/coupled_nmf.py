@@ -12,7 +12,7 @@ import time
 import torch
 
 from handlers.base import Component, FitData, FittedMethod
-from handlers.exemplars import crops_png
+from handlers.exemplars import crops_png, example_png
 from handlers.explainers.coupled_nmf import (
     EPS,
     NAME,
@@ -53,8 +53,8 @@ def fit(parts: ModelParts, data: FitData, config: CoupledNMFConfig = CoupledNMFC
     FittedMethod
         Factors ``pixel_factors_`` (C_in, H·W, d), ``neuron_factors_{j}_`` (C_j, d) for each
         analysed layer j (the explained layer last), ``view_scales_`` (C_in + J,),
-        ``pixel_offset_`` (C_in,), ``probe_codes_`` (N, d), ``probe_index_`` (N,) and
-        ``probe_labels_`` (N,).
+        ``pixel_offset_`` (C_in,), ``probe_codes_`` (N, d), ``probe_index_`` (N,),
+        ``probe_labels_`` (N,), ``probe_png_`` (total bytes,) uint8 and ``probe_png_offsets_`` (N + 1,).
     """
     start = time.perf_counter()
     chosen = non_negative_layers(parts.upstream) if config.layers is None else config.layers
@@ -109,6 +109,8 @@ def fit(parts: ModelParts, data: FitData, config: CoupledNMFConfig = CoupledNMFC
                                     solver=config.fold_in_solver),
         "probe_index_": probe_index.contiguous(),
         "probe_labels_": probe_y.contiguous(),
+        # The neighbour view's exemplars: each probe example drawn as a small PNG, the bytes end to end.
+        **_probe_pngs(probe_x),
     }
     concepts = _concept_table(F, probe_y, probe_index, parts.labels, groups, group_of_class, config.n_top_classes,
                               config.n_top_examples)
@@ -141,6 +143,17 @@ def fit(parts: ModelParts, data: FitData, config: CoupledNMFConfig = CoupledNMFC
     })
     log(f"coupled_nmf: fitted in {time.perf_counter() - start:.1f}s")
     return fitted
+
+
+def _probe_pngs(probe_x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each probe example drawn by :func:`handlers.exemplars.example_png`, as tensors (archives hold no
+    other kind): ``probe_png_`` the PNGs end to end (uint8) and ``probe_png_offsets_`` (N + 1,) int64,
+    example n's PNG being ``probe_png_[offsets[n]:offsets[n + 1]]``."""
+    pngs = [example_png(x) for x in probe_x]
+    offsets = torch.zeros(len(pngs) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor([len(p) for p in pngs], dtype=torch.int64).cumsum(0)
+    data = torch.tensor(list(b"".join(pngs)), dtype=torch.uint8)
+    return {"probe_png_": data, "probe_png_offsets_": offsets}
 
 
 def _raw_views(parts: ModelParts, taps: GraphProgram, pixel_offset: torch.Tensor, x: torch.Tensor,

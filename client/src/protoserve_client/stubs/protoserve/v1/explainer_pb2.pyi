@@ -175,18 +175,20 @@ class ExplainResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., prediction: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., target_class: _Optional[int] = ..., target_logit: _Optional[float] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., bias: _Optional[float] = ..., residual_contribution: _Optional[float] = ..., residual_share: _Optional[float] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., interventions: _Optional[_Iterable[_Union[InterventionResult, _Mapping]]] = ..., additive: _Optional[bool] = ..., additivity_gap: _Optional[float] = ..., residual_heatmap: _Optional[_Union[Heatmap, _Mapping]] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., neighbour_components: _Optional[_Iterable[_Union[ComponentShare, _Mapping]]] = ...) -> None: ...
 
 class Neighbour(_message.Message):
-    __slots__ = ("probe_index", "distance", "class_index", "label", "component_id")
+    __slots__ = ("probe_index", "distance", "class_index", "label", "component_id", "png")
     PROBE_INDEX_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     COMPONENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
     probe_index: int
     distance: float
     class_index: int
     label: str
     component_id: str
-    def __init__(self, probe_index: _Optional[int] = ..., distance: _Optional[float] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., component_id: _Optional[str] = ...) -> None: ...
+    png: bytes
+    def __init__(self, probe_index: _Optional[int] = ..., distance: _Optional[float] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., component_id: _Optional[str] = ..., png: _Optional[bytes] = ...) -> None: ...
 
 class ComponentShare(_message.Message):
     __slots__ = ("component_id", "share")

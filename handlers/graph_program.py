@@ -25,7 +25,7 @@ import json
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -227,9 +227,10 @@ class GraphProgram(nn.Module):
                 del env[name]
         return _fill(self.program.output, env)
 
-    def with_taps(self, layers: list[str], transform: Callable[[torch.Tensor], torch.Tensor],
-                  keep_output: bool = True) -> "GraphProgram":
-        """This program also returning ``transform`` of the values of ``layers``.
+    def with_taps(self, layers: list[str], transform: Callable[[torch.Tensor], torch.Tensor]
+                  | Sequence[Callable[[torch.Tensor], torch.Tensor]], keep_output: bool = True) -> "GraphProgram":
+        """This program also returning ``transform`` of the values of ``layers`` (one transform for
+        every layer, or a sequence of them, one per layer).
 
         Returns a program ``input -> (output, *taps)`` sharing this one's modules; each tap is
         transformed right where its layer is computed, so an in-place operation further on
@@ -251,7 +252,8 @@ class GraphProgram(nn.Module):
             for j, name in enumerate(layers):
                 if step.name == name:
                     tap = f"{name}__tap{j}"
-                    steps.append(Step(tap, "call_function", "transform", (Ref(name),), None, transform))
+                    function = transform if callable(transform) else transform[j]
+                    steps.append(Step(tap, "call_function", "transform", (Ref(name),), None, function))
                     taps.append(Ref(tap))
         if keep_output:
             output = (self.program.output, *taps)

@@ -55,13 +55,20 @@ def _explain(explainer, batch, sets=(), targets=None, heatmaps=True):
 
 
 def _removed_by_hand(parts, fitted, features, f, chosen):
-    """a − max(a, 0)·min(1, Σ_S O[:, d] f_d / mean_hw(max(a, 0))), recomputed from the stored factors."""
+    """a − max(a, 0)·r, recomputed from the stored factors: per unit of the maps
+    r[c, h, w] = min(1, Σ_S O[(c, h, w), d] f_d / max(a, 0)[c, h, w]) (neurons "maps"), per channel
+    r[c] = min(1, Σ_S O[c, d] f_d / mean_hw(max(a, 0))[c]) (the explained layer pooled); 0 where the
+    denominator is 0."""
     O = fitted.factors[f"neuron_factors_{len(fitted.hyperparameters['layers']) - 1}_"]
-    removed = sum(f[:, d:d + 1] * O[:, d] for d in chosen)  # (B, C)
+    removed = sum(f[:, d:d + 1] * O[:, d] for d in chosen)  # (B, U)
     positive = features.clamp_min(0)
-    mean = positive.mean((2, 3))
-    ratio = torch.where(mean > 0, removed / mean.clamp_min(1e-12), torch.zeros_like(mean)).clamp_max(1)
-    return features - positive * ratio[:, :, None, None]
+    if O.shape[0] == features.shape[1]:  # pooled: one neuron per channel
+        mean = positive.mean((2, 3))
+        ratio = torch.where(mean > 0, removed / mean.clamp_min(1e-12), torch.zeros_like(mean)).clamp_max(1)
+        return features - positive * ratio[:, :, None, None]
+    units = positive.flatten(1)
+    ratio = torch.where(units > 0, removed / units.clamp_min(1e-12), torch.zeros_like(units)).clamp_max(1)
+    return features - positive * ratio.reshape(features.shape)
 
 
 def test_fit_report_has_the_concepts_and_layer_similarities(fitted, mnist_fit_data):
@@ -76,7 +83,8 @@ def test_fit_report_has_the_concepts_and_layer_similarities(fitted, mnist_fit_da
         assert len(concept["top_examples"]) == 8 and set(concept["top_examples"]) <= probe
     assert sum(c["mass_share"] for c in report["concepts"]) == pytest.approx(1, abs=1e-5)
     assert report["fold_in_converged"] == 1.0  # 2 x n_concepts active-set steps sufficed for every held-out code
-    for name, neurons in (("features_2", 32), ("features_6", 64), ("features_10", 128)):
+    assert report["neurons"] == "maps" and report["pooled_layers"] == {}  # 500 x 25 088 floats: under 256 MiB
+    for name, neurons in (("features_2", 32 * 28 * 28), ("features_6", 64 * 14 * 14), ("features_10", 128 * 7 * 7)):
         layer = report["layers"][name]
         s = torch.tensor(layer["similarity"])
         assert layer["neurons"] == neurons and s.shape == (D, D)
@@ -92,7 +100,7 @@ def test_factors_are_non_negative_with_unit_norm_concepts(fitted):
     f = fitted.factors
     n_layers = len(fitted.hyperparameters["layers"])
     assert f["pixel_factors_"].shape == (1, 784, D)
-    assert [f[f"neuron_factors_{j}_"].shape for j in range(n_layers)] == [(32, D), (64, D), (128, D)]
+    assert [f[f"neuron_factors_{j}_"].shape for j in range(n_layers)] == [(32 * 784, D), (64 * 196, D), (128 * 49, D)]
     for name, value in f.items():
         assert (value >= 0).all(), name
     # "unit_norm": the stacked loadings, in the normalized units of the fit, have unit-norm columns.
@@ -201,6 +209,83 @@ def test_multiplicative_updates_decrease_the_objective(options):
 
 
 SMALL = CoupledNMFConfig(n_concepts=3, max_iter=20)
+
+
+# --------------------------------------------------------------------------- neurons: maps, or pooled channels
+
+@pytest.fixture(scope="module")
+def guarded(mnist_parts, mnist_fit_data):
+    """A fit whose memory guard pools two layers: 500 x 25 088 and 500 x 12 544 floats are over 20 MiB
+    (47.9 and 23.9 MiB), 500 x 6 272 (12.0 MiB, the explained layer) is not."""
+    config = dataclasses.replace(FAST, max_view_mib=20.0, tcav_random_sets=0)
+    return coupled_nmf.fit(mnist_parts, mnist_fit_data, config, **QUIET)
+
+
+@pytest.fixture(scope="module")
+def pooled(mnist_parts, mnist_fit_data):
+    """A fit on pooled channels, as archives fitted before the maps."""
+    config = dataclasses.replace(FAST, neurons="pooled", tcav_random_sets=0)
+    return coupled_nmf.fit(mnist_parts, mnist_fit_data, config, **QUIET)
+
+
+def test_the_memory_guard_pools_layers_whose_maps_are_too_large_and_says_why(guarded, pooled):
+    report = guarded.fit_report
+    assert report["neurons"] == "maps" and list(report["pooled_layers"]) == ["features_2", "features_6"]
+    assert "500 x 25088 neurons would take 47.9 MiB, over max_view_mib = 20" in report["pooled_layers"]["features_2"]
+    assert guarded.hyperparameters["pooled_layers"] == ("features_2", "features_6")
+    assert [guarded.factors[f"neuron_factors_{j}_"].shape for j in range(3)] == [(32, D), (64, D), (128 * 49, D)]
+    assert [report["layers"][name]["neurons"] for name in ("features_2", "features_6", "features_10")] == [32, 64, 6272]
+    assert pooled.fit_report["neurons"] == "pooled" and len(pooled.fit_report["pooled_layers"]) == 3
+    assert [pooled.factors[f"neuron_factors_{j}_"].shape for j in range(3)] == [(32, D), (64, D), (128, D)]
+
+
+def test_the_fold_in_reads_the_views_the_fit_read(guarded, mnist_parts, batch):
+    x, features, _ = batch
+    explainer = CoupledNMFExplainer(mnist_parts, guarded)
+    assert explainer.pooled == [True, True, False]
+    with torch.inference_mode():
+        _, *taps = explainer.tapped_upstream(x)
+        _, _, views = explainer.encode(x, features, taps)
+        a2, a6 = mnist_parts.upstream.with_taps(["features_2", "features_6"], torch.clone)(x)[1:]
+    assert [t.shape for t in taps] == [(32, 32), (32, 64)]
+    assert torch.allclose(taps[0], a2.mean((2, 3))) and torch.allclose(taps[1], a6.mean((2, 3)))
+    scales = guarded.factors["view_scales_"]
+    assert views.shape == (32, 784 + 32 + 64 + 6272)
+    assert torch.allclose(views[:, -6272:], features.clamp_min(0).flatten(1) / scales[3], atol=1e-6)
+
+
+def test_archives_without_the_neurons_field_read_as_pooled(pooled, mnist_parts, batch):
+    old = {k: v for k, v in pooled.hyperparameters.items() if k not in ("neurons", "max_view_mib", "pooled_layers")}
+    older = CoupledNMFExplainer(mnist_parts, dataclasses.replace(pooled, hyperparameters=old))
+    assert older.config.neurons == "pooled" and older.pooled == [True, True, True]
+    assert CoupledNMFConfig.from_hyperparameters({}).neurons == "maps"  # the default, for a new fit
+    now = _explain(CoupledNMFExplainer(mnist_parts, pooled), batch, sets=[[0], [1, 2]])
+    then = _explain(older, batch, sets=[[0], [1, 2]])
+    assert torch.equal(now.contribution, then.contribution) and torch.equal(now.weight, then.weight)
+
+
+@pytest.mark.parametrize("which", ["maps", "pooled"])
+def test_removal_is_per_unit_of_the_maps_or_per_channel_where_pooled(which, guarded, pooled, mnist_parts, batch):
+    """Either view of the explained layer: the interventions and contributions are the downstream run on
+    the activation removed by hand, and a row's answer does not depend on its batch."""
+    fitted = guarded if which == "maps" else pooled
+    x, features, logits = batch
+    explainer = CoupledNMFExplainer(mnist_parts, fitted)
+    sets = [[0], [1, 2], list(range(D))]
+    targets = torch.arange(len(x)) % 10
+    e = _explain(explainer, batch, sets=sets, targets=targets)
+    rows = torch.arange(len(x))
+    for m, chosen in enumerate(sets):
+        with torch.inference_mode():
+            by_hand = mnist_parts.downstream(_removed_by_hand(mnist_parts, fitted, features, e.weight, chosen))
+            removed = explainer.remove(features, e.weight, torch.zeros(len(x), 1, D).index_fill_(2, torch.tensor(chosen), 1))
+        assert torch.allclose(removed[:, 0], _removed_by_hand(mnist_parts, fitted, features, e.weight, chosen), atol=1e-6)
+        assert torch.allclose(e.intervened_logits[:, m], by_hand, atol=1e-5)
+        if len(chosen) == 1:
+            assert torch.allclose(e.contribution[:, chosen[0]], logits[rows, targets] - by_hand[rows, targets], atol=1e-5)
+    one = _explain(explainer, tuple(t[3:4] for t in batch), sets=sets, targets=targets[3:4])
+    assert torch.allclose(one.intervened_logits[0], e.intervened_logits[3], atol=1e-5)
+    assert torch.allclose(one.contribution[0], e.contribution[3], atol=1e-5)
 
 
 def test_one_dimensional_inputs_and_a_fully_connected_layer():

@@ -7,8 +7,11 @@ Offline, on a probe set of N training examples, the model's views of the example
 factorized with one shared, non-negative example factor F (d concepts × N):
 
 * pixel matrices D_i (pixels of input channel i × N), one per input channel;
-* activation matrices A_j (channels of analysed layer j × N), one per analysed layer,
-  each example's activation pooled by the spatial mean (a channel is a "neuron");
+* activation matrices A_j (neurons of analysed layer j × N), one per analysed layer: as the
+  paper's eq. 3.1, a neuron is one unit (c, h, w) of the layer's activation maps (C·H·W rows,
+  ``neurons="maps"``), or, for a layer whose N × C·H·W view would exceed ``max_view_mib`` (or for
+  every layer with ``neurons="pooled"``, as archives fitted before the maps are read), a channel,
+  each example's activation pooled by the spatial mean (C rows);
 
     min_{F, P_i, O_j ≥ 0}  Σ_i ‖D_i − P_i F‖² + Σ_j ‖A_j − O_j F‖² + R(F, P, O)
 
@@ -42,14 +45,16 @@ units, exactly, by active-set steps (:func:`handlers.solvers.nmf.nnls_encode`, `
 archives fitted before it used 50 projected HALS sweeps, which they keep).
 A concept's weight is f_d; its contribution is defined by intervention on the deepest
 analysed layer, the explained layer whose activation a (C, *grid) the downstream
-consumes: the concept carries o_d f_d of each channel's pooled activation ā, so removing
-a set S of concepts scales each channel down by that share,
+consumes: the concept carries O_J[u, d] f_d of each of that layer's neurons u, so removing
+a set S of concepts scales each neuron down by that share,
 
-    a_S = a − a⁺ ⊙ r_S,    r_S[c] = min(1, Σ_{d∈S} O_J[c, d] f_d / ā[c])
+    a_S = a − a⁺ ⊙ r_S,    r_S[c, h, w] = min(1, Σ_{d∈S} O_J[(c, h, w), d] f_d / a⁺[c, h, w])   (maps)
+                           r_S[c]       = min(1, Σ_{d∈S} O_J[c, d] f_d / ā[c])                 (pooled)
 
-(a⁺ = max(a, 0); for a global-average-pooling head this removes exactly Σ_S O_J f_d
-from the pooled features, capped so that no channel goes below zero), and the rest of
-the network is run on a_S (ā = mean_hw(a⁺)). The contribution of concept d is
+(a⁺ = max(a, 0), ā = mean_hw(a⁺), r_S = 0 where the denominator is 0; this removes exactly
+Σ_S O_J f_d from each neuron, capped so that none goes below zero, and for a
+global-average-pooling head exactly its spatial mean from the pooled features), and the
+rest of the network is run on a_S. The contribution of concept d is
 logit_t(a) − logit_t(a_{d}), exact by construction; interventions are the logits of
 a_S. The method is not additive. Heatmaps are the concepts' pixel masks weighted for
 this input, f_d · Σ_i P_i[:, d], at the input's resolution (the "feature grid" of this
@@ -82,6 +87,7 @@ EPS = 1e-12
 
 
 REGULARIZATIONS = ("unit_norm", "l2")
+NEURONS = ("maps", "pooled")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,13 @@ class CoupledNMFConfig(MethodConfig):
     n_top_classes, n_top_examples, n_eigenvalues : sizes of the fit report's tables.
     knn : neighbours per held-out example in the fit report's neighbour view (the paper's about 30;
         archives fitted before it have 5).
+    neurons : "maps" (eq. 3.1: each unit (c, h, w) of a layer's activation maps is a neuron) or
+        "pooled" (each channel, the example's activation pooled by the spatial mean); archives
+        without the field read as "pooled", what they computed.
+    max_view_mib : the memory guard of "maps": a layer whose N × C·H·W float32 view would exceed this
+        many MiB is pooled instead (the fit report's ``pooled_layers`` says which and why).
+    pooled_layers : the analysed layers whose neurons are pooled channels although ``neurons`` is
+        "maps"; None: those the memory guard pools (archives store the layers pooled).
     tcav_examples, tcav_random_sets, tcav_inputs : the fit report's TCAV validation (its section 5):
         each concept's top ``tcav_examples`` probe examples against as many random probe examples,
         ``tcav_random_sets`` CAVs per concept and as many random-vs-random ones for the null, scored
@@ -133,6 +146,9 @@ class CoupledNMFConfig(MethodConfig):
     n_top_examples: int = 8
     n_eigenvalues: int = 3
     knn: int = 30
+    neurons: str = "maps"
+    max_view_mib: float = 256.0
+    pooled_layers: tuple[str, ...] | None = None
     tcav_examples: int = 30
     tcav_random_sets: int = 4
     tcav_inputs: int = 200
@@ -144,9 +160,24 @@ class CoupledNMFConfig(MethodConfig):
                               "n_top_examples", "n_eigenvalues", "knn", "tcav_examples", "tcav_inputs")
         self.require_at_least(0, "alpha", "group_sparsity", "max_iter", "tol", "tcav_random_sets")
         self.require(self.tcav_random_sets != 1, "tcav_random_sets", "0 or at least 2 (the t-test needs two)")
+        self.require(self.neurons in NEURONS, "neurons", f"one of {', '.join(NEURONS)}")
+        self.require(self.max_view_mib > 0, "max_view_mib", "positive")
         self.require(self.regularization in REGULARIZATIONS, "regularization", f"one of {', '.join(REGULARIZATIONS)}")
         self.require(self.fold_in_solver in ENCODERS, "fold_in_solver", f"one of {', '.join(ENCODERS)}")
         self.require(self.fold_in_iter is None or self.fold_in_iter >= 1, "fold_in_iter", "None or at least 1")
+
+    @classmethod
+    def from_hyperparameters(cls, stored: dict) -> "CoupledNMFConfig":
+        """As :meth:`MethodConfig.from_hyperparameters`; an archive without ``neurons``, or with the note
+        that archives written before the configs carry in its place ("channels, each example's activation
+        pooled by the spatial mean; ..."), was fitted on pooled channels, and reads as "pooled"."""
+        if stored and stored.get("neurons") not in NEURONS:
+            stored = {**stored, "neurons": "pooled"}
+        return super().from_hyperparameters(stored)
+
+    def layer_is_pooled(self, name: str) -> bool:
+        """Whether analysed layer ``name``'s neurons are pooled channels (else units of its maps)."""
+        return self.neurons == "pooled" or name in (self.pooled_layers or ())
 
     @property
     def penalty(self) -> float:
@@ -159,21 +190,30 @@ def spatial_mean(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).mean(2) if t.dim() > 2 else t
 
 
-def tap_module(upstream: GraphProgram, layers: list[str], keep_output: bool = True) -> GraphProgram:
-    """The upstream, also returning the pooled activations of ``layers``.
+def flat_copy(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, *grid) -> (B, C·H·W), a copy (an in-place operation on ``t`` leaves it as it is)."""
+    return t.flatten(1).clone()
+
+
+def tap_module(upstream: GraphProgram, layers: list[str], pooled: list[bool] | None = None,
+               keep_output: bool = True) -> GraphProgram:
+    """The upstream, also returning the neuron views of ``layers``.
 
     Returns a module ``(B, *input_shape) -> (output, *taps)`` with ``taps[j]`` of shape
-    (B, C_j), sharing the upstream's submodules, so that one forward pass gives the
-    explained layer and every analysed layer; without ``keep_output``, the upstream cut
-    short after the deepest tap, returning the taps alone. Each activation is pooled right
-    where it is computed, so an in-place operation further down the graph cannot alter it.
+    (B, C_j) where ``pooled[j]`` (the spatial mean; None: every layer pooled) and else
+    (B, C_j·H_j·W_j) (the maps, flattened), sharing the upstream's submodules, so that one
+    forward pass gives the explained layer and every analysed layer; without ``keep_output``,
+    the upstream cut short after the deepest tap, returning the taps alone. Each view is taken
+    (pooled or copied) right where its activation is computed, so an in-place operation further
+    down the graph cannot alter it.
 
     Raises
     ------
     ValueError
         If a name is not a node of the upstream's graph.
     """
-    return upstream.with_taps(layers, spatial_mean, keep_output)
+    pooled = [True] * len(layers) if pooled is None else pooled
+    return upstream.with_taps(layers, [spatial_mean if p else flat_copy for p in pooled], keep_output)
 
 
 def _unit_rows(t: torch.Tensor) -> torch.Tensor:
@@ -227,14 +267,17 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
     config_class = CoupledNMFConfig
     residual_share_definition = (
         "||x - W f|| / ||x||: the relative error of the fold-in's reconstruction of the input's stacked views "
-        "(pixels of each channel and the spatially pooled channels of each analysed layer, each view divided "
-        "by its RMS norm over the probe set); in [0, 1] since f = 0 is feasible"
+        "(pixels of each channel and the neurons of each analysed layer, units of its activation maps or, for "
+        "a layer pooled, its spatially pooled channels; each view divided by its RMS norm over the probe set); "
+        "in [0, 1] since f = 0 is feasible"
     )
     contribution_definition = (
         "logit_t(a) - logit_t(a_d) with a the explained layer's activation and a_d = a - max(a,0) * r, "
-        "r[c] = min(1, O[c,d] f_d / mean_hw(max(a,0))[c]): the target logit's change when the concept's share "
-        "of each channel is removed from the explained (deepest analysed) layer and the rest of the network is "
-        "run; weight = f_d, the concept's fold-in coefficient; not additive"
+        "r[c,h,w] = min(1, O[(c,h,w),d] f_d / max(a,0)[c,h,w]) (neurons = units of the maps; for a layer "
+        "pooled, r[c] = min(1, O[c,d] f_d / mean_hw(max(a,0))[c])), 0 where the denominator is 0: the target "
+        "logit's change when the concept's share of each neuron is removed from the explained (deepest "
+        "analysed) layer and the rest of the network is run; weight = f_d, the concept's fold-in coefficient; "
+        "not additive"
     )
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
@@ -243,6 +286,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         if layers[-1] != model.layer:
             raise ValueError(f"coupled_nmf was fitted at layer {layers[-1]!r}; the model explains {model.layer!r}")
         self.map_hw = pixel_layout(model.input_spec.shape)[1]
+        self.pooled = [self.config.layer_is_pooled(name) for name in layers]
         # The fold-in dictionary in normalized units: rows are concepts, columns the stacked views.
         n_in = len(self.pixel_offset_)
         pixel_scales, layer_scales = self.view_scales_[:n_in], self.view_scales_[n_in:]
@@ -267,9 +311,11 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
             raise ValueError("coupled_nmf: the archive names no analysed layers")
         n_in, (height, width) = pixel_layout(self.model.input_spec.shape)
         n_layers = len(self.config.layers)
-        # The explained layer (the last analysed) has the model's D channels.
-        neurons = {f"neuron_factors_{j}_": (torch.float32, (f"C{j}" if j < n_layers - 1 else "D", "C"))
-                   for j in range(n_layers)}
+        # The explained layer (the last analysed) has the model's D channels, F units of its maps.
+        pooled = [self.config.layer_is_pooled(name) for name in self.config.layers]
+        neurons = {f"neuron_factors_{j}_": (torch.float32, (f"C{j}" if j < n_layers - 1 else ("D" if p else "F"),
+                                                            "C"))
+                   for j, p in enumerate(pooled)}
         return {
             "pixel_factors_": (torch.float32, (n_in, height * width, "C")),
             **neurons,
@@ -282,14 +328,15 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
 
     @property
     def _explained_neurons(self) -> torch.Tensor:
-        """O_J (C, d): the neuron factors of the explained layer, the last analysed."""
+        """O_J (C, d) or (C·H·W, d): the neuron factors of the explained layer, the last analysed."""
         return getattr(self, f"neuron_factors_{len(self.config.layers) - 1}_")
 
     def _build_taps(self) -> None:
         """The torch forward pass runs the tapped upstream (batch.taps); otherwise the analysed
         layers are computed again, by the upstream cut short after the deepest one."""
-        self.tapped_upstream = tap_module(self.model.upstream, list(self.config.layers[:-1]))
-        self._taps = tap_module(self.model.upstream, list(self.config.layers[:-1]), keep_output=False)
+        extra = list(self.config.layers[:-1])
+        self.tapped_upstream = tap_module(self.model.upstream, extra, self.pooled[:-1])
+        self._taps = tap_module(self.model.upstream, extra, self.pooled[:-1], keep_output=False)
 
     def to(self, device):
         super().to(device)
@@ -305,7 +352,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         ----------
         inputs : (B, *input_shape)
         features : (B, *feature_shape), the explained layer's activation for ``inputs``
-        taps : the pooled analysed layers, ``tapped_upstream(inputs)[1:]``; None: computed here
+        taps : the views of the other analysed layers, ``tapped_upstream(inputs)[1:]``; None: computed here
 
         Returns
         -------
@@ -316,7 +363,9 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         b, n_in = len(inputs), len(self.pixel_offset_)
         pixels = (inputs.float().reshape(b, n_in, -1) - self.pixel_offset_[:, None]).clamp_min(0)
         taps = self._taps(inputs) if taps is None else taps
-        layer_views = [*(v.float().clamp_min(0) for v in taps), spatial_mean(features.float().clamp_min(0))]
+        explained = features.float().clamp_min(0)
+        layer_views = [*(v.float().clamp_min(0) for v in taps),
+                       spatial_mean(explained) if self.pooled[-1] else explained.flatten(1)]
         scales = self.view_scales_
         x = torch.cat([(pixels / scales[:n_in, None]).flatten(1),
                        *(v / s for v, s in zip(layer_views, scales[n_in:]))], 1)
@@ -338,34 +387,48 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
 
         Returns
         -------
-        (B, M, C, *grid): ``a - max(a, 0) * r`` with ``r[c] = min(1, Σ_S O[c, d] f_d / mean_hw(max(a, 0))[c])``
+        (B, M, C, *grid): ``a - max(a, 0) * r`` with, per neuron u (a unit (c, h, w) of the maps, or a
+        channel c for a layer pooled), ``r[u] = min(1, Σ_S O[u, d] f_d / v[u])``, 0 where ``v[u] = 0``;
+        ``v = max(a, 0)`` (maps) or its spatial mean (pooled)
         """
         a = features.float()
         positive = a.clamp_min(0)
-        ratio = self._removal_ratio(spatial_mean(positive), f, sets)
-        ratio = ratio.reshape(*ratio.shape, *([1] * (a.dim() - 2)))
+        ratio = self._removal_ratio(self._neuron_values(positive), f, sets)
+        if self.pooled[-1]:
+            ratio = ratio.reshape(*ratio.shape, *([1] * (a.dim() - 2)))
+        else:
+            ratio = ratio.reshape(*ratio.shape[:2], *a.shape[1:])
         return a.unsqueeze(1) - positive.unsqueeze(1) * ratio
 
-    def _removal_ratio(self, pooled: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
-        """(B, M, C): the share ``r`` of each channel that each concept set removes (see :meth:`remove`)."""
-        removed = torch.einsum("bmd,bd,cd->bmc", sets.float(), f, self._explained_neurons)
-        return torch.where(pooled.unsqueeze(1) > 0, removed / pooled.unsqueeze(1).clamp_min(EPS),
+    def _neuron_values(self, positive: torch.Tensor) -> torch.Tensor:
+        """(B, U): the explained layer's neurons, from max(a, 0) (B, C, *grid): its spatial mean per
+        channel (pooled, U = C) or every unit of the maps (U = C·H·W)."""
+        return spatial_mean(positive) if self.pooled[-1] else positive.flatten(1)
+
+    def _removal_ratio(self, values: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+        """(B, M, U): the share ``r`` of each neuron that each concept set removes (see :meth:`remove`)."""
+        removed = (sets.float() * f.unsqueeze(1)) @ self._explained_neurons.T  # (B, M, U)
+        return torch.where(values.unsqueeze(1) > 0, removed / values.unsqueeze(1).clamp_min(EPS),
                            torch.zeros_like(removed)).clamp_max(1)
 
     def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:
         """(B, S, K): the logits with each concept set removed, ``downstream(remove(...))``.
 
-        For a non-negative layer and an average-pool + linear head, ``r`` is constant over the grid,
-        so ``downstream(a - a r) = logits - (mean_hw(a) * r) @ weight.T``: no (B, S, C, *grid)
-        activation is formed and the head is not run again.
+        For a non-negative layer and an average-pool + linear head,
+        ``downstream(a - a r) = logits - mean_hw(a r) @ weight.T`` (pooled: ``r`` is constant over the
+        grid, ``mean_hw(a) * r``): the head is not run again, and for a layer pooled no
+        (B, S, C, *grid) activation is formed.
         """
         f = codes.weight
         if self.head_weight_ is None:
             removed = self.remove(batch.features, f, sets)
             b, m = sets.shape[:2]
             return self.model.downstream(removed.reshape(b * m, *removed.shape[2:])).float().reshape(b, m, -1)
-        pooled = spatial_mean(batch.features.float().clamp_min(0))
-        lost = pooled.unsqueeze(1) * self._removal_ratio(pooled, f, sets)  # (B, S, C)
+        positive = batch.features.float().clamp_min(0)
+        values = self._neuron_values(positive)
+        lost = values.unsqueeze(1) * self._removal_ratio(values, f, sets)  # (B, S, U)
+        if not self.pooled[-1]:  # the spatial mean of each channel's removed units
+            lost = lost.reshape(*lost.shape[:2], positive.shape[1], -1).mean(3)
         return batch.logits.float().unsqueeze(1) - lost @ self.head_weight_.T
 
     def nearest_probes(self, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
     python -m bench.run --mode quick   # this 2-core machine, under 5 minutes
     python -m bench.run --mode full    # GPU machines: more repeats, larger runs
+    python -m bench.run --ops-profile  # per method: the aten ops of its explain stage and the lines issuing them
 
 Writes ``bench/results.json`` and the table between the markers in ``BENCHMARKS.md``.
 Timed pairs are interleaved (A, B, A, B, …) so drift on a shared machine hits both sides;
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import datetime
 import json
 import os
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import fit_data
 from handlers.archive import Archive, read_archive, write_archive
@@ -39,7 +43,10 @@ from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 GOALS = {"explain_over_predict": "<= 1.10", "dff_step_over_ours": ">= 20", "sklearn_over_fit": ">= 3",
-         "grpc_overhead_ms": "<= 1", "batching_efficiency": ">= 0.8"}
+         "grpc_overhead_ms": "<= 1", "batching_efficiency": ">= 0.8", "explain_stage_ops": "<= 64",
+         "server_added_over_floor": "<= 1.0"}
+# Issue 20: the most ops (kernel launches on a GPU) one method's explain stage may dispatch per batch.
+EXPLAIN_STAGE_OPS_GOAL = 64
 # OpenBLAS's idle threads busy-wait this long after a call before they sleep (2^28 TSC cycles at >= 2.5 GHz).
 OPENBLAS_SPIN_S = 0.15
 # The server's timed stages of an Explain (protoserve_stage_duration_seconds{stage}).
@@ -277,7 +284,8 @@ def mnist_store() -> Path:
 
 def grpc_overhead_and_memory(device, cfg) -> dict:
     """Figure 4 (p50 Explain over gRPC minus in process, MNIST, concurrency 1) and the RSS growth of
-    figure 6 over many requests, on the demo model.
+    figure 6 over many requests, on the demo model; and issue 20's ``server_added_over_floor``, (gRPC p50 −
+    in-process p50) / health-check p50, from the same interleaved calls (goal ≤ 1.0).
 
     The server runs as it would for a small model on few cores: one torch thread
     (``--intra-op-threads 1``), and the in-process baseline computes the same way (one thread
@@ -329,7 +337,10 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
             rss_end = rss_mib(server.pid)
     finally:
         stop_server(server)
+    # Issue 20: what the server adds to a call, in units of the transport's own floor (a bare health check).
+    added = (p50["grpc"] - p50["in_process"]) / p50["grpc_health_check"]
     return {"grpc_overhead_ms": p50["grpc"] - p50["in_process"], "p50_ms": p50, "p99_ms": p99,
+            "server_added_over_floor": added, "server_added_over_floor_goal_met": added <= 1.0,
             "server_mean_ms": server_ms, "memory": {"requests": cfg["memory_requests"], "rss_after_warmup_mib": rss_start,
                        "rss_after_mib": rss_end, "growth_mib": rss_end - rss_start}}
 
@@ -441,6 +452,216 @@ def per_method(device, cfg) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------ dispatched ops (issue 20)
+
+# Ops that allocate or relabel memory and launch no kernel on a GPU (besides every view op, which
+# OpOverload.is_view names).
+NO_KERNEL_OPS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
+                 "aten._unsafe_view.default", "aten.detach_.default", "aten.set_.source_Storage",
+                 "aten.set_.source_Storage_storage_offset", "aten.resize_.default", "aten.lift_fresh.default"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Records every aten op dispatched to a backend while active, as a GPU would launch it.
+
+    A CompositeImplicitAutograd op (``matmul``, ``einsum``, ``reshape``, ``to`` …) is expanded
+    into the ops its C++ kernel calls, as eager mode runs it, whether or not autograd is on (under
+    ``inference_mode`` such ops reach this mode whole; with autograd on, already expanded), so the
+    same code counts the same in both modes. Each record is (op name, whether it launches a kernel, the issuing source
+    line). An op launches a kernel unless it is a view (``OpOverload.is_view``: view, expand,
+    permute, detach, ``to`` that changes nothing …) or one of ``NO_KERNEL_OPS`` (allocations and
+    metadata). Ops of the backward pass that ``torch.autograd.grad`` runs are counted too (on the
+    CPU the engine runs them on the calling thread). With ``where``, the issuing line is the
+    innermost frame of the project's ``handlers`` or ``server`` packages (module:function:line).
+    """
+
+    def __init__(self, where: bool = False):
+        super().__init__()
+        self.where = where
+        self.ops: list[tuple[str, bool, str | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        composite = torch._C.DispatchKey.CompositeImplicitAutograd
+        # The C++ composite kernel, as eager mode runs it (not a Python decomposition meant for
+        # compilers, e.g. bilinear upsampling spelled out in some thirty elementwise ops).
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), composite):
+            with self:
+                return func._op_dk(composite, *args, **kwargs)
+        name = str(func)
+        self.ops.append((name, not (func.is_view or name in NO_KERNEL_OPS),
+                         _issuing_line(sys._getframe(1)) if self.where else None))
+        return func(*args, **kwargs)
+
+    def launches(self, start: int = 0, end: int | None = None) -> list[tuple[str, bool, str | None]]:
+        """The recorded ops in ``[start, end)`` that launch a kernel."""
+        return [op for op in self.ops[start:end] if op[1]]
+
+
+def _issuing_line(frame) -> str | None:
+    """module:function:line of the innermost frame of the project's serving code, from ``frame`` outwards."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith(("handlers.", "server.")):
+            return f"{module}:{frame.f_code.co_name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+@contextlib.contextmanager
+def solvers_run_every_step():
+    """The CPU runs what a GPU runs: the active-set solvers take every step instead of stopping once
+    every row is optimal (``stop_when_optimal`` defaults to True on the CPU only, since on a GPU the
+    test would synchronize with the host at every step). Set through the functions' defaults, so every
+    caller gets it; restored on exit."""
+    from handlers.solvers import active_set, simplex
+
+    kwdefaults = dict(active_set.active_set_codes.__kwdefaults__)
+    defaults = simplex.simplex_least_squares.__defaults__
+    active_set.active_set_codes.__kwdefaults__["stop_when_optimal"] = False
+    simplex.simplex_least_squares.__defaults__ = (False,)
+    try:
+        yield
+    finally:
+        active_set.active_set_codes.__kwdefaults__.clear()
+        active_set.active_set_codes.__kwdefaults__.update(kwdefaults)
+        simplex.simplex_least_squares.__defaults__ = defaults
+
+
+def count_stage_ops(model: ModelRuntime, method: str, items: list[ExplainItem], heatmaps: str = "feature_grid",
+                    where: bool = False) -> dict[str, list[tuple[str, bool, str | None]]]:
+    """One ``model.explain`` under an :class:`OpCounter`, split at the runtime's stage clock: the
+    recorded ops of the "forward" and "explain" stages, as :meth:`ModelRuntime.explain` times them
+    (explain: from the logits to the answer's host copies, heatmap resizing included)."""
+    counter = OpCounter(where)
+    marks = []
+
+    def clock():
+        marks.append(len(counter.ops))
+        return time.perf_counter()
+
+    model._clock = clock  # the instance's, shadowing the method; removed below
+    try:
+        with counter:
+            model.explain(method, items, heatmaps)
+    finally:
+        del model._clock
+    start, forward_done, end = marks
+    return {"forward": counter.ops[start:forward_done], "explain": counter.ops[forward_done:end]}
+
+
+def profiler_top_level(fn) -> int:
+    """Top-level aten ops of one call of ``fn`` by ``torch.profiler`` (the way issue 20 first counted):
+    composite ops count once, views count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # The profiler's C++ side logs its start and stop (and, without a GPU, an error about it) to fd 2.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    count = 0
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
+def demo_batch(device) -> tuple[ModelRuntime, torch.Tensor, list[ExplainItem]]:
+    """The demo MNIST model and the batch of :func:`per_method`: 8 held-out digits, one intervention each."""
+    from model_store.recipes.mnist import load_mnist
+
+    model = ModelRuntime(read_archive(mnist_store() / "mnist-1.psar"), device)
+    x = load_mnist(seed=0)["x_test"][:8]
+    return model, x, [ExplainItem(x[i], None, [[0]]) for i in range(8)]
+
+
+def explain_stage_ops(device, cfg=None) -> dict:
+    """Issue 20, item 1: the aten ops each method's explain stage dispatches for one batch (the demo
+    MNIST model, 8 held-out digits, feature-grid heatmaps, one intervention each, as :func:`per_method`),
+    counted by :class:`OpCounter` as kernel launches (views and allocations excluded), goal ≤ 64.
+
+    ``ops`` (the figure) is the GPU path, run here on the CPU: the active-set solvers take every step
+    (:func:`solvers_run_every_step`). ``cpu_path_ops`` is what the CPU serves, where those solvers stop
+    once every row is optimal. The explain stage is what the runtime times as "explain" (after the
+    logits; the backbone forward, which Predict runs too, is not in it); ``forward_stage_ops`` is the
+    rest of the Explain and ``predict`` one Predict of the same batch. Not counted: the copies between
+    host and device, which a CPU run skips (``.cpu()`` of a CPU tensor dispatches nothing); on a GPU
+    they add ``host_copies_on_gpu``: the answer's tensors (logits and the explanation's fields) to the
+    host, and the targets and intervention masks to the device. ``top_function`` and ``top_line`` name
+    the code issuing the most of ``ops`` (:func:`ops_profile` prints the whole breakdown).
+    ``profiler_top_level`` is the count the issue first quoted (``torch.profiler`` top-level aten ops
+    of the whole Explain, CPU path: composites once, views included), for comparison.
+    """
+    model, x, items = demo_batch(device)
+    model.predict(x)  # warm-up
+    counter = OpCounter()
+    with counter, torch.inference_mode():
+        model.predict(x)
+    predict = {"ops": len(counter.launches()), "dispatched_with_views": len(counter.ops),
+               "profiler_top_level": profiler_top_level(lambda: model.predict(x))}
+    out = {"predict": predict, "goal": EXPLAIN_STAGE_OPS_GOAL, "methods": {}}
+    for method in model.explainers:
+        _, explanation, _ = model.explain(method, items, "feature_grid")  # warm-up: caches filled on first use
+        cpu_path = count_stage_ops(model, method, items)
+        with solvers_run_every_step():
+            gpu_path = count_stage_ops(model, method, items, where=True)
+        answer = 1 + sum(torch.is_tensor(v) for v in vars(explanation).values())
+        launched = [line or "?" for _, launch, line in gpu_path["explain"] if launch]
+        ops = len(launched)
+        top_function = collections.Counter(line.rsplit(":", 1)[0] for line in launched).most_common(1)
+        out["methods"][method] = {
+            "ops": ops, "goal_met": ops <= EXPLAIN_STAGE_OPS_GOAL,
+            "top_function": top_function[0] if top_function else None,
+            "top_line": collections.Counter(launched).most_common(1)[0] if launched else None,
+            "cpu_path_ops": sum(launch for _, launch, _ in cpu_path["explain"]),
+            "dispatched_with_views": len(gpu_path["explain"]),
+            "forward_stage_ops": sum(launch for _, launch, _ in gpu_path["forward"]),
+            "host_copies_on_gpu": answer + 2,
+            "profiler_top_level": profiler_top_level(lambda m=method: model.explain(m, items, "feature_grid")),
+        }
+    return out
+
+
+def ops_profile(device, top: int = 15, lines: int = 5) -> dict:
+    """Per method, what its explain stage dispatches on the GPU path (see :func:`explain_stage_ops`):
+    the ``top`` aten ops by count and the ``lines`` source lines (module:function:line) issuing the most
+    kernel launches, printed and returned. ``python -m bench.run --ops-profile``."""
+    model, x, items = demo_batch(device)
+    model.predict(x)  # warm-up
+    counter = OpCounter(where=True)
+    with counter, torch.inference_mode():
+        model.predict(x)
+    profiles = {"predict": counter.launches()}
+    for method in model.explainers:
+        model.explain(method, items, "feature_grid")  # warm-up: caches filled on first use
+        with solvers_run_every_step():
+            profiles[method] = [op for op in count_stage_ops(model, method, items, where=True)["explain"] if op[1]]
+    out = {}
+    for name, ops in profiles.items():
+        by_op = collections.Counter(op for op, _, _ in ops).most_common(top)
+        by_line = collections.Counter(line or "?" for _, _, line in ops).most_common(lines)
+        by_function = collections.Counter((line or "?").rsplit(":", 1)[0] for _, _, line in ops).most_common(1)
+        out[name] = {"ops": len(ops), "top_ops": by_op, "top_lines": by_line, "top_function": by_function[0]}
+        print(f"\n{name}: {len(ops)} kernel launches" + ("" if name == "predict" else
+              f" in the explain stage (goal <= {EXPLAIN_STAGE_OPS_GOAL})"))
+        print("  top ops:   " + ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in by_op))
+        print(f"  top function: {by_function[0][0]} ({by_function[0][1]} ops)")
+        for line, n in by_line:
+            print(f"  {n:5d}  {line}")
+    return out
+
+
 # ------------------------------------------------------------------------ report
 
 def machine() -> dict:
@@ -486,6 +707,10 @@ def table(results: dict) -> str:
                  f"{g['server_mean_ms']['hand_offs']:.2f}); transport and "
                  f"client {g['server_mean_ms']['transport_and_client']:.2f} ms | {g['grpc_overhead_ms']:.2f} ms "
                  f"| p99 {g['p99_ms']['grpc']:.2f} / {g['p99_ms']['in_process']:.2f} ms | {GOALS['grpc_overhead_ms']} |")
+    lines.append(f"| `server_added_over_floor` | (gRPC p50 − in-process p50) / bare health-check p50, the calls "
+                 f"above ({g['p50_ms']['grpc']:.2f} − {g['p50_ms']['in_process']:.2f}) / "
+                 f"{g['p50_ms']['grpc_health_check']:.2f} ms | {g['server_added_over_floor']:.2f} | | "
+                 f"{GOALS['server_added_over_floor']} |")
     b = f["batching_efficiency"]
     lines.append(f"| `batching_efficiency` | gRPC at concurrency 32 / in process at batch 32, ResNet-18 "
                  f"({b['grpc_examples_per_s']:.1f} / {b['in_process_examples_per_s']:.1f} examples/s) | "
@@ -503,6 +728,15 @@ def table(results: dict) -> str:
     for method, r in f["per_method"].items():
         lines.append(f"| `explain_over_predict[{method}]` | demo MNIST model, batch 8 | {r['value']:.3f} | "
                      f"{r['spread'][0]:.3f}–{r['spread'][1]:.3f} | |")
+    ops = f["explain_stage_ops"]
+    lines.append(f"| `predict_ops` | kernel launches of one Predict, demo MNIST model, batch 8 (aten ops dispatched, "
+                 f"views excluded) | {ops['predict']['ops']} | | |")
+    for method, r in ops["methods"].items():
+        where = f"; most from `{r['top_function'][0]}` ({r['top_function'][1]})" if r["top_function"] else ""
+        lines.append(f"| `explain_stage_ops[{method}]` | kernel launches of its explain stage, same batch, GPU path "
+                     f"run on the CPU (solvers take every step; as served on the CPU: {r['cpu_path_ops']}), plus "
+                     f"{r['host_copies_on_gpu']} host↔device copies on a GPU{where} | {r['ops']} | "
+                     f"{'met' if r['goal_met'] else 'missed'} | {GOALS['explain_stage_ops']} |")
     for key, what, value, spread in fit_data.rows(f["fit_data"]):
         lines.append(f"| `{key}` | {what} | {value:.3f} | {spread} | {fit_data.GOALS[key]} |")
     return "\n".join(lines)
@@ -526,9 +760,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--ops-profile", action="store_true",
+                        help="only print, per method, the aten ops of its explain stage and the lines issuing them")
     args = parser.parse_args(argv)
     cfg = MODES[args.mode]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.ops_profile:
+        ops_profile(device)
+        return
     started = time.perf_counter()
     figures = {}
     # The in-process sides allocate as the server does (server/memory.py). Without it, batches of
@@ -539,6 +778,7 @@ def main(argv: list[str] | None = None) -> None:
                      ("dff_over_ours", dff_over_ours),
                      ("sklearn_over_fit", sklearn_over_fit), ("grpc", grpc_overhead_and_memory),
                      ("batching_efficiency", batching_efficiency), ("per_method", per_method),
+                     ("explain_stage_ops", explain_stage_ops),
                      ("fit_data", lambda device, cfg: fit_data.run())]:
         log(f"bench: {name} …")
         start = time.perf_counter()

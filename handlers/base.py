@@ -167,6 +167,10 @@ class ExplainBatch:
                explainer whose ``presence_maps`` is True
     taps     : what the explainer's ``tapped_upstream`` returned besides ``features``, when
                the forward pass ran it; None: the explainer computes what it needs itself
+    suppressed : (U,) int64, the components some intervention names, ascending (``suppress``
+               reduced over examples and interventions), when the caller knows them on the host
+               (the runtime does, from the requests); None: computed from ``suppress`` (a
+               ``nonzero``, which on a GPU waits for the device)
     """
 
     inputs: torch.Tensor
@@ -177,6 +181,7 @@ class ExplainBatch:
     heatmaps: bool
     taps: tuple[torch.Tensor, ...] | None = None
     heatmap_kind: str = "contribution"
+    suppressed: torch.Tensor | None = None
 
 
 @dataclass
@@ -329,7 +334,9 @@ class AdditiveExplainer(Explainer):
 
     def explain(self, batch: ExplainBatch) -> Explanation:
         # Only the components some intervention names are computed: all of them can be thousands.
-        suppressed = batch.suppress.any(1).any(0).nonzero().squeeze(1)  # (U,)
+        suppressed = batch.suppressed
+        if suppressed is None:
+            suppressed = batch.suppress.any(1).any(0).nonzero().squeeze(1)  # (U,)
         terms = self.decompose(batch, suppressed)
         logits = batch.logits.detach().float()
         t = batch.targets
@@ -337,8 +344,9 @@ class AdditiveExplainer(Explainer):
         residual = terms.residual
         if residual is None:
             residual = target_logit - (terms.contribution.sum(1) + terms.bias)
-        magnitude = terms.contribution.abs().sum(1) + residual.abs()
-        residual_share = torch.where(magnitude > 0, residual.abs() / magnitude.clamp_min(1e-30),
+        residual_size = residual.abs()
+        magnitude = terms.contribution.abs().sum(1) + residual_size
+        residual_share = torch.where(magnitude > 0, residual_size / magnitude.clamp_min(1e-30),
                                      torch.zeros_like(magnitude))
         mask = batch.suppress[:, :, suppressed].float()  # (B, M, U)
         removed = torch.zeros(*mask.shape[:2], logits.shape[1], device=logits.device)

@@ -148,6 +148,13 @@ class ModelRuntime:
         for b, item in enumerate(items):
             for m, indices in enumerate(item.suppress):
                 suppress[b, m, indices] = True
+        # The components some intervention names, read on the host (no nonzero on the device).
+        n_components = len(explainer.components)
+        suppressed = torch.tensor(sorted({int(index) % n_components for item in items for indices in item.suppress
+                                          for index in indices}), dtype=torch.int64)
+        # The targets given, and whether the predicted class is needed (a target of None or below 0).
+        given = [item.target if item.target is not None and item.target >= 0 else None for item in items]
+        predicted = [target is None for target in given]
         # Gradient methods (Grad-CAM rules before a head that is not linear) need the torch parts.
         torch_parts = explainer.needs_grad or self.backend == "torch"
         upstream, downstream = ((self.parts.upstream, self.parts.downstream) if torch_parts
@@ -163,14 +170,18 @@ class ModelRuntime:
                 features.requires_grad_(True)
             logits = downstream(features)
             forward_done = self._clock()
-            targets = torch.tensor([item.target if item.target is not None else -1 for item in items],
-                                   device=self.device)
-            targets = torch.where(targets < 0, logits.argmax(1), targets)
+            if all(predicted):
+                targets = logits.argmax(1)
+            elif not any(predicted):
+                targets = torch.tensor(given, device=self.device)
+            else:
+                targets = torch.tensor([-1 if target is None else target for target in given], device=self.device)
+                targets = torch.where(targets < 0, logits.argmax(1), targets)
             presence = heatmaps.startswith("presence_")
             explanation = explainer.explain(ExplainBatch(
                 inputs=inputs, features=features, logits=logits, targets=targets,
                 suppress=suppress.to(self.device), heatmaps=heatmaps != "none", taps=taps,
-                heatmap_kind="presence" if presence else "contribution"))
+                heatmap_kind="presence" if presence else "contribution", suppressed=suppressed.to(self.device)))
             if heatmaps.endswith("input") and explanation.heatmaps is not None:
                 # A density keeps its sum (its contribution); a presence map its values.
                 explanation.heatmaps = self._to_input_size(explanation.heatmaps, keep_sum=not presence)

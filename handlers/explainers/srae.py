@@ -198,39 +198,50 @@ class SRAEExplainer(AdditiveExplainer):
                              f"{model.num_classes} classes")
         if len(self.components) != m * n:
             raise ValueError(f"srae has {len(self.components)} components for {m} modules of {n} x-features")
-        # Which module explains each class (-1: none).
-        self._module_of_class = torch.full((model.num_classes,), -1, dtype=torch.int64)
+        # The module tables padded with an all-zero module (index m) that every class without a module
+        # reads: its x-features, contributions and bias are zeros, so no example needs a branch.
+        self._module_of_class = torch.full((model.num_classes,), m, dtype=torch.int64)
         self._module_of_class[self.classes_] = torch.arange(m)
+        self._w1 = torch.cat([self.encoder_w1_, torch.zeros_like(self.encoder_w1_[:1])])
+        self._b1 = torch.cat([self.encoder_b1_, torch.zeros_like(self.encoder_b1_[:1])])
+        self._w2 = torch.cat([self.encoder_w2_, torch.zeros_like(self.encoder_w2_[:1])])
+        self._b2 = torch.cat([self.encoder_b2_, torch.zeros_like(self.encoder_b2_[:1])])
+        self._readout_weight = torch.cat([self.readout_weight_, torch.zeros_like(self.readout_weight_[:1])])
+        self._readout_bias = torch.cat([self.readout_bias_, torch.zeros_like(self.readout_bias_[:1])])
+        # Each class's component indices (-1: none): x-feature j of module i is component i * n + j.
+        self._class_components = torch.where(self._module_of_class[:, None] < m,
+                                             self._module_of_class[:, None] * n + torch.arange(n), -1)
 
     def decompose(self, batch: ExplainBatch, suppressed: torch.Tensor) -> Decomposition:
         features = batch.features.detach().float()
         z = spatial_mean(features)  # (B, D)
         b, (m, n) = len(z), self.readout_weight_.shape
-        rows = torch.arange(b, device=z.device)
-        # Every module on every example, (M, B, ·): interventions may touch any class.
-        hidden_all, x_all = encode(z.expand(m, b, -1), self.encoder_w1_, self.encoder_b1_, self.encoder_w2_,
-                                   self.encoder_b2_)
-        contribution_all = x_all * self.readout_weight_.unsqueeze(1)  # (M, B, n)
+        # Every module (and the zero module) on every example, (M + 1, B, ·): interventions may touch any class.
+        hidden_all, x_all = encode(z.expand(m + 1, b, -1), self._w1, self._b1, self._w2, self._b2)
+        # (B, M + 1, n), written example-major so that it flattens to the component order without a copy.
+        contribution_all = torch.mul(x_all.transpose(0, 1), self._readout_weight.unsqueeze(0),
+                                     out=torch.empty(b, m + 1, n, device=z.device))
         module = self._module_of_class[batch.targets]  # (B,)
-        has = module >= 0
-        mi = module.clamp_min(0)
-        weight = torch.where(has[:, None], x_all[mi, rows], 0.0)
-        contribution = torch.where(has[:, None], contribution_all[mi, rows], 0.0)
+        weight = x_all.gather(0, module.view(1, b, 1).expand(1, b, n))[0]
+        contribution = contribution_all.gather(1, module.view(b, 1, 1).expand(b, 1, n))[:, 0]
         heatmaps = None
         if batch.heatmaps and features.dim() > 2:  # a fully connected layer has no grid to map
-            gradient = xfeature_gradient(hidden_all[mi, rows].unsqueeze(1), weight.unsqueeze(1),
-                                         self.encoder_w1_[mi], self.encoder_w2_[mi])[:, 0]  # (B, n, D)
+            hidden = hidden_all.gather(0, module.view(1, b, 1).expand(1, b, hidden_all.shape[2]))[0]  # (B, Hd)
+            # ∂E_n/∂Z (xfeature_gradient) without its x > 0 gate: an x-feature at 0 has a zero contribution,
+            # which scales its density below to zero whatever its map.
+            gate = self._w2[module].transpose(1, 2) * (hidden > 0).unsqueeze(1)  # (B, n, Hd)
+            gradient = gate @ self._w1[module].transpose(1, 2)  # (B, n, D)
             cam = grad_cam(gradient, features)  # (B, n, P)
-            total = cam.sum(2, keepdim=True)
-            density = torch.where(total > 0, cam / total.clamp_min(1e-30), 0.0) * contribution.unsqueeze(2)
+            # cam >= 0: where its total is 0, cam is 0 everywhere and so is the density.
+            density = cam / cam.sum(2, keepdim=True).clamp_min(1e-30) * contribution.unsqueeze(2)
             heatmaps = density.reshape(b, n, *features.shape[2:])
         return Decomposition(
-            component_index=torch.where(has[:, None], module[:, None] * n + torch.arange(n, device=z.device), -1),
+            component_index=self._class_components[batch.targets],
             weight=weight,
             contribution=contribution,
-            bias=torch.where(has, self.readout_bias_[mi], 0.0),
+            bias=self._readout_bias[module],
             residual=None,  # ŷ − ȳ
             heatmaps=heatmaps,
             # Component i is x-feature i % n of module i // n.
-            suppressed_contribution=contribution_all.permute(1, 0, 2).reshape(b, m * n)[:, suppressed],
+            suppressed_contribution=contribution_all.reshape(b, (m + 1) * n)[:, suppressed],
         )

@@ -46,6 +46,7 @@ perturbation test and every zeroed-filter logit come in closed form: no gradient
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 from handlers.base import (
     Codes,
     ExplainBatch,
+    Explanation,
     FittedMethod,
     MethodConfig,
     RemovalExplainer,
@@ -135,6 +137,44 @@ def window_tables(size: int, input_hw: tuple[int, ...], grid: tuple[int, ...], d
     return tables
 
 
+# The most elements of the per-position window tables (:func:`position_tables`); above it (large inputs), the
+# candidate search zeroes each window from its row and column bands instead.
+POSITION_TABLE_MAX_ELEMENTS = 1 << 24
+
+
+@dataclass
+class PositionTables:
+    """Per window position p (row-major over the ``span_h × span_w`` positions, as eq. 1's argmax counts them):
+
+    keep   : (P, H_in, W_in) bool, False on the pixels the window covers
+    cover  : (P, H·W) float32, the window's share of each grid cell (as :func:`window_tables`' row and column
+             covers multiply it)
+    picked : (P, 1 + H_in·W_in) float32: the window's area on the grid (cover summed, at least 1e-12) and its
+             pixels (1 inside)
+    """
+
+    keep: torch.Tensor
+    cover: torch.Tensor
+    picked: torch.Tensor
+
+
+@functools.lru_cache(maxsize=16)
+def position_tables(size: int, input_hw: tuple[int, ...], grid: tuple[int, ...], device: torch.device
+                    ) -> PositionTables | None:
+    """The tables of every window position (:class:`PositionTables`), or None when they would exceed
+    ``POSITION_TABLE_MAX_ELEMENTS`` elements."""
+    (row_band, row_cover, _), (col_band, col_cover, _) = window_tables(size, input_hw, grid, device)
+    positions = len(row_band) * len(col_band)
+    if positions * (math.prod(input_hw) + math.prod(grid) + 1) > POSITION_TABLE_MAX_ELEMENTS:
+        return None
+    rows, cols = torch.arange(len(row_band), device=device), torch.arange(len(col_band), device=device)
+    rows, cols = rows.repeat_interleave(len(col_band)), cols.repeat(len(row_band))
+    window = row_band[rows][:, :, None] * col_band[cols][:, None, :]  # (P, H_in, W_in)
+    cover = row_cover[rows][:, :, None] * col_cover[cols][:, None, :]  # (P, H, W)
+    area = cover.sum((1, 2)).clamp_min(1e-12)
+    return PositionTables(window == 0, cover.flatten(1), torch.cat([area[:, None], window.flatten(1)], 1))
+
+
 @dataclass
 class Patches:
     """An input's candidate patches and what the perturbation test and eq. 2 make of them.
@@ -167,30 +207,53 @@ def extract_patches(features: torch.Tensor, alpha: torch.Tensor, target_logit: t
     -------
     Patches
     """
+    position, relevant, activation = scan_patches(features, alpha, target_logit, perturbed_target_logits, input_hw,
+                                                  patch_size, n_candidates, tau_prt)
+    span_w = input_hw[1] - patch_size + 1
+    return Patches(torch.stack([position // span_w, position % span_w], 2), relevant, activation)
+
+
+def scan_patches(features: torch.Tensor, alpha: torch.Tensor, target_logit: torch.Tensor,
+                 perturbed_target_logits: Callable[[torch.Tensor], torch.Tensor], input_hw: Sequence[int],
+                 patch_size: int, n_candidates: int, tau_prt: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`extract_patches` with each candidate window given by its position (B, k) int64, row-major over the
+    window positions, instead of its corner: (position, relevant, activation)."""
     grid = tuple(features.shape[2:])
     (row_band, row_cover, row_pool), (col_band, col_cover, col_pool) = window_tables(
         patch_size, tuple(input_hw), grid, features.device)
+    tables = position_tables(patch_size, tuple(input_hw), grid, features.device)
     heat = F.interpolate(torch.einsum("bd,bdhw->bhw", alpha, features).relu()[:, None], size=tuple(input_hw),
                          mode="bilinear", align_corners=False)[:, 0]
     span_w = len(col_band)
-    corners = []
-    for _ in range(n_candidates):
+    positions = []
+    for j in range(n_candidates):  # each candidate depends on the windows zeroed before it
         mass = row_band @ heat @ col_band.T  # (B, span_h, span_w): eq. 1 at every window position
-        best = mass.flatten(1).argmax(1)  # the first of equal maxima, row-major
-        row, col = best // span_w, best % span_w
-        corners.append(torch.stack([row, col], 1))
-        heat = heat * (1 - row_band[row][:, :, None] * col_band[col][:, None, :])  # the window zeroed
-    corners = torch.stack(corners, 1)  # (B, k, 2)
-    rows, cols = corners.unbind(2)
-    cover = row_cover[rows][..., :, None] * col_cover[cols][..., None, :]  # (B, k, H, W)
-    activation = torch.einsum("bkhw,bdhw->bkd", cover, features) / cover.sum((2, 3))[..., None].clamp_min(1e-12)
+        positions.append(mass.flatten(1).argmax(1))  # the first of equal maxima, row-major
+        if j + 1 == n_candidates:
+            break
+        if tables is not None:  # the window zeroed
+            heat = heat * tables.keep[positions[-1]]
+        else:
+            row, col = positions[-1] // span_w, positions[-1] % span_w
+            heat = heat * (1 - row_band[row][:, :, None] * col_band[col][:, None, :])
+    position = torch.stack(positions, 1)  # (B, k)
+    if tables is not None:
+        cover = tables.cover[position]  # (B, k, H·W), contiguous: the product below is the same BLAS call as before
+        picked = tables.picked[position]  # (B, k, 1 + H_in·W_in)
+        area, window = picked[..., :1], picked[..., 1:].unflatten(2, tuple(input_hw))
+    else:
+        rows, cols = position // span_w, position % span_w
+        cover = (row_cover[rows][..., :, None] * col_cover[cols][..., None, :]).flatten(2)  # (B, k, H·W)
+        area = cover.sum(2, keepdim=True).clamp_min(1e-12)
+        window = row_band[rows][..., :, None] * col_band[cols][..., None, :]  # (B, k, H_in, W_in)
+    activation = torch.einsum("bkc,bdc->bkd", cover, features.flatten(2)) / area  # (B, k, D)
     # The candidates so far, removed together: their union's share of each grid cell.
-    kept = (1 - row_band[rows][..., :, None] * col_band[cols][..., None, :]).cumprod(1)  # (B, k, H_in, W_in)
-    removed = row_pool @ (1 - kept) @ col_pool.T  # (B, k, H, W)
+    removed = row_pool @ window.cummax(1).values @ col_pool.T  # (B, k, H, W)
     scores = torch.cat([target_logit[:, None], perturbed_target_logits(removed)], 1)  # (B, k + 1)
     drop = (scores[:, :-1] - scores[:, 1:]) / target_logit.abs()[:, None].clamp_min(1e-6)
-    relevant = (drop >= tau_prt).cumprod(1).bool()
-    return Patches(corners, relevant, activation)
+    relevant = (drop >= tau_prt).cummin(1).values
+    return position, relevant, activation
 
 
 def top_filters(activation: torch.Tensor, n_filters: int) -> torch.Tensor:
@@ -200,16 +263,20 @@ def top_filters(activation: torch.Tensor, n_filters: int) -> torch.Tensor:
 
 
 def removal_logits(features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                   head_weight: torch.Tensor | None, downstream: torch.nn.Module
+                   head_weight: torch.Tensor | None, downstream: torch.nn.Module,
+                   target_weight: torch.Tensor | None = None, target_logit: torch.Tensor | None = None
                    ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The perturbation test's model: (B, k, H, W) removed shares -> (B, k) target logits of
-    ``downstream(F · (1 − share))``; in closed form for an average-pool + linear ``head_weight`` (K, D)."""
-    rows = torch.arange(len(targets), device=targets.device)
-    target_logit = logits[rows, targets]
+    ``downstream(F · (1 − share))``; in closed form for an average-pool + linear ``head_weight`` (K, D)
+    (``target_weight``, ``target_logit``: its rows and the logits of the targets, when the caller has them)."""
+    if target_logit is None:
+        target_logit = logits.gather(1, targets[:, None])[:, 0]
     if head_weight is not None:
         # y_t(F (1 - s)) = y_t - sum_hw s · (weight[t] · F) / HW: the pre-ReLU Grad-CAM mass removed.
-        score_map = torch.einsum("bd,bdhw->bhw", head_weight[targets], features) / features[0, 0].numel()
+        rows = head_weight[targets] if target_weight is None else target_weight
+        score_map = torch.einsum("bd,bdhw->bhw", rows, features) / features[0, 0].numel()
         return lambda removed: target_logit[:, None] - torch.einsum("bkhw,bhw->bk", removed, score_map)
+    rows = torch.arange(len(targets), device=targets.device)
 
     def by_downstream(removed: torch.Tensor) -> torch.Tensor:
         scaled = features[:, None] * (1 - removed)[:, :, None]  # (B, k, D, H, W)
@@ -257,6 +324,17 @@ class GradCAMRulesExplainer(RemovalExplainer):
             members = row.nonzero().flatten()
             index[i, :len(members)] = members
         self._filter_index = index
+        # Each class's rules for the served path, (K, width, 1 + 2S) int64: the component (-1: padding); its
+        # filters as matched against a patch's top filters (padding: D, which no patch holds); its filters as
+        # gathered for the weight (padding: 0, masked out). A rule of fewer than S filters repeats its first.
+        rules = self.class_components_
+        padded = torch.where(index[1:] == dim, index[1:, :1], index[1:])  # repeat the first filter
+        match = torch.cat([padded, torch.full((1, padded.shape[1]), dim, dtype=torch.long)])[rules]
+        gather = torch.cat([padded, torch.zeros(1, padded.shape[1], dtype=torch.long)])[rules]
+        self._class_rules = torch.cat([rules[:, :, None], match, gather], 2)
+        # The filter sets with an empty one last, where a component index of -1 lands.
+        self._filters_last_empty = torch.cat([self.component_filters_, torch.zeros(1, dim)])
+        self._zero, self._one, self._no_component = torch.zeros(()), torch.ones(()), torch.tensor(-1)
         # After a non-negative layer, an average-pool + linear head gives Grad-CAM's weights, the
         # perturbation test and every zeroed-filter logit in closed form: no gradient and no downstream pass.
         self.head_weight_ = linear_head_weight(model)  # (K, D) or None
@@ -313,36 +391,79 @@ class GradCAMRulesExplainer(RemovalExplainer):
         return slots, (missing == 0) & relevant[:, None, :] & (slots > 0)[:, :, None]
 
     def encode_batch(self, batch: ExplainBatch) -> Codes:
-        t = batch.targets
-        alpha, f = self.gradcam(batch)
-        patches = self.patches(batch, alpha, f)
+        return self._encode(batch)[0]
+
+    def _encode(self, batch: ExplainBatch) -> tuple[Codes, torch.Tensor, torch.Tensor]:
+        """The codes, the reported rules' filter sets (B, C, D) float32 (zero for padding) and the target logit (B,)."""
+        t, c = batch.targets, self.config
+        if self.head_weight_ is not None:
+            target_weight = self.head_weight_[t]
+            alpha, f = target_weight / batch.features[0, 0].numel(), batch.features.detach().float()  # as gradcam()
+        else:
+            target_weight = None
+            alpha, f = self.gradcam(batch)
         with torch.no_grad():
-            members = top_filters(patches.activation, self.config.n_filters)  # (B, k, D)
-            slots, holds = self.rules_held(members, patches.relevant, t)
-            masks = self._filters[slots]  # (B, C, D)
+            logits = batch.logits.detach().float()
+            target_logit = logits.gather(1, t[:, None])[:, 0]
+            model = removal_logits(f, logits, t, self.head_weight_, self.model.downstream, target_weight, target_logit)
+            _, relevant, activation = scan_patches(f, alpha, target_logit, model, self.input_hw, c.patch_size,
+                                                   c.n_candidates, c.tau_prt)
+            # The rules of R^t held by a relevant patch-transaction (its top n_filters filters), as rules_held.
+            top = activation.topk(c.n_filters, dim=-1).indices  # (B, k, n)
+            table = self._class_rules[t]  # (B, C, 1 + 2S)
+            s = (table.shape[2] - 1) // 2
+            component, match, gather = table[:, :, 0], table[:, :, 1:1 + s], table[:, :, 1 + s:]
+            held = (match[:, :, None, :, None] == top[:, None, :, None, :]).any(4).all(3)  # (B, C, k)
+            holds = held & relevant[:, None, :]
             matched = holds.any(2)
             # Weight: the rule's weakest filter against its typical activation, in its best patch.
-            ratio = patches.activation / self.filter_reference_  # (B, k, D)
-            ratio = torch.cat([ratio, torch.full_like(ratio[:, :, :1], torch.inf)], 2)  # sentinel column D
-            index = self._filter_index[slots]  # (B, C, S)
-            gathered = ratio[:, None].expand(-1, index.shape[1], -1, -1).gather(
-                3, index[:, :, None, :].expand(-1, -1, ratio.shape[1], -1))  # (B, C, k, S)
-            presence = torch.where(holds, gathered.amin(3), 0.0).amax(2)  # (B, C)
+            ratio = activation / self.filter_reference_  # (B, k, D)
+            gathered = ratio[:, None].expand(-1, match.shape[1], -1, -1).gather(
+                3, gather[:, :, None, :].expand(-1, -1, ratio.shape[1], -1))  # (B, C, k, S)
+            presence = torch.where(holds, gathered.amin(3), self._zero).amax(2)  # (B, C), 0 where not matched
             # Matched rules first, each group in R^t's order (support x confidence).
-            order = (~matched).to(torch.uint8).argsort(dim=1, stable=True)
-            matched, slots = matched.gather(1, order), slots.gather(1, order)
-            masks = masks.gather(1, order[:, :, None].expand_as(masks)) * matched[:, :, None]
-            weight = torch.where(matched, presence.gather(1, order), torch.zeros_like(presence))
+            order = matched.argsort(dim=1, descending=True, stable=True)
+            index = torch.where(matched, component, self._no_component).gather(1, order)
+            masks = self._filters_last_empty[index]  # (B, C, D)
+            weight = presence.gather(1, order)
 
             evidence = (alpha[:, :, None, None] * f).relu()  # (B, D, H, W)
             per_filter = evidence.sum((2, 3))
             covered = masks.amax(1)  # (B, D) the union of the reported rules' filters
             total = per_filter.sum(1)
             residual_share = torch.where(total > 0, (per_filter * (1 - covered)).sum(1) / total.clamp_min(1e-30),
-                                         torch.ones_like(total))
+                                         self._one)
             heatmaps = torch.einsum("bcd,bd,bdhw->bchw", masks, alpha, f).relu() if batch.heatmaps else None
-        return Codes(torch.where(matched, slots - 1, torch.full_like(slots, -1)), weight, residual_share.clamp(0, 1),
-                     heatmaps)
+        return Codes(index, weight, residual_share.clamp(0, 1), heatmaps), masks, target_logit
+
+    def explain(self, batch: ExplainBatch) -> Explanation:
+        """:meth:`RemovalExplainer.explain`, for a linear head in one pass: the reported rules' filter sets are
+        already at hand (a set of one component is its filters), so only the interventions' unions are formed,
+        and g_t({}) is the target logit itself (nothing zeroed loses nothing)."""
+        if self.head_weight_ is None:
+            return super().explain(batch)
+        codes, masks, target_logit = self._encode(batch)
+        with torch.no_grad():
+            t, (b, c) = batch.targets, codes.component_index.shape
+            unions = (batch.suppress.float() @ self.component_filters_).clamp_max(1)  # (B, M, D)
+            zeroed = torch.cat([masks, unions], 1)  # (B, C + M, D), as removed_logits forms them
+            f = batch.features.detach().float()
+            lost = (f.flatten(2).mean(2)[:, None] * zeroed) @ self.head_weight_.T
+            logits = batch.logits.detach().float()[:, None] - lost  # (B, C + M, K)
+            contribution = target_logit[:, None] - logits[:, :c].gather(2, t.view(b, 1, 1).expand(b, c, 1))[:, :, 0]
+            zero = torch.zeros_like(target_logit)
+        return Explanation(
+            target_class=t,
+            component_index=codes.component_index,
+            weight=codes.weight,
+            contribution=contribution,
+            bias=zero,
+            residual_contribution=zero,
+            residual_share=codes.residual_share,
+            target_logit=target_logit,
+            heatmaps=codes.heatmaps,
+            intervened_logits=logits[:, c:],
+        )
 
     @torch.no_grad()
     def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:

@@ -236,6 +236,7 @@ def sklearn_over_fit(device, cfg) -> dict:
 def start_server(store: Path, port: int, metrics_port: int, *options: str) -> subprocess.Popen:
     process = subprocess.Popen([str(Path(sys.executable).parent / "protoserve"), "serve", "--model-store", str(store),
                                 "--port", str(port), "--metrics-port", str(metrics_port), "--max-delay-ms", "0",
+                                "--http-port", "0",  # gRPC only: two servers may run at once
                                 *options],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import grpc
@@ -244,7 +245,7 @@ def start_server(store: Path, port: int, metrics_port: int, *options: str) -> su
     deadline = time.time() + 300
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.time() < deadline:
+        while time.time() < deadline and process.poll() is None:
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
                     return process

@@ -317,6 +317,7 @@ def start_server(store: Path, port: int, metrics_port: int, log_path: Path, toke
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model-store", str(store),
                                  "--host", HOST, "--port", str(port), "--metrics-port", str(metrics_port),
+                                 "--http-port", "0",  # the soak drives gRPC; port 8000 may be a running server's
                                  "--auth-token-file", str(tokens.grpc_file),
                                  "--metrics-token-file", str(tokens.metrics_file),
                                  "--grace", "5"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)

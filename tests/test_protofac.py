@@ -175,6 +175,39 @@ def test_paper_codes_lower_eq_4_from_the_least_squares_start_and_rows_are_indepe
     assert torch.allclose(shuffled, w[order], atol=1e-6)
 
 
+def _eq4(codes, features, prototypes, surrogate, oracle, scale, config) -> float:
+    with torch.no_grad():
+        terms = protofac_online.objective_terms(codes, surrogate(codes), oracle,
+                                                (features - codes @ prototypes).norm(dim=1), scale)
+        return float(protofac_online.weighted_objective(terms, config).sum())
+
+
+def test_the_closed_form_gradient_of_an_affine_surrogate_is_autograds():
+    parts, data = fully_connected_problem(60, 20)
+    features = protofac.activation_rows(parts.upstream(data.x_train)).detach()
+    with torch.no_grad():
+        oracle = parts.downstream(parts.upstream(data.x_train)).argmax(1)
+    prototypes = features[:5].clone()
+    gram = prototypes @ prototypes.T
+    zero = parts.downstream(torch.zeros(1, *parts.feature_shape))[0].detach()
+    affine = protofac_online.surrogate_logits(parts, prototypes,
+                                              protofac_online.affine_prototype_logits(parts, prototypes), zero)
+    assert isinstance(affine, protofac_online.AffineSurrogate)
+    scale = float(features.norm(dim=1).mean())
+    for config in (ProtoFacConfig(n_prototypes=5, lambda_c=0.5, code_steps=40),
+                   ProtoFacConfig(n_prototypes=5, lambda_ce=3.0, lambda_r=0.2, lambda_c=2.0, code_steps=25)):
+        closed = protofac_online.paper_codes(features, prototypes, gram, oracle, affine, scale, config)
+        by_autograd = protofac_online.paper_codes(features, prototypes, gram, oracle, lambda w: affine(w), scale,
+                                                  config)
+        # Adam's steps are normalized, so near an optimum (a gradient about 0) the float32 logits' rounding,
+        # which differs between the two, moves a code by up to about 1e-4; the objective agrees far closer.
+        assert torch.allclose(closed, by_autograd, atol=1e-3), (closed - by_autograd).abs().max()
+        objective = [_eq4(codes, features, prototypes, affine, oracle, scale, config) for codes in (closed, by_autograd)]
+        assert objective[0] == pytest.approx(objective[1], rel=1e-5)
+        assert not torch.equal(closed, protofac_online.paper_codes(
+            features, prototypes, gram, oracle, affine, scale, dataclasses.replace(config, code_steps=1)))
+
+
 # ----------------------------------------------------------------------------- fit
 
 def test_fit_report_factors_and_real_prototypes(mnist_parts, small_fit, small_data):

@@ -48,19 +48,18 @@ def vertex_distance(w: torch.Tensor) -> torch.Tensor:
     return (w.square().sum(1) - 2 * w.max(1).values + 1).clamp_min(0)
 
 
-def projected_adam(w: torch.Tensor, loss_of, n_steps: int, lr: float) -> torch.Tensor:
+def projected_adam(w: torch.Tensor, gradient_of, n_steps: int, lr: float) -> torch.Tensor:
     """``n_steps`` steps of Adam (β = 0.9, 0.999) on the rows of ``w``, each step projected onto the simplex.
 
-    Adam's moments are per entry, so as long as ``loss_of`` is a sum of per-row terms, a row's
-    path does not depend on the other rows of the batch. Runs with autograd on whatever mode the
-    caller is in; the result is detached.
+    Adam's moments are per entry, so as long as the objective is a sum of per-row terms, a row's path
+    does not depend on the other rows of the batch.
 
     Parameters
     ----------
     w : Tensor of shape (B, k)
         The starting codes, on the simplex.
-    loss_of : callable (B, k) -> scalar Tensor
-        The objective, a sum over rows.
+    gradient_of : callable (B, k) -> (B, k)
+        The objective's gradient at the codes (see :func:`autograd_gradient`).
     n_steps : int
         Number of steps (no tolerance test).
     lr : float
@@ -74,13 +73,21 @@ def projected_adam(w: torch.Tensor, loss_of, n_steps: int, lr: float) -> torch.T
     w = w.detach().clone()
     first, second = torch.zeros_like(w), torch.zeros_like(w)
     for step in range(1, n_steps + 1):
-        w.requires_grad_(True)
-        (gradient,) = torch.autograd.grad(loss_of(w), w)
+        gradient = gradient_of(w)
         first.mul_(beta1).add_(gradient, alpha=1 - beta1)
         second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
         update = (first / (1 - beta1 ** step)) / ((second / (1 - beta2 ** step)).sqrt() + eps)
-        w = project_to_simplex(w.detach() - lr * update)
+        w = project_to_simplex(w - lr * update)
     return w
+
+
+def autograd_gradient(loss_of):
+    """The gradient of ``loss_of`` (B, k) -> scalar by autograd, as a ``gradient_of`` for :func:`projected_adam`;
+    runs with autograd on whatever mode the caller is in."""
+    def gradient_of(w: torch.Tensor) -> torch.Tensor:
+        w = w.detach().requires_grad_(True)
+        return torch.autograd.grad(loss_of(w), w)[0]
+    return gradient_of
 
 
 def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Tensor,

@@ -27,6 +27,31 @@ def test_client_cli_explains_an_image_and_writes_an_overlay(server, mnist_split,
     assert Image.open(overlay).width > 224  # the input plus heatmap panels
 
 
+def test_client_cli_shows_the_neighbour_view_and_writes_its_pngs(server, client, tmp_path):
+    from protoserve_client import from_tensor
+    from protoserve_client.cli import format_explanation
+
+    sample = client.get_model("mnist").samples[5]
+    result = subprocess.run([BIN / "protoserve-client", "explain", "--sample", "5", "--model", "mnist", "--method",
+                             "coupled_nmf", "--neighbours", "4", "--neighbour-pngs", tmp_path / "near",
+                             "--address", server.address], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expected = client.explain(from_tensor(sample.input), model="mnist", method="coupled_nmf", heatmaps="none",
+                              neighbours=4)
+    assert len(expected.neighbours) == 4 and result.stdout == format_explanation(expected) + "\n"
+    assert "neighbours (4 nearest probe examples)" in result.stdout and "their components: " in result.stdout
+    written = sorted((tmp_path / "near").iterdir())
+    assert [p.name for p in written] == sorted(f"neighbour-{rank}-probe-{n.probe_index}.png"
+                                               for rank, n in enumerate(expected.neighbours, 1))
+    by_name = {p.name: p.read_bytes() for p in written}
+    for rank, n in enumerate(expected.neighbours, 1):
+        assert by_name[f"neighbour-{rank}-probe-{n.probe_index}.png"] == n.png and n.png.startswith(b"\x89PNG")
+    refused = subprocess.run([BIN / "protoserve-client", "explain", "--sample", "5", "--model", "mnist",
+                              "--neighbour-pngs", tmp_path / "x", "--address", server.address],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "add --neighbours K" in refused.stderr
+
+
 def test_client_cli_explains_a_held_out_sample_without_a_file(server, client):
     from protoserve_client import from_tensor
     from protoserve_client.cli import format_explanation

@@ -1,6 +1,6 @@
 """`protoserve-client`: predictions and explanations from the command line.
 
-    protoserve-client explain INPUT --model M [--suppress ID ...] [--overlay out.png] ...
+    protoserve-client explain INPUT --model M [--suppress ID ...] [--overlay out.png] [--neighbours K] ...
     protoserve-client explain --sample 3 --model M
     protoserve-client predict INPUT --model M
     protoserve-client models
@@ -163,6 +163,13 @@ def format_explanation(response: pb.ExplainResponse) -> str:
         f"residual share         {response.residual_share:.4f}",
         f"additivity gap         {gap:.2e} {verdict}",
     ]
+    if response.neighbours:
+        rows = [[str(rank), str(n.probe_index), f"{n.distance:.4f}", str(n.class_index), n.label, n.component_id]
+                for rank, n in enumerate(response.neighbours, 1)]
+        shares = ", ".join(f"{c.component_id} {c.share:.2f}" for c in response.neighbour_components if c.share > 0)
+        lines += ["", f"neighbours ({len(rows)} nearest probe examples)",
+                  _table(["rank", "probe", "distance", "class", "label", "component"], rows, numeric={0, 1, 2, 3}),
+                  f"their components: {shares}"]
     if response.interventions:
         rows = []
         for result in response.interventions:
@@ -237,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="heatmap mode: contribution densities (feature_grid, input) or the paper's presence "
                               "maps with the residual's map (presence_feature_grid, presence_input; methods whose "
                               "model info says presence_maps); default: feature_grid with --overlay, else none")
+    explain.add_argument("--neighbours", type=int, default=0, metavar="K",
+                         help="also the K nearest probe examples in the method's component space and their "
+                              "components (methods with a neighbour view: coupled_nmf; the paper shows about 30)")
+    explain.add_argument("--neighbour-pngs", type=Path, metavar="DIR",
+                         help="write each neighbour's example to DIR/neighbour-RANK-probe-INDEX.png")
     explain.add_argument("--overlay", type=Path, metavar="OUT.png",
                          help="write the input with the top components' heatmaps (of the --heatmaps mode) to "
                               "this PNG")
@@ -262,6 +274,8 @@ def _run(args: argparse.Namespace) -> None:
         raise UserError("give INPUT or --sample N (one of them)", "see protoserve-client explain --help")
     if args.command == "explain" and args.overlay and args.heatmaps == "none":
         raise UserError("--overlay draws heatmaps, but --heatmaps none asks for none", "leave out --heatmaps none")
+    if args.command == "explain" and args.neighbour_pngs and args.neighbours <= 0:
+        raise UserError("--neighbour-pngs writes the neighbours' examples, but none are asked for", "add --neighbours K")
     with ExplainerClient(args.address, timeout=args.timeout) as client:
         if args.command == "models":
             # ListModels may leave components out; GetModel has them.
@@ -278,8 +292,14 @@ def _run(args: argparse.Namespace) -> None:
         heatmaps = args.heatmaps or ("feature_grid" if args.overlay else "none")
         response = client.explain(loaded.array, image=loaded.image, model=args.model, version=args.version,
                                   method=args.method, top_k=args.top_k, target_class=args.target_class,
-                                  heatmaps=heatmaps, interventions=interventions)
+                                  heatmaps=heatmaps, interventions=interventions, neighbours=args.neighbours)
         print(_to_json(response) if args.json else format_explanation(response))
+        if args.neighbour_pngs:
+            args.neighbour_pngs.mkdir(parents=True, exist_ok=True)
+            drawn = [(rank, n) for rank, n in enumerate(response.neighbours, 1) if n.png]  # old archives: none
+            for rank, neighbour in drawn:
+                (args.neighbour_pngs / f"neighbour-{rank}-probe-{neighbour.probe_index}.png").write_bytes(neighbour.png)
+            print(f"{len(drawn)} neighbour PNGs written to {args.neighbour_pngs}", file=sys.stderr)
         if args.overlay:
             try:
                 write_overlay(args.overlay, loaded.pixels_or_series(), response)

@@ -112,11 +112,14 @@ def explain_request(
     heatmaps: HeatmapName = "feature_grid",
     interventions: Iterable[Sequence[str]] = (),
     request_id: str = "",
+    neighbours: int = 0,
 ) -> pb.ExplainRequest:
     """Build an ExplainRequest (also what `ExplainerClient.explain_stream` consumes).
 
     `target_class=None` leaves the target unset (the predicted class); `interventions` is a
-    list of sets of component ids, each set suppressed together in one intervened prediction.
+    list of sets of component ids, each set suppressed together in one intervened prediction;
+    `neighbours` asks for that many nearest probe examples (methods with a neighbour view, e.g.
+    coupled_nmf), each with its PNG.
     """
     if heatmaps not in HEATMAP_MODES:
         raise ValueError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, not {heatmaps!r}")
@@ -134,6 +137,7 @@ def explain_request(
         heatmaps=HEATMAP_MODES[heatmaps],
         interventions=suppress_sets,
         request_id=request_id,
+        neighbours=neighbours,
         **_input_fields(input, image),
     )
     if target_class is not None:
@@ -218,6 +222,7 @@ class ExplainerClient:
         heatmaps: HeatmapName = "feature_grid",
         interventions: Iterable[Sequence[str]] = (),
         request_id: str = "",
+        neighbours: int = 0,
     ) -> pb.ExplainResponse:
         """The prediction for one example with its explanation; arguments as in `explain_request`."""
         request = explain_request(
@@ -231,6 +236,7 @@ class ExplainerClient:
             heatmaps=heatmaps,
             interventions=interventions,
             request_id=request_id,
+            neighbours=neighbours,
         )
         return self._unary(self._stub.Explain, request)
 

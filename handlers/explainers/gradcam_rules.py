@@ -56,7 +56,6 @@ import torch.nn.functional as F
 from handlers.base import (
     Codes,
     ExplainBatch,
-    Explanation,
     FittedMethod,
     MethodConfig,
     RemovalExplainer,
@@ -264,17 +263,15 @@ def top_filters(activation: torch.Tensor, n_filters: int) -> torch.Tensor:
 
 def removal_logits(features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                    head_weight: torch.Tensor | None, downstream: torch.nn.Module,
-                   target_weight: torch.Tensor | None = None, target_logit: torch.Tensor | None = None
-                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+                   target_logit: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The perturbation test's model: (B, k, H, W) removed shares -> (B, k) target logits of
     ``downstream(F · (1 − share))``; in closed form for an average-pool + linear ``head_weight`` (K, D)
-    (``target_weight``, ``target_logit``: its rows and the logits of the targets, when the caller has them)."""
+    (``target_logit``: the logits of the targets, when the caller has them)."""
     if target_logit is None:
         target_logit = logits.gather(1, targets[:, None])[:, 0]
     if head_weight is not None:
         # y_t(F (1 - s)) = y_t - sum_hw s · (weight[t] · F) / HW: the pre-ReLU Grad-CAM mass removed.
-        rows = head_weight[targets] if target_weight is None else target_weight
-        score_map = torch.einsum("bd,bdhw->bhw", rows, features) / features[0, 0].numel()
+        score_map = torch.einsum("bd,bdhw->bhw", head_weight[targets], features) / features[0, 0].numel()
         return lambda removed: target_logit[:, None] - torch.einsum("bkhw,bhw->bk", removed, score_map)
     rows = torch.arange(len(targets), device=targets.device)
 
@@ -391,21 +388,12 @@ class GradCAMRulesExplainer(RemovalExplainer):
         return slots, (missing == 0) & relevant[:, None, :] & (slots > 0)[:, :, None]
 
     def encode_batch(self, batch: ExplainBatch) -> Codes:
-        return self._encode(batch)[0]
-
-    def _encode(self, batch: ExplainBatch) -> tuple[Codes, torch.Tensor, torch.Tensor]:
-        """The codes, the reported rules' filter sets (B, C, D) float32 (zero for padding) and the target logit (B,)."""
         t, c = batch.targets, self.config
-        if self.head_weight_ is not None:
-            target_weight = self.head_weight_[t]
-            alpha, f = target_weight / batch.features[0, 0].numel(), batch.features.detach().float()  # as gradcam()
-        else:
-            target_weight = None
-            alpha, f = self.gradcam(batch)
+        alpha, f = self.gradcam(batch)
         with torch.no_grad():
             logits = batch.logits.detach().float()
             target_logit = logits.gather(1, t[:, None])[:, 0]
-            model = removal_logits(f, logits, t, self.head_weight_, self.model.downstream, target_weight, target_logit)
+            model = removal_logits(f, logits, t, self.head_weight_, self.model.downstream, target_logit)
             _, relevant, activation = scan_patches(f, alpha, target_logit, model, self.input_hw, c.patch_size,
                                                    c.n_candidates, c.tau_prt)
             # The rules of R^t held by a relevant patch-transaction (its top n_filters filters), as rules_held.
@@ -434,36 +422,7 @@ class GradCAMRulesExplainer(RemovalExplainer):
             residual_share = torch.where(total > 0, (per_filter * (1 - covered)).sum(1) / total.clamp_min(1e-30),
                                          self._one)
             heatmaps = torch.einsum("bcd,bd,bdhw->bchw", masks, alpha, f).relu() if batch.heatmaps else None
-        return Codes(index, weight, residual_share.clamp(0, 1), heatmaps), masks, target_logit
-
-    def explain(self, batch: ExplainBatch) -> Explanation:
-        """:meth:`RemovalExplainer.explain`, for a linear head in one pass: the reported rules' filter sets are
-        already at hand (a set of one component is its filters), so only the interventions' unions are formed,
-        and g_t({}) is the target logit itself (nothing zeroed loses nothing)."""
-        if self.head_weight_ is None:
-            return super().explain(batch)
-        codes, masks, target_logit = self._encode(batch)
-        with torch.no_grad():
-            t, (b, c) = batch.targets, codes.component_index.shape
-            unions = (batch.suppress.float() @ self.component_filters_).clamp_max(1)  # (B, M, D)
-            zeroed = torch.cat([masks, unions], 1)  # (B, C + M, D), as removed_logits forms them
-            f = batch.features.detach().float()
-            lost = (f.flatten(2).mean(2)[:, None] * zeroed) @ self.head_weight_.T
-            logits = batch.logits.detach().float()[:, None] - lost  # (B, C + M, K)
-            contribution = target_logit[:, None] - logits[:, :c].gather(2, t.view(b, 1, 1).expand(b, c, 1))[:, :, 0]
-            zero = torch.zeros_like(target_logit)
-        return Explanation(
-            target_class=t,
-            component_index=codes.component_index,
-            weight=codes.weight,
-            contribution=contribution,
-            bias=zero,
-            residual_contribution=zero,
-            residual_share=codes.residual_share,
-            target_logit=target_logit,
-            heatmaps=codes.heatmaps,
-            intervened_logits=logits[:, c:],
-        )
+        return Codes(index, weight, residual_share.clamp(0, 1), heatmaps)
 
     @torch.no_grad()
     def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,18 @@ class _MLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+class SignedMLP(nn.Module):
+    """A 12-16-3 MLP without a ReLU: the layer `fc1` has signed features, read by the linear head fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x.flatten(1)))
+
+
 def fully_connected_problem(n_train: int, n_test: int, layer: str = "relu") -> tuple[ModelParts, FitData]:
     """An untrained 12-16-3 MLP split at its hidden ReLU (or at ``fc1``, before it), and 3-class
     data (seed 0 for both)."""

@@ -25,15 +25,19 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, free_port, fully_connected_problem, rewrite_archive
+from conftest import (
+    RunningServer,
+    SignedMLP,
+    free_port,
+    fully_connected_problem,
+    rewrite_archive,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from protoserve_client import ExplainerClient, ExplainerError
 from protoserve_client.stubs.inference import grpc_service_pb2 as oip
 from protoserve_client.stubs.inference import grpc_service_pb2_grpc as oip_grpc
-from torch import nn
 
 from handlers.archive import SAMPLES, read_archive, write_archive
-from handlers.fitting import protonmf
 from handlers.model import InputSpec
 from handlers.packaging import fit_methods, held_out_samples, package
 from server.metrics import Metrics
@@ -43,24 +47,12 @@ from server.settings import Settings
 LABELS = ["a", "b", "c"]
 
 
-class _SignedFeatures(nn.Module):
-    """fc1 with no ReLU after it (signed features) straight into the linear head fc2."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(12, 16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(self.fc1(x.flatten(1)))
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("additivity-store")
     parts, data = fully_connected_problem(200, 60)
     torch.manual_seed(0)
-    package(_SignedFeatures(), layer="fc1", input_spec=InputSpec(shape=[1, 12]), labels=LABELS, data=data,
+    package(SignedMLP(), layer="fc1", input_spec=InputSpec(shape=[1, 12]), labels=LABELS, data=data,
             methods={"protonmf": {"n_prototypes": 2, "max_iter": 50},
                      "srae": {"n_xfeatures": 2, "hidden": 8, "epochs": 1}},
             name="signed", version="1", out_dir=store, log=lambda message: None)

@@ -143,36 +143,18 @@ def test_loss_terms_are_eq_1_2_and_3():
     assert torch.allclose(protofac_online.weighted_objective(terms, config), expected, atol=1e-12)
 
 
-def test_paper_codes_lower_eq_4_from_the_least_squares_start_and_rows_are_independent():
+def _paper_code_problem():
+    """Rows of a small MLP's layer, 5 of them as the prototypes, the model's predictions as the oracle, and
+    the affine surrogate: (features, prototypes, gram, oracle, surrogate, scale)."""
     parts, data = fully_connected_problem(60, 20)
     features = protofac.activation_rows(parts.upstream(data.x_train)).detach()
     with torch.no_grad():
         oracle = parts.downstream(parts.upstream(data.x_train)).argmax(1)
     prototypes = features[:5].clone()
-    gram = prototypes @ prototypes.T
     zero = parts.downstream(torch.zeros(1, *parts.feature_shape))[0].detach()
     surrogate = protofac_online.surrogate_logits(parts, prototypes,
                                                  protofac_online.affine_prototype_logits(parts, prototypes), zero)
-    config = ProtoFacConfig(n_prototypes=5, lambda_c=0.5, code_steps=40)
-    scale = float(features.norm(dim=1).mean())
-    start = simplex.simplex_least_squares(features, prototypes, gram, 5)
-    w = protofac_online.paper_codes(features, prototypes, gram, oracle, surrogate, scale, config)
-
-    def objective(codes):
-        with torch.no_grad():
-            terms = protofac_online.objective_terms(codes, surrogate(codes), oracle,
-                                                    (features - codes @ prototypes).norm(dim=1), scale)
-            return protofac_online.weighted_objective(terms, config)
-
-    assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(len(w)), atol=1e-5)
-    assert objective(w).sum() < objective(start).sum()
-    # Each row as if it were alone, and in another batch order.
-    alone = torch.cat([protofac_online.paper_codes(features[i:i + 1], prototypes, gram, oracle[i:i + 1], surrogate,
-                                                   scale, config) for i in range(len(features))])
-    assert torch.allclose(alone, w, atol=1e-6)
-    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(5))
-    shuffled = protofac_online.paper_codes(features[order], prototypes, gram, oracle[order], surrogate, scale, config)
-    assert torch.allclose(shuffled, w[order], atol=1e-6)
+    return features, prototypes, prototypes @ prototypes.T, oracle, surrogate, float(features.norm(dim=1).mean())
 
 
 def _eq4(codes, features, prototypes, surrogate, oracle, scale, config) -> float:
@@ -182,18 +164,27 @@ def _eq4(codes, features, prototypes, surrogate, oracle, scale, config) -> float
         return float(protofac_online.weighted_objective(terms, config).sum())
 
 
+def test_paper_codes_lower_eq_4_from_the_least_squares_start_and_rows_are_independent():
+    features, prototypes, gram, oracle, surrogate, scale = _paper_code_problem()
+    config = ProtoFacConfig(n_prototypes=5, lambda_c=0.5, code_steps=40)
+    start = simplex.simplex_least_squares(features, prototypes, gram, 5)
+    w = protofac_online.paper_codes(features, prototypes, gram, oracle, surrogate, scale, config)
+
+    assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(len(w)), atol=1e-5)
+    assert (_eq4(w, features, prototypes, surrogate, oracle, scale, config)
+            < _eq4(start, features, prototypes, surrogate, oracle, scale, config))
+    # Each row as if it were alone, and in another batch order.
+    alone = torch.cat([protofac_online.paper_codes(features[i:i + 1], prototypes, gram, oracle[i:i + 1], surrogate,
+                                                   scale, config) for i in range(len(features))])
+    assert torch.allclose(alone, w, atol=1e-6)
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(5))
+    shuffled = protofac_online.paper_codes(features[order], prototypes, gram, oracle[order], surrogate, scale, config)
+    assert torch.allclose(shuffled, w[order], atol=1e-6)
+
+
 def test_the_closed_form_gradient_of_an_affine_surrogate_is_autograds():
-    parts, data = fully_connected_problem(60, 20)
-    features = protofac.activation_rows(parts.upstream(data.x_train)).detach()
-    with torch.no_grad():
-        oracle = parts.downstream(parts.upstream(data.x_train)).argmax(1)
-    prototypes = features[:5].clone()
-    gram = prototypes @ prototypes.T
-    zero = parts.downstream(torch.zeros(1, *parts.feature_shape))[0].detach()
-    affine = protofac_online.surrogate_logits(parts, prototypes,
-                                              protofac_online.affine_prototype_logits(parts, prototypes), zero)
+    features, prototypes, gram, oracle, affine, scale = _paper_code_problem()
     assert isinstance(affine, protofac_online.AffineSurrogate)
-    scale = float(features.norm(dim=1).mean())
     for config in (ProtoFacConfig(n_prototypes=5, lambda_c=0.5, code_steps=40),
                    ProtoFacConfig(n_prototypes=5, lambda_ce=3.0, lambda_r=0.2, lambda_c=2.0, code_steps=25)):
         closed = protofac_online.paper_codes(features, prototypes, gram, oracle, affine, scale, config)

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, free_port, fully_connected_problem
+from conftest import RunningServer, SignedMLP, free_port, fully_connected_problem
 from protoserve_client import ExplainerClient, ExplainerError, pb, pb_grpc
 from protoserve_client.client import heatmap_arrays, residual_heatmap_array
 from protoserve_client.overlay import top_component_heatmaps
@@ -47,18 +47,6 @@ class _SignedConv(nn.Module):
         return self.fc(self.pool(self.conv(x)).flatten(1))
 
 
-class _SignedLinear(nn.Module):
-    """fc1 with no ReLU after it, straight into the linear head fc2 (issue 15's scenario)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(12, 16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(self.fc1(x.flatten(1)))
-
-
 def _conv_problem() -> tuple[ModelParts, FitData]:
     torch.manual_seed(0)
     parts = ModelParts.from_model(_SignedConv(), "conv", InputSpec(shape=[1, 8, 8]), LABELS)
@@ -70,7 +58,7 @@ def _conv_problem() -> tuple[ModelParts, FitData]:
 def _signed_linear_problem() -> tuple[ModelParts, FitData]:
     _, data = fully_connected_problem(120, 60)
     torch.manual_seed(0)
-    return ModelParts.from_model(_SignedLinear(), "fc1", InputSpec(shape=[1, 12]), LABELS), data
+    return ModelParts.from_model(SignedMLP(), "fc1", InputSpec(shape=[1, 12]), LABELS), data
 
 
 PROBLEMS = {

@@ -41,8 +41,10 @@ examples in concept space among the probe examples (Fig. 4d); TCAV scores of the
 
 Per request, with the factors fixed, the input is folded in: f ≥ 0 minimizing
 Σ_i ‖d_i − P_i f‖² + Σ_j ‖a_j − O_j f‖² (+ λ‖f‖² for "l2"), in the same normalized
-units, exactly, by active-set steps (:func:`handlers.solvers.nmf.nnls_encode`, ``solver="active_set"``;
-archives fitted before it used 50 projected HALS sweeps, which they keep).
+units, exactly: for at most ten concepts by every support at once (:func:`handlers.solvers.small_nnls.shared_gram_nnls`,
+the supports' inverses computed at load: a dozen ops per batch), for more by active-set steps
+(:func:`handlers.solvers.nmf.nnls_encode`, ``solver="active_set"``; both solve the same problem); archives
+fitted before the exact fold-in used 50 projected HALS sweeps, which they keep.
 A concept's weight is f_d; its contribution is defined by intervention on the deepest
 analysed layer, the explained layer whose activation a (C, *grid) the downstream
 consumes: the concept carries O_J[u, d] f_d of each of that layer's neurons u, so removing
@@ -79,6 +81,7 @@ from handlers.graph_program import GraphProgram
 from handlers.model import ModelParts, linear_head_weight
 from handlers.neighbours import Neighbours, NeighbourSearch
 from handlers.solvers.nmf import ENCODERS, nnls_encode
+from handlers.solvers.small_nnls import MAX_UNKNOWNS, shared_gram_nnls, support_inverses
 
 NAME = "coupled_nmf"
 
@@ -108,7 +111,8 @@ class CoupledNMFConfig(MethodConfig):
     max_iter, inner_iter, tol, check_every : multiplicative updates: at most ``max_iter``
         passes over the data, each updating W then F ``inner_iter`` times; stop when the
         objective falls by less than ``tol`` (relative) over ``check_every`` passes.
-    fold_in_iter : steps of the per-request fold-in; None: 2 * n_concepts, room for every
+    fold_in_iter : active-set steps of the per-request fold-in of more than ten concepts (ten or
+        fewer are solved by every support at once); None: 2 * n_concepts, room for every
         concept to enter and leave once (archives store the number).
     fold_in_solver : the fold-in's solver, "active_set" (exact; archives fitted before it have
         "hals", 50 projected sweeps, which they keep) or another of :func:`nnls_encode`'s.
@@ -295,6 +299,9 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         self.dictionary_ = torch.cat(blocks, 0).T.contiguous()  # (d, T)
         d = self.dictionary_.shape[0]
         self.gram_ = self.dictionary_ @ self.dictionary_.T + self.config.penalty * torch.eye(d)
+        # The exact fold-in of few concepts by every support (a dozen ops per batch; an active-set step is ~50).
+        exact = self.config.fold_in_solver == "active_set" and d <= MAX_UNKNOWNS
+        self.support_inverses_ = support_inverses(self.gram_) if exact else None
         self.pixel_masks_ = self.pixel_factors_.sum(0).T.contiguous()  # (d, H·W), original units
         # Makes every removal a product with the head's weight (see removed_logits).
         self.head_weight_ = linear_head_weight(model)
@@ -369,11 +376,14 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         scales = self.view_scales_
         x = torch.cat([(pixels / scales[:n_in, None]).flatten(1),
                        *(v / s for v, s in zip(layer_views, scales[n_in:]))], 1)
-        f = nnls_encode(x, self.dictionary_, self.config.fold_in_iter, gram=self.gram_,
-                        solver=self.config.fold_in_solver)
+        if self.support_inverses_ is not None:
+            f = shared_gram_nnls(x @ self.dictionary_.T, self.support_inverses_).to(x.dtype)
+        else:
+            f = nnls_encode(x, self.dictionary_, self.config.fold_in_iter, gram=self.gram_,
+                            solver=self.config.fold_in_solver)
         norm = torch.linalg.vector_norm(x, dim=1)
         error = torch.linalg.vector_norm(x - f @ self.dictionary_, dim=1)
-        share = torch.where(norm > 0, error / norm.clamp_min(EPS), torch.zeros_like(norm)).clamp(0, 1)
+        share = (error / norm.clamp_min(EPS)).clamp(0, 1)  # an input of zero views folds in to f = 0: share 0
         return f, share, x
 
     def remove(self, features: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:

@@ -56,3 +56,55 @@ def enumerated_nnls(cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     chosen = w.gather(1, best.view(b, 1, 1, -1).expand(b, 1, k, w.shape[3])).squeeze(1)
     # w = 0 (objective 0) wins where no support does better.
     return torch.where((best_value < 0).unsqueeze(1), chosen.clamp_min(0), 0.0).float()
+
+
+def support_inverses(gram: torch.Tensor) -> torch.Tensor:
+    """``G_SS⁻¹`` of every support S of one Gram matrix, the empty support included, for :func:`shared_gram_nnls`.
+
+    Parameters
+    ----------
+    gram : Tensor of shape (k, k)
+        ``G = H Hᵀ`` (plus any ridge) of the shared dictionary, k at most :data:`MAX_UNKNOWNS`.
+
+    Returns
+    -------
+    inverses : Tensor of shape (2^k, k, k), float64
+        Row 0 the empty support (all zero), then :func:`supports`' order; zero off S. ``G`` gets the ridge
+        of :func:`handlers.solvers.active_set.active_set_codes` (1e-10 of its mean diagonal), so both
+        solve the same problem and ``G_SS`` is invertible for collinear rows of ``H``.
+    """
+    k = gram.shape[0]
+    if k > MAX_UNKNOWNS:
+        raise ValueError(f"support_inverses takes at most {MAX_UNKNOWNS} unknowns, got {k}")
+    dtype = torch.float64
+    eye = torch.eye(k, dtype=dtype, device=gram.device)
+    g = gram.to(dtype)
+    g = g + 1e-10 * g.diagonal().mean().clamp_min(1e-30) * eye
+    support = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=gram.device), supports(k, gram.device)])
+    inside = (support.unsqueeze(2) & support.unsqueeze(1)).to(dtype)  # (S, k, k)
+    return torch.linalg.inv(g * inside + (1 - inside) * eye) * inside
+
+
+def shared_gram_nnls(cross: torch.Tensor, inverses: torch.Tensor) -> torch.Tensor:
+    """Exact NNLS codes of many rows against one dictionary: ``argmin_{w ≥ 0} ½ wᵀGw − cᵀw`` row by row.
+
+    Parameters
+    ----------
+    cross : Tensor of shape (B, k)
+        ``c = a Hᵀ``, each row's correlation with the dictionary's k rows.
+    inverses : Tensor of shape (2^k, k, k)
+        :func:`support_inverses` of the dictionary's ``G``.
+
+    Returns
+    -------
+    codes : Tensor of shape (B, k), float64, non-negative. A fixed number of ops, no host synchronisation.
+    """
+    b, k = cross.shape
+    c = cross.to(inverses.dtype)
+    w = (c @ inverses.flatten(0, 1).T).view(b, -1, k)  # (B, S, k): G_SS⁻¹ c_S, zero off S
+    floor = w.abs().amax((1, 2), keepdim=True).mul(-1e-9)  # non-negative up to the solves' rounding
+    # At w_S the objective is −½ c_Sᵀ G_SS⁻¹ c_S: the feasible w_S of the largest c_Sᵀ w_S wins; the
+    # empty support (0, value 0) is always feasible.
+    value = torch.where((w >= floor).all(2), (w @ c.unsqueeze(2)).squeeze(2), -torch.inf)
+    best = value.argmax(1)  # the first of equal maxima
+    return w.gather(1, best.view(b, 1, 1).expand(b, 1, k)).squeeze(1).clamp_min(0)

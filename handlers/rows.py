@@ -28,7 +28,7 @@ ADDITIVITY_RTOL = 1e-3
 ADDITIVITY_ATOL = 1e-5
 
 
-def additivity_gaps(explanation: Explanation) -> tuple[torch.Tensor, torch.Tensor]:
+def additivity_gaps(explanation: Explanation) -> tuple[np.ndarray, np.ndarray]:
     """Completeness per example, of an explanation on the CPU.
 
     Returns the gap ``|sum(contribution) + residual_contribution + bias - target_logit|`` (B,) float32,
@@ -36,11 +36,12 @@ def additivity_gaps(explanation: Explanation) -> tuple[torch.Tensor, torch.Tenso
     terms' magnitude plus ``ADDITIVITY_ATOL`` (False where anything is not finite).
     """
     e = explanation
-    contribution = torch.where(e.component_index >= 0, e.contribution.double(), 0.0)
-    terms = (contribution, e.residual_contribution.double(), e.bias.double(), e.target_logit.double())
-    gap = (terms[0].sum(1) + terms[1] + terms[2] - terms[3]).abs()
-    magnitude = terms[0].abs().sum(1) + terms[1].abs() + terms[2].abs() + terms[3].abs()
-    return gap.float(), gap <= ADDITIVITY_RTOL * magnitude + ADDITIVITY_ATOL
+    contribution = np.where(e.component_index.numpy() >= 0, e.contribution.numpy().astype(np.float64), 0.0)
+    residual, bias, target = (t.numpy().astype(np.float64) for t in (e.residual_contribution, e.bias, e.target_logit))
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite term makes its row's gap NaN: not adding up
+        gap = np.abs(contribution.sum(1) + residual + bias - target)
+        magnitude = np.abs(contribution).sum(1) + np.abs(residual) + np.abs(bias) + np.abs(target)
+        return gap.astype(np.float32), gap <= ADDITIVITY_RTOL * magnitude + ADDITIVITY_ATOL
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,8 @@ class ExplainedRow:
     additive            : an additive method's row that adds up within float32 rounding
     additivity_gap      : |sum(contribution) + residual_contribution + bias - target_logit|; 0 for
                           a method that is not additive
+    top_component       : the index (into the method's components) of the reported component that
+                          contributes most in absolute value (the first of equals); None when none is reported
     """
 
     scores: Scores
@@ -89,27 +92,33 @@ class ExplainedRow:
     intervened: list[Scores]
     additive: bool
     additivity_gap: float
+    top_component: int | None
     residual_heatmap: np.ndarray | None = None
-
-    def top_component(self) -> int | None:
-        """The index (into the method's components) of the reported component that contributes most
-        in absolute value (the first of equals), or None when none is reported."""
-        reported = self.component_index >= 0
-        if not reported.any():
-            return None
-        return int(self.component_index[np.argmax(np.where(reported, np.abs(self.contribution), -1.0))])
 
 
 def ranked_scores(logits: torch.Tensor) -> list[Scores]:
-    """Logits (B, K) -> one :class:`Scores` per row; one sort and one softmax for the batch."""
-    ranked = torch.argsort(logits, dim=-1, descending=True, stable=True)
-    probabilities = torch.softmax(logits.double(), dim=-1)
-    return [Scores(*row) for row in zip(logits.numpy(), ranked.numpy(), probabilities.numpy())]
+    """Logits (B, K) on the CPU -> one :class:`Scores` per row; one sort and one softmax for the batch."""
+    values = logits.numpy()
+    ranked = np.argsort(-values, axis=-1, kind="stable")  # highest first; equal logits in class order
+    with np.errstate(invalid="ignore", over="ignore"):  # rows that are not finite become errors (below)
+        wide = values.astype(np.float64)
+        exp = np.exp(wide - wide.max(-1, keepdims=True))
+        probabilities = exp / exp.sum(-1, keepdims=True)
+    return [Scores(*row) for row in zip(values, ranked, probabilities)]
+
+
+def _finite(b: int, *arrays: np.ndarray | None) -> np.ndarray:
+    """(B,) bool: every number of the example is finite in each array given (each of B rows)."""
+    finite = np.ones(b, dtype=bool)
+    for values in arrays:
+        if values is not None:
+            finite &= np.isfinite(values.reshape(b, -1)).all(1)
+    return finite
 
 
 def predicted_rows(logits: torch.Tensor) -> list[Scores | InvalidInputError]:
     """Logits (B, K) -> per example its :class:`Scores`, or an error if they are not finite."""
-    finite = logits.isfinite().all(1).tolist()
+    finite = _finite(len(logits), logits.numpy()).tolist()
     return [scores if ok else InvalidInputError("input", OVERFLOW) for scores, ok in zip(ranked_scores(logits), finite)]
 
 
@@ -123,26 +132,29 @@ def explained_rows(logits: torch.Tensor, explanation: Explanation, n_interventio
     """
     e = explanation
     b, m, k = e.intervened_logits.shape
-    finite = (logits.isfinite().all(1) & e.target_logit.isfinite() & e.bias.isfinite()
-              & e.residual_contribution.isfinite() & e.residual_share.isfinite()
-              & e.weight.isfinite().all(1) & e.contribution.isfinite().all(1)
-              & e.intervened_logits.isfinite().reshape(b, -1).all(1))
-    if e.heatmaps is not None:
-        finite &= e.heatmaps.isfinite().reshape(b, -1).all(1)
-    if e.residual_heatmap is not None:
-        finite &= e.residual_heatmap.isfinite().reshape(b, -1).all(1)
+    # Numpy views of the CPU tensors: an op on these few numbers costs about 1 µs, a torch op 5-10.
+    target_logit, bias, residual, share = (t.numpy() for t in (e.target_logit, e.bias, e.residual_contribution,
+                                                               e.residual_share))
+    weight, contribution = e.weight.numpy(), e.contribution.numpy()
+    heatmaps = e.heatmaps.numpy() if e.heatmaps is not None else None
+    residual_heatmaps = e.residual_heatmap.numpy() if e.residual_heatmap is not None else None
+    finite = _finite(b, logits.numpy(), target_logit, bias, residual, share, weight, contribution,
+                     e.intervened_logits.numpy(), heatmaps, residual_heatmaps)
     if additive:
         gap, adds_up = additivity_gaps(e)
         gaps, adds_up = gap.tolist(), adds_up.tolist()
     else:
         gaps, adds_up = [0.0] * b, [False] * b
+    index = e.component_index.numpy()
+    reported = index >= 0
+    top = np.take_along_axis(index, np.where(reported, np.abs(contribution), -1.0).argmax(1, keepdims=True), 1)
+    tops = [int(c) if any_reported else None for c, any_reported in zip(top[:, 0].tolist(), reported.any(1).tolist())]
     intervened = ranked_scores(e.intervened_logits.reshape(b * m, k))
-    heatmaps = e.heatmaps.numpy() if e.heatmaps is not None else [None] * b
-    residual_heatmaps = e.residual_heatmap.numpy() if e.residual_heatmap is not None else [None] * b
-    columns = zip(ranked_scores(logits), e.target_class.tolist(), e.target_logit.tolist(), e.bias.tolist(),
-                  e.residual_contribution.tolist(), e.residual_share.tolist(), e.component_index.numpy(),
-                  e.weight.numpy(), e.contribution.numpy(), heatmaps)
+    columns = zip(ranked_scores(logits), e.target_class.tolist(), target_logit.tolist(), bias.tolist(),
+                  residual.tolist(), share.tolist(), index, weight, contribution,
+                  heatmaps if heatmaps is not None else [None] * b)
+    residual_heatmaps = residual_heatmaps if residual_heatmaps is not None else [None] * b
     return [ExplainedRow(*fields, intervened=intervened[i * m:i * m + n_interventions[i]], additive=adds_up[i],
-                         additivity_gap=gaps[i], residual_heatmap=residual_heatmaps[i])
+                         additivity_gap=gaps[i], top_component=tops[i], residual_heatmap=residual_heatmaps[i])
             if ok else InvalidInputError("input", OVERFLOW)
             for i, (fields, ok) in enumerate(zip(columns, finite.tolist()))]

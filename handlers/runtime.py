@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -213,11 +214,11 @@ class ModelRuntime:
                 gap, ok = additivity_gaps(explanation)
                 gaps.append(gap)
                 adds_up.append(ok)
-            gap, ok = torch.cat(gaps), torch.cat(adds_up)
-            if not bool(ok.all()):
+            gap, ok = np.concatenate(gaps), np.concatenate(adds_up)
+            if not ok.all():
                 refused[method] = (f"method {method!r} is additive, but on {int((~ok).sum())} of "
                                    f"{self.additivity_inputs} its contributions + residual + bias miss the target "
-                                   f"logit (largest gap {gap.max().item():.4g}); {self._likely_cause(inputs)}")
+                                   f"logit (largest gap {gap.max():.4g}); {self._likely_cause(inputs)}")
                 del self.explainers[method]
         return refused
 

@@ -225,8 +225,8 @@ class DataPlane:
         answer = _encoded(model, encode, ExplainResult(runtime, key.method, k, rows, neighbours))
         components = runtime.explainers[key.method].components
         for row in rows:
-            if (top := row.top_component()) is not None:
-                self.metrics.component_uses.labels(runtime.name, key.method, components[top].id).inc()
+            if row.top_component is not None:
+                self.metrics.component_uses.labels(runtime.name, key.method, components[row.top_component].id).inc()
         return answer
 
 

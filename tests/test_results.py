@@ -113,5 +113,22 @@ def test_the_model_layer_answers_rows_with_their_own_interventions_and_its_stage
     np.testing.assert_allclose(np.stack([s.logits for s in scores]), logits.numpy(), rtol=1e-5, atol=1e-5)
     for row in rows:  # the top component: the reported one that contributes most in absolute value
         reported = row.component_index >= 0
-        top = list(row.component_index).index(row.top_component())
+        top = list(row.component_index).index(row.top_component)
         assert abs(row.contribution[top]) == np.abs(row.contribution[reported]).max()
+
+
+def test_the_top_component_is_the_reported_one_of_largest_contribution_or_none(runtime):
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    logits, explanation, _ = runtime.explain("protonmf", [ExplainItem(xi, None, []) for xi in x], "none")
+    explanation.component_index = explanation.component_index.clone()
+    explanation.contribution = explanation.contribution.clone()
+    explanation.component_index[0] = -1  # nothing reported
+    explanation.component_index[1, 0] = -1  # padding does not count, however large its contribution
+    explanation.contribution[1, 0] = 1e6
+    explanation.contribution[2] = torch.tensor([-3.0, 1.0, 3.0] + [0.0] * (explanation.contribution.shape[1] - 3))
+    rows = explained_rows(logits, explanation, [0] * 3, additive=False)
+    assert rows[0].top_component is None
+    index = explanation.component_index[1, 1:]
+    expected = int(index[explanation.contribution[1, 1:].abs().argmax()])
+    assert rows[1].top_component == expected
+    assert rows[2].top_component == int(explanation.component_index[2, 0])  # |-3| = |3|: the first of equals

@@ -376,8 +376,9 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         scales = self.view_scales_
         x = torch.cat([(pixels / scales[:n_in, None]).flatten(1),
                        *(v / s for v, s in zip(layer_views, scales[n_in:]))], 1)
+        cross = x @ self.dictionary_.T
         if self.support_inverses_ is not None:
-            f = shared_gram_nnls(x @ self.dictionary_.T, self.support_inverses_).to(x.dtype)
+            f = shared_gram_nnls(cross, self.support_inverses_).to(x.dtype)
         else:
             f = nnls_encode(x, self.dictionary_, self.config.fold_in_iter, gram=self.gram_,
                             solver=self.config.fold_in_solver)
@@ -415,11 +416,15 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         channel (pooled, U = C) or every unit of the maps (U = C·H·W)."""
         return spatial_mean(positive) if self.pooled[-1] else positive.flatten(1)
 
+    def _carried(self, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+        """(B, M, U) ≥ 0: what each concept set carries of each neuron, ``Σ_S O[u, d] f_d``."""
+        return (sets.float() * f.unsqueeze(1)) @ self._explained_neurons.T
+
     def _removal_ratio(self, values: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
         """(B, M, U): the share ``r`` of each neuron that each concept set removes (see :meth:`remove`)."""
-        removed = (sets.float() * f.unsqueeze(1)) @ self._explained_neurons.T  # (B, M, U)
-        return torch.where(values.unsqueeze(1) > 0, removed / values.unsqueeze(1).clamp_min(EPS),
-                           torch.zeros_like(removed)).clamp_max(1)
+        carried = self._carried(f, sets)
+        return torch.where(values.unsqueeze(1) > 0, carried / values.unsqueeze(1).clamp_min(EPS),
+                           torch.zeros_like(carried)).clamp_max(1)
 
     def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:
         """(B, S, K): the logits with each concept set removed, ``downstream(remove(...))``.
@@ -436,7 +441,8 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
             return self.model.downstream(removed.reshape(b * m, *removed.shape[2:])).float().reshape(b, m, -1)
         positive = batch.features.float().clamp_min(0)
         values = self._neuron_values(positive)
-        lost = values.unsqueeze(1) * self._removal_ratio(values, f, sets)  # (B, S, U)
+        # v·r = v·min(1, carried / v) = min(v, carried), 0 where v = 0 (carried ≥ 0): one pass over (B, S, U).
+        lost = torch.minimum(values.unsqueeze(1), self._carried(f, sets))
         if not self.pooled[-1]:  # the spatial mean of each channel's removed units
             lost = lost.reshape(*lost.shape[:2], positive.shape[1], -1).mean(3)
         return batch.logits.float().unsqueeze(1) - lost @ self.head_weight_.T

@@ -82,7 +82,8 @@ def support_inverses(gram: torch.Tensor) -> torch.Tensor:
     g = g + 1e-10 * g.diagonal().mean().clamp_min(1e-30) * eye
     support = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=gram.device), supports(k, gram.device)])
     inside = (support.unsqueeze(2) & support.unsqueeze(1)).to(dtype)  # (S, k, k)
-    return torch.linalg.inv(g * inside + (1 - inside) * eye) * inside
+    # Contiguous (linalg.inv answers column-major matrices): shared_gram_nnls flattens it without a copy.
+    return (torch.linalg.inv(g * inside + (1 - inside) * eye) * inside).contiguous()
 
 
 def shared_gram_nnls(cross: torch.Tensor, inverses: torch.Tensor) -> torch.Tensor:
@@ -102,9 +103,9 @@ def shared_gram_nnls(cross: torch.Tensor, inverses: torch.Tensor) -> torch.Tenso
     b, k = cross.shape
     c = cross.to(inverses.dtype)
     w = (c @ inverses.flatten(0, 1).T).view(b, -1, k)  # (B, S, k): G_SS⁻¹ c_S, zero off S
-    floor = w.abs().amax((1, 2), keepdim=True).mul(-1e-9)  # non-negative up to the solves' rounding
-    # At w_S the objective is −½ c_Sᵀ G_SS⁻¹ c_S: the feasible w_S of the largest c_Sᵀ w_S wins; the
-    # empty support (0, value 0) is always feasible.
-    value = torch.where((w >= floor).all(2), (w @ c.unsqueeze(2)).squeeze(2), -torch.inf)
-    best = value.argmax(1)  # the first of equal maxima
+    floor = w.abs().amax((1, 2)).mul(-1e-9)  # non-negative up to the solves' rounding
+    # At w_S the objective is −½ c_Sᵀ G_SS⁻¹ c_S: the feasible w_S of the largest c_Sᵀ G_SS⁻¹ c_S wins (the
+    # empty support, value 0, is always feasible). The values of every support as one product, (c ⊗ c)·vec(G_SS⁻¹).
+    value = (c.unsqueeze(2) * c.unsqueeze(1)).flatten(1) @ inverses.flatten(1).T  # (B, S)
+    best = torch.where(w.amin(2) >= floor.unsqueeze(1), value, -torch.inf).argmax(1)  # the first of equal maxima
     return w.gather(1, best.view(b, 1, 1).expand(b, 1, k)).squeeze(1).clamp_min(0)

@@ -273,21 +273,23 @@ def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Te
                                       config).sum()
 
         if isinstance(surrogate, AffineSurrogate):
-            head_t = surrogate.head.double().T  # (K, k)
-            target = F.one_hot(oracle, len(surrogate.bias)).double()
+            # The gradient in a few (B, k) ops a step: eq. 4's weights folded into constants, the logits in float64.
+            head, bias = surrogate.head.double(), surrogate.bias.double()
+            ce_head_t = config.lambda_ce * head.T  # (K, k)
+            target = F.one_hot(oracle, len(bias)).double()
             rows = torch.arange(len(features), device=features.device)
+            reconstruction_weight = config.lambda_r / float(scale)
 
             def gradient_of(w):  # ∂/∂w of loss(w), term by term
-                ce = (surrogate(w.float()).double().softmax(1) - target) @ head_t  # eq. 2
-                w_gram = w @ gram
-                raw = residual_sq(w, w_gram)
-                reconstruction = (w_gram - cross) * ((raw >= 0) / ((raw.clamp_min(0) + smoothing).sqrt()
-                                                                   * float(scale))).unsqueeze(1)  # eq. 1
+                gradient = (torch.addmm(bias, w, head).softmax(1) - target) @ ce_head_t  # eq. 2
+                to_cross = w @ gram - cross  # wG − c
+                raw = ((to_cross - cross) * w).sum(1) + energy  # ‖a − wH‖² = w·(wG − 2c) + ‖a‖²
+                # eq. 1: (wG − c) / ‖a − wH‖ (smoothed); zero where rounding made the square negative (clamped).
+                gradient.addcmul_(to_cross, ((raw >= 0) / (raw.clamp_min(0) + smoothing).sqrt()).unsqueeze(1),
+                                  value=reconstruction_weight)
+                # eq. 3: 2(w − e_argmax), zero at a vertex (where the distance is zero).
                 top = w.max(1)
-                concentration = 2 * w.index_put((rows, top.indices), top.values - 1)  # eq. 3: 2(w − e_argmax)
-                concentration = concentration * (w.square().sum(1) - 2 * top.values + 1 >= 0).unsqueeze(1)
-                return (config.lambda_ce * ce + config.lambda_r * reconstruction
-                        + config.lambda_c * concentration)
+                return gradient.add_(w.index_put((rows, top.indices), top.values - 1), alpha=2 * config.lambda_c)
         else:
             gradient_of = autograd_gradient(loss)
         return projected_adam(start, gradient_of, config.code_steps, config.lr_codes).to(features.dtype)

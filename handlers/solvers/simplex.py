@@ -3,6 +3,8 @@ the distance to the nearest vertex (ProtoFac's concentration), and projected Ada
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from handlers.solvers.active_set import active_set_codes, kkt_violation
@@ -23,12 +25,11 @@ def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
     """
     k = v.shape[-1]
     u = v.sort(dim=-1, descending=True).values
-    cumulative = u.cumsum(-1) - 1
-    ranks = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
-    # The support is a prefix of the sorted entries; its size rho is at least 1.
-    rho = ((u - cumulative / ranks) > 0).sum(-1, keepdim=True)
-    theta = cumulative.gather(-1, rho - 1) / rho.to(v.dtype)
-    return (v - theta).clamp_min(0)
+    # theta_j = (sum of the j largest - 1) / j; the support is a prefix of the sorted entries, of the
+    # rho (at least 1) with u_j > theta_j, and v is shifted by theta_rho.
+    theta = (u.cumsum(-1) - 1) / torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
+    rho = (u > theta).sum(-1, keepdim=True)
+    return (v - theta.gather(-1, rho - 1)).clamp_min(0)
 
 
 def vertex_distance(w: torch.Tensor) -> torch.Tensor:
@@ -74,10 +75,11 @@ def projected_adam(w: torch.Tensor, gradient_of, n_steps: int, lr: float) -> tor
     first, second = torch.zeros_like(w), torch.zeros_like(w)
     for step in range(1, n_steps + 1):
         gradient = gradient_of(w)
-        first.mul_(beta1).add_(gradient, alpha=1 - beta1)
+        first.lerp_(gradient, 1 - beta1)
         second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        update = (first / (1 - beta1 ** step)) / ((second / (1 - beta2 ** step)).sqrt() + eps)
-        w = project_to_simplex(w - lr * update)
+        # The bias corrections as scalars, as torch.optim.Adam applies them: lr / (1 − β1^t) · m / (√v / √(1 − β2^t) + ε).
+        denominator = second.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(eps)
+        w = project_to_simplex(w.addcdiv(first, denominator, value=-lr / (1 - beta1 ** step)))
     return w
 
 

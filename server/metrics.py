@@ -12,7 +12,7 @@ SHARE_BUCKETS = tuple(i / 20 for i in range(1, 21))
 
 class Metrics:
     """Every metric the service exports. ``stage`` is one of queue, preprocess, forward,
-    explain, interventions, encode."""
+    explain (with its interventions), rows (the batch's host rows), encode."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()

@@ -46,7 +46,7 @@ class BatchedModel:
         self.label = f"{runtime.name}:{runtime.version}"
         # Label lookups cost microseconds each; the stages of a request are resolved once.
         self.stages = {stage: metrics.stage_duration.labels(runtime.name, stage)
-                       for stage in ("preprocess", "forward", "explain", "encode")}
+                       for stage in ("preprocess", "forward", "explain", "rows", "encode")}
         # One compute thread per model: batches of a model run one after another.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{runtime.name}")
         self.batcher = DynamicBatcher(

@@ -46,7 +46,7 @@ def test_metrics_count_requests_stages_batches_and_residual_share(server, client
     assert delta("protoserve_requests", "protoserve_requests_total", rpc="Predict", model="mnist", code="OK") == 1
     assert delta("protoserve_request_duration_seconds", "protoserve_request_duration_seconds_count",
                  rpc="Explain", model="mnist") == 4
-    for stage in ("queue", "preprocess", "forward", "explain", "encode"):
+    for stage in ("queue", "preprocess", "forward", "explain", "rows", "encode"):
         assert delta("protoserve_stage_duration_seconds", "protoserve_stage_duration_seconds_count",
                      model="mnist", stage=stage) >= 1, stage
     assert delta("protoserve_residual_share", "protoserve_residual_share_count", model="mnist", method="protonmf") == 3

@@ -103,13 +103,13 @@ def test_the_model_layer_answers_rows_with_their_own_interventions_and_its_stage
     sets = [[[0]], [], [[0], [1]]]
     items = [ExplainItem(x[i], None, sets[i]) for i in range(3)]
     rows, timings = runtime.explain_rows("protonmf", items, "none")
-    assert set(timings) == {"forward", "explain"}
+    assert set(timings) == {"forward", "explain", "rows"}
     assert [len(row.intervened) for row in rows] == [1, 0, 2] and all(row.additive for row in rows)
     logits, explanation, _ = runtime.explain("protonmf", items, "none")
     for row, expected in zip(rows, explained_rows(logits, explanation, [1, 0, 2], additive=True)):
         np.testing.assert_allclose(row.contribution, expected.contribution, rtol=1e-5, atol=1e-6)
     scores, timings = runtime.predict_rows(list(x))
-    assert set(timings) == {"forward"}
+    assert set(timings) == {"forward", "rows"}
     np.testing.assert_allclose(np.stack([s.logits for s in scores]), logits.numpy(), rtol=1e-5, atol=1e-5)
     for row in rows:  # the top component: the reported one that contributes most in absolute value
         reported = row.component_index >= 0

@@ -96,9 +96,8 @@ class ExplainedRow:
     residual_heatmap: np.ndarray | None = None
 
 
-def ranked_scores(logits: torch.Tensor) -> list[Scores]:
-    """Logits (B, K) on the CPU -> one :class:`Scores` per row; one sort and one softmax for the batch."""
-    values = logits.numpy()
+def ranked_scores(values: np.ndarray) -> list[Scores]:
+    """Logits (B, K) float32 -> one :class:`Scores` per row; one sort and one softmax for the batch."""
     ranked = np.argsort(-values, axis=-1, kind="stable")  # highest first; equal logits in class order
     with np.errstate(invalid="ignore", over="ignore"):  # rows that are not finite become errors (below)
         wide = values.astype(np.float64)
@@ -108,18 +107,17 @@ def ranked_scores(logits: torch.Tensor) -> list[Scores]:
 
 
 def _finite(b: int, *arrays: np.ndarray | None) -> np.ndarray:
-    """(B,) bool: every number of the example is finite in each array given (each of B rows)."""
-    finite = np.ones(b, dtype=bool)
-    for values in arrays:
-        if values is not None:
-            finite &= np.isfinite(values.reshape(b, -1)).all(1)
-    return finite
+    """(B,) bool: every number of the example is finite in each array given (each of B rows).
+    One check over the arrays side by side: a numpy call costs microseconds on these few numbers."""
+    values = np.concatenate([a.reshape(b, -1) for a in arrays if a is not None], axis=1)
+    return np.isfinite(values).all(1)
 
 
 def predicted_rows(logits: torch.Tensor) -> list[Scores | InvalidInputError]:
     """Logits (B, K) -> per example its :class:`Scores`, or an error if they are not finite."""
-    finite = _finite(len(logits), logits.numpy()).tolist()
-    return [scores if ok else InvalidInputError("input", OVERFLOW) for scores, ok in zip(ranked_scores(logits), finite)]
+    values = logits.numpy()
+    finite = _finite(len(values), values).tolist()
+    return [scores if ok else InvalidInputError("input", OVERFLOW) for scores, ok in zip(ranked_scores(values), finite)]
 
 
 def explained_rows(logits: torch.Tensor, explanation: Explanation, n_interventions: list[int],
@@ -138,8 +136,9 @@ def explained_rows(logits: torch.Tensor, explanation: Explanation, n_interventio
     weight, contribution = e.weight.numpy(), e.contribution.numpy()
     heatmaps = e.heatmaps.numpy() if e.heatmaps is not None else None
     residual_heatmaps = e.residual_heatmap.numpy() if e.residual_heatmap is not None else None
-    finite = _finite(b, logits.numpy(), target_logit, bias, residual, share, weight, contribution,
-                     e.intervened_logits.numpy(), heatmaps, residual_heatmaps)
+    logit_rows, intervened_rows = logits.numpy(), e.intervened_logits.numpy().reshape(b * m, k)
+    finite = _finite(b, logit_rows, target_logit, bias, residual, share, weight, contribution,
+                     intervened_rows.reshape(b, -1), heatmaps, residual_heatmaps)
     if additive:
         gap, adds_up = additivity_gaps(e)
         gaps, adds_up = gap.tolist(), adds_up.tolist()
@@ -149,8 +148,9 @@ def explained_rows(logits: torch.Tensor, explanation: Explanation, n_interventio
     reported = index >= 0
     top = np.take_along_axis(index, np.where(reported, np.abs(contribution), -1.0).argmax(1, keepdims=True), 1)
     tops = [int(c) if any_reported else None for c, any_reported in zip(top[:, 0].tolist(), reported.any(1).tolist())]
-    intervened = ranked_scores(e.intervened_logits.reshape(b * m, k))
-    columns = zip(ranked_scores(logits), e.target_class.tolist(), target_logit.tolist(), bias.tolist(),
+    scores = ranked_scores(np.concatenate([logit_rows, intervened_rows]))  # one sort and softmax for both
+    intervened = scores[b:]
+    columns = zip(scores[:b], e.target_class.tolist(), target_logit.tolist(), bias.tolist(),
                   residual.tolist(), share.tolist(), index, weight, contribution,
                   heatmaps if heatmaps is not None else [None] * b)
     residual_heatmaps = residual_heatmaps if residual_heatmaps is not None else [None] * b

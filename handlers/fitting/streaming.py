@@ -10,11 +10,8 @@ their rows in memory. A method whose fitting module sets ``STREAMS = True`` read
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import importlib
 import math
-import platform
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,10 +95,7 @@ def streams(method: str) -> bool:
 
 
 def process_rss() -> int:
-    """This process's resident memory, bytes, after glibc has returned the heap memory freed so far (what
-    featurizing a large source allocated and released would otherwise count as held)."""
-    if platform.libc_ver()[0] == "glibc":
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    """This process's resident memory, bytes."""
     return psutil.Process().memory_info().rss
 
 

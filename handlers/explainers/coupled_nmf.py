@@ -376,9 +376,8 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         scales = self.view_scales_
         x = torch.cat([(pixels / scales[:n_in, None]).flatten(1),
                        *(v / s for v, s in zip(layer_views, scales[n_in:]))], 1)
-        cross = x @ self.dictionary_.T
         if self.support_inverses_ is not None:
-            f = shared_gram_nnls(cross, self.support_inverses_).to(x.dtype)
+            f = shared_gram_nnls(x @ self.dictionary_.T, self.support_inverses_).to(x.dtype)
         else:
             f = nnls_encode(x, self.dictionary_, self.config.fold_in_iter, gram=self.gram_,
                             solver=self.config.fold_in_solver)

@@ -263,12 +263,12 @@ def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Te
         # the residual's direction, would be rounding noise.
         smoothing = (1e-3 * float(scale)) ** 2
 
-        def residual_sq(w, w_gram):
-            # ‖a − wH‖² = ‖a‖² − 2 w·aHᵀ + w HHᵀ wᵀ: no m-sized product per step.
-            return energy - 2 * (w * cross).sum(1) + (w_gram * w).sum(1)
+        def residual_sq(w, to_cross):
+            # ‖a − wH‖² = w·(wHHᵀ − 2 aHᵀ) + ‖a‖², from to_cross = wG − c: no m-sized product per step.
+            return ((to_cross - cross) * w).sum(1) + energy
 
         def loss(w):
-            residual = (residual_sq(w, w @ gram).clamp_min(0) + smoothing).sqrt()
+            residual = (residual_sq(w, w @ gram - cross).clamp_min(0) + smoothing).sqrt()
             return weighted_objective(objective_terms(w, surrogate(w.float()).double(), oracle, residual, scale),
                                       config).sum()
 
@@ -283,7 +283,7 @@ def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Te
             def gradient_of(w):  # ∂/∂w of loss(w), term by term
                 gradient = (torch.addmm(bias, w, head).softmax(1) - target) @ ce_head_t  # eq. 2
                 to_cross = w @ gram - cross  # wG − c
-                raw = ((to_cross - cross) * w).sum(1) + energy  # ‖a − wH‖² = w·(wG − 2c) + ‖a‖²
+                raw = residual_sq(w, to_cross)
                 # eq. 1: (wG − c) / ‖a − wH‖ (smoothed); zero where rounding made the square negative (clamped).
                 gradient.addcmul_(to_cross, ((raw >= 0) / (raw.clamp_min(0) + smoothing).sqrt()).unsqueeze(1),
                                   value=reconstruction_weight)

@@ -40,15 +40,10 @@ def enumerated_nnls(cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     b, k, _ = cross.shape
     if k > MAX_UNKNOWNS:
         raise ValueError(f"enumerated_nnls solves at most {MAX_UNKNOWNS} unknowns, got {k}")
-    dtype = torch.float64  # G_SS of nearly collinear rows (augmented prototypes) needs it
-    support = supports(k, cross.device)  # (S, k)
-    inside = (support.unsqueeze(2) & support.unsqueeze(1)).to(dtype)  # (S, k, k)
-    g, c = gram.to(dtype), cross.to(dtype)
-    eye = torch.eye(k, dtype=dtype, device=cross.device)
-    # A ridge keeps G_SS invertible for collinear or zero rows of H; off S the identity, then dropped.
-    ridge = 1e-10 * g.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30).view(b, 1, 1, 1)
-    g_s = g.unsqueeze(1) * inside + ridge * eye + (1 - inside) * eye  # (B, S, k, k)
-    w = torch.linalg.inv(g_s) * inside @ c.unsqueeze(1)  # (B, S, k, P), zero off S
+    # In float64: G_SS of nearly collinear rows (augmented prototypes) needs it. The empty support is left
+    # out here (w = 0 is the fallback below).
+    c = cross.to(torch.float64)
+    w = support_inverses(gram)[:, 1:] @ c.unsqueeze(1)  # (B, S, k, P), zero off S
     tolerance = 1e-9 * w.abs().amax((1, 2), keepdim=True).clamp_min(1e-30)
     feasible = (w >= -tolerance).all(2)  # (B, S, P)
     objective = torch.where(feasible, -0.5 * (w * c.unsqueeze(1)).sum(2), torch.inf)  # ½wᵀGw − cᵀw at w_S
@@ -59,31 +54,32 @@ def enumerated_nnls(cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
 
 def support_inverses(gram: torch.Tensor) -> torch.Tensor:
-    """``G_SS⁻¹`` of every support S of one Gram matrix, the empty support included, for :func:`shared_gram_nnls`.
+    """``G_SS⁻¹`` of every support S of a Gram matrix (or of each of a batch), the empty support included.
 
     Parameters
     ----------
-    gram : Tensor of shape (k, k)
-        ``G = H Hᵀ`` (plus any ridge) of the shared dictionary, k at most :data:`MAX_UNKNOWNS`.
+    gram : Tensor of shape (..., k, k)
+        ``G = H Hᵀ`` (plus any ridge), k at most :data:`MAX_UNKNOWNS`.
 
     Returns
     -------
-    inverses : Tensor of shape (2^k, k, k), float64
+    inverses : Tensor of shape (..., 2^k, k, k), float64
         Row 0 the empty support (all zero), then :func:`supports`' order; zero off S. ``G`` gets the ridge
         of :func:`handlers.solvers.active_set.active_set_codes` (1e-10 of its mean diagonal), so both
-        solve the same problem and ``G_SS`` is invertible for collinear rows of ``H``.
+        solve the same problem and ``G_SS`` is invertible for collinear or zero rows of ``H``.
     """
-    k = gram.shape[0]
+    k = gram.shape[-1]
     if k > MAX_UNKNOWNS:
         raise ValueError(f"support_inverses takes at most {MAX_UNKNOWNS} unknowns, got {k}")
     dtype = torch.float64
     eye = torch.eye(k, dtype=dtype, device=gram.device)
     g = gram.to(dtype)
-    g = g + 1e-10 * g.diagonal().mean().clamp_min(1e-30) * eye
+    g = g + 1e-10 * g.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None] * eye
     support = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=gram.device), supports(k, gram.device)])
     inside = (support.unsqueeze(2) & support.unsqueeze(1)).to(dtype)  # (S, k, k)
-    # Contiguous (linalg.inv answers column-major matrices): shared_gram_nnls flattens it without a copy.
-    return (torch.linalg.inv(g * inside + (1 - inside) * eye) * inside).contiguous()
+    # Off S the identity, then dropped. Contiguous (linalg.inv answers column-major matrices):
+    # shared_gram_nnls flattens it without a copy.
+    return (torch.linalg.inv(g.unsqueeze(-3) * inside + (1 - inside) * eye) * inside).contiguous()
 
 
 def shared_gram_nnls(cross: torch.Tensor, inverses: torch.Tensor) -> torch.Tensor:

@@ -171,6 +171,8 @@ class ExplainBatch:
                reduced over examples and interventions), when the caller knows them on the host
                (the runtime does, from the requests); None: computed from ``suppress`` (a
                ``nonzero``, which on a GPU waits for the device)
+    target_logit : (B,) float32, each example's logit of its target class, when the caller has it (the
+               runtime does, with the predicted class); None: gathered from ``logits``
     """
 
     inputs: torch.Tensor
@@ -182,6 +184,11 @@ class ExplainBatch:
     taps: tuple[torch.Tensor, ...] | None = None
     heatmap_kind: str = "contribution"
     suppressed: torch.Tensor | None = None
+    target_logit: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.target_logit is None:
+            self.target_logit = self.logits.detach().float().gather(1, self.targets.unsqueeze(1)).squeeze(1)
 
 
 @dataclass
@@ -340,7 +347,7 @@ class AdditiveExplainer(Explainer):
         terms = self.decompose(batch, suppressed)
         logits = batch.logits.detach().float()
         t = batch.targets
-        target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+        target_logit = batch.target_logit
         residual = terms.residual
         if residual is None:
             residual = target_logit - (terms.contribution.sum(1) + terms.bias)
@@ -395,6 +402,12 @@ class RemovalExplainer(Explainer):
 
     additive = False
 
+    def __init__(self, model: ModelParts, fitted: FittedMethod):
+        super().__init__(model, fitted)
+        self._component_range = torch.arange(len(self.components))
+        self._no_components = torch.zeros(1, 1, len(self.components), dtype=torch.bool)  # the empty set
+        self._zero = torch.zeros(())
+
     @abstractmethod
     def encode_batch(self, batch: ExplainBatch) -> Codes:
         """The reported components, their weights, the residual share and the heatmaps."""
@@ -407,20 +420,20 @@ class RemovalExplainer(Explainer):
                           reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(bias, residual_contribution)``, (B,) each, given the model's target logit and g_t({}): zero,
         for removals that act on the model itself."""
-        zero = torch.zeros_like(target_logit)
+        zero = self._zero.expand_as(target_logit)
         return zero, zero
 
     def explain(self, batch: ExplainBatch) -> Explanation:
         codes = self.encode_batch(batch)
         index = codes.component_index
         b, c = index.shape
-        alone = index.unsqueeze(2) == torch.arange(len(self.components), device=index.device)  # (B, C, N)
-        sets = torch.cat([torch.zeros_like(alone[:, :1]), alone, batch.suppress], 1).float()
+        alone = index.unsqueeze(2) == self._component_range  # (B, C, N); padding (-1) is the empty set
+        sets = torch.cat([self._no_components.expand(b, 1, -1), alone, batch.suppress], 1).float()
         logits = self.removed_logits(batch, codes, sets)  # (B, 1 + C + M, K)
         t = batch.targets
         target_of_set = logits.gather(2, t.view(b, 1, 1).expand(b, sets.shape[1], 1)).squeeze(2)
-        contribution = torch.where(index >= 0, target_of_set[:, :1] - target_of_set[:, 1:c + 1], 0.0)
-        target_logit = batch.logits.detach().float().gather(1, t.unsqueeze(1)).squeeze(1)
+        contribution = torch.where(index >= 0, target_of_set[:, :1] - target_of_set[:, 1:c + 1], self._zero)
+        target_logit = batch.target_logit
         bias, residual = self.bias_and_residual(batch, target_logit, target_of_set[:, 0])
         return Explanation(
             target_class=t,

@@ -176,8 +176,9 @@ class ModelRuntime:
                 features.requires_grad_(True)
             logits = downstream(features)
             forward_done = self._clock()
-            if all(predicted):
-                targets = logits.argmax(1)
+            target_logit = None
+            if all(predicted):  # the predicted classes and their logits in one op
+                target_logit, targets = logits.detach().float().max(1)
             elif not any(predicted):
                 targets = torch.tensor(given, device=self.device)
             else:
@@ -187,7 +188,8 @@ class ModelRuntime:
             explanation = explainer.explain(ExplainBatch(
                 inputs=inputs, features=features, logits=logits, targets=targets,
                 suppress=suppress.to(self.device), heatmaps=heatmaps != "none", taps=taps,
-                heatmap_kind="presence" if presence else "contribution", suppressed=suppressed.to(self.device)))
+                heatmap_kind="presence" if presence else "contribution", suppressed=suppressed.to(self.device),
+                target_logit=target_logit))
             if heatmaps.endswith("input") and explanation.heatmaps is not None:
                 # A density keeps its sum (its contribution); a presence map its values.
                 explanation.heatmaps = self._to_input_size(explanation.heatmaps, keep_sum=not presence)

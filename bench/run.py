@@ -510,22 +510,28 @@ def _issuing_line(frame) -> str | None:
 
 
 @contextlib.contextmanager
-def solvers_run_every_step():
+def gpu_path():
     """The CPU runs what a GPU runs: the active-set solvers take every step instead of stopping once
     every row is optimal (``stop_when_optimal`` defaults to True on the CPU only, since on a GPU the
-    test would synchronize with the host at every step). Set through the functions' defaults, so every
+    test would synchronize with the host at every step), and Grad-CAM rules' patch search takes the fewest
+    launches (``fewest_launches``, the default on a GPU only). Set through the functions' defaults, so every
     caller gets it; restored on exit."""
+    from handlers.explainers import gradcam_rules
     from handlers.solvers import active_set, simplex
 
-    kwdefaults = dict(active_set.active_set_codes.__kwdefaults__)
+    changed = [(active_set.active_set_codes.__kwdefaults__, "stop_when_optimal", False),
+               (gradcam_rules.scan_patches.__kwdefaults__, "fewest_launches", True)]
+    saved = [dict(kwdefaults) for kwdefaults, _, _ in changed]
     defaults = simplex.simplex_least_squares.__defaults__
-    active_set.active_set_codes.__kwdefaults__["stop_when_optimal"] = False
+    for kwdefaults, name, value in changed:
+        kwdefaults[name] = value
     simplex.simplex_least_squares.__defaults__ = (False,)
     try:
         yield
     finally:
-        active_set.active_set_codes.__kwdefaults__.clear()
-        active_set.active_set_codes.__kwdefaults__.update(kwdefaults)
+        for (kwdefaults, _, _), before in zip(changed, saved):
+            kwdefaults.clear()
+            kwdefaults.update(before)
         simplex.simplex_least_squares.__defaults__ = defaults
 
 
@@ -592,9 +598,9 @@ def explain_stage_ops(device, cfg=None) -> dict:
     MNIST model, 8 held-out digits, feature-grid heatmaps, one intervention each, as :func:`per_method`),
     counted by :class:`OpCounter` as kernel launches (views and allocations excluded), goal ≤ 64.
 
-    ``ops`` (the figure) is the GPU path, run here on the CPU: the active-set solvers take every step
-    (:func:`solvers_run_every_step`). ``cpu_path_ops`` is what the CPU serves, where those solvers stop
-    once every row is optimal. The explain stage is what the runtime times as "explain" (after the
+    ``ops`` (the figure) is the GPU path, run here on the CPU (:func:`gpu_path`): the active-set solvers
+    take every step and Grad-CAM rules' patch search takes the fewest launches. ``cpu_path_ops`` is what
+    the CPU serves, where those solvers stop once every row is optimal and the search does less arithmetic. The explain stage is what the runtime times as "explain" (after the
     logits; the backbone forward, which Predict runs too, is not in it); ``forward_stage_ops`` is the
     rest of the Explain and ``predict`` one Predict of the same batch. Not counted: the copies between
     host and device, which a CPU run skips (``.cpu()`` of a CPU tensor dispatches nothing); on a GPU
@@ -615,10 +621,10 @@ def explain_stage_ops(device, cfg=None) -> dict:
     for method in model.explainers:
         _, explanation, _ = model.explain(method, items, "feature_grid")  # warm-up: caches filled on first use
         cpu_path = count_stage_ops(model, method, items)
-        with solvers_run_every_step():
-            gpu_path = count_stage_ops(model, method, items, where=True)
+        with gpu_path():
+            gpu_counts = count_stage_ops(model, method, items, where=True)
         answer = 1 + sum(torch.is_tensor(v) for v in vars(explanation).values())
-        launched = [line or "?" for _, launch, line in gpu_path["explain"] if launch]
+        launched = [line or "?" for _, launch, line in gpu_counts["explain"] if launch]
         ops = len(launched)
         top_function = collections.Counter(line.rsplit(":", 1)[0] for line in launched).most_common(1)
         out["methods"][method] = {
@@ -626,8 +632,8 @@ def explain_stage_ops(device, cfg=None) -> dict:
             "top_function": top_function[0] if top_function else None,
             "top_line": collections.Counter(launched).most_common(1)[0] if launched else None,
             "cpu_path_ops": sum(launch for _, launch, _ in cpu_path["explain"]),
-            "dispatched_with_views": len(gpu_path["explain"]),
-            "forward_stage_ops": sum(launch for _, launch, _ in gpu_path["forward"]),
+            "dispatched_with_views": len(gpu_counts["explain"]),
+            "forward_stage_ops": sum(launch for _, launch, _ in gpu_counts["forward"]),
             "host_copies_on_gpu": answer + 2,
             "profiler_top_level": profiler_top_level(lambda m=method: model.explain(m, items, "feature_grid")),
         }
@@ -646,7 +652,7 @@ def ops_profile(device, top: int = 15, lines: int = 5) -> dict:
     profiles = {"predict": counter.launches()}
     for method in model.explainers:
         model.explain(method, items, "feature_grid")  # warm-up: caches filled on first use
-        with solvers_run_every_step():
+        with gpu_path():
             profiles[method] = [op for op in count_stage_ops(model, method, items, where=True)["explain"] if op[1]]
     out = {}
     for name, ops in profiles.items():
@@ -736,7 +742,7 @@ def table(results: dict) -> str:
     for method, r in ops["methods"].items():
         where = f"; most from `{r['top_function'][0]}` ({r['top_function'][1]})" if r["top_function"] else ""
         lines.append(f"| `explain_stage_ops[{method}]` | kernel launches of its explain stage, same batch, GPU path "
-                     f"run on the CPU (solvers take every step; as served on the CPU: {r['cpu_path_ops']}), plus "
+                     f"run on the CPU (as served on the CPU: {r['cpu_path_ops']}), plus "
                      f"{r['host_copies_on_gpu']} host↔device copies on a GPU{where} | {r['ops']} | "
                      f"{'met' if r['goal_met'] else 'missed'} | {GOALS['explain_stage_ops']} |")
     for key, what, value, spread in fit_data.rows(f["fit_data"]):

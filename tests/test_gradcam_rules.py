@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from handlers.archive import read_archive
 from handlers.base import ExplainBatch, FitData
+from handlers.explainers import gradcam_rules
 from handlers.explainers.gradcam_rules import NAME, GradCAMRulesExplainer
 from handlers.fitting.gradcam_rules import _mine_rules, _shared_groups, fit
 from handlers.methods import METHODS
@@ -402,6 +403,34 @@ def test_linear_head_in_closed_form_equals_autograd_and_the_downstream(explainer
     assert torch.equal(closed.component_index, by_gradient.component_index)
     for name in ("weight", "contribution", "residual_share", "heatmaps", "intervened_logits"):
         assert torch.allclose(getattr(closed, name), getattr(by_gradient, name), atol=1e-5), name
+
+
+@pytest.mark.parametrize("by", ["fewest_launches", "bands"])
+def test_patch_search_paths_agree(by, mnist_parts, explainer, mnist_fit_data, monkeypatch):
+    """A GPU's search (one product per candidate, the windows' union by a running maximum) and the band-by-band
+    search of inputs too large for the position tables find the CPU's patches, relevance and activations."""
+    x = mnist_fit_data.x_test[:32]
+    with torch.no_grad():
+        features = mnist_parts.upstream(x)
+        logits = mnist_parts.downstream(features)
+    targets = logits.argmax(1)
+    targets[::3] = (targets[::3] + 1) % 10  # some explain another class than their prediction
+    batch = ExplainBatch(x, features, logits, targets, torch.zeros(32, 0, len(explainer.components), dtype=torch.bool),
+                         False)
+    alpha, f = explainer.gradcam(batch)
+    inputs = explainer.patch_inputs(batch, torch.einsum("bd,bdhw->bhw", alpha, f), f)
+    expected = gradcam_rules.scan_patches(*inputs, fewest_launches=False)
+    if by == "bands":
+        gradcam_rules.position_tables.cache_clear()
+        monkeypatch.setattr(gradcam_rules, "POSITION_TABLE_MAX_ELEMENTS", 0)
+        assert gradcam_rules.position_tables(12, (28, 28), (7, 7), f.device) is None
+    try:
+        position, relevant, activation = gradcam_rules.scan_patches(*inputs, fewest_launches=by == "fewest_launches")
+    finally:
+        gradcam_rules.position_tables.cache_clear()
+    assert torch.equal(position, expected[0]) and torch.equal(relevant, expected[1])
+    assert relevant[:, 0].any() and not relevant.all()  # the test decides something
+    assert torch.allclose(activation, expected[2], rtol=1e-5, atol=1e-6)
 
 
 def test_explain_rebuilds_a_missing_graph(mnist_parts, gradient_explainer, mnist_fit_data):

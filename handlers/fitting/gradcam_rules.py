@@ -21,7 +21,8 @@ from handlers.explainers.gradcam_rules import (
     Patches,
     extract_patches,
     gradcam_weights,
-    removal_logits,
+    head_gradcam_weights,
+    removal_model,
     top_filters,
 )
 from handlers.model import ModelParts, linear_head_weight
@@ -48,21 +49,28 @@ def window_masks(corner: torch.Tensor, size: int, hw: Sequence[int]) -> torch.Te
 def _patches_all(parts: ModelParts, x: torch.Tensor, config: GradCAMRulesConfig, batch_size: int = 500):
     """The predicted classes (N,) of many inputs and their :class:`Patches` (the served construction), in chunks."""
     head_weight = linear_head_weight(parts)
+    class_alpha = None if head_weight is None else head_gradcam_weights(head_weight, parts.feature_shape[1:])
     predicted, found = [], []
     for i in range(0, len(x), batch_size):
         with torch.no_grad():
             f = parts.upstream(x[i:i + batch_size].to(parts.device))
-        f.requires_grad_(True)
-        with torch.enable_grad():
-            z = parts.downstream(f)
-            alpha = gradcam_weights(f, z, z.argmax(1))
+        if class_alpha is None:
+            f.requires_grad_(True)
+            with torch.enable_grad():
+                z = parts.downstream(f)
+                alpha = gradcam_weights(f, z, z.argmax(1))
+        else:  # the served closed form (the explainer's gradcam)
+            with torch.no_grad():
+                z = parts.downstream(f)
+            alpha = class_alpha[z.argmax(1)]
         f, z = f.detach().float(), z.detach().float()
         classes = z.argmax(1)
         with torch.no_grad():
-            model = removal_logits(f, z, classes, head_weight, parts.downstream)
-            found.append(extract_patches(f, alpha, z.gather(1, classes[:, None])[:, 0], model,
-                                         parts.input_spec.shape[1:], config.patch_size, config.n_candidates,
-                                         config.tau_prt))
+            target_logit = z.gather(1, classes[:, None])[:, 0]
+            cam = torch.einsum("bd,bdhw->bhw", alpha, f)
+            model = removal_model(f, cam, target_logit, classes, head_weight, parts.downstream)
+            found.append(extract_patches(f, cam, target_logit, model, parts.input_spec.shape[1:], config.patch_size,
+                                         config.n_candidates, config.tau_prt))
         predicted.append(classes.cpu())
     patches = Patches(*(torch.cat([getattr(p, key).cpu() for p in found]) for key in ("corners", "relevant",
                                                                                       "activation")))

@@ -450,7 +450,8 @@ class GradCAMRulesExplainer(RemovalExplainer):
 
             evidence = terms.relu().sum(2)  # (B, D) each filter's P_d
             covered = masks.amax(1)  # (B, D) the union of the reported rules' filters
-            carried = (evidence[:, None, :] @ covered[:, :, None])[:, 0, 0]  # P over the union; 0 when all are 0
+            # 1 − (P over the union) / (P over every filter): 1 when there is no positive evidence (both are 0).
+            carried = (evidence[:, None, :] @ covered[:, :, None])[:, 0, 0]
             residual_share = torch.addcdiv(self._one, carried, evidence.sum(1).clamp_min(1e-30), value=-1)
             heatmaps = (masks @ terms).relu().unflatten(2, f.shape[2:]) if batch.heatmaps else None
         return Codes(index, weight, residual_share.clamp(0, 1), heatmaps)

@@ -61,36 +61,42 @@ def active_set_codes(cross: torch.Tensor, gram: torch.Tensor, n_iter: int, *, si
         w = torch.zeros(b, k, dtype=dtype, device=device)
     if stop_when_optimal is None:
         stop_when_optimal = device.type == "cpu"
+    # Constants of the loop, made once: each step's G_SS⁻¹ products take c and, on the simplex, 1 in one product.
+    c_and_ones = torch.stack([c, torch.ones_like(c)], 2) if simplex else c.unsqueeze(2)  # (B, k, 1 or 2)
+    diagonal = g.diagonal()
+    one = torch.ones((), dtype=dtype, device=device)
+    inf = torch.full((), torch.inf, dtype=dtype, device=device)
     for _ in range(n_iter):
         # The minimizer z on S: G_SS⁻¹c, on the simplex G_SS⁻¹(c − μ1) with μ such that Σz = 1.
-        z = (inverse * c.unsqueeze(1)).sum(2)
+        products = torch.bmm(inverse, c_and_ones)  # (B, k, 1 or 2): G_SS⁻¹c (and G_SS⁻¹1)
+        z = products[:, :, 0]
         if simplex:
-            x_1 = inverse.sum(2)
-            z = z + ((1 - z.sum(1, keepdim=True)) / x_1.sum(1, keepdim=True)) * x_1
+            sums = products.sum(1)  # (B, 2): Σz, Σ G_SS⁻¹1
+            z = z.addcmul(products[:, :, 1], (1 - sums[:, :1]) / sums[:, 1:])
         blocked = support & (z < 0)
         is_blocked = blocked.any(1)
-        ratio = torch.where(blocked, w / (w - z), torch.ones_like(w))  # in [0, 1) where blocked
+        ratio = torch.where(blocked, w / (w - z), one)  # in [0, 1) where blocked
         alpha, leave = ratio.min(1)
-        w = (w + alpha.unsqueeze(1) * (z - w)).clamp_min(0)
-        gradient = w @ g - c
+        w = torch.lerp(w, z, alpha.unsqueeze(1)).clamp_min(0)
+        gradient = torch.addmm(c, w, g, beta=-1)  # wG − c
         # At the optimum the gradient equals the level μ (0 without the simplex) on S and is no lower off S.
         if simplex:
-            s = support.to(dtype)
-            level = (gradient * s).sum(1) / s.sum(1)
+            level = (gradient * support).sum(1) / support.sum(1)
         else:
             level = torch.zeros(b, dtype=dtype, device=device)
-        outside, enter = torch.where(support, torch.inf, gradient).min(1)
+        outside, enter = torch.where(support, inf, gradient).min(1)
         add = ~is_blocked & (outside < level - tolerance)
         # Rank-one update of G_SS⁻¹: bordering to add ``enter``, or removing ``leave``.
         g_enter = g[enter]  # (B, k)
-        column = (inverse * g_enter.unsqueeze(1)).sum(2)  # G_SS⁻¹ g_S,enter
-        schur = g_enter.gather(1, enter.unsqueeze(1)).squeeze(1) - (g_enter * column).sum(1)
+        column = torch.bmm(inverse, g_enter.unsqueeze(2))  # (B, k, 1): G_SS⁻¹ g_S,enter
+        schur = diagonal[enter] - torch.bmm(g_enter.unsqueeze(1), column)[:, 0, 0]
+        column = column[:, :, 0]
         u = torch.where(is_blocked.unsqueeze(1), inverse[rows, :, leave], column - eye[enter])
-        coefficient = torch.where(is_blocked, -1 / inverse[rows, leave, leave],
-                                  torch.where(add, 1 / schur, torch.zeros_like(schur)))
+        # 1 / (−G_SS⁻¹[leave, leave]) to remove, 1 / schur to add, 1 / inf = 0 to stay.
+        coefficient = torch.where(is_blocked, -inverse[rows, leave, leave], torch.where(add, schur, inf)).reciprocal()
         inverse.addcmul_(coefficient.view(b, 1, 1) * u.unsqueeze(2), u.unsqueeze(1))
-        support = torch.where(is_blocked.unsqueeze(1), support & ~is_index[leave],
-                              support | (add.unsqueeze(1) & is_index[enter]))
+        # ``leave`` is on the support of a blocked row, ``enter`` off it where one is added: toggled.
+        support = support ^ torch.where(is_blocked.unsqueeze(1), is_index[leave], add.unsqueeze(1) & is_index[enter])
         w = w * support
         if stop_when_optimal and not bool((add | is_blocked).any()):
             break  # every row is optimal and would stay put: the remaining steps change nothing

@@ -265,10 +265,10 @@ def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Te
 
         def residual_sq(w, to_cross):
             # ‖a − wH‖² = w·(wHHᵀ − 2 aHᵀ) + ‖a‖², from to_cross = wG − c: no m-sized product per step.
-            return ((to_cross - cross) * w).sum(1) + energy
+            return torch.baddbmm(energy[:, None, None], w.unsqueeze(1), (to_cross - cross).unsqueeze(2))[:, 0, 0]
 
         def loss(w):
-            residual = (residual_sq(w, w @ gram - cross).clamp_min(0) + smoothing).sqrt()
+            residual = (residual_sq(w, torch.addmm(cross, w, gram, beta=-1)).clamp_min(0) + smoothing).sqrt()
             return weighted_objective(objective_terms(w, surrogate(w.float()).double(), oracle, residual, scale),
                                       config).sum()
 
@@ -282,7 +282,7 @@ def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Te
 
             def gradient_of(w):  # ∂/∂w of loss(w), term by term
                 gradient = (torch.addmm(bias, w, head).softmax(1) - target) @ ce_head_t  # eq. 2
-                to_cross = w @ gram - cross  # wG − c
+                to_cross = torch.addmm(cross, w, gram, beta=-1)  # wG − c
                 raw = residual_sq(w, to_cross)
                 # eq. 1: (wG − c) / ‖a − wH‖ (smoothed); zero where rounding made the square negative (clamped).
                 gradient.addcmul_(to_cross, ((raw >= 0) / (raw.clamp_min(0) + smoothing).sqrt()).unsqueeze(1),

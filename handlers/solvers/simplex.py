@@ -3,6 +3,7 @@ the distance to the nearest vertex (ProtoFac's concentration), and projected Ada
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,13 +24,18 @@ def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
     -------
     Tensor of shape (..., k), non-negative, each row summing to 1.
     """
-    k = v.shape[-1]
     u = v.sort(dim=-1, descending=True).values
-    # theta_j = (sum of the j largest - 1) / j; the support is a prefix of the sorted entries, of the
-    # rho (at least 1) with u_j > theta_j, and v is shifted by theta_rho.
-    theta = (u.cumsum(-1) - 1) / torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
-    rho = (u > theta).sum(-1, keepdim=True)
-    return (v - theta.gather(-1, rho - 1)).clamp_min(0)
+    # theta_j = (sum of the j largest - 1) / j rises while u_j > theta_j (theta_j lies between theta_{j-1} and
+    # u_j) and no longer after; those j are a prefix, so the shift theta_rho of the rule is max_j theta_j
+    # (Condat 2016).
+    theta = (u.cumsum(-1) - 1) / _ranks(v.shape[-1], v.dtype, v.device)
+    return (v - theta.amax(-1, keepdim=True)).clamp_min(0)
+
+
+@functools.lru_cache(maxsize=16)
+def _ranks(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(k,) 1, 2, …, k."""
+    return torch.arange(1, k + 1, dtype=dtype, device=device)
 
 
 def vertex_distance(w: torch.Tensor) -> torch.Tensor:

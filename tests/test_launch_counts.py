@@ -1,0 +1,56 @@
+"""The explanation stage's kernel launches (issue 20): the counter `make bench` reports them with, the GPU
+path it counts on the CPU, and the methods that meet the goal keeping to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.run import EXPLAIN_STAGE_OPS_GOAL, OpCounter, count_stage_ops, gpu_path
+from handlers.archive import read_archive
+from handlers.explainers import gradcam_rules
+from handlers.runtime import ExplainItem, ModelRuntime
+from handlers.solvers import active_set, simplex
+
+
+def test_op_counter_counts_launches_not_views():
+    a, b = torch.ones(4, 3), torch.ones(3, 2)
+    with OpCounter() as counter:
+        a.unsqueeze(0)  # a view: no kernel
+        (torch.matmul(a, b) * 2).sum()  # matmul is a composite: its mm is what runs
+    launched = [name for name, launch, _ in counter.ops if launch]
+    assert launched == ["aten.mm.default", "aten.mul.Tensor", "aten.sum.default"]
+    assert [name for name, launch, _ in counter.ops if not launch] == ["aten.unsqueeze.default"]
+
+
+def _defaults():
+    return (dict(active_set.active_set_codes.__kwdefaults__), simplex.simplex_least_squares.__defaults__,
+            dict(gradcam_rules.scan_patches.__kwdefaults__))
+
+
+def test_gpu_path_sets_the_defaults_and_restores_them():
+    before = _defaults()
+    with pytest.raises(RuntimeError, match="inside"), gpu_path():
+        assert active_set.active_set_codes.__kwdefaults__["stop_when_optimal"] is False
+        assert simplex.simplex_least_squares.__defaults__ == (False,)
+        assert gradcam_rules.scan_patches.__kwdefaults__["fewest_launches"] is True
+        raise RuntimeError("inside")
+    assert _defaults() == before
+
+
+def test_explain_stage_launches(demo_store, mnist_fit_data):
+    model = ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
+    x = mnist_fit_data.x_test[:8]
+    items = [ExplainItem(x[i], None, [[0]]) for i in range(8)]
+    cpu, gpu = {}, {}
+    for method in model.explainers:
+        model.explain(method, items, "feature_grid")  # caches filled on first use
+        cpu[method] = sum(launch for _, launch, _ in count_stage_ops(model, method, items)["explain"])
+        with gpu_path():
+            gpu[method] = sum(launch for _, launch, _ in count_stage_ops(model, method, items)["explain"])
+    for method in ("protonmf", "srae", "coupled_nmf", "gradcam_rules"):
+        assert gpu[method] <= EXPLAIN_STAGE_OPS_GOAL, (method, gpu)
+    # The GPU path is another path: Grad-CAM rules' search takes fewer launches there, and ProtoFac's solvers
+    # take every step instead of stopping once every code is optimal.
+    assert gpu["gradcam_rules"] < cpu["gradcam_rules"] and gpu["protofac"] > cpu["protofac"]
+    assert gpu["protonmf"] == cpu["protonmf"] and gpu["srae"] == cpu["srae"]

@@ -136,6 +136,13 @@ def window_tables(size: int, input_hw: tuple[int, ...], grid: tuple[int, ...], d
     return tables
 
 
+def gradcam_terms(alpha: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each filter's Grad-CAM term α_d F_d, (B, D, H·W), and their sum, Grad-CAM's map before its ReLU, (B, H, W),
+    from weights α (B, D) and features F (B, D, H, W): one formula for the fit and every request."""
+    terms = alpha[:, :, None] * features.flatten(2)
+    return terms, terms.sum(1).unflatten(1, features.shape[2:])
+
+
 def head_gradcam_weights(head_weight: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """(K, D) Grad-CAM's weights α of every class for an average-pool + linear head ``head_weight`` (K, D):
     ∂logit_k/∂F[d, h, w] = weight[k, d] / HW at every position, so α_d = weight[k, d] / HW."""
@@ -394,7 +401,7 @@ class GradCAMRulesExplainer(RemovalExplainer):
     @torch.no_grad()
     def patches(self, batch: ExplainBatch, alpha: torch.Tensor, features: torch.Tensor) -> Patches:
         """The targets' candidate and relevant patches and their filter activations (module docstring, 1-4)."""
-        return extract_patches(*self.patch_inputs(batch, torch.einsum("bd,bdhw->bhw", alpha, features), features))
+        return extract_patches(*self.patch_inputs(batch, gradcam_terms(alpha, features)[1], features))
 
     def transactions(self, batch: ExplainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The input's patch-transactions for its target: (B, k, D) bool filters of each candidate patch,
@@ -426,8 +433,7 @@ class GradCAMRulesExplainer(RemovalExplainer):
         t, c = batch.targets, self.config
         alpha, f = self.gradcam(batch)
         with torch.no_grad():
-            terms = alpha[:, :, None] * f.flatten(2)  # (B, D, H·W) each filter's Grad-CAM term α_d F_d
-            cam = terms.sum(1).unflatten(1, f.shape[2:])
+            terms, cam = gradcam_terms(alpha, f)
             _, relevant, activation = scan_patches(*self.patch_inputs(batch, cam, f))
             # The rules of R^t held by a relevant patch-transaction (its top n_filters filters), as rules_held.
             top = activation.topk(c.n_filters, dim=-1).indices  # (B, k, n)

@@ -20,6 +20,7 @@ from handlers.explainers.gradcam_rules import (
     GradCAMRulesExplainer,
     Patches,
     extract_patches,
+    gradcam_terms,
     gradcam_weights,
     head_gradcam_weights,
     removal_model,
@@ -67,7 +68,7 @@ def _patches_all(parts: ModelParts, x: torch.Tensor, config: GradCAMRulesConfig,
         classes = z.argmax(1)
         with torch.no_grad():
             target_logit = z.gather(1, classes[:, None])[:, 0]
-            cam = torch.einsum("bd,bdhw->bhw", alpha, f)
+            cam = gradcam_terms(alpha, f)[1]
             model = removal_model(f, cam, target_logit, classes, head_weight, parts.downstream)
             found.append(extract_patches(f, cam, target_logit, model, parts.input_spec.shape[1:], config.patch_size,
                                          config.n_candidates, config.tau_prt))

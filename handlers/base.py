@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from handlers.device_graphs import Capture, CaptureReport
 from handlers.model import ModelParts
 
 if TYPE_CHECKING:
@@ -290,6 +291,11 @@ class Explainer(ABC):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
         return self
+
+    def capture_graphs(self, sizes: tuple[int, ...], capture: Capture) -> CaptureReport | None:
+        """Capture the method's fixed-shape work as one graph per batch size of ``sizes``
+        (handlers/device_graphs.py), after :meth:`to`; None for a method with nothing worth a graph."""
+        return None
 
     @abstractmethod
     def explain(self, batch: ExplainBatch) -> Explanation:

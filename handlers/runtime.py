@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -11,12 +12,14 @@ import torch.nn.functional as F
 
 from handlers.archive import Archive, HeldOutSamples
 from handlers.base import ExplainBatch, Explainer, Explanation
+from handlers.device_graphs import Capture, CaptureReport, cuda_graph_capture
 from handlers.errors import ArchiveError, InvalidInputError
 from handlers.methods import METHODS
 from handlers.model import InputSpec
 from handlers.onnx_backend import OnnxPart
 from handlers.rows import ExplainedRow, Scores, additivity_gaps, explained_rows, predicted_rows
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class ExplainItem:
@@ -58,12 +61,17 @@ class ModelRuntime:
     """One model version's compute: its parts and explainers on one device."""
 
     def __init__(self, archive: Archive, device: torch.device | str = "cpu", backend: str = "archive",
-                 autocast: str = "none"):
+                 autocast: str = "none", graph_batch_sizes: tuple[int, ...] = (), capture: Capture | None = None):
         """``backend``: "torch", "onnx" (ONNX Runtime for the forward pass; the archive must carry
         ONNX parts) or "archive" (what the archive prefers). ``autocast``: "float16" or "bfloat16"
         runs the backbone (input to the explained layer) under :func:`torch.autocast`; its features
         are cast back to float32, so the head and every method's math stay in float32 and the
-        explanation stays exact for the logits it reports (torch backend only)."""
+        explanation stays exact for the logits it reports (torch backend only).
+
+        ``graph_batch_sizes``: the batch sizes for which each method's fixed-shape work is captured
+        as a graph, here at load (:meth:`Explainer.capture_graphs`; ``graph_reports`` says what and how
+        long), with ``capture``: default CUDA graphs on a CUDA device and none on the CPU, where an op
+        costs its Python call whatever is launched."""
         if autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)}, got {autocast!r}")
         self.name, self.version = archive.name, archive.version
@@ -101,6 +109,11 @@ class ModelRuntime:
                                + "; ".join(self.refused_methods.values()))
         if self.default_method not in self.explainers:
             self.default_method = next(iter(self.explainers))
+        self.graph_reports: dict[str, CaptureReport] = {}
+        if capture is None and self.device.type == "cuda":
+            capture = cuda_graph_capture
+        if capture is not None and graph_batch_sizes:
+            self._capture_graphs(graph_batch_sizes, capture)
 
     @property
     def labels(self) -> list[str]:
@@ -198,6 +211,18 @@ class ModelRuntime:
                         explanation.residual_heatmap.unsqueeze(1), keep_sum=False).squeeze(1)
         result = logits.detach().float().cpu(), _detach_cpu(explanation)
         return *result, {"forward": forward_done - start, "explain": self._clock() - forward_done}
+
+    def _capture_graphs(self, sizes: tuple[int, ...], capture: Capture) -> None:
+        """Each method's graphs; a method whose capture fails runs eagerly (logged): graphs only save launches."""
+        for method, explainer in self.explainers.items():
+            try:
+                report = explainer.capture_graphs(sizes, capture)
+            except RuntimeError as exc:
+                log.warning("%s-%s: %s runs eagerly, its graphs could not be captured: %s",
+                            self.name, self.version, method, exc)
+                continue
+            if report is not None:
+                self.graph_reports[method] = report
 
     def _check_additivity(self, samples: HeldOutSamples | None) -> dict[str, str]:
         """Explain the held-out samples (their true classes), else synthetic inputs, with every

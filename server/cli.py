@@ -36,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
                         http_max_buffered_bytes=args.http_max_buffered_bytes,
                         http_allowed_hosts=tuple(args.http_allowed_host),
                         max_stream_outstanding=args.max_stream_outstanding, device=args.device, backend=args.backend,
-                        autocast=args.autocast, intra_op_threads=args.intra_op_threads,
+                        autocast=args.autocast, cuda_graphs=args.cuda_graphs, intra_op_threads=args.intra_op_threads,
                         keep_freed_mib=args.keep_freed_mib,
                         max_batch_size=args.max_batch_size,
                         max_delay_ms=args.max_delay_ms, max_queue_size=args.max_queue_size,
@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--autocast", default="none", choices=AUTOCAST_CHOICES,
                        help="run each model's backbone in reduced precision (GPU); heads and explanations "
                             "stay float32")
+    serve.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                       help="on a GPU, capture each method's fixed-shape solvers at load as one CUDA graph per "
+                            "batch-size bucket up to --max-batch-size (each checked against the eager result)")
     serve.add_argument("--intra-op-threads", type=int, default=0,
                        help="torch CPU threads; 0: one per core. 1 lowers latency for small models on few cores")
     serve.add_argument("--keep-freed-mib", type=int, default=limits.keep_freed_mib,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from handlers.archive import ARCHIVE_SUFFIX, read_archive
+from handlers.device_graphs import bucket_sizes
 from handlers.errors import ArchiveError, NotFoundError
 from handlers.rows import ExplainedRow
 from handlers.runtime import ModelRuntime
@@ -103,7 +104,8 @@ class ModelRegistry:
         loaded: dict[tuple[str, str], list[tuple[Path, ModelRuntime]]] = {}
         for path in sorted(store.glob(f"*{ARCHIVE_SUFFIX}")):
             try:
-                runtime = ModelRuntime(read_archive(path), device, self.settings.backend, self.settings.autocast)
+                runtime = ModelRuntime(read_archive(path), device, self.settings.backend, self.settings.autocast,
+                                       graph_batch_sizes=self._graph_batch_sizes(device))
             except ArchiveError as exc:
                 self._refuse(path.name, str(exc))
                 continue
@@ -124,11 +126,21 @@ class ModelRegistry:
             self.models.setdefault(name, {})[version] = BatchedModel(runtime, self.settings, self.metrics)
             log.info("loaded %s version %s (%s) on %s", name, version, ", ".join(runtime.explainers), device)
 
+    def _graph_batch_sizes(self, device: torch.device) -> tuple[int, ...]:
+        """The batch sizes to capture graphs for: every bucket up to the largest batch, on a GPU with graphs on."""
+        if device.type != "cuda" or not self.settings.cuda_graphs:
+            return ()
+        return bucket_sizes(self.settings.max_batch_size)
+
     def _refuse(self, key: str, message: str) -> None:
         self.load_errors[key] = message
         log.error("refusing %s: %s", key, message)
 
     def _log_checks(self, path: Path, runtime: ModelRuntime) -> None:
+        for method, report in runtime.graph_reports.items():
+            log.info("%s: %s's graphs captured for batch sizes %s in %.2f s%s", path.name, method,
+                     ", ".join(map(str, report.captured)) or "none", report.seconds,
+                     f" (dropped, run eagerly: {', '.join(map(str, report.dropped))})" if report.dropped else "")
         if not runtime.additivity_inputs:
             return
         log.log(logging.INFO if runtime.archive.samples is not None else logging.WARNING,

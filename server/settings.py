@@ -42,6 +42,8 @@ class Settings:
     device: str = "auto"             # "auto": CUDA when present, else CPU
     backend: str = "archive"         # forward pass: "torch", "onnx", or "archive" (what each archive prefers)
     autocast: str = "none"           # "float16" / "bfloat16": the backbone in reduced precision (GPU), math in float32
+    cuda_graphs: bool = True         # on a GPU, capture each method's fixed-shape solvers at load as one CUDA graph
+                                     # per batch-size bucket (handlers/device_graphs.py); no effect on the CPU
     intra_op_threads: int = 0        # torch CPU threads; 0: torch's default (one per core). 1 suits small models
                                      # on few cores: their ops gain nothing from a second thread, which would
                                      # compete with gRPC's threads for the cores

@@ -76,6 +76,7 @@ from handlers.base import (
     MethodConfig,
     RemovalExplainer,
 )
+from handlers.device_graphs import BucketGraphs, Capture, CaptureReport
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers.active_set import active_set_codes
 from handlers.solvers.simplex import (
@@ -276,7 +277,8 @@ def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Te
             # The gradient in a few (B, k) ops a step: eq. 4's weights folded into constants, the logits in float64.
             head, bias = surrogate.head.double(), surrogate.bias.double()
             ce_head_t = config.lambda_ce * head.T  # (K, k)
-            target = F.one_hot(oracle, len(bias)).double()
+            # (one_hot would check the classes' range on the host, a synchronization a graph cannot hold)
+            target = (oracle[:, None] == torch.arange(len(bias), device=oracle.device)).double()
             rows = torch.arange(len(features), device=features.device)
             reconstruction_weight = config.lambda_r / float(scale)
 
@@ -338,23 +340,57 @@ class ProtoFacExplainer(RemovalExplainer):
         # An average-pool + linear head is affine in the reconstruction wH: the logits of any
         # weights w are w @ (each prototype's logits without the bias) + bias (see removed_logits).
         self.prototype_logits_ = affine_prototype_logits(model, self.prototypes_)  # (k, K) or None
+        # ā on the host: reading it from a device tensor in every request would synchronize.
+        self._feature_scale = float(self.feature_scale_[0]) if self.config.served_protocol == "paper" else None
+        self.graphs_: BucketGraphs | None = None  # codes() per batch size, on a GPU (capture_graphs)
+
+    def to(self, device):
+        super().to(device)
+        self.graphs_ = None  # captured on the old device: capture again
+        return self
 
     def declared_factors(self):
         if self.config.served_protocol == "paper":  # eq. 1's scale ā, for the per-request loss
             return {**self.factors, "feature_scale_": (torch.float32, (1,))}
         return self.factors
 
-    def encode_batch(self, batch: ExplainBatch) -> Codes:
-        features = activation_rows(batch.features)  # (B, m)
-        b, k = len(features), len(self.prototypes_)
+    def codes(self, features: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
+        """The codes w (B, k) of activation rows (B, m) by the served protocol, row by row; ``oracle`` (B,)
+        int64, the model's predicted classes, is the paper protocol's oracle (unused by least squares)."""
         if self.config.served_protocol == "paper":
             with torch.inference_mode(False):
                 surrogate = surrogate_logits(self.model, self.prototypes_, self.prototype_logits_, self.zero_logits_)
-            oracle = batch.logits.detach().argmax(1)  # the model's own prediction
-            w = paper_codes(features, self.prototypes_, self.gram_, oracle, surrogate, self.feature_scale_[0],
-                            self.config)  # (B, k)
-        else:
-            w = simplex_least_squares(features, self.prototypes_, self.gram_, self.config.solver_steps)  # (B, k)
+            return paper_codes(features, self.prototypes_, self.gram_, oracle, surrogate, self._feature_scale,
+                               self.config)
+        return simplex_least_squares(features, self.prototypes_, self.gram_, self.config.solver_steps)
+
+    def capture_graphs(self, sizes: tuple[int, ...], capture: Capture) -> CaptureReport | None:
+        """:meth:`codes` as one graph per batch size: on a GPU its solvers take a fixed number of steps
+        (about 2400 launches at batch 8 for the demo's paper protocol), replayed as one launch. None for the
+        paper protocol through a head that is not affine, whose gradient comes from autograd.
+
+        The graphs are checked on mixtures of the prototypes (seeded), each row a random convex
+        combination plus non-negative noise of a tenth of the rows' scale."""
+        if self.config.served_protocol == "paper" and self.prototype_logits_ is None:
+            return None
+        generator = torch.Generator().manual_seed(0)
+        k, m = self.prototypes_.shape
+        n = max(2, min(64, max(sizes)))
+        mixture = torch.rand(n, k, generator=generator)
+        rows = (mixture / mixture.sum(1, keepdim=True)).to(self.prototypes_) @ self.prototypes_
+        scale = rows.square().mean().sqrt()
+        rows = rows + 0.1 * scale * torch.rand(n, m, generator=generator).to(rows)
+        oracle = torch.arange(n, device=rows.device) % self.model.num_classes
+        graphs = BucketGraphs(self.codes, capture)
+        report = graphs.capture_buckets((rows, oracle), sizes)
+        self.graphs_ = graphs
+        return report
+
+    def encode_batch(self, batch: ExplainBatch) -> Codes:
+        features = activation_rows(batch.features)  # (B, m)
+        b, k = len(features), len(self.prototypes_)
+        oracle = batch.logits.detach().argmax(1)  # the model's own prediction
+        w = (self.graphs_ or self.codes)(features, oracle)  # (B, k)
         energy = features.square().sum(1)
         unexplained = (features - w @ self.prototypes_).square().sum(1)
         return Codes(

@@ -16,6 +16,7 @@ from scipy.optimize import nnls
 
 from handlers.archive import read_archive
 from handlers.base import ExplainBatch
+from handlers.device_graphs import eager_replay
 from handlers.explainers.coupled_nmf import CoupledNMFConfig, CoupledNMFExplainer
 from handlers.fitting import coupled_nmf
 from handlers.runtime import ExplainItem, ModelRuntime
@@ -152,6 +153,13 @@ def test_fold_in_solves_the_stated_least_squares(explainer, fitted, mnist_parts,
     with torch.inference_mode():
         swept = older.encode(x[:8], features[:8])[0]
     assert not torch.equal(swept, f) and torch.allclose(swept, f, atol=1e-2)
+    # Their sweeps are graphed on a GPU (fewer than eleven concepts by every support are not): the same codes
+    # through the graphs' buffers, here with the eager stand-in, for a bucket, a padded batch and one beyond.
+    assert explainer.capture_graphs((1, 4), eager_replay) is None and explainer.graphs_ is None
+    assert older.capture_graphs((1, 4), eager_replay).captured == (1, 4)
+    with torch.inference_mode():
+        for n in (1, 3, 8):
+            assert torch.allclose(older.encode(x[:n], features[:n])[0], swept[:n], rtol=1e-5, atol=1e-6), n
 
 
 def test_removing_a_concept_changes_the_target_logit_by_its_contribution(explainer, fitted, mnist_parts, batch):

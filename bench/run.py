@@ -639,7 +639,8 @@ def explain_stage_ops(device, cfg=None) -> dict:
     A method with graphs (:meth:`handlers.base.Explainer.capture_graphs`: ProtoFac's solvers) is counted
     as the GPU serves it, its graph captured for this batch size and each replay one launch; without a GPU
     the capture is :func:`handlers.device_graphs.eager_replay`'s stand-in (:func:`counted_capture`).
-    ``ops_without_graphs`` is its GPU path run eagerly, ``graph_capture_s`` the capture's seconds.
+    ``ops_without_graphs`` is its GPU path run eagerly, ``graph_capture_s`` the capture's seconds (by
+    ``graph_capture``).
     """
     model, x, items = demo_batch(device)
     capture = counted_capture(cuda_graph_capture if device.type == "cuda" else eager_replay)
@@ -663,7 +664,8 @@ def explain_stage_ops(device, cfg=None) -> dict:
             graphed.explain(method, items, "feature_grid")  # warm-up
             with gpu_path():
                 gpu_counts = count_stage_ops(graphed, method, items, where=True)
-            graphs = {"ops_without_graphs": eager_ops, "graph_capture_s": graphed.graph_reports[method].seconds}
+            graphs = {"ops_without_graphs": eager_ops, "graph_capture_s": graphed.graph_reports[method].seconds,
+                      "graph_capture": "CUDA graph" if device.type == "cuda" else "the eager stand-in (no GPU)"}
         launched = [line or "?" for _, launch, line in gpu_counts["explain"] if launch]
         ops = len(launched)
         top_function = collections.Counter(line.rsplit(":", 1)[0] for line in launched).most_common(1)
@@ -782,8 +784,9 @@ def table(results: dict) -> str:
                  f"views excluded) | {ops['predict']['ops']} | | |")
     for method, r in ops["methods"].items():
         where = f"; most from `{r['top_function'][0]}` ({r['top_function'][1]})" if r["top_function"] else ""
-        graphs = (f", its solvers as one graph replay (captured in {r['graph_capture_s']:.2f} s; without the graph: "
-                  f"{r['ops_without_graphs']})" if "ops_without_graphs" in r else "")
+        graphs = (f", its solvers as one graph replay (capture for batch 8 by {r['graph_capture']}: "
+                  f"{r['graph_capture_s']:.2f} s; without the graph: {r['ops_without_graphs']})"
+                  if "ops_without_graphs" in r else "")
         lines.append(f"| `explain_stage_ops[{method}]` | kernel launches of its explain stage, same batch, GPU path "
                      f"run on the CPU{graphs} (as served on the CPU: {r['cpu_path_ops']}), plus "
                      f"{r['host_copies_on_gpu']} host↔device copies on a GPU{where} | {r['ops']} | "

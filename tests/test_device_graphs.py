@@ -16,6 +16,9 @@ from bench.run import _issuing_line, gpu_path
 from handlers.archive import read_archive
 from handlers.device_graphs import BucketGraphs, bucket_sizes, eager_replay
 from handlers.runtime import ExplainItem, ModelRuntime
+from server.metrics import Metrics
+from server.registry import ModelRegistry
+from server.settings import Settings
 
 
 def row_wise(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -38,6 +41,15 @@ def test_bucket_sizes():
     assert bucket_sizes(32) == (1, 2, 4, 8, 16, 32)
     assert bucket_sizes(5) == (1, 2, 4, 5)
     assert bucket_sizes(1) == (1,)
+
+
+def test_the_server_captures_graphs_on_a_gpu_for_every_bucket_up_to_its_largest_batch(tmp_path):
+    sizes = {}
+    for name, settings in {"on": Settings(model_store=tmp_path, max_batch_size=12),
+                           "off": Settings(model_store=tmp_path, max_batch_size=12, cuda_graphs=False)}.items():
+        registry = ModelRegistry(settings, Metrics())
+        sizes[name] = {device: registry._graph_batch_sizes(torch.device(device)) for device in ("cuda", "cpu")}
+    assert sizes == {"on": {"cuda": (1, 2, 4, 8, 12), "cpu": ()}, "off": {"cuda": (), "cpu": ()}}
 
 
 def test_calls_of_every_size_give_the_function(examples):

@@ -163,7 +163,8 @@ class ModelRuntime:
         explainer = self.explainers[method]
         inputs = self._to_device(torch.stack([item.input for item in items]))
         n_interventions = max((len(item.suppress) for item in items), default=0)
-        suppress = torch.zeros(len(items), n_interventions, len(explainer.components), dtype=torch.bool)
+        # Filled in numpy: an indexed assignment costs about 1 µs there and 5-10 in torch.
+        suppress = np.zeros((len(items), n_interventions, len(explainer.components)), dtype=bool)
         for b, item in enumerate(items):
             for m, indices in enumerate(item.suppress):
                 suppress[b, m, indices] = True
@@ -200,7 +201,7 @@ class ModelRuntime:
             presence = heatmaps.startswith("presence_")
             explanation = explainer.explain(ExplainBatch(
                 inputs=inputs, features=features, logits=logits, targets=targets,
-                suppress=suppress.to(self.device), heatmaps=heatmaps != "none", taps=taps,
+                suppress=torch.from_numpy(suppress).to(self.device), heatmaps=heatmaps != "none", taps=taps,
                 heatmap_kind="presence" if presence else "contribution", suppressed=suppressed.to(self.device),
                 target_logit=target_logit))
             if heatmaps.endswith("input") and explanation.heatmaps is not None:

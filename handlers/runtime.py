@@ -21,6 +21,7 @@ from handlers.rows import ExplainedRow, Scores, additivity_gaps, explained_rows,
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class ExplainItem:
     """One example's explanation request, already validated.

@@ -150,3 +150,18 @@ def test_no_explain_stage_waits_for_the_host_on_the_gpu_path(demo_archive, demo_
         finally:
             del model._clock
         assert syncs.found[marks[1]:marks[2]] == [], method
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_a_cuda_device_protofac_replays_its_cuda_graphs(demo_archive, demo_items):
+    """The capture itself (the CPU tests use the stand-in): every bucket kept, the answers the eager CPU's."""
+    on_cpu = ModelRuntime(demo_archive)
+    on_gpu = ModelRuntime(demo_archive, "cuda", graph_batch_sizes=(1, 2, 4, 8))  # CUDA graphs by default there
+    report = on_gpu.graph_reports["protofac"]
+    assert report.captured == (1, 2, 4, 8) and report.dropped == ()
+    for n in (1, 3, 8, 9):
+        _, expected, _ = on_cpu.explain("protofac", demo_items[:n], "feature_grid")
+        _, answer, _ = on_gpu.explain("protofac", demo_items[:n], "feature_grid")
+        for name, value in vars(expected).items():
+            if torch.is_tensor(value):
+                assert torch.allclose(getattr(answer, name), value, rtol=1e-4, atol=1e-4), (n, name)

@@ -42,17 +42,24 @@ CUDA_WARMUP_RUNS = 3
 
 
 def cuda_graph_capture(fn: GraphedFn, inputs: tuple[torch.Tensor, ...]) -> tuple[Callable[[], None], torch.Tensor]:
-    """:data:`Capture` by ``torch.cuda.CUDAGraph`` (the inputs on a CUDA device)."""
-    stream = torch.cuda.Stream(device=inputs[0].device)
-    stream.wait_stream(torch.cuda.current_stream(inputs[0].device))
-    with torch.cuda.stream(stream):
-        for _ in range(CUDA_WARMUP_RUNS):
-            fn(*inputs)
-    torch.cuda.current_stream(inputs[0].device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn(*inputs)
-    return graph.replay, output
+    """:data:`Capture` by ``torch.cuda.CUDAGraph`` (the inputs on a CUDA device, which need not be the
+    current one: ``--device cuda:1``)."""
+    device = inputs[0].device
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(CUDA_WARMUP_RUNS):
+                fn(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = fn(*inputs)
+
+    def replay() -> None:
+        with torch.cuda.device(device):  # on that device's current stream
+            graph.replay()
+    return replay, output
 
 
 def eager_replay(fn: GraphedFn, inputs: tuple[torch.Tensor, ...]) -> tuple[Callable[[], None], torch.Tensor]:

@@ -11,9 +11,9 @@ bucket's other rows keep what an earlier call left there, which is harmless beca
 graphed here works row by row (a row's output depends on that row's inputs only). A batch larger
 than the largest bucket runs eagerly. Each bucket's graph is checked when it is captured: it
 replays on other rows than those it was captured on, and must give the eager function's output on
-them; one that does not is dropped (logged) and its batches run eagerly.
+them; one that does not is dropped (logged), and its batches take the next bucket kept or run eagerly.
 
-:class:`EagerReplay` captures nothing: its replay calls the function again on the buffers and writes
+:func:`eager_replay` captures nothing: its replay calls the function again on the buffers and writes
 the output in place, which is a graph's buffer discipline without a GPU. The tests and the bench's
 launch count run the same code path with it on the CPU.
 """
@@ -87,7 +87,7 @@ class _Bucket:
 
 @dataclass(frozen=True)
 class CaptureReport:
-    """What :meth:`BucketGraphs.capture` did: the buckets captured and dropped, and the seconds it took."""
+    """What :meth:`BucketGraphs.capture_buckets` did: the buckets captured and dropped, and the seconds it took."""
 
     captured: tuple[int, ...]
     dropped: tuple[int, ...]

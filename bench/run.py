@@ -454,6 +454,24 @@ def per_method(device, cfg) -> dict:
     return out
 
 
+def graphs_speedup(device, cfg) -> dict:
+    """Issue 20, item 4: per method with graphs (:meth:`handlers.base.Explainer.capture_graphs`), Explain on the
+    batch of :func:`per_method` without them over with them, CUDA graphs captured for that batch size. Without a
+    GPU the capture is :func:`handlers.device_graphs.eager_replay`'s stand-in, which runs the same ops and adds
+    the copies in and out: the figure is then only what those copies cost (about 1), not a speed-up."""
+    model, _, items = demo_batch(device)
+    capture = cuda_graph_capture if device.type == "cuda" else eager_replay
+    graphed = ModelRuntime(model.archive, device, graph_batch_sizes=(len(items),), capture=capture)
+    out = {}
+    for method, report in graphed.graph_reports.items():
+        times = interleaved({"eager": lambda: model.explain(method, items, "feature_grid"),
+                             "graphs": lambda: graphed.explain(method, items, "feature_grid")},
+                            cfg["repeats"] * 3, device, warmup=3)
+        out[method] = {**ratio(times["eager"], times["graphs"]), "capture_s": report.seconds,
+                       "capture": "CUDA graph" if device.type == "cuda" else "the eager stand-in (no GPU)"}
+    return out
+
+
 # ------------------------------------------------------------------------ dispatched ops (issue 20)
 
 # Ops that allocate or relabel memory and launch no kernel on a GPU (besides every view op, which
@@ -779,6 +797,10 @@ def table(results: dict) -> str:
     for method, r in f["per_method"].items():
         lines.append(f"| `explain_over_predict[{method}]` | demo MNIST model, batch 8 | {r['value']:.3f} | "
                      f"{r['spread'][0]:.3f}–{r['spread'][1]:.3f} | |")
+    for method, r in f.get("graphs_speedup", {}).items():
+        lines.append(f"| `graphs_speedup[{method}]` | Explain without graphs / with them, demo MNIST model, batch 8 "
+                     f"({r['numerator_ms']:.2f} / {r['denominator_ms']:.2f} ms; capture by {r['capture']}, "
+                     f"{r['capture_s']:.2f} s) | {r['value']:.3f} | {r['spread'][0]:.3f}–{r['spread'][1]:.3f} | |")
     ops = f["explain_stage_ops"]
     lines.append(f"| `predict_ops` | kernel launches of one Predict, demo MNIST model, batch 8 (aten ops dispatched, "
                  f"views excluded) | {ops['predict']['ops']} | | |")
@@ -832,7 +854,7 @@ def main(argv: list[str] | None = None) -> None:
                      ("dff_over_ours", dff_over_ours),
                      ("sklearn_over_fit", sklearn_over_fit), ("grpc", grpc_overhead_and_memory),
                      ("batching_efficiency", batching_efficiency), ("per_method", per_method),
-                     ("explain_stage_ops", explain_stage_ops),
+                     ("graphs_speedup", graphs_speedup), ("explain_stage_ops", explain_stage_ops),
                      ("fit_data", lambda device, cfg: fit_data.run())]:
         log(f"bench: {name} …")
         start = time.perf_counter()

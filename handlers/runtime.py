@@ -211,7 +211,7 @@ class ModelRuntime:
                 if explanation.residual_heatmap is not None:
                     explanation.residual_heatmap = self._to_input_size(
                         explanation.residual_heatmap.unsqueeze(1), keep_sum=False).squeeze(1)
-        result = logits.detach().float().cpu(), _detach_cpu(explanation)
+        result = _to_host(logits, explanation)
         return *result, {"forward": forward_done - start, "explain": self._clock() - forward_done}
 
     def _capture_graphs(self, sizes: tuple[int, ...], capture: Capture) -> None:
@@ -294,8 +294,14 @@ class ModelRuntime:
         return up * (maps.shape[2] * maps.shape[3]) / (size[0] * size[1]) if keep_sum else up
 
 
-def _detach_cpu(explanation: Explanation) -> Explanation:
-    fields = {k: (v.detach().float().cpu() if torch.is_tensor(v) and v.is_floating_point() else
-                  v.detach().cpu() if torch.is_tensor(v) else v)
-              for k, v in vars(explanation).items()}
-    return Explanation(**fields)
+def _to_host(logits: torch.Tensor, explanation: Explanation) -> tuple[torch.Tensor, Explanation]:
+    """The logits and the explanation on the CPU, detached, floating fields as float32. From a GPU every
+    field is copied without waiting (into page-locked memory) and the host waits once, not once a field."""
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return (t.detach().float() if t.is_floating_point() else t.detach()).to("cpu", non_blocking=True)
+
+    fields = {k: host(v) if torch.is_tensor(v) else v for k, v in vars(explanation).items()}
+    logits = host(logits)
+    if explanation.target_class.is_cuda:
+        torch.cuda.current_stream(explanation.target_class.device).synchronize()  # the copies have landed
+    return logits, Explanation(**fields)

@@ -169,10 +169,12 @@ class ModelRuntime:
         for b, item in enumerate(items):
             for m, indices in enumerate(item.suppress):
                 suppress[b, m, indices] = True
+        suppress = self._to_device(torch.from_numpy(suppress))
         # The components some intervention names, read on the host (no nonzero on the device).
         n_components = len(explainer.components)
-        suppressed = torch.tensor(sorted({int(index) % n_components for item in items for indices in item.suppress
-                                          for index in indices}), dtype=torch.int64)
+        suppressed = self._to_device(torch.tensor(sorted({int(index) % n_components for item in items
+                                                          for indices in item.suppress for index in indices}),
+                                                  dtype=torch.int64))
         # The targets given, and whether the predicted class is needed (a target of None or below 0).
         given = [item.target if item.target is not None and item.target >= 0 else None for item in items]
         predicted = [target is None for target in given]
@@ -202,8 +204,8 @@ class ModelRuntime:
             presence = heatmaps.startswith("presence_")
             explanation = explainer.explain(ExplainBatch(
                 inputs=inputs, features=features, logits=logits, targets=targets,
-                suppress=torch.from_numpy(suppress).to(self.device), heatmaps=heatmaps != "none", taps=taps,
-                heatmap_kind="presence" if presence else "contribution", suppressed=suppressed.to(self.device),
+                suppress=suppress, heatmaps=heatmaps != "none", taps=taps,
+                heatmap_kind="presence" if presence else "contribution", suppressed=suppressed,
                 target_logit=target_logit))
             if heatmaps.endswith("input") and explanation.heatmaps is not None:
                 # A density keeps its sum (its contribution); a presence map its values.
@@ -265,7 +267,7 @@ class ModelRuntime:
         return "cause: the factorization does not reproduce the model's head; refit the method"
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Host batch -> device; to a GPU from page-locked memory, so the copy is asynchronous."""
+        """Host tensor -> device; to a GPU from page-locked memory, so the copy is asynchronous."""
         if self.device.type != "cuda":
             return inputs
         return inputs.pin_memory().to(self.device, non_blocking=True)

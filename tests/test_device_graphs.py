@@ -53,14 +53,22 @@ def test_the_server_captures_graphs_on_a_gpu_for_every_bucket_up_to_its_largest_
 
 
 def test_calls_of_every_size_give_the_function(examples):
-    graphs = BucketGraphs(row_wise, eager_replay)
+    replays = []
+
+    def counted(fn, inputs):
+        replay, output = eager_replay(fn, inputs)
+        return (lambda: replays.append(len(inputs[0])) or replay()), output
+
+    graphs = BucketGraphs(row_wise, counted)
     report = graphs.capture_buckets(examples, (1, 2, 4, 8))
     assert report.captured == (1, 2, 4, 8) and report.dropped == () and report.seconds >= 0
     x, shift = examples
     answers = {}
+    replays.clear()  # the checks at capture replayed once per bucket
     for n in range(1, 11):  # within buckets, between them (padded) and beyond the largest (eager)
         answers[n] = graphs(x[-n:], shift[-n:])
         assert torch.equal(answers[n], row_wise(x[-n:], shift[-n:])), n
+    assert replays == [1, 2, 4, 4, 8, 8, 8, 8]  # each call up to 8 rows replayed the smallest bucket holding it
     # Each answer is the caller's own: later calls through the same bucket do not overwrite it.
     assert torch.equal(answers[3], row_wise(x[-3:], shift[-3:]))
     assert answers[3].data_ptr() != graphs.buckets_[4].output.data_ptr()

@@ -454,21 +454,29 @@ def per_method(device, cfg) -> dict:
     return out
 
 
+def graphed(model: ModelRuntime, device, batch_size: int, counted: bool = False) -> tuple[ModelRuntime, str]:
+    """``model``'s archive served with graphs captured for ``batch_size``: CUDA graphs on a GPU, else the eager
+    stand-in (:func:`handlers.device_graphs.eager_replay`); ``counted``: through :func:`counted_capture`. Returns
+    the runtime and what captured."""
+    capture = cuda_graph_capture if device.type == "cuda" else eager_replay
+    runtime = ModelRuntime(model.archive, device, graph_batch_sizes=(batch_size,),
+                           capture=counted_capture(capture) if counted else capture)
+    return runtime, "CUDA graph" if device.type == "cuda" else "the eager stand-in (no GPU)"
+
+
 def graphs_speedup(device, cfg) -> dict:
     """Issue 20, item 4: per method with graphs (:meth:`handlers.base.Explainer.capture_graphs`), Explain on the
     batch of :func:`per_method` without them over with them, CUDA graphs captured for that batch size. Without a
     GPU the capture is :func:`handlers.device_graphs.eager_replay`'s stand-in, which runs the same ops and adds
     the copies in and out: the figure is then only what those copies cost (about 1), not a speed-up."""
     model, _, items = demo_batch(device)
-    capture = cuda_graph_capture if device.type == "cuda" else eager_replay
-    graphed = ModelRuntime(model.archive, device, graph_batch_sizes=(len(items),), capture=capture)
+    with_graphs, captured_by = graphed(model, device, len(items))
     out = {}
-    for method, report in graphed.graph_reports.items():
+    for method, report in with_graphs.graph_reports.items():
         times = interleaved({"eager": lambda: model.explain(method, items, "feature_grid"),
-                             "graphs": lambda: graphed.explain(method, items, "feature_grid")},
+                             "graphs": lambda: with_graphs.explain(method, items, "feature_grid")},
                             cfg["repeats"] * 3, device, warmup=3)
-        out[method] = {**ratio(times["eager"], times["graphs"]), "capture_s": report.seconds,
-                       "capture": "CUDA graph" if device.type == "cuda" else "the eager stand-in (no GPU)"}
+        out[method] = {**ratio(times["eager"], times["graphs"]), "capture_s": report.seconds, "capture": captured_by}
     return out
 
 
@@ -662,8 +670,7 @@ def explain_stage_ops(device, cfg=None) -> dict:
     ``graph_capture``).
     """
     model, x, items = demo_batch(device)
-    capture = counted_capture(cuda_graph_capture if device.type == "cuda" else eager_replay)
-    graphed = ModelRuntime(model.archive, device, graph_batch_sizes=(len(items),), capture=capture)
+    with_graphs, captured_by = graphed(model, device, len(items), counted=True)
     model.predict(x)  # warm-up
     counter = OpCounter()
     with counter, torch.inference_mode():
@@ -678,13 +685,13 @@ def explain_stage_ops(device, cfg=None) -> dict:
             gpu_counts = count_stage_ops(model, method, items, where=True)
         answer = 1 + sum(torch.is_tensor(v) for v in vars(explanation).values())
         graphs = {}
-        if method in graphed.graph_reports:
+        if method in with_graphs.graph_reports:
             eager_ops = sum(launch for _, launch, _ in gpu_counts["explain"])
-            graphed.explain(method, items, "feature_grid")  # warm-up
+            with_graphs.explain(method, items, "feature_grid")  # warm-up
             with gpu_path():
-                gpu_counts = count_stage_ops(graphed, method, items, where=True)
-            graphs = {"ops_without_graphs": eager_ops, "graph_capture_s": graphed.graph_reports[method].seconds,
-                      "graph_capture": "CUDA graph" if device.type == "cuda" else "the eager stand-in (no GPU)"}
+                gpu_counts = count_stage_ops(with_graphs, method, items, where=True)
+            graphs = {"ops_without_graphs": eager_ops, "graph_capture_s": with_graphs.graph_reports[method].seconds,
+                      "graph_capture": captured_by}
         launched = [line or "?" for _, launch, line in gpu_counts["explain"] if launch]
         ops = len(launched)
         top_function = collections.Counter(line.rsplit(":", 1)[0] for line in launched).most_common(1)

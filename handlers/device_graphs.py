@@ -78,6 +78,12 @@ def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
     return (*sizes, max_batch_size)
 
 
+def example_count(sizes: tuple[int, ...]) -> int:
+    """How many example rows :meth:`BucketGraphs.capture_buckets` takes for ``sizes``: the largest size (a
+    bucket's rows all differ) within 2 (the check shifts them by one) and 64."""
+    return max(2, min(64, max(sizes)))
+
+
 @dataclass
 class _Bucket:
     inputs: tuple[torch.Tensor, ...]

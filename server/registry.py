@@ -105,7 +105,7 @@ class ModelRegistry:
         for path in sorted(store.glob(f"*{ARCHIVE_SUFFIX}")):
             try:
                 runtime = ModelRuntime(read_archive(path), device, self.settings.backend, self.settings.autocast,
-                                       graph_batch_sizes=self._graph_batch_sizes(device))
+                                       graph_batch_sizes=self._graph_batch_sizes())
             except ArchiveError as exc:
                 self._refuse(path.name, str(exc))
                 continue
@@ -126,11 +126,10 @@ class ModelRegistry:
             self.models.setdefault(name, {})[version] = BatchedModel(runtime, self.settings, self.metrics)
             log.info("loaded %s version %s (%s) on %s", name, version, ", ".join(runtime.explainers), device)
 
-    def _graph_batch_sizes(self, device: torch.device) -> tuple[int, ...]:
-        """The batch sizes to capture graphs for: every bucket up to the largest batch, on a GPU with graphs on."""
-        if device.type != "cuda" or not self.settings.cuda_graphs:
-            return ()
-        return bucket_sizes(self.settings.max_batch_size)
+    def _graph_batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes to capture graphs for (on a GPU: the runtime captures none on the CPU): every bucket
+        up to the largest batch, none with graphs off."""
+        return bucket_sizes(self.settings.max_batch_size) if self.settings.cuda_graphs else ()
 
     def _refuse(self, key: str, message: str) -> None:
         self.load_errors[key] = message
@@ -140,7 +139,8 @@ class ModelRegistry:
         for method, report in runtime.graph_reports.items():
             log.info("%s: %s's graphs captured for batch sizes %s in %.2f s%s", path.name, method,
                      ", ".join(map(str, report.captured)) or "none", report.seconds,
-                     f" (dropped, run eagerly: {', '.join(map(str, report.dropped))})" if report.dropped else "")
+                     f" (dropped, not reproducing the eager result: {', '.join(map(str, report.dropped))})"
+                     if report.dropped else "")
         if not runtime.additivity_inputs:
             return
         log.log(logging.INFO if runtime.archive.samples is not None else logging.WARNING,

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from handlers.base import Codes, ExplainBatch, FactorSpec, FittedMethod, MethodConfig, RemovalExplainer
-from handlers.device_graphs import BucketGraphs, Capture, CaptureReport
+from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example_count
 from handlers.graph_program import GraphProgram
 from handlers.model import ModelParts, linear_head_weight
 from handlers.neighbours import Neighbours, NeighbourSearch
@@ -366,7 +366,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         if self.support_inverses_ is not None:
             return None
         generator = torch.Generator().manual_seed(0)
-        mixture = torch.rand(max(2, min(64, max(sizes))), len(self.dictionary_), generator=generator)
+        mixture = torch.rand(example_count(sizes), len(self.dictionary_), generator=generator)
         graphs = BucketGraphs(self.fold_in_steps, capture)
         report = graphs.capture_buckets((mixture.to(self.dictionary_) @ self.dictionary_,), sizes)
         self.graphs_ = graphs

@@ -76,7 +76,7 @@ from handlers.base import (
     MethodConfig,
     RemovalExplainer,
 )
-from handlers.device_graphs import BucketGraphs, Capture, CaptureReport
+from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example_count
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers.active_set import active_set_codes
 from handlers.solvers.simplex import (
@@ -375,7 +375,7 @@ class ProtoFacExplainer(RemovalExplainer):
             return None
         generator = torch.Generator().manual_seed(0)
         k, m = self.prototypes_.shape
-        n = max(2, min(64, max(sizes)))
+        n = example_count(sizes)
         mixture = torch.rand(n, k, generator=generator)
         rows = (mixture / mixture.sum(1, keepdim=True)).to(self.prototypes_) @ self.prototypes_
         scale = rows.square().mean().sqrt()

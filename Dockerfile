@@ -22,7 +22,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin protoserve
 COPY --from=build /opt/protoserve /opt/protoserve
-ENV PATH=/opt/protoserve/bin:$PATH PYTHONUNBUFFERED=1
+# ProtoFac's compiled CPU solvers cache their machine code where it can be written (/tmp: an emptyDir in
+# deploy/k8s, whose root file system is read-only); without it they compile at every load (CPU only).
+ENV PATH=/opt/protoserve/bin:$PATH PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba
 USER 10001
 VOLUME ["/models"]
 EXPOSE 50051 8000 9100

@@ -564,13 +564,15 @@ def _issuing_line(frame) -> str | None:
 def gpu_path():
     """The CPU runs what a GPU runs: the active-set solvers take every step instead of stopping once
     every row is optimal (``stop_when_optimal`` defaults to True on the CPU only, since on a GPU the
-    test would synchronize with the host at every step), and Grad-CAM rules' patch search takes the fewest
+    test would synchronize with the host at every step), ProtoFac's codes come from the tensor solvers rather
+    than the CPU's compiled row loops (``compiled``), and Grad-CAM rules' patch search takes the fewest
     launches (``fewest_launches``, the default on a GPU only). Set through the functions' defaults, so every
     caller gets it; restored on exit."""
-    from handlers.explainers import gradcam_rules
+    from handlers.explainers import gradcam_rules, protofac
     from handlers.solvers import active_set, simplex
 
     changed = [(active_set.active_set_codes.__kwdefaults__, "stop_when_optimal", False),
+               (protofac.ProtoFacExplainer.codes.__kwdefaults__, "compiled", False),
                (gradcam_rules.scan_patches.__kwdefaults__, "fewest_launches", True)]
     saved = [dict(kwdefaults) for kwdefaults, _, _ in changed]
     defaults = simplex.simplex_least_squares.__defaults__

@@ -99,8 +99,13 @@ def test_deployment_runs_the_image_on_a_gpu_with_grpc_probes(objects):
     assert pod["spec"]["securityContext"]["runAsNonRoot"]
 
 
-def test_dockerfile_agrees_with_the_manifests():
+def test_dockerfile_agrees_with_the_manifests(objects):
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    # numba's cache of the compiled CPU solvers goes where the read-only pod can write: its /tmp emptyDir.
+    assert "NUMBA_CACHE_DIR=/tmp/" in dockerfile
+    container = objects[("Deployment", "protoserve")]["spec"]["template"]["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    assert "/tmp" in {mount["mountPath"] for mount in container["volumeMounts"]}
     assert "FROM nvidia/cuda" in dockerfile
     assert f"EXPOSE {GRPC_PORT} {HTTP_PORT} {METRICS_PORT}" in dockerfile
     for flag in ("--model-store\", \"/models", f"--port\", \"{GRPC_PORT}", f"--metrics-port\", \"{METRICS_PORT}",

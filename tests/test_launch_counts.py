@@ -10,6 +10,7 @@ from bench.run import EXPLAIN_STAGE_OPS_GOAL, OpCounter, count_stage_ops, counte
 from handlers.archive import read_archive
 from handlers.device_graphs import eager_replay
 from handlers.explainers import gradcam_rules
+from handlers.explainers.protofac import ProtoFacExplainer
 from handlers.runtime import ExplainItem, ModelRuntime
 from handlers.solvers import active_set, simplex
 
@@ -26,7 +27,7 @@ def test_op_counter_counts_launches_not_views():
 
 def _defaults():
     return (dict(active_set.active_set_codes.__kwdefaults__), simplex.simplex_least_squares.__defaults__,
-            dict(gradcam_rules.scan_patches.__kwdefaults__))
+            dict(gradcam_rules.scan_patches.__kwdefaults__), dict(ProtoFacExplainer.codes.__kwdefaults__))
 
 
 def test_gpu_path_sets_the_defaults_and_restores_them():
@@ -34,6 +35,7 @@ def test_gpu_path_sets_the_defaults_and_restores_them():
     with pytest.raises(RuntimeError, match="inside"), gpu_path():
         assert active_set.active_set_codes.__kwdefaults__["stop_when_optimal"] is False
         assert simplex.simplex_least_squares.__defaults__ == (False,)
+        assert ProtoFacExplainer.codes.__kwdefaults__["compiled"] is False
         assert gradcam_rules.scan_patches.__kwdefaults__["fewest_launches"] is True
         raise RuntimeError("inside")
     assert _defaults() == before
@@ -52,7 +54,7 @@ def test_explain_stage_launches(demo_store, mnist_fit_data):
     for method in ("protonmf", "srae", "coupled_nmf", "gradcam_rules"):
         assert gpu[method] <= EXPLAIN_STAGE_OPS_GOAL, (method, gpu)
     # The GPU path is another path: Grad-CAM rules' search takes fewer launches there, and ProtoFac's solvers
-    # take every step instead of stopping once every code is optimal.
+    # are tensor ops taking every step instead of compiled row loops.
     assert gpu["gradcam_rules"] < cpu["gradcam_rules"] and gpu["protofac"] > cpu["protofac"]
     assert gpu["protonmf"] == cpu["protonmf"] and gpu["srae"] == cpu["srae"]
 

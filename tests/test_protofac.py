@@ -22,7 +22,7 @@ from handlers.explainers.protofac import ProtoFacConfig, ProtoFacExplainer
 from handlers.fitting import protofac
 from handlers.model import InputSpec, ModelParts
 from handlers.runtime import ExplainItem, ModelRuntime
-from handlers.solvers import simplex
+from handlers.solvers import active_set, compiled_rows, simplex
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL_FIT = ProtoFacConfig(n_prototypes=10, candidate_fraction=0.05, epochs=2, projection_interval=1, eval_size=300,
@@ -197,6 +197,61 @@ def test_the_closed_form_gradient_of_an_affine_surrogate_is_autograds():
         assert objective[0] == pytest.approx(objective[1], rel=1e-5)
         assert not torch.equal(closed, protofac_online.paper_codes(
             features, prototypes, gram, oracle, affine, scale, dataclasses.replace(config, code_steps=1)))
+
+
+@pytest.mark.parametrize("k", [1, 3, 30])
+def test_the_compiled_active_set_takes_the_tensor_solvers_steps(k):
+    """simplex_least_squares_rows against active_set_codes (the reference), step for step, on inputs inside,
+    on and far outside the prototypes' hull and zero inputs; with repeated and collinear prototypes, where ties
+    make the path ambiguous, both end at the same objective."""
+    generator = torch.Generator().manual_seed(k)
+    prototypes = torch.rand(k, 40, generator=generator, dtype=torch.float64)
+    features = torch.cat([torch.rand(20, 40, generator=generator, dtype=torch.float64), prototypes[:2],
+                          torch.zeros(1, 40, dtype=torch.float64),
+                          50 * torch.rand(2, 40, generator=generator, dtype=torch.float64)])
+
+    def both(prototypes, steps):
+        gram, cross = prototypes @ prototypes.T, features @ prototypes.T
+        ridged, tolerance = active_set.ridged_gram(gram)
+        expected = active_set.active_set_codes(cross, gram, steps, simplex=True, stop_when_optimal=False)
+        w = compiled_rows.simplex_least_squares_rows(cross.numpy(), ridged.numpy(), steps, float(tolerance))
+        return torch.from_numpy(w), expected, gram, cross
+
+    for steps in (1, 2, k, 2 * k):
+        w, expected, _, _ = both(prototypes, steps)
+        assert torch.allclose(w, expected, rtol=0, atol=1e-9), (steps, (w - expected).abs().max())
+    if k > 2:
+        prototypes[1] = prototypes[0]  # repeated
+        prototypes[2] = 3 * prototypes[0]  # collinear
+    w, expected, gram, cross = both(prototypes, 2 * k)
+    objective = [(0.5 * (codes @ gram) * codes - cross * codes).sum(1) for codes in (w, expected)]
+    assert torch.allclose(*objective, rtol=0, atol=1e-10 * float(gram.diagonal().mean()))
+
+
+@pytest.mark.parametrize("protocol", ["paper", "least_squares"])
+def test_compiled_codes_are_the_tensor_solvers_codes(mnist_parts, small_fit, mnist_fit_data, protocol):
+    """What the CPU serves (compiled row loops) against the tensor solvers a GPU runs, on held-out digits and
+    on hostile rows: a prototype itself (a zero residual), twice a prototype, a zero row, a huge row; and each
+    row's code does not depend on the rest of its batch."""
+    explainer = ProtoFacExplainer(mnist_parts, dataclasses.replace(
+        small_fit, hyperparameters={**small_fit.hyperparameters, "served_protocol": protocol}))
+    with torch.inference_mode():
+        features = protofac.activation_rows(mnist_parts.upstream(mnist_fit_data.x_test[:24]))
+        prototypes = explainer.prototypes_
+        features = torch.cat([features, prototypes[:2], 2 * prototypes[2:3], torch.zeros_like(features[:1]),
+                              1e4 * features[:1]])
+        oracle = torch.arange(len(features)) % mnist_parts.num_classes
+        compiled = explainer.codes(features, oracle)
+        tensor = explainer.codes(features, oracle, compiled=False)
+        alone = torch.cat([explainer.codes(features[i:i + 1], oracle[i:i + 1]) for i in range(len(features))])
+    assert compiled.dtype == tensor.dtype == torch.float32
+    assert torch.allclose(compiled, tensor, rtol=0, atol=1e-6), (compiled - tensor).abs().max()
+    # Least squares forms aHᵀ in float32, as the tensor solver does, so a row's rounding depends on the batch's shape.
+    assert torch.allclose(alone, compiled, rtol=0, atol=1e-6 if protocol == "paper" else 1e-5)
+    assert (compiled >= 0).all() and torch.allclose(compiled.sum(1), torch.ones(len(compiled)), atol=1e-6)
+    if protocol == "paper":  # the oracle matters: another class, other codes
+        other = explainer.codes(features[:24], (oracle[:24] + 1) % mnist_parts.num_classes)
+        assert not torch.allclose(other, compiled[:24], atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- fit

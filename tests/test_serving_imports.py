@@ -3,7 +3,9 @@
 A real server process loads the demo store and answers an Explain of every method; then its
 ``sys.modules`` is read. tqdm is the one exception that is not ours to avoid: ``import torch``
 imports it (torch.hub's download progress bar) whenever it is installed, so for tqdm the test
-checks, from ``python -X importtime``, that torch.hub is what imported it.
+checks, from ``python -X importtime``, that torch.hub is what imported it; likewise numba (ProtoFac's
+compiled CPU solvers) imports scipy to check its version and binds scipy.linalg's BLAS when it compiles,
+and nothing else of scipy may be loaded.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def test_a_serving_process_imports_no_offline_code(demo_store):
     assert "handlers.explainers.protonmf" in ours  # the methods were loaded …
     assert not [m for m in ours if m.startswith(("handlers.fitting", "handlers.packaging"))]  # … not their fits
     imported = {m.split(".")[0] for m in modules} & set(OFFLINE_LIBRARIES)
-    assert imported <= {"tqdm"}, imported
+    assert imported <= {"tqdm", "scipy"}, imported
     if "tqdm" in imported:
         assert _importer_of(result.stderr, "tqdm") == "torch.hub"
+    if "scipy" in imported:  # numba's: its import checks scipy's version, its compiler binds scipy.linalg's BLAS
+        assert _importer_of(result.stderr, "scipy") == "numba"
+        scipy_code = {m.split(".")[1] for m in modules if m.startswith("scipy.")} - {"linalg", "version"}
+        assert all(name.startswith("_") for name in scipy_code), scipy_code  # no optimize, sparse, stats, …

@@ -63,9 +63,11 @@ demo models) Σ_i c_i + residual + bias equals the model's target logit exactly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,7 +80,8 @@ from handlers.base import (
 )
 from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example_count
 from handlers.model import ModelParts, linear_head_weight
-from handlers.solvers.active_set import active_set_codes
+from handlers.solvers.active_set import active_set_codes, ridged_gram
+from handlers.solvers.compiled_rows import compile_kernels, paper_codes_rows, simplex_least_squares_rows
 from handlers.solvers.simplex import (
     autograd_gradient,
     projected_adam,
@@ -88,6 +91,8 @@ from handlers.solvers.simplex import (
 
 NAME = "protofac"
 PROTOCOLS = ("paper", "least_squares")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -332,8 +337,10 @@ class ProtoFacExplainer(RemovalExplainer):
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         super().__init__(model, fitted)
-        prototypes64 = self.prototypes_.double()
-        self.gram_ = prototypes64 @ prototypes64.T  # (k, k) float64, cached for the solvers
+        self.prototypes64_ = self.prototypes_.double()  # (k, m), cached for the solvers, which work in float64
+        self.gram_ = self.prototypes64_ @ self.prototypes64_.T  # (k, k)
+        self.ridged_gram_, tolerance = ridged_gram(self.gram_)  # (k, k), for the compiled solvers
+        self._tolerance = float(tolerance)
         with torch.inference_mode():
             device = model.device
             self.zero_logits_ = model.downstream(torch.zeros(1, *model.feature_shape, device=device))[0].float().cpu()
@@ -347,6 +354,10 @@ class ProtoFacExplainer(RemovalExplainer):
     def to(self, device):
         super().to(device)
         self.graphs_ = None  # captured on the old device: capture again
+        if self.gram_.device.type == "cpu":  # the compiled solvers' inputs, at load rather than in the first request
+            seconds = compile_kernels()
+            if seconds:
+                log.info("compiled ProtoFac's CPU solvers in %.2f s (cached for later processes where it can)", seconds)
         return self
 
     def declared_factors(self):
@@ -354,15 +365,43 @@ class ProtoFacExplainer(RemovalExplainer):
             return {**self.factors, "feature_scale_": (torch.float32, (1,))}
         return self.factors
 
-    def codes(self, features: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
+    def codes(self, features: torch.Tensor, oracle: torch.Tensor, *, compiled: bool | None = None) -> torch.Tensor:
         """The codes w (B, k) of activation rows (B, m) by the served protocol, row by row; ``oracle`` (B,)
-        int64, the model's predicted classes, is the paper protocol's oracle (unused by least squares)."""
-        if self.config.served_protocol == "paper":
+        int64, the model's predicted classes, is the paper protocol's oracle (unused by least squares).
+
+        ``compiled`` (default: on the CPU): the same steps as compiled row loops
+        (:mod:`handlers.solvers.compiled_rows`) instead of tensor ops, each of which costs the CPU its Python
+        call; not for the paper protocol through a head that is not affine, whose gradient comes from autograd."""
+        paper = self.config.served_protocol == "paper"
+        if compiled is None:
+            compiled = features.device.type == "cpu"
+        if compiled and not (paper and self.prototype_logits_ is None):
+            return self._compiled_codes(features, oracle)
+        if paper:
             with torch.inference_mode(False):
                 surrogate = surrogate_logits(self.model, self.prototypes_, self.prototype_logits_, self.zero_logits_)
-            return paper_codes(features, self.prototypes_, self.gram_, oracle, surrogate, self._feature_scale,
+            return paper_codes(features, self.prototypes64_, self.gram_, oracle, surrogate, self._feature_scale,
                                self.config)
         return simplex_least_squares(features, self.prototypes_, self.gram_, self.config.solver_steps)
+
+    def _compiled_codes(self, features: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
+        """:meth:`codes` on the CPU: the inputs of paper_codes / simplex_least_squares formed as they form them,
+        the steps by :func:`simplex_least_squares_rows` and :func:`paper_codes_rows`."""
+        gram, steps = self.ridged_gram_.numpy(), self.config.solver_steps
+        if self.config.served_protocol == "least_squares":
+            cross = (features @ self.prototypes_.T).double()
+            start = simplex_least_squares_rows(cross.numpy(), gram, steps, self._tolerance)
+            return torch.from_numpy(start).to(features.dtype)
+        features64 = features.double()
+        cross = (features64 @ self.prototypes64_.T).numpy()
+        start = simplex_least_squares_rows(cross, gram, steps, self._tolerance)
+        head, bias = self.prototype_logits_.double(), self.zero_logits_.double()
+        scale = self._feature_scale
+        w = paper_codes_rows(start, cross, features64.square().sum(1).numpy(), self.gram_.numpy(), head.numpy(),
+                             bias.numpy(), (self.config.lambda_ce * head.T).contiguous().numpy(),
+                             oracle.numpy().astype(np.int64), self.config.code_steps, self.config.lr_codes,
+                             self.config.lambda_r / scale, self.config.lambda_c, (1e-3 * scale) ** 2)
+        return torch.from_numpy(w).to(features.dtype)
 
     def capture_graphs(self, sizes: tuple[int, ...], capture: Capture) -> CaptureReport | None:
         """:meth:`codes` as one graph per batch size: on a GPU its solvers take a fixed number of steps

@@ -44,11 +44,9 @@ def active_set_codes(cross: torch.Tensor, gram: torch.Tensor, n_iter: int, *, si
     dtype = torch.float64  # the support's inverse is updated in place step after step
     b, k = cross.shape
     device = cross.device
-    scale = gram.diagonal().to(dtype).mean().clamp_min(1e-30)
-    tolerance = 1e-10 * scale
+    g, tolerance = ridged_gram(gram)
     eye = torch.eye(k, dtype=dtype, device=device)
     is_index = eye.bool()
-    g = gram.to(dtype) + tolerance * eye  # a ridge keeps G_SS invertible for collinear rows of H
     c = cross.to(dtype)
     rows = torch.arange(b, device=device)
     inverse = torch.zeros(b, k, k, dtype=dtype, device=device)  # G_SS⁻¹, zero off S
@@ -101,6 +99,14 @@ def active_set_codes(cross: torch.Tensor, gram: torch.Tensor, n_iter: int, *, si
         if stop_when_optimal and not bool((add | is_blocked).any()):
             break  # every row is optimal and would stay put: the remaining steps change nothing
     return w / w.sum(1, keepdim=True) if simplex else w
+
+
+def ridged_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G + tolerance·I in float64, tolerance), tolerance = 1e-10 × G's mean diagonal: the ridge keeps G_SS
+    invertible for collinear rows of H, and the tolerance is the solver's optimality test's."""
+    gram = gram.to(torch.float64)
+    tolerance = 1e-10 * gram.diagonal().mean().clamp_min(1e-30)
+    return gram + tolerance * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), tolerance
 
 
 def kkt_violation(w: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, *, simplex: bool) -> torch.Tensor:

@@ -1,0 +1,258 @@
+"""ProtoFac's codes on the CPU, row by row, compiled: the same steps as the batched tensor solvers.
+
+On a GPU the batched solvers (:func:`handlers.solvers.active_set.active_set_codes`,
+:func:`handlers.solvers.simplex.projected_adam`) run as one captured graph per batch size. On the
+CPU every tensor op costs its Python call (5-10 us) whatever its size, and a paper-protocol code
+takes about 1650 of them on (B, k) tensors of a few hundred numbers. These loops do the same
+arithmetic on one row at a time, compiled by numba (once per process, at load: :func:`compile_kernels`),
+so a batch costs what its flops cost. They follow the tensor solvers step by step, so a row's code
+agrees with theirs to float64 rounding (the tests check it); the tensor solvers stay the reference.
+
+The kernels take only float64 / int64 arrays and run on the calling thread (no parallel loops).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numba
+import numpy as np
+
+
+def _kernel(function):
+    """numba.njit, cached beside this file (or in NUMBA_CACHE_DIR) where it can be: a read-only install (a
+    container's root file system) compiles at every load instead. Division by zero gives inf or nan as in
+    the tensor solvers (numpy's error model), not an exception; the GIL is released while a kernel runs."""
+    options = {"nogil": True, "error_model": "numpy"}
+    try:
+        return numba.njit(cache=True, **options)(function)
+    except RuntimeError:  # numba found no writable cache directory
+        return numba.njit(**options)(function)
+
+_BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8  # projected_adam's
+
+
+@_kernel
+def _lerp(start, end, weight):
+    # torch.lerp's two branches, so an iterate rounds as the tensor solver's does
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)
+
+
+@_kernel
+def _simplex_least_squares_row(c, g, diagonal, n_iter, tolerance, w, inverse, support, z, s1, gradient, column):
+    """One row of active_set_codes(simplex=True, stop_when_optimal=True) into ``w``; the rest is scratch."""
+    k = len(c)
+    first = 0
+    for j in range(1, k):
+        if 0.5 * diagonal[j] - c[j] < 0.5 * diagonal[first] - c[first]:
+            first = j
+    w[:] = 0.0
+    w[first] = 1.0
+    inverse[:, :] = 0.0
+    inverse[first, first] = 1.0 / diagonal[first]
+    support[:] = False
+    support[first] = True
+    for _ in range(n_iter):
+        # z = G_SS⁻¹(c − μ1) with Σz = 1; the products by columns (G_SS⁻¹ is symmetric), so the inner loops vectorize
+        z[:] = 0.0
+        s1[:] = 0.0
+        for j in range(k):
+            if support[j]:
+                for i in range(k):
+                    z[i] += inverse[j, i] * c[j]
+                    s1[i] += inverse[j, i]
+        total_z = 0.0
+        total_s = 0.0
+        for i in range(k):
+            total_z += z[i]
+            total_s += s1[i]
+        shift = (1.0 - total_z) / total_s
+        for i in range(k):
+            z[i] = z[i] + s1[i] * shift
+        alpha = 1.0
+        leave = 0
+        blocked = False
+        for i in range(k):
+            if support[i] and z[i] < 0:
+                blocked = True
+                ratio = w[i] / (w[i] - z[i])
+                if ratio < alpha:
+                    alpha = ratio
+                    leave = i
+        for i in range(k):
+            w[i] = max(_lerp(w[i], z[i], alpha), 0.0)
+        for i in range(k):
+            gradient[i] = -c[i]
+        for j in range(k):
+            if w[j] != 0:  # a zero adds nothing to the sums
+                for i in range(k):
+                    gradient[i] += w[j] * g[j, i]
+        level = 0.0
+        size = 0
+        for i in range(k):
+            if support[i]:
+                level += gradient[i]
+                size += 1
+        level /= size
+        enter = -1
+        outside = np.inf
+        for i in range(k):
+            if not support[i] and gradient[i] < outside:
+                outside = gradient[i]
+                enter = i
+        add = not blocked and enter >= 0 and outside < level - tolerance
+        if blocked:  # remove ``leave`` from G_SS⁻¹
+            coefficient = 1.0 / -inverse[leave, leave]
+            for i in range(k):
+                column[i] = inverse[i, leave]
+            support[leave] = False
+        elif add:  # border G_SS⁻¹ with ``enter``
+            schur = diagonal[enter]
+            column[:] = 0.0
+            for j in range(k):
+                if support[j]:
+                    for i in range(k):
+                        column[i] += inverse[j, i] * g[enter, j]
+            for j in range(k):
+                schur -= g[enter, j] * column[j]
+            column[enter] -= 1.0
+            coefficient = 1.0 / schur
+            support[enter] = True
+        else:
+            break  # optimal: every further step would leave the row as it is
+        for i in range(k):
+            scaled = coefficient * column[i]
+            for j in range(k):
+                inverse[i, j] += scaled * column[j]
+        for i in range(k):
+            if not support[i]:
+                w[i] = 0.0
+    total = 0.0
+    for i in range(k):
+        total += w[i]
+    for i in range(k):
+        w[i] /= total
+
+
+@_kernel
+def simplex_least_squares_rows(cross, ridged_gram, n_iter, tolerance):
+    """(B, k) active_set_codes(cross, ·, n_iter, simplex=True) of ``cross`` (B, k), given the ridged Gram matrix
+    G + tolerance·I (k, k) and the tolerance, all float64."""
+    b, k = cross.shape
+    out = np.empty((b, k))
+    diagonal = np.diag(ridged_gram).copy()
+    inverse = np.empty((k, k))
+    support = np.empty(k, dtype=np.bool_)
+    z, s1, gradient, column = np.empty(k), np.empty(k), np.empty(k), np.empty(k)
+    for r in range(b):
+        _simplex_least_squares_row(cross[r], ridged_gram, diagonal, n_iter, tolerance, out[r], inverse, support,
+                                   z, s1, gradient, column)
+    return out
+
+
+@_kernel
+def _project_to_simplex(v, u):
+    """v onto the simplex in place (project_to_simplex's rule); u: scratch of v's size.
+
+    The shift is max_j θ_j, θ_j = (sum of the j largest − 1) / j, and θ rises exactly while the next largest
+    entry exceeds it (Condat 2016): the largest entries are picked one at a time until it stops rising, so a
+    projection onto a few vertices costs a few passes, not a sort."""
+    k = len(v)
+    u[:] = v
+    cumulative = 0.0
+    shift = -np.inf
+    for j in range(k):
+        largest = np.argmax(u)
+        cumulative += u[largest]
+        u[largest] = -np.inf
+        theta = (cumulative - 1.0) / (j + 1)
+        if theta <= shift:
+            break
+        shift = theta
+    for j in range(k):
+        v[j] = max(v[j] - shift, 0.0)
+
+
+@_kernel
+def paper_codes_rows(start, cross, energy, gram, head, bias, ce_head_t, oracle, n_steps, lr, reconstruction_weight,
+                     concentration_weight, smoothing):
+    """(B, k) ProtoFac's paper-protocol codes through an affine head: projected Adam from ``start`` (B, k) on
+    eq. 4 row by row, with the gradient of paper_codes' AffineSurrogate branch.
+
+    cross (B, k) aHᵀ, energy (B,) ‖a‖², gram (k, k) HHᵀ, head (k, K), bias (K,), ce_head_t (K, k) λ_ce headᵀ,
+    oracle (B,) int64; the weights λ_r / ā and λ_c; smoothing (1e-3 ā)². The products run by columns
+    (the inner loops vectorize)."""
+    b, k = start.shape
+    classes = len(bias)
+    out = start.copy()
+    first, second = np.empty(k), np.empty(k)
+    gradient, to_cross, logits, scratch = np.empty(k), np.empty(k), np.empty(classes), np.empty(k)
+    # each step's constants as torch.optim.Adam's Python floats (math.pow: C's pow, as Python's **)
+    values, corrections = np.empty(n_steps + 1), np.empty(n_steps + 1)
+    for step in range(1, n_steps + 1):
+        values[step] = -lr / (1 - math.pow(_BETA1, step))
+        corrections[step] = math.sqrt(1 - math.pow(_BETA2, step))
+    for r in range(b):
+        w = out[r]
+        first[:] = 0.0
+        second[:] = 0.0
+        for step in range(1, n_steps + 1):
+            # eq. 2: (softmax(w head + bias) − onehot) λ_ce headᵀ
+            logits[:] = bias
+            for i in range(k):
+                if w[i] != 0:  # codes are sparse; a zero adds nothing to these sums
+                    for t in range(classes):
+                        logits[t] += w[i] * head[i, t]
+            top = logits.max()
+            normalizer = 0.0
+            for t in range(classes):
+                logits[t] = math.exp(logits[t] - top)
+                normalizer += logits[t]
+            for t in range(classes):
+                logits[t] = logits[t] / normalizer
+            logits[oracle[r]] -= 1.0
+            gradient[:] = 0.0
+            for t in range(classes):
+                for i in range(k):
+                    gradient[i] += logits[t] * ce_head_t[t, i]
+            # eq. 1: λ_r / ā (wG − c) / ‖a − wH‖, smoothed
+            for i in range(k):
+                to_cross[i] = -cross[r, i]
+            for j in range(k):
+                if w[j] != 0:
+                    for i in range(k):
+                        to_cross[i] += w[j] * gram[j, i]
+            raw = energy[r]
+            for i in range(k):
+                raw += w[i] * (to_cross[i] - cross[r, i])
+            factor = 1.0 / math.sqrt(raw + smoothing) if raw >= 0 else 0.0
+            # eq. 3: 2 λ_c (w − e_argmax)
+            top_index = np.argmax(w)
+            for i in range(k):
+                vertex = w[i] - 1.0 if i == top_index else w[i]
+                gradient[i] = (gradient[i] + reconstruction_weight * to_cross[i] * factor
+                               + 2 * concentration_weight * vertex)
+            value, correction = values[step], corrections[step]
+            for i in range(k):
+                first[i] = _lerp(first[i], gradient[i], 1 - _BETA1)
+                second[i] = second[i] * _BETA2 + (1 - _BETA2) * gradient[i] * gradient[i]
+                w[i] = w[i] + value * (first[i] / (math.sqrt(second[i]) / correction + _EPS))
+            _project_to_simplex(w, scratch)
+    return out
+
+
+def compile_kernels() -> float:
+    """Compile the kernels for float64 / int64 arrays (numba compiles on first call; a server calls this at
+    load, never in a request). Returns the seconds it took (0 once compiled)."""
+    if simplex_least_squares_rows.signatures and paper_codes_rows.signatures:
+        return 0.0
+    begin = time.perf_counter()
+    k, classes = 2, 2
+    cross, gram = np.ones((1, k)), np.eye(k)
+    start = simplex_least_squares_rows(cross, gram, 1, 1e-10)
+    paper_codes_rows(start, cross, np.ones(1), gram, np.ones((k, classes)), np.zeros(classes), np.ones((classes, k)),
+                     np.zeros(1, dtype=np.int64), 1, 0.01, 1.0, 0.1, 1e-6)
+    return time.perf_counter() - begin

@@ -349,6 +349,12 @@ class ProtoFacExplainer(RemovalExplainer):
         self.prototype_logits_ = affine_prototype_logits(model, self.prototypes_)  # (k, K) or None
         # ā on the host: reading it from a device tensor in every request would synchronize.
         self._feature_scale = float(self.feature_scale_[0]) if self.config.served_protocol == "paper" else None
+        if self.prototype_logits_ is not None:  # the affine surrogate in float64, for the compiled solvers
+            self.head64_ = self.prototype_logits_.double()  # (k, K)
+            self.ce_head64_t_ = (self.config.lambda_ce * self.head64_.T).contiguous()  # (K, k)
+            self.zero_logits64_ = self.zero_logits_.double()  # (K,)
+        # Each prototype's activation mass at each position of a grid layer (k, P), for the heatmaps.
+        self.prototype_mass_ = self.prototypes_.reshape(len(self.prototypes_), model.feature_shape[0], -1).sum(1)
         self.graphs_: BucketGraphs | None = None  # codes() per batch size, on a GPU (capture_graphs)
 
     def to(self, device):
@@ -395,10 +401,9 @@ class ProtoFacExplainer(RemovalExplainer):
         features64 = features.double()
         cross = (features64 @ self.prototypes64_.T).numpy()
         start = simplex_least_squares_rows(cross, gram, steps, self._tolerance)
-        head, bias = self.prototype_logits_.double(), self.zero_logits_.double()
         scale = self._feature_scale
-        w = paper_codes_rows(start, cross, features64.square().sum(1).numpy(), self.gram_.numpy(), head.numpy(),
-                             bias.numpy(), (self.config.lambda_ce * head.T).contiguous().numpy(),
+        w = paper_codes_rows(start, cross, features64.square().sum(1).numpy(), self.gram_.numpy(),
+                             self.head64_.numpy(), self.zero_logits64_.numpy(), self.ce_head64_t_.numpy(),
                              oracle.numpy().astype(np.int64), self.config.code_steps, self.config.lr_codes,
                              self.config.lambda_r / scale, self.config.lambda_c, (1e-3 * scale) ** 2)
         return torch.from_numpy(w).to(features.dtype)
@@ -466,8 +471,7 @@ class ProtoFacExplainer(RemovalExplainer):
         b, k = w.shape
         grid = batch.features.shape[2:]
         if grid:
-            mass = self.prototypes_.reshape(k, batch.features.shape[1], -1).sum(1)  # (k, P)
-            share = w.unsqueeze(2) * mass  # (B, k, P)
+            share = w.unsqueeze(2) * self.prototype_mass_  # (B, k, P)
             share = share / share.sum((1, 2), keepdim=True).clamp_min(1e-30)
             return share.reshape(b, k, *((1, *grid) if len(grid) == 1 else grid))
         if batch.inputs.dim() == 3:

@@ -241,16 +241,18 @@ def test_compiled_codes_are_the_tensor_solvers_codes(mnist_parts, small_fit, mni
         features = torch.cat([features, prototypes[:2], 2 * prototypes[2:3], torch.zeros_like(features[:1]),
                               1e4 * features[:1]])
         oracle = torch.arange(len(features)) % mnist_parts.num_classes
-        compiled = explainer.codes(features, oracle)
-        tensor = explainer.codes(features, oracle, compiled=False)
-        alone = torch.cat([explainer.codes(features[i:i + 1], oracle[i:i + 1]) for i in range(len(features))])
-    assert compiled.dtype == tensor.dtype == torch.float32
-    assert torch.allclose(compiled, tensor, rtol=0, atol=1e-6), (compiled - tensor).abs().max()
-    # Least squares forms aHᵀ in float32, as the tensor solver does, so a row's rounding depends on the batch's shape.
-    assert torch.allclose(alone, compiled, rtol=0, atol=1e-6 if protocol == "paper" else 1e-5)
-    assert (compiled >= 0).all() and torch.allclose(compiled.sum(1), torch.ones(len(compiled)), atol=1e-6)
+
+        def codes(rows, oracle, **kwargs):
+            return explainer.codes(*protofac_online.code_terms(rows, prototypes), oracle, **kwargs)
+        compiled = codes(features, oracle)
+        tensor = codes(features, oracle, compiled=False)
+        alone = torch.cat([codes(features[i:i + 1], oracle[i:i + 1]) for i in range(len(features))])
+    assert compiled.dtype == tensor.dtype == torch.float64
+    assert torch.allclose(compiled, tensor, rtol=0, atol=1e-9), (compiled - tensor).abs().max()
+    assert torch.allclose(alone, compiled, rtol=0, atol=1e-6), (alone - compiled).abs().max()
+    assert (compiled >= 0).all() and torch.allclose(compiled.sum(1), torch.ones(len(compiled), dtype=torch.float64), atol=1e-12)
     if protocol == "paper":  # the oracle matters: another class, other codes
-        other = explainer.codes(features[:24], (oracle[:24] + 1) % mnist_parts.num_classes)
+        other = codes(features[:24], (oracle[:24] + 1) % mnist_parts.num_classes)
         assert not torch.allclose(other, compiled[:24], atol=1e-3)
 
 

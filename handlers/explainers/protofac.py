@@ -47,7 +47,8 @@ protocols (``served_protocol`` chooses the one served; the fit report measures b
     w = argmin_{w ∈ Δ_k} ‖a − w H‖²,
 
   found by a fixed number of primal active-set steps (:func:`simplex_least_squares`, the Gram
-  matrix cached), exact once each row's support is found; the report says on what share of
+  matrix cached; served from aHᵀ in float64, as the paper protocol), exact once each row's support
+  is found; the report says on what share of
   held-out rows it had converged in that many steps. Archives written before ``served_protocol``
   existed serve this one, as they were fitted and reported with it.
 
@@ -67,7 +68,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,12 +82,7 @@ from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers.active_set import active_set_codes, ridged_gram
 from handlers.solvers.compiled_rows import compile_kernels, paper_codes_rows, simplex_least_squares_rows
-from handlers.solvers.simplex import (
-    autograd_gradient,
-    projected_adam,
-    simplex_least_squares,
-    vertex_distance,
-)
+from handlers.solvers.simplex import autograd_gradient, projected_adam, vertex_distance
 
 NAME = "protofac"
 PROTOCOLS = ("paper", "least_squares")
@@ -233,6 +228,15 @@ class AffineSurrogate:
         return w @ self.head + self.bias
 
 
+def code_terms(features: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-sized terms the codes are solved from, in float64: (aHᵀ (B, k), ‖a‖² (B,)) of rows a (B, m) and
+    prototypes H (k, m). In float64 because ‖a − wH‖² = ‖a‖² − 2 w·aHᵀ + wHHᵀwᵀ is a difference of terms about
+    ‖a‖², nearly equal when the input is close to the prototypes' hull, and Adam's normalized steps would turn
+    a row's rounding (which depends on the batch's shape in a float32 product) into steps of full size."""
+    features64 = features.double()
+    return features64 @ prototypes.double().T, features64.square().sum(1)
+
+
 def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Tensor, oracle: torch.Tensor,
                 surrogate: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor | float,
                 config: ProtoFacConfig, start: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,17 +255,20 @@ def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Te
 
     Returns
     -------
-    Tensor of shape (B, k) on the simplex. Each row depends on its own input only.
+    Tensor of shape (B, k) on the simplex, of ``features``' dtype. Each row depends on its own input only.
     """
-    # Inference tensors cannot be saved for backward: the k-sized quantities are made outside inference
-    # mode. In float64: ‖a − wH‖² below is a difference of terms about ‖a‖², nearly equal when the
-    # input is close to the prototypes' hull, and Adam's normalized steps would turn a row's rounding
-    # (which depends on the batch's shape in a float32 product) into steps of full size.
+    cross, energy = code_terms(features, prototypes)
+    return paper_codes_of_terms(cross, energy, gram, oracle, surrogate, scale, config, start).to(features.dtype)
+
+
+def paper_codes_of_terms(cross: torch.Tensor, energy: torch.Tensor, gram: torch.Tensor, oracle: torch.Tensor,
+                         surrogate: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor | float,
+                         config: ProtoFacConfig, start: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`paper_codes` from the rows' terms (:func:`code_terms`): cross (B, k) aHᵀ and energy (B,) ‖a‖², float64.
+    Returns (B, k) float64."""
+    # Inference tensors cannot be saved for backward: the k-sized quantities are copied outside inference mode.
     with torch.inference_mode(False), torch.enable_grad():
-        features64 = features.double()
-        cross = features64 @ prototypes.double().T  # (B, k)
-        energy = features64.square().sum(1)  # (B,)
-        gram, oracle = gram.double(), oracle.clone()
+        cross, energy, gram, oracle = cross.double().clone(), energy.double().clone(), gram.double(), oracle.clone()
         if start is None:
             start = active_set_codes(cross, gram, config.solver_steps, simplex=True)
         start = start.double()
@@ -284,7 +291,7 @@ def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Te
             ce_head_t = config.lambda_ce * head.T  # (K, k)
             # (one_hot would check the classes' range on the host, a synchronization a graph cannot hold)
             target = (oracle[:, None] == torch.arange(len(bias), device=oracle.device)).double()
-            rows = torch.arange(len(features), device=features.device)
+            rows = torch.arange(len(cross), device=cross.device)
             reconstruction_weight = config.lambda_r / float(scale)
 
             def gradient_of(w):  # ∂/∂w of loss(w), term by term
@@ -299,7 +306,7 @@ def paper_codes(features: torch.Tensor, prototypes: torch.Tensor, gram: torch.Te
                 return gradient.add_(w.index_put((rows, top.indices), top.values - 1), alpha=2 * config.lambda_c)
         else:
             gradient_of = autograd_gradient(loss)
-        return projected_adam(start, gradient_of, config.code_steps, config.lr_codes).to(features.dtype)
+        return projected_adam(start, gradient_of, config.code_steps, config.lr_codes)
 
 
 def surrogate_logits(parts: ModelParts, prototypes: torch.Tensor, prototype_logits: torch.Tensor | None,
@@ -371,42 +378,38 @@ class ProtoFacExplainer(RemovalExplainer):
             return {**self.factors, "feature_scale_": (torch.float32, (1,))}
         return self.factors
 
-    def codes(self, features: torch.Tensor, oracle: torch.Tensor, *, compiled: bool | None = None) -> torch.Tensor:
-        """The codes w (B, k) of activation rows (B, m) by the served protocol, row by row; ``oracle`` (B,)
-        int64, the model's predicted classes, is the paper protocol's oracle (unused by least squares).
+    def codes(self, cross: torch.Tensor, energy: torch.Tensor, oracle: torch.Tensor, *,
+              compiled: bool | None = None) -> torch.Tensor:
+        """The codes w (B, k) float64 by the served protocol, row by row, from the rows' terms (:func:`code_terms`:
+        cross (B, k) aHᵀ and energy (B,) ‖a‖², float64); ``oracle`` (B,) int64, the model's predicted classes, is
+        the paper protocol's oracle (unused by least squares).
 
         ``compiled`` (default: on the CPU): the same steps as compiled row loops
         (:mod:`handlers.solvers.compiled_rows`) instead of tensor ops, each of which costs the CPU its Python
         call; not for the paper protocol through a head that is not affine, whose gradient comes from autograd."""
         paper = self.config.served_protocol == "paper"
         if compiled is None:
-            compiled = features.device.type == "cpu"
+            compiled = cross.device.type == "cpu"
         if compiled and not (paper and self.prototype_logits_ is None):
-            return self._compiled_codes(features, oracle)
-        if paper:
-            with torch.inference_mode(False):
-                surrogate = surrogate_logits(self.model, self.prototypes_, self.prototype_logits_, self.zero_logits_)
-            return paper_codes(features, self.prototypes64_, self.gram_, oracle, surrogate, self._feature_scale,
-                               self.config)
-        return simplex_least_squares(features, self.prototypes_, self.gram_, self.config.solver_steps)
+            return self._compiled_codes(cross, energy, oracle)
+        if not paper:
+            return active_set_codes(cross, self.gram_, self.config.solver_steps, simplex=True)
+        with torch.inference_mode(False):
+            surrogate = surrogate_logits(self.model, self.prototypes_, self.prototype_logits_, self.zero_logits_)
+        return paper_codes_of_terms(cross, energy, self.gram_, oracle, surrogate, self._feature_scale, self.config)
 
-    def _compiled_codes(self, features: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
-        """:meth:`codes` on the CPU: the inputs of paper_codes / simplex_least_squares formed as they form them,
-        the steps by :func:`simplex_least_squares_rows` and :func:`paper_codes_rows`."""
-        gram, steps = self.ridged_gram_.numpy(), self.config.solver_steps
+    def _compiled_codes(self, cross: torch.Tensor, energy: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
+        """:meth:`codes` on the CPU, by :func:`simplex_least_squares_rows` and :func:`paper_codes_rows`."""
+        cross = cross.numpy()
+        start = simplex_least_squares_rows(cross, self.ridged_gram_.numpy(), self.config.solver_steps, self._tolerance)
         if self.config.served_protocol == "least_squares":
-            cross = (features @ self.prototypes_.T).double()
-            start = simplex_least_squares_rows(cross.numpy(), gram, steps, self._tolerance)
-            return torch.from_numpy(start).to(features.dtype)
-        features64 = features.double()
-        cross = (features64 @ self.prototypes64_.T).numpy()
-        start = simplex_least_squares_rows(cross, gram, steps, self._tolerance)
+            return torch.from_numpy(start)
         scale = self._feature_scale
-        w = paper_codes_rows(start, cross, features64.square().sum(1).numpy(), self.gram_.numpy(),
-                             self.head64_.numpy(), self.zero_logits64_.numpy(), self.ce_head64_t_.numpy(),
-                             oracle.numpy().astype(np.int64), self.config.code_steps, self.config.lr_codes,
-                             self.config.lambda_r / scale, self.config.lambda_c, (1e-3 * scale) ** 2)
-        return torch.from_numpy(w).to(features.dtype)
+        w = paper_codes_rows(start, cross, energy.numpy(), self.gram_.numpy(), self.head64_.numpy(),
+                             self.zero_logits64_.numpy(), self.ce_head64_t_.numpy(), oracle.numpy(),
+                             self.config.code_steps, self.config.lr_codes, self.config.lambda_r / scale,
+                             self.config.lambda_c, (1e-3 * scale) ** 2)
+        return torch.from_numpy(w)
 
     def capture_graphs(self, sizes: tuple[int, ...], capture: Capture) -> CaptureReport | None:
         """:meth:`codes` as one graph per batch size: on a GPU its solvers take a fixed number of steps
@@ -426,22 +429,24 @@ class ProtoFacExplainer(RemovalExplainer):
         rows = rows + 0.1 * scale * torch.rand(n, m, generator=generator).to(rows)
         oracle = torch.arange(n, device=rows.device) % self.model.num_classes
         graphs = BucketGraphs(self.codes, capture)
-        report = graphs.capture_buckets((rows, oracle), sizes)
+        report = graphs.capture_buckets((*code_terms(rows, self.prototypes64_), oracle), sizes)
         self.graphs_ = graphs
         return report
 
     def encode_batch(self, batch: ExplainBatch) -> Codes:
-        features = activation_rows(batch.features)  # (B, m)
-        b, k = len(features), len(self.prototypes_)
+        cross, energy = code_terms(activation_rows(batch.features), self.prototypes64_)  # (B, k), (B,)
+        b, k = cross.shape
         oracle = batch.logits.detach().argmax(1)  # the model's own prediction
-        w = (self.graphs_ or self.codes)(features, oracle)  # (B, k)
-        energy = features.square().sum(1)
-        unexplained = (features - w @ self.prototypes_).square().sum(1)
+        w64 = (self.graphs_ or self.codes)(cross, energy, oracle)  # (B, k)
+        # ‖a − wH‖² = ‖a‖² + w·(wHHᵀ − 2 aHᵀ), from the solvers' terms: no m-sized product.
+        unexplained = torch.baddbmm(energy[:, None, None], w64.unsqueeze(1),
+                                    torch.addmm(cross, w64, self.gram_, beta=-2).unsqueeze(2))[:, 0, 0].clamp_min(0)
+        w = w64.float()
         return Codes(
             component_index=torch.arange(k, device=w.device).expand(b, k),
             weight=w,
             residual_share=torch.where(energy > 0, unexplained / energy.clamp_min(1e-30),
-                                       torch.zeros_like(energy)).clamp(0, 1),
+                                       torch.zeros_like(energy)).clamp(0, 1).float(),
             heatmaps=self._heatmaps(batch, w) if batch.heatmaps else None,
         )
 

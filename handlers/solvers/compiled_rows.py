@@ -19,6 +19,8 @@ import time
 import numba
 import numpy as np
 
+_BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8  # projected_adam's
+
 
 def _kernel(function):
     """numba.njit, cached beside this file (or in NUMBA_CACHE_DIR) where it can be: a read-only install (a
@@ -29,8 +31,6 @@ def _kernel(function):
         return numba.njit(cache=True, **options)(function)
     except RuntimeError:  # numba found no writable cache directory
         return numba.njit(**options)(function)
-
-_BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8  # projected_adam's
 
 
 @_kernel
@@ -56,7 +56,7 @@ def _simplex_least_squares_row(c, g, diagonal, n_iter, tolerance, w, inverse, su
     support[:] = False
     support[first] = True
     for _ in range(n_iter):
-        # z = G_SS⁻¹(c − μ1) with Σz = 1; the products by columns (G_SS⁻¹ is symmetric), so the inner loops vectorize
+        # z = G_SS⁻¹(c − μ1) with Σz = 1; the products by columns (G_SS⁻¹ is symmetric): contiguous inner loops
         z[:] = 0.0
         s1[:] = 0.0
         for j in range(k):
@@ -184,7 +184,7 @@ def paper_codes_rows(start, cross, energy, gram, head, bias, ce_head_t, oracle, 
 
     cross (B, k) aHᵀ, energy (B,) ‖a‖², gram (k, k) HHᵀ, head (k, K), bias (K,), ce_head_t (K, k) λ_ce headᵀ,
     oracle (B,) int64; the weights λ_r / ā and λ_c; smoothing (1e-3 ā)². The products run by columns
-    (the inner loops vectorize)."""
+    (contiguous inner loops) and skip a code's zeros, which add nothing."""
     b, k = start.shape
     classes = len(bias)
     out = start.copy()

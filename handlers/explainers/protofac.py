@@ -370,7 +370,7 @@ class ProtoFacExplainer(RemovalExplainer):
         if self.gram_.device.type == "cpu":  # the compiled solvers' inputs, at load rather than in the first request
             seconds = compile_kernels()
             if seconds:
-                log.info("compiled ProtoFac's CPU solvers in %.2f s (cached for later processes where it can)", seconds)
+                log.info("ProtoFac's CPU solvers ready in %.2f s (compiled, or read from numba's cache)", seconds)
         return self
 
     def declared_factors(self):

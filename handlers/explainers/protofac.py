@@ -47,7 +47,7 @@ protocols (``served_protocol`` chooses the one served; the fit report measures b
     w = argmin_{w ∈ Δ_k} ‖a − w H‖²,
 
   found by a fixed number of primal active-set steps (:func:`simplex_least_squares`, the Gram
-  matrix cached; served from aHᵀ in float64, as the paper protocol), exact once each row's support
+  matrix cached, aHᵀ in float64 as for the paper protocol), exact once each row's support
   is found; the report says on what share of
   held-out rows it had converged in that many steps. Archives written before ``served_protocol``
   existed serve this one, as they were fitted and reported with it.

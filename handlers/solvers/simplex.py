@@ -120,7 +120,9 @@ def simplex_least_squares(features: torch.Tensor, prototypes: torch.Tensor, gram
     -------
     Tensor of shape (B, k) on the simplex, of ``features``' dtype.
     """
-    w = active_set_codes(features @ prototypes.T, gram, n_iter, simplex=True, stop_when_optimal=stop_when_optimal)
+    # aHᵀ in float64, as ProtoFac serves it: a float32 product rounds each row by the batch's shape.
+    cross = features.double() @ prototypes.double().T
+    w = active_set_codes(cross, gram, n_iter, simplex=True, stop_when_optimal=stop_when_optimal)
     return w.to(features.dtype)
 
 

@@ -564,21 +564,22 @@ def _issuing_line(frame) -> str | None:
 def gpu_path():
     """The CPU runs what a GPU runs: the active-set solvers take every step instead of stopping once
     every row is optimal (``stop_when_optimal`` defaults to True on the CPU only, since on a GPU the
-    test would synchronize with the host at every step), ProtoFac's codes come from the tensor solvers rather
-    than the CPU's compiled row loops (``compiled``), and Grad-CAM rules' patch search takes the fewest
-    launches (``fewest_launches``, the default on a GPU only). Set through the functions' defaults, so every
-    caller gets it; restored on exit."""
-    from handlers.explainers import gradcam_rules, protofac
-    from handlers.solvers import active_set, simplex
+    test would synchronize with the host at every step), ProtoFac's codes and coupled NMF's fold-in and
+    removals come from the tensor solvers rather than the CPU's compiled row loops
+    (``compiled_rows.serve_on_cpu``), and Grad-CAM rules' patch search takes the fewest launches
+    (``fewest_launches``, the default on a GPU only). Set through the functions' defaults and that switch, so
+    every caller gets it; restored on exit."""
+    from handlers.explainers import gradcam_rules
+    from handlers.solvers import active_set, compiled_rows, simplex
 
     changed = [(active_set.active_set_codes.__kwdefaults__, "stop_when_optimal", False),
-               (protofac.ProtoFacExplainer.codes.__kwdefaults__, "compiled", False),
                (gradcam_rules.scan_patches.__kwdefaults__, "fewest_launches", True)]
     saved = [dict(kwdefaults) for kwdefaults, _, _ in changed]
     defaults = simplex.simplex_least_squares.__defaults__
     for kwdefaults, name, value in changed:
         kwdefaults[name] = value
     simplex.simplex_least_squares.__defaults__ = (False,)
+    compiled_rows.serve_on_cpu = False
     try:
         yield
     finally:
@@ -586,6 +587,7 @@ def gpu_path():
             kwdefaults.clear()
             kwdefaults.update(before)
         simplex.simplex_least_squares.__defaults__ = defaults
+        compiled_rows.serve_on_cpu = True
 
 
 def count_stage_ops(model: ModelRuntime, method: str, items: list[ExplainItem], heatmaps: str = "feature_grid",

@@ -20,6 +20,7 @@ from handlers.device_graphs import eager_replay
 from handlers.explainers.coupled_nmf import CoupledNMFConfig, CoupledNMFExplainer
 from handlers.fitting import coupled_nmf
 from handlers.runtime import ExplainItem, ModelRuntime
+from handlers.solvers import compiled_rows
 
 D = 6  # concepts in the small test fit
 FAST = CoupledNMFConfig(n_concepts=D, n_probe=500, max_iter=40)
@@ -130,7 +131,8 @@ def test_weights_residual_share_and_heatmaps(explainer, batch):
     masks = explainer.pixel_factors_[0].T.reshape(D, 28, 28)
     assert torch.allclose(e.heatmaps, e.weight[:, :, None, None] * masks, atol=1e-6)
     with torch.inference_mode():
-        f, share, views = explainer.encode(x, batch[1])
+        f, share = explainer.encode(x, batch[1])
+        views = explainer.stacked_views(x, batch[1])
     assert torch.equal(f, e.weight) and torch.equal(share, e.residual_share)
     reconstruction = f @ explainer.dictionary_
     assert torch.allclose(e.heatmaps.sum(1).flatten(1) / explainer.view_scales_[0], reconstruction[:, :784], atol=1e-5)
@@ -141,7 +143,8 @@ def test_weights_residual_share_and_heatmaps(explainer, batch):
 def test_fold_in_solves_the_stated_least_squares(explainer, fitted, mnist_parts, batch):
     x, features, _ = batch
     with torch.inference_mode():
-        f, _, views = explainer.encode(x[:8], features[:8])
+        f, _ = explainer.encode(x[:8], features[:8])
+        views = explainer.stacked_views(x[:8], features[:8])
     assert fitted.hyperparameters["fold_in_solver"] == "active_set"
     dictionary = explainer.dictionary_.double().numpy()
     for got, view in zip(f, views):
@@ -160,6 +163,31 @@ def test_fold_in_solves_the_stated_least_squares(explainer, fitted, mnist_parts,
     with torch.inference_mode():
         for n in (1, 3, 8):
             assert torch.allclose(older.encode(x[:n], features[:n])[0], swept[:n], rtol=1e-5, atol=1e-6), n
+
+
+@pytest.fixture
+def tensor_path(monkeypatch):
+    """What a GPU runs, here on the CPU: the tensor solvers instead of the compiled row loops."""
+    monkeypatch.setattr(compiled_rows, "serve_on_cpu", False)
+
+
+def test_the_cpu_kernels_answer_as_the_tensor_solvers(explainer, mnist_parts, batch, request):
+    """What the CPU serves (the compiled fold-in and removals) against the tensor ops a GPU runs: held-out digits,
+    a blank input and a 1e4x input, every concept removed alone, two sets and all at once."""
+    x = torch.cat([batch[0][:16], torch.zeros_like(batch[0][:1]), 1e4 * batch[0][:1]])
+    with torch.inference_mode():
+        features = mnist_parts.upstream(x)
+        logits = mnist_parts.downstream(features)
+    sets = [[0], [1, 3], list(range(D))]
+    served = _explain(explainer, (x, features, logits), sets)
+    request.getfixturevalue("tensor_path")
+    reference = _explain(explainer, (x, features, logits), sets)
+    assert (served.weight == 0).any() and (served.weight > 0).any()  # codes on the orthant's faces and inside
+    torch.testing.assert_close(served.weight, reference.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(served.residual_share, reference.residual_share, rtol=0, atol=1e-6)
+    torch.testing.assert_close(served.contribution, reference.contribution, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(served.intervened_logits, reference.intervened_logits, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(served.intervened_logits[:, 2], logits[:, None].expand_as(served.intervened_logits)[:, 2])
 
 
 def test_removing_a_concept_changes_the_target_logit_by_its_contribution(explainer, fitted, mnist_parts, batch):
@@ -195,7 +223,7 @@ def test_nearest_probes_of_a_probe_example_is_itself(explainer, fitted, mnist_pa
     index = fitted.factors["probe_index_"][:40]
     x = mnist_fit_data.x_train[index]
     with torch.inference_mode():
-        f, _, _ = explainer.encode(x, mnist_parts.upstream(x))
+        f, _ = explainer.encode(x, mnist_parts.upstream(x))
     ids, distance = explainer.nearest_probes(f, 3)
     assert ids.shape == distance.shape == (40, 3)
     assert (distance[:, 0] < 1e-4).all() and (ids[:, 0] == index).float().mean() >= 0.9
@@ -253,7 +281,7 @@ def test_the_fold_in_reads_the_views_the_fit_read(guarded, mnist_parts, batch):
     assert explainer.pooled == [True, True, False]
     with torch.inference_mode():
         _, *taps = explainer.tapped_upstream(x)
-        _, _, views = explainer.encode(x, features, taps)
+        views = explainer.stacked_views(x, features, taps)
         a2, a6 = mnist_parts.upstream.with_taps(["features_2", "features_6"], torch.clone)(x)[1:]
     assert [t.shape for t in taps] == [(32, 32), (32, 64)]
     assert torch.allclose(taps[0], a2.mean((2, 3))) and torch.allclose(taps[1], a6.mean((2, 3)))
@@ -408,7 +436,7 @@ def _neighbours_by_hand(explainer, parts, x: torch.Tensor) -> tuple[np.ndarray, 
                 for j in range(len(explainer.config.layers)))]
     dictionary = torch.cat(blocks).double().numpy()  # (T, d)
     with torch.inference_mode():
-        view = explainer.encode(x[None], parts.upstream(x[None]))[2][0].double().numpy()
+        view = explainer.stacked_views(x[None], parts.upstream(x[None]))[0].double().numpy()
     f, _ = nnls(dictionary, view)
     probes = explainer.probe_codes_.double().numpy()
     cosine = probes @ f / (np.linalg.norm(probes, axis=1) * np.linalg.norm(f))

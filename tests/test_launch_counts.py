@@ -10,9 +10,8 @@ from bench.run import EXPLAIN_STAGE_OPS_GOAL, OpCounter, count_stage_ops, counte
 from handlers.archive import read_archive
 from handlers.device_graphs import eager_replay
 from handlers.explainers import gradcam_rules
-from handlers.explainers.protofac import ProtoFacExplainer
 from handlers.runtime import ExplainItem, ModelRuntime
-from handlers.solvers import active_set, simplex
+from handlers.solvers import active_set, compiled_rows, simplex
 
 
 def test_op_counter_counts_launches_not_views():
@@ -27,7 +26,7 @@ def test_op_counter_counts_launches_not_views():
 
 def _defaults():
     return (dict(active_set.active_set_codes.__kwdefaults__), simplex.simplex_least_squares.__defaults__,
-            dict(gradcam_rules.scan_patches.__kwdefaults__), dict(ProtoFacExplainer.codes.__kwdefaults__))
+            dict(gradcam_rules.scan_patches.__kwdefaults__), compiled_rows.serve_on_cpu)
 
 
 def test_gpu_path_sets_the_defaults_and_restores_them():
@@ -35,7 +34,7 @@ def test_gpu_path_sets_the_defaults_and_restores_them():
     with pytest.raises(RuntimeError, match="inside"), gpu_path():
         assert active_set.active_set_codes.__kwdefaults__["stop_when_optimal"] is False
         assert simplex.simplex_least_squares.__defaults__ == (False,)
-        assert ProtoFacExplainer.codes.__kwdefaults__["compiled"] is False
+        assert compiled_rows.serve_on_cpu is False
         assert gradcam_rules.scan_patches.__kwdefaults__["fewest_launches"] is True
         raise RuntimeError("inside")
     assert _defaults() == before
@@ -54,8 +53,9 @@ def test_explain_stage_launches(demo_store, mnist_fit_data):
     for method in ("protonmf", "srae", "coupled_nmf", "gradcam_rules"):
         assert gpu[method] <= EXPLAIN_STAGE_OPS_GOAL, (method, gpu)
     # The GPU path is another path: Grad-CAM rules' search takes fewer launches there, and ProtoFac's solvers
-    # are tensor ops taking every step instead of compiled row loops.
+    # and coupled NMF's fold-in and removals are tensor ops instead of compiled row loops.
     assert gpu["gradcam_rules"] < cpu["gradcam_rules"] and gpu["protofac"] > cpu["protofac"]
+    assert gpu["coupled_nmf"] > cpu["coupled_nmf"]
     assert gpu["protonmf"] == cpu["protonmf"] and gpu["srae"] == cpu["srae"]
 
 

@@ -199,22 +199,25 @@ def test_the_closed_form_gradient_of_an_affine_surrogate_is_autograds():
             features, prototypes, gram, oracle, affine, scale, dataclasses.replace(config, code_steps=1)))
 
 
+@pytest.mark.parametrize("simplex", [True, False], ids=["simplex", "orthant"])
 @pytest.mark.parametrize("k", [1, 3, 30])
-def test_the_compiled_active_set_takes_the_tensor_solvers_steps(k):
-    """simplex_least_squares_rows against active_set_codes (the reference), step for step, on inputs inside,
-    on and far outside the prototypes' hull and zero inputs; with repeated and collinear prototypes, where ties
+def test_the_compiled_active_set_takes_the_tensor_solvers_steps(k, simplex):
+    """active_set_rows against active_set_codes (the reference), step for step, on the simplex (ProtoFac) and the
+    non-negative orthant (coupled NMF's fold-in), on inputs inside, on and far outside the prototypes' hull, zero
+    inputs and inputs with negative parts (codes with zeros); with repeated and collinear prototypes, where ties
     make the path ambiguous, both end at the same objective."""
     generator = torch.Generator().manual_seed(k)
     prototypes = torch.rand(k, 40, generator=generator, dtype=torch.float64)
     features = torch.cat([torch.rand(20, 40, generator=generator, dtype=torch.float64), prototypes[:2],
                           torch.zeros(1, 40, dtype=torch.float64),
-                          50 * torch.rand(2, 40, generator=generator, dtype=torch.float64)])
+                          50 * torch.rand(2, 40, generator=generator, dtype=torch.float64),
+                          torch.randn(6, 40, generator=generator, dtype=torch.float64)])
 
     def both(prototypes, steps):
         gram, cross = prototypes @ prototypes.T, features @ prototypes.T
         ridged, tolerance = active_set.ridged_gram(gram)
-        expected = active_set.active_set_codes(cross, gram, steps, simplex=True, stop_when_optimal=False)
-        w = compiled_rows.simplex_least_squares_rows(cross.numpy(), ridged.numpy(), steps, float(tolerance))
+        expected = active_set.active_set_codes(cross, gram, steps, simplex=simplex, stop_when_optimal=False)
+        w = compiled_rows.active_set_rows(cross.numpy(), ridged.numpy(), steps, float(tolerance), simplex)
         return torch.from_numpy(w), expected, gram, cross
 
     for steps in (1, 2, k, 2 * k):

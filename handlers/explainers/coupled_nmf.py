@@ -41,10 +41,13 @@ examples in concept space among the probe examples (Fig. 4d); TCAV scores of the
 
 Per request, with the factors fixed, the input is folded in: f ≥ 0 minimizing
 Σ_i ‖d_i − P_i f‖² + Σ_j ‖a_j − O_j f‖² (+ λ‖f‖² for "l2"), in the same normalized
-units, exactly: for at most ten concepts by every support at once (:func:`handlers.solvers.small_nnls.shared_gram_nnls`,
-the supports' inverses computed at load: a dozen ops per batch), for more by active-set steps
-(:func:`handlers.solvers.nmf.nnls_encode`, ``solver="active_set"``; both solve the same problem); archives
-fitted before the exact fold-in used 50 projected HALS sweeps, which they keep.
+units, exactly, by a primal active set (:func:`handlers.solvers.active_set.active_set_codes`): on the CPU as
+compiled row loops (:mod:`handlers.solvers.compiled_rows`), elsewhere, for at most ten concepts, by every
+support at once (:func:`handlers.solvers.small_nnls.shared_gram_nnls`, the supports' inverses computed at
+load: a dozen ops per batch) and for more by the tensor solver's steps (all solve the same problem); archives
+fitted before the exact fold-in used 50 projected HALS sweeps, which they keep. The solvers read the input
+only through x Dᵀ and ‖x‖², summed view by view (no stacked copy of the views is made per request), and the
+residual share comes from the same terms.
 A concept's weight is f_d; its contribution is defined by intervention on the deepest
 analysed layer, the explained layer whose activation a (C, *grid) the downstream
 consumes: the concept carries O_J[u, d] f_d of each of that layer's neurons u, so removing
@@ -81,7 +84,10 @@ from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example
 from handlers.graph_program import GraphProgram
 from handlers.model import ModelParts, linear_head_weight
 from handlers.neighbours import Neighbours, NeighbourSearch
-from handlers.solvers.nmf import ENCODERS, nnls_encode
+from handlers.solvers import compiled_rows
+from handlers.solvers.active_set import ridged_gram
+from handlers.solvers.compiled_rows import active_set_rows, compile_kernels, removed_mass_rows
+from handlers.solvers.nmf import ENCODERS, nnls_codes
 from handlers.solvers.small_nnls import MAX_UNKNOWNS, shared_gram_nnls, support_inverses
 
 NAME = "coupled_nmf"
@@ -195,9 +201,15 @@ def spatial_mean(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).mean(2) if t.dim() > 2 else t
 
 
-def flat_copy(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, *grid) -> (B, C·H·W), a copy (an in-place operation on ``t`` leaves it as it is)."""
-    return t.flatten(1).clone()
+def unit_view(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, *grid) -> (B, C·H·W) float32, ``max(t, 0)``: the neurons of a layer's maps, a new tensor (an
+    in-place operation on ``t`` leaves it as it is)."""
+    return t.flatten(1).float().clamp_min(0)
+
+
+def channel_view(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, *grid) -> (B, C) float32, ``max(mean_hw(t), 0)``: the neurons of a layer pooled."""
+    return spatial_mean(t).float().clamp_min(0)
 
 
 def tap_module(upstream: GraphProgram, layers: list[str], pooled: list[bool] | None = None,
@@ -205,12 +217,12 @@ def tap_module(upstream: GraphProgram, layers: list[str], pooled: list[bool] | N
     """The upstream, also returning the neuron views of ``layers``.
 
     Returns a module ``(B, *input_shape) -> (output, *taps)`` with ``taps[j]`` of shape
-    (B, C_j) where ``pooled[j]`` (the spatial mean; None: every layer pooled) and else
-    (B, C_j·H_j·W_j) (the maps, flattened), sharing the upstream's submodules, so that one
+    (B, C_j) where ``pooled[j]`` (:func:`channel_view`; None: every layer pooled) and else
+    (B, C_j·H_j·W_j) (:func:`unit_view`), sharing the upstream's submodules, so that one
     forward pass gives the explained layer and every analysed layer; without ``keep_output``,
     the upstream cut short after the deepest tap, returning the taps alone. Each view is taken
-    (pooled or copied) right where its activation is computed, so an in-place operation further
-    down the graph cannot alter it.
+    right where its activation is computed, so an in-place operation further down the graph
+    cannot alter it.
 
     Raises
     ------
@@ -218,7 +230,7 @@ def tap_module(upstream: GraphProgram, layers: list[str], pooled: list[bool] | N
         If a name is not a node of the upstream's graph.
     """
     pooled = [True] * len(layers) if pooled is None else pooled
-    return upstream.with_taps(layers, [spatial_mean if p else flat_copy for p in pooled], keep_output)
+    return upstream.with_taps(layers, [channel_view if p else unit_view for p in pooled], keep_output)
 
 
 def _unit_rows(t: torch.Tensor) -> torch.Tensor:
@@ -299,11 +311,24 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
                   *(getattr(self, f"neuron_factors_{j}_") / s for j, s in enumerate(layer_scales))]
         self.dictionary_ = torch.cat(blocks, 0).T.contiguous()  # (d, T)
         d = self.dictionary_.shape[0]
-        self.gram_ = self.dictionary_ @ self.dictionary_.T + self.config.penalty * torch.eye(d)
+        # A request's terms come view by view in the views' own units, with no stacked copy of its views:
+        # x Dᵀ = Σ_j v_j (D_j / s_j)ᵀ and ‖x‖² = Σ_j ‖v_j‖² / s_j² for x = [v_1 / s_1, ...] (see fold_in_terms).
+        self._view_sizes = [len(block) for block in blocks]
+        column_scales = torch.cat([s.expand(n) for s, n in zip(self.view_scales_, self._view_sizes)])
+        self.view_dictionary_ = self.dictionary_ / column_scales  # (d, T)
+        self.inverse_square_scales_ = self.view_scales_.double().pow(-2)
+        reconstruction_gram = self.dictionary_.double() @ self.dictionary_.double().T
+        self.reconstruction_gram_ = reconstruction_gram  # (d, d) float64, ‖fD‖² = f G fᵀ (no penalty)
+        self.gram_ = (reconstruction_gram + self.config.penalty * torch.eye(d, dtype=torch.float64)).float()
+        self.ridged_gram_, tolerance = ridged_gram(self.gram_)  # for the compiled fold-in
+        self._tolerance = float(tolerance)
         # The exact fold-in of few concepts by every support (a dozen ops per batch; an active-set step is ~50).
         exact = self.config.fold_in_solver == "active_set" and d <= MAX_UNKNOWNS
         self.support_inverses_ = support_inverses(self.gram_) if exact else None
         self.pixel_masks_ = self.pixel_factors_.sum(0).T.contiguous()  # (d, H·W), original units
+        # O_J as (d, G, C), the grid's positions outer and channels inner, for removed_mass_rows (G = 1 pooled).
+        neurons = self._explained_neurons.T
+        self.neuron_grid_ = neurons.reshape(d, model.feature_shape[0], -1).transpose(1, 2).contiguous()
         # Makes every removal a product with the head's weight (see removed_logits).
         self.head_weight_ = linear_head_weight(model)
         self.graphs_: BucketGraphs | None = None  # fold_in_steps() per batch size, on a GPU (capture_graphs)
@@ -351,13 +376,14 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         super().to(device)
         self._build_taps()  # on the model's modules as they are now
         self.graphs_ = None  # captured on the old device: capture again
+        if compiled_rows.serves(self.gram_.device):  # at load rather than in the first request
+            compile_kernels()
         return self
 
-    def fold_in_steps(self, x: torch.Tensor) -> torch.Tensor:
+    def fold_in_steps(self, cross: torch.Tensor) -> torch.Tensor:
         """The fold-in of more than ten concepts (or an older archive's HALS sweeps) by a fixed number of steps
-        (on a GPU; on the CPU the active set stops once every row is optimal): stacked views (B, T) -> f (B, d)."""
-        return nnls_encode(x, self.dictionary_, self.config.fold_in_iter, gram=self.gram_,
-                           solver=self.config.fold_in_solver)
+        (on a GPU; on the CPU the active set stops once every row is optimal): cross terms x Dᵀ (B, d) -> f (B, d)."""
+        return nnls_codes(cross, self.gram_, self.config.fold_in_iter, solver=self.config.fold_in_solver)
 
     def capture_graphs(self, sizes: tuple[int, ...], capture: Capture) -> CaptureReport | None:
         """:meth:`fold_in_steps` as one graph per batch size (an active-set step is about 47 launches, and it
@@ -368,12 +394,60 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         generator = torch.Generator().manual_seed(0)
         mixture = torch.rand(example_count(sizes), len(self.dictionary_), generator=generator)
         graphs = BucketGraphs(self.fold_in_steps, capture)
-        report = graphs.capture_buckets((mixture.to(self.dictionary_) @ self.dictionary_,), sizes)
+        report = graphs.capture_buckets((mixture.to(self.dictionary_) @ self.dictionary_ @ self.dictionary_.T,), sizes)
         self.graphs_ = graphs
         return report
 
+    def views(self, inputs: torch.Tensor, features: torch.Tensor, taps: tuple[torch.Tensor, ...] | None = None,
+              ) -> list[torch.Tensor]:
+        """The input's views in their own units, non-negative float32: (B, H·W) for each input channel's pixels
+        (less the channel's offset), then each analysed layer's neurons, the explained layer's last.
+
+        ``taps`` are the other analysed layers' views, ``tapped_upstream(inputs)[1:]``; None: computed here."""
+        b, n_in = len(inputs), len(self.pixel_offset_)
+        pixels = (inputs.float().reshape(b, n_in, -1) - self.pixel_offset_[:, None]).clamp_min(0)
+        taps = self._taps(inputs) if taps is None else taps
+        explained = channel_view(features) if self.pooled[-1] else unit_view(features)
+        return [*pixels.unbind(1), *taps, explained]
+
+    def stacked_views(self, inputs: torch.Tensor, features: torch.Tensor,
+                      taps: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """(B, T): :meth:`views` in normalized units (each divided by its scale) side by side, the rows that the
+        fold-in codes, ``x ≈ f D``."""
+        return torch.cat([v / s for v, s in zip(self.views(inputs, features, taps), self.view_scales_)], 1)
+
+    def fold_in_terms(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """All that the fold-in and its residual read of the stacked views x, from the views themselves.
+
+        Returns
+        -------
+        cross : (B, d) float32, ``x Dᵀ``
+        energy : (B,) float64, ``‖x‖²``
+        """
+        blocks = self.view_dictionary_.split(self._view_sizes, 1)
+        cross = views[0] @ blocks[0].T
+        for view, block in zip(views[1:], blocks[1:]):
+            cross = cross.addmm_(view, block.T)
+        norms = torch.stack([torch.linalg.vector_norm(view, dim=1) for view in views], 1)  # (B, V)
+        return cross, norms.double().square() @ self.inverse_square_scales_
+
+    def fold_in(self, cross: torch.Tensor) -> torch.Tensor:
+        """The codes f (B, d) float32, ``argmin_{f ≥ 0} ‖x − f D‖² (+ λ‖f‖²)``, from the cross terms x Dᵀ (B, d).
+
+        The exact fold-in ("active_set") runs as compiled row loops on the CPU (:mod:`handlers.solvers.compiled_rows`,
+        stopping once a row is optimal) and else by every support for ten concepts or fewer, or as the tensor
+        solver's fixed steps (a captured graph on a GPU); older archives' HALS sweeps run as tensor ops."""
+        if self.config.fold_in_solver == "active_set":
+            if compiled_rows.serves(cross.device):
+                codes = active_set_rows(cross.double().numpy(), self.ridged_gram_.numpy(), self.config.fold_in_iter,
+                                        self._tolerance, False)
+                return torch.from_numpy(codes).float()
+            if self.support_inverses_ is not None:
+                return shared_gram_nnls(cross, self.support_inverses_).float()
+        return (self.graphs_ or self.fold_in_steps)(cross)
+
     def encode(self, inputs: torch.Tensor, features: torch.Tensor, taps: tuple[torch.Tensor, ...] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fold inputs into the concepts with the factors fixed (call without autograd,
         e.g. under ``torch.inference_mode()``, as :meth:`explain` is).
 
@@ -386,26 +460,16 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         Returns
         -------
         f : (B, d) non-negative concept coefficients
-        residual_share : (B,) ``||x - f D|| / ||x||`` in [0, 1]
-        x : (B, T) the stacked views in normalized units
+        residual_share : (B,) ``‖x − f D‖ / ‖x‖`` in [0, 1], x the :meth:`stacked_views`; from the fold-in's
+            terms, ``‖x − f D‖² = ‖x‖² − 2 f·xDᵀ + f DDᵀ fᵀ`` in float64 (x Dᵀ is float32: the share is exact to
+            about 1e-7 / share)
         """
-        b, n_in = len(inputs), len(self.pixel_offset_)
-        pixels = (inputs.float().reshape(b, n_in, -1) - self.pixel_offset_[:, None]).clamp_min(0)
-        taps = self._taps(inputs) if taps is None else taps
-        explained = features.float().clamp_min(0)
-        layer_views = [*(v.float().clamp_min(0) for v in taps),
-                       spatial_mean(explained) if self.pooled[-1] else explained.flatten(1)]
-        scales = self.view_scales_
-        x = torch.cat([(pixels / scales[:n_in, None]).flatten(1),
-                       *(v / s for v, s in zip(layer_views, scales[n_in:]))], 1)
-        if self.support_inverses_ is not None:
-            f = shared_gram_nnls(x @ self.dictionary_.T, self.support_inverses_).to(x.dtype)
-        else:
-            f = (self.graphs_ or self.fold_in_steps)(x)
-        norm = torch.linalg.vector_norm(x, dim=1)
-        error = torch.linalg.vector_norm(x - f @ self.dictionary_, dim=1)
-        share = (error / norm.clamp_min(EPS)).clamp(0, 1)  # an input of zero views folds in to f = 0: share 0
-        return f, share, x
+        cross, energy = self.fold_in_terms(self.views(inputs, features, taps))
+        f = self.fold_in(cross)
+        w = f.double()
+        error = energy + torch.linalg.vecdot(w, torch.addmm(cross.double(), w, self.reconstruction_gram_, beta=-2))
+        # An input of zero views folds in to f = 0: share 0.
+        return f, (error / energy.clamp_min(EPS)).clamp(0, 1).sqrt().float()
 
     def remove(self, features: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
         """The explained layer's activation with concept sets removed.
@@ -451,21 +515,34 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
 
         For a non-negative layer and an average-pool + linear head,
         ``downstream(a - a r) = logits - mean_hw(a r) @ weight.T`` (pooled: ``r`` is constant over the
-        grid, ``mean_hw(a) * r``): the head is not run again, and for a layer pooled no
-        (B, S, C, *grid) activation is formed.
+        grid, ``mean_hw(a) * r``): the head is not run again, and no (B, S, C, *grid) activation is formed.
         """
         f = codes.weight
         if self.head_weight_ is None:
             removed = self.remove(batch.features, f, sets)
             b, m = sets.shape[:2]
             return self.model.downstream(removed.reshape(b * m, *removed.shape[2:])).float().reshape(b, m, -1)
-        positive = batch.features.float().clamp_min(0)
-        values = self._neuron_values(positive)
-        # v·r = v·min(1, carried / v) = min(v, carried), 0 where v = 0 (carried ≥ 0): one pass over (B, S, U).
-        lost = torch.minimum(values.unsqueeze(1), self._carried(f, sets))
+        return batch.logits.float().unsqueeze(1) - self.removed_mass(batch.features, f, sets) @ self.head_weight_.T
+
+    def removed_mass(self, features: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+        """(B, S, C): the mean over the grid of what each concept set removes from each channel of the explained
+        layer, ``mean_hw(max(a, 0) r)`` (:meth:`remove`); since ``v r = min(v, carried)`` (0 where v = 0, carried
+        ≥ 0), ``mean_hw(min(v, Σ_S O_d f_d))``, or for a layer pooled ``min(v, Σ_S O_d f_d)`` per channel.
+
+        On the CPU by :func:`removed_mass_rows` (a set costs the concepts it removes, 0 for the empty set), else
+        as one product over (B, S, U)."""
+        positive = features.float().clamp_min(0)
+        if compiled_rows.serves(positive.device):
+            values = spatial_mean(positive) if self.pooled[-1] else positive
+            # (B, G, C), channels inner as in neuron_grid_; (B, 1, C) for channels without a grid
+            values = values.flatten(2).transpose(1, 2) if values.dim() > 2 else values.unsqueeze(1)
+            mass = removed_mass_rows(values.contiguous().numpy(), f.contiguous().numpy(),
+                                     sets.float().contiguous().numpy(), self.neuron_grid_.numpy())
+            return torch.from_numpy(mass)
+        lost = torch.minimum(self._neuron_values(positive).unsqueeze(1), self._carried(f, sets))
         if not self.pooled[-1]:  # the spatial mean of each channel's removed units
             lost = lost.reshape(*lost.shape[:2], positive.shape[1], -1).mean(3)
-        return batch.logits.float().unsqueeze(1) - lost @ self.head_weight_.T
+        return lost
 
     def nearest_probes(self, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's kNN analysis: the probe examples nearest in concept space, by cosine distance.
@@ -514,7 +591,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
                           component_share=np.bincount(top, minlength=len(f)) / k, png=png)
 
     def encode_batch(self, batch: ExplainBatch) -> Codes:
-        f, residual_share, _ = self.encode(batch.inputs, batch.features, batch.taps)
+        f, residual_share = self.encode(batch.inputs, batch.features, batch.taps)
         b, d = f.shape
         heatmaps = (f.unsqueeze(2) * self.pixel_masks_).reshape(b, d, *self.map_hw) if batch.heatmaps else None
         return Codes(torch.arange(d, device=f.device).expand(b, d), f, residual_share, heatmaps)

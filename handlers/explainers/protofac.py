@@ -64,7 +64,6 @@ demo models) Σ_i c_i + residual + bias equals the model's target logit exactly.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,13 +80,12 @@ from handlers.base import (
 from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example_count
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers.active_set import active_set_codes, ridged_gram
-from handlers.solvers.compiled_rows import compile_kernels, paper_codes_rows, simplex_least_squares_rows
+from handlers.solvers import compiled_rows
+from handlers.solvers.compiled_rows import active_set_rows, compile_kernels, paper_codes_rows
 from handlers.solvers.simplex import autograd_gradient, projected_adam, vertex_distance
 
 NAME = "protofac"
 PROTOCOLS = ("paper", "least_squares")
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -367,10 +365,8 @@ class ProtoFacExplainer(RemovalExplainer):
     def to(self, device):
         super().to(device)
         self.graphs_ = None  # captured on the old device: capture again
-        if self.gram_.device.type == "cpu":  # the compiled solvers' inputs, at load rather than in the first request
-            seconds = compile_kernels()
-            if seconds:
-                log.info("ProtoFac's CPU solvers ready in %.2f s (compiled, or read from numba's cache)", seconds)
+        if compiled_rows.serves(self.gram_.device):  # at load rather than in the first request
+            compile_kernels()
         return self
 
     def declared_factors(self):
@@ -389,7 +385,7 @@ class ProtoFacExplainer(RemovalExplainer):
         call; not for the paper protocol through a head that is not affine, whose gradient comes from autograd."""
         paper = self.config.served_protocol == "paper"
         if compiled is None:
-            compiled = cross.device.type == "cpu"
+            compiled = compiled_rows.serves(cross.device)
         if compiled and not (paper and self.prototype_logits_ is None):
             return self._compiled_codes(cross, energy, oracle)
         if not paper:
@@ -399,9 +395,9 @@ class ProtoFacExplainer(RemovalExplainer):
         return paper_codes_of_terms(cross, energy, self.gram_, oracle, surrogate, self._feature_scale, self.config)
 
     def _compiled_codes(self, cross: torch.Tensor, energy: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
-        """:meth:`codes` on the CPU, by :func:`simplex_least_squares_rows` and :func:`paper_codes_rows`."""
+        """:meth:`codes` on the CPU, by :func:`active_set_rows` (on the simplex) and :func:`paper_codes_rows`."""
         cross = cross.numpy()
-        start = simplex_least_squares_rows(cross, self.ridged_gram_.numpy(), self.config.solver_steps, self._tolerance)
+        start = active_set_rows(cross, self.ridged_gram_.numpy(), self.config.solver_steps, self._tolerance, True)
         if self.config.served_protocol == "least_squares":
             return torch.from_numpy(start)
         scale = self._feature_scale

@@ -325,7 +325,8 @@ def _held_out(explainer: "CoupledNMFExplainer", parts: ModelParts, data: FitData
         for i in range(0, len(data.x_test), 256):
             xb = data.x_test[i:i + 256].to(parts.device)
             features, *taps = explainer.tapped_upstream(xb)
-            f, share, x = explainer.encode(xb, features, taps)
+            f, share = explainer.encode(xb, features, taps)
+            x = explainer.stacked_views(xb, features, taps)
             codes.append(f.cpu())
             shares.append(share.cpu())
             x_test.append(x.cpu())

@@ -1,18 +1,23 @@
-"""ProtoFac's codes on the CPU, row by row, compiled: the same steps as the batched tensor solvers.
+"""Small solvers on the CPU, row by row, compiled: the same steps as the batched tensor solvers.
 
 On a GPU the batched solvers (:func:`handlers.solvers.active_set.active_set_codes`,
-:func:`handlers.solvers.simplex.projected_adam`) run as one captured graph per batch size. On the
-CPU every tensor op costs its Python call (5-10 us) whatever its size, and a paper-protocol code
-takes about 1650 of them on (B, k) tensors of a few hundred numbers. These loops do the same
-arithmetic on one row at a time, compiled by numba (once per process, at load: :func:`compile_kernels`),
-so a batch costs what its flops cost. They follow the tensor solvers step by step, so a row's code
-agrees with theirs to float64 rounding (the tests check it); the tensor solvers stay the reference.
+:func:`handlers.solvers.simplex.projected_adam`, coupled NMF's removals) run as a few launches or one
+captured graph per batch size. On the CPU every tensor op costs its Python call (5-10 us) whatever its
+size: a ProtoFac paper-protocol code takes about 1650 of them on (B, k) tensors of a few hundred numbers,
+and the tensor forms of the rest do more arithmetic than a row needs (coupled NMF's fold-in tries all
+1023 supports of ten concepts; its removals multiply every set by every concept, most of them zero).
+These loops do the same arithmetic on one row at a time, compiled by numba (once per process, at load:
+:func:`compile_kernels`), so a batch costs what its flops cost. They follow the tensor solvers step by
+step, so a row's result agrees with theirs to rounding (the tests check it); the tensor solvers stay the
+reference.
 
-The kernels take only float64 / int64 arrays and run on the calling thread (no parallel loops).
+The solvers take float64 / int64 arrays, the removals float32 as the model's activations; all run on
+the calling thread (no parallel loops).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -20,6 +25,17 @@ import numba
 import numpy as np
 
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8  # projected_adam's
+
+log = logging.getLogger(__name__)
+
+# The CPU serves these kernels in place of the tensor solvers; bench.run.gpu_path turns this off, to count
+# what a GPU runs.
+serve_on_cpu = True
+
+
+def serves(device) -> bool:
+    """Whether work on ``device`` (a torch.device) runs these kernels: on the CPU, unless turned off."""
+    return serve_on_cpu and device.type == "cpu"
 
 
 def _kernel(function):
@@ -42,21 +58,23 @@ def _lerp(start, end, weight):
 
 
 @_kernel
-def _simplex_least_squares_row(c, g, diagonal, n_iter, tolerance, w, inverse, support, z, s1, gradient, column):
-    """One row of active_set_codes(simplex=True, stop_when_optimal=True) into ``w``; the rest is scratch."""
+def _active_set_row(c, g, diagonal, n_iter, tolerance, simplex, w, inverse, support, z, s1, gradient, column):
+    """One row of active_set_codes(simplex=simplex, stop_when_optimal=True) into ``w``; the rest is scratch."""
     k = len(c)
-    first = 0
-    for j in range(1, k):
-        if 0.5 * diagonal[j] - c[j] < 0.5 * diagonal[first] - c[first]:
-            first = j
     w[:] = 0.0
-    w[first] = 1.0
     inverse[:, :] = 0.0
-    inverse[first, first] = 1.0 / diagonal[first]
     support[:] = False
-    support[first] = True
+    if simplex:  # from the best vertex; else from w = 0, the empty support
+        first = 0
+        for j in range(1, k):
+            if 0.5 * diagonal[j] - c[j] < 0.5 * diagonal[first] - c[first]:
+                first = j
+        w[first] = 1.0
+        inverse[first, first] = 1.0 / diagonal[first]
+        support[first] = True
     for _ in range(n_iter):
-        # z = G_SS⁻¹(c − μ1) with Σz = 1; the products by columns (G_SS⁻¹ is symmetric): contiguous inner loops
+        # z = G_SS⁻¹c, on the simplex G_SS⁻¹(c − μ1) with Σz = 1; the products by columns (G_SS⁻¹ is symmetric):
+        # contiguous inner loops
         z[:] = 0.0
         s1[:] = 0.0
         for j in range(k):
@@ -64,14 +82,15 @@ def _simplex_least_squares_row(c, g, diagonal, n_iter, tolerance, w, inverse, su
                 for i in range(k):
                     z[i] += inverse[j, i] * c[j]
                     s1[i] += inverse[j, i]
-        total_z = 0.0
-        total_s = 0.0
-        for i in range(k):
-            total_z += z[i]
-            total_s += s1[i]
-        shift = (1.0 - total_z) / total_s
-        for i in range(k):
-            z[i] = z[i] + s1[i] * shift
+        if simplex:
+            total_z = 0.0
+            total_s = 0.0
+            for i in range(k):
+                total_z += z[i]
+                total_s += s1[i]
+            shift = (1.0 - total_z) / total_s
+            for i in range(k):
+                z[i] = z[i] + s1[i] * shift
         alpha = 1.0
         leave = 0
         blocked = False
@@ -90,13 +109,14 @@ def _simplex_least_squares_row(c, g, diagonal, n_iter, tolerance, w, inverse, su
             if w[j] != 0:  # a zero adds nothing to the sums
                 for i in range(k):
                     gradient[i] += w[j] * g[j, i]
-        level = 0.0
-        size = 0
-        for i in range(k):
-            if support[i]:
-                level += gradient[i]
-                size += 1
-        level /= size
+        level = 0.0  # μ on the simplex, else 0
+        if simplex:
+            size = 0
+            for i in range(k):
+                if support[i]:
+                    level += gradient[i]
+                    size += 1
+            level /= size
         enter = -1
         outside = np.inf
         for i in range(k):
@@ -130,17 +150,18 @@ def _simplex_least_squares_row(c, g, diagonal, n_iter, tolerance, w, inverse, su
         for i in range(k):
             if not support[i]:
                 w[i] = 0.0
-    total = 0.0
-    for i in range(k):
-        total += w[i]
-    for i in range(k):
-        w[i] /= total
+    if simplex:
+        total = 0.0
+        for i in range(k):
+            total += w[i]
+        for i in range(k):
+            w[i] /= total
 
 
 @_kernel
-def simplex_least_squares_rows(cross, ridged_gram, n_iter, tolerance):
-    """(B, k) active_set_codes(cross, ·, n_iter, simplex=True) of ``cross`` (B, k), given the ridged Gram matrix
-    G + tolerance·I (k, k) and the tolerance, all float64."""
+def active_set_rows(cross, ridged_gram, n_iter, tolerance, simplex):
+    """(B, k) active_set_codes(cross, ·, n_iter, simplex=simplex) of ``cross`` (B, k), given the ridged Gram matrix
+    G + tolerance·I (k, k) and the tolerance (:func:`handlers.solvers.active_set.ridged_gram`), all float64."""
     b, k = cross.shape
     out = np.empty((b, k))
     diagonal = np.diag(ridged_gram).copy()
@@ -148,8 +169,8 @@ def simplex_least_squares_rows(cross, ridged_gram, n_iter, tolerance):
     support = np.empty(k, dtype=np.bool_)
     z, s1, gradient, column = np.empty(k), np.empty(k), np.empty(k), np.empty(k)
     for r in range(b):
-        _simplex_least_squares_row(cross[r], ridged_gram, diagonal, n_iter, tolerance, out[r], inverse, support,
-                                   z, s1, gradient, column)
+        _active_set_row(cross[r], ridged_gram, diagonal, n_iter, tolerance, simplex, out[r], inverse, support,
+                        z, s1, gradient, column)
     return out
 
 
@@ -244,15 +265,58 @@ def paper_codes_rows(start, cross, energy, gram, head, bias, ce_head_t, oracle, 
     return out
 
 
+@_kernel
+def removed_mass_rows(values, codes, sets, neurons):
+    """(B, S, C) float32: what removing each concept set takes from each channel of a layer, the mean over its
+    grid of ``min(v, Σ_{d∈S} f_d O_d)`` (coupled NMF's removal, :meth:`CoupledNMFExplainer.removed_logits`).
+
+    values (B, G, C) max(a, 0) with the grid's G positions outer and the C channels inner (G = 1 for channels
+    pooled), codes (B, d) f, sets (B, S, d) 1 where a concept is removed, neurons (d, G, C) O; all float32. A
+    set's zero codes add nothing, and a set carrying nothing takes nothing: a removal costs the concepts it
+    removes. The loops run over channels, contiguous, so that they vectorize without reordering a sum."""
+    b, positions, channels = values.shape
+    n_sets, k = sets.shape[1], codes.shape[1]
+    out = np.zeros((b, n_sets, channels), dtype=np.float32)
+    carried = np.empty((positions, channels), dtype=np.float32)
+    mean = np.float32(1.0) / np.float32(positions)
+    for r in range(b):
+        v = values[r]
+        for s in range(n_sets):
+            empty = True
+            for d in range(k):
+                share = sets[r, s, d] * codes[r, d]
+                if share == 0:
+                    continue
+                o = neurons[d]
+                for g in range(positions):
+                    for c in range(channels):
+                        carried[g, c] = share * o[g, c] if empty else carried[g, c] + share * o[g, c]
+                empty = False
+            if empty:
+                continue
+            lost = out[r, s]
+            for g in range(positions):
+                for c in range(channels):
+                    lost[c] += min(v[g, c], carried[g, c])
+            for c in range(channels):
+                lost[c] *= mean
+    return out
+
+
 def compile_kernels() -> float:
-    """Compile the kernels for float64 / int64 arrays (numba compiles on first call; a server calls this at
-    load, never in a request). Returns the seconds it took (0 once compiled)."""
-    if simplex_least_squares_rows.signatures and paper_codes_rows.signatures:
+    """Compile the kernels for their array types (numba compiles on first call; a server calls this at load,
+    never in a request), logging the seconds it took. Returns them (0 once compiled)."""
+    kernels = (active_set_rows, paper_codes_rows, removed_mass_rows)
+    if all(kernel.signatures for kernel in kernels):
         return 0.0
     begin = time.perf_counter()
     k, classes = 2, 2
     cross, gram = np.ones((1, k)), np.eye(k)
-    start = simplex_least_squares_rows(cross, gram, 1, 1e-10)
+    start = active_set_rows(cross, gram, 1, 1e-10, True)
     paper_codes_rows(start, cross, np.ones(1), gram, np.ones((k, classes)), np.zeros(classes), np.ones((classes, k)),
                      np.zeros(1, dtype=np.int64), 1, 0.01, 1.0, 0.1, 1e-6)
-    return time.perf_counter() - begin
+    ones = np.ones((1, 1, k), dtype=np.float32)
+    removed_mass_rows(ones, ones[0], ones, ones.reshape(k, 1, 1).repeat(k, 2))
+    seconds = time.perf_counter() - begin
+    log.info("CPU solvers ready in %.2f s (compiled, or read from numba's cache)", seconds)
+    return seconds

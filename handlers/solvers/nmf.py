@@ -213,14 +213,21 @@ def nnls_encode(
     if G.shape != (H.shape[0], H.shape[0]):
         raise ValueError(f"gram must have shape {(H.shape[0], H.shape[0])}, got {tuple(G.shape)}")
 
+    return nnls_codes(X @ H.T, G, n_iter, solver=solver, eps=eps)
+
+
+def nnls_codes(cross: torch.Tensor, gram: torch.Tensor, n_iter: int, *, solver: str = "hals",
+               eps: float = 1e-12) -> torch.Tensor:
+    """:func:`nnls_encode`'s codes from all that its solvers read of ``X``: ``cross = X Hᵀ`` of shape
+    (n_samples, n_components) and ``gram = H Hᵀ``. Returns (n_samples, n_components) in ``cross``'s dtype."""
     if solver == "active_set":
-        return active_set_codes(X @ H.T, G, n_iter, simplex=False).to(X.dtype)
-    P = _codes_cross(X, H)
+        return active_set_codes(cross, gram, n_iter, simplex=False).to(cross.dtype)
+    P = cross.T.contiguous()  # (k, n_samples)
     # <x_i, 1^T H> = sum_j P[j, i] and ||1^T H||^2 = sum(G): the ray minimiser needs
     # no extra pass over X.
-    scale = P.sum(0).clamp_min(0) / G.sum().clamp_min(torch.finfo(X.dtype).tiny)
+    scale = P.sum(0).clamp_min(0) / gram.sum().clamp_min(torch.finfo(cross.dtype).tiny)
     Wt = scale.expand_as(P).contiguous()
-    _sweeps(solver, Wt, P, G, n_iter, eps)
+    _sweeps(solver, Wt, P, gram, n_iter, eps)
     return Wt.T.contiguous()
 
 

@@ -24,6 +24,7 @@ from handlers.methods import METHODS
 from handlers.model import pooled_linear_head
 from handlers.runtime import ExplainItem, ModelRuntime
 from handlers.solvers.eclat import closed, eclat
+from handlers.solvers import compiled_rows
 
 # ---------------------------------------------------------------- eclat and rule mining
 
@@ -405,10 +406,11 @@ def test_linear_head_in_closed_form_equals_autograd_and_the_downstream(explainer
         assert torch.allclose(getattr(closed, name), getattr(by_gradient, name), atol=1e-5), name
 
 
-@pytest.mark.parametrize("by", ["fewest_launches", "bands"])
+@pytest.mark.parametrize("by", ["fewest_launches", "rows_then_columns", "bands"])
 def test_patch_search_paths_agree(by, mnist_parts, explainer, mnist_fit_data, monkeypatch):
-    """A GPU's search (one product per candidate, the windows' union by a running maximum) and the band-by-band
-    search of inputs too large for the position tables find the CPU's patches, relevance and activations."""
+    """The tensor searches, a GPU's (one product per candidate, the windows' union by a running maximum), the
+    CPU's former one (window sums along rows, then columns) and the band-by-band search of inputs too large for
+    the position tables, find the patches, relevance and activations of the compiled search the CPU serves."""
     x = mnist_fit_data.x_test[:32]
     with torch.no_grad():
         features = mnist_parts.upstream(x)
@@ -419,7 +421,8 @@ def test_patch_search_paths_agree(by, mnist_parts, explainer, mnist_fit_data, mo
                          False)
     alpha, f = explainer.gradcam(batch)
     inputs = explainer.patch_inputs(batch, torch.einsum("bd,bdhw->bhw", alpha, f), f)
-    expected = gradcam_rules.scan_patches(*inputs, fewest_launches=False)
+    expected = gradcam_rules.scan_patches(*inputs)
+    monkeypatch.setattr(compiled_rows, "serve_on_cpu", False)
     if by == "bands":
         gradcam_rules.position_tables.cache_clear()
         monkeypatch.setattr(gradcam_rules, "POSITION_TABLE_MAX_ELEMENTS", 0)

@@ -52,10 +52,10 @@ def test_explain_stage_launches(demo_store, mnist_fit_data):
             gpu[method] = sum(launch for _, launch, _ in count_stage_ops(model, method, items)["explain"])
     for method in ("protonmf", "srae", "coupled_nmf", "gradcam_rules"):
         assert gpu[method] <= EXPLAIN_STAGE_OPS_GOAL, (method, gpu)
-    # The GPU path is another path: Grad-CAM rules' search takes fewer launches there, and ProtoFac's solvers
-    # and coupled NMF's fold-in and removals are tensor ops instead of compiled row loops.
-    assert gpu["gradcam_rules"] < cpu["gradcam_rules"] and gpu["protofac"] > cpu["protofac"]
-    assert gpu["coupled_nmf"] > cpu["coupled_nmf"]
+    # The GPU path is another path: ProtoFac's solvers, coupled NMF's fold-in and removals and Grad-CAM rules'
+    # patch search are tensor ops there instead of compiled row loops.
+    for method in ("protofac", "coupled_nmf", "gradcam_rules"):
+        assert gpu[method] > cpu[method], (method, gpu, cpu)
     assert gpu["protonmf"] == cpu["protonmf"] and gpu["srae"] == cpu["srae"]
 
 

@@ -303,10 +303,93 @@ def removed_mass_rows(values, codes, sets, neurons):
     return out
 
 
+@_kernel
+def patch_search_rows(heat, features, size, n_candidates, row_cover, col_cover, row_pool, col_pool):
+    """Grad-CAM rules' candidate search (eq. 1, the windows zeroed one after another), each candidate's filter
+    activations (eq. 2) and the share of each grid cell under the candidates so far, row by row: what
+    :func:`handlers.explainers.gradcam_rules.scan_patches` computes before its perturbation test.
+
+    heat (B, H_in, W_in) Grad-CAM's map at the input's size (not modified); features (B, H·W, D), the grid's
+    cells outer and the filters inner; ``size`` the window's side; row_cover (span_h, H), col_cover (span_w, W),
+    row_pool (H, H_in), col_pool (W, W_in) as :func:`~handlers.explainers.gradcam_rules.window_tables`; all
+    float32. Returns position (B, k) int64, row-major over the span_h × span_w windows, the first of equal
+    maxima of the window's heat; activation (B, k, D) float32, each filter's mean over the window's share of
+    each cell; removed (B, k, H, W) float32, the union of windows 1..j's share of each cell.
+
+    The window sums come from a summed-area table in float64, and a window whose pixels are all zero sums to
+    exactly 0 (a table of nonzero counts says which), as in the tensor search, so the first of such windows
+    wins alike; windows whose heat differs by less than float32 rounding may be ranked differently (the tensor
+    search's products round)."""
+    b, height, width = heat.shape
+    span_h, span_w = height - size + 1, width - size + 1
+    cells_h, cells_w, dim = row_pool.shape[0], col_pool.shape[0], features.shape[2]
+    position = np.empty((b, n_candidates), dtype=np.int64)
+    activation = np.zeros((b, n_candidates, dim), dtype=np.float32)
+    removed = np.zeros((b, n_candidates, cells_h, cells_w), dtype=np.float32)
+    h = np.empty((height, width))
+    summed = np.zeros((height + 1, width + 1))  # summed[y, x]: the heat above and left of pixel (y, x)
+    nonzero = np.zeros((height + 1, width + 1), dtype=np.int64)
+    covered = np.empty((height, width))
+    partial = np.empty((cells_h, width))
+    for r in range(b):
+        h[:, :] = heat[r]
+        covered[:, :] = 0.0
+        for j in range(n_candidates):
+            for y in range(height):
+                row_total, row_nonzero = 0.0, 0
+                for x in range(width):
+                    row_total += h[y, x]
+                    row_nonzero += h[y, x] != 0
+                    summed[y + 1, x + 1] = summed[y, x + 1] + row_total
+                    nonzero[y + 1, x + 1] = nonzero[y, x + 1] + row_nonzero
+            best, best_row, best_col = -np.inf, 0, 0
+            for y in range(span_h):
+                for x in range(span_w):
+                    mass = 0.0
+                    if nonzero[y + size, x + size] - nonzero[y, x + size] - nonzero[y + size, x] + nonzero[y, x]:
+                        mass = summed[y + size, x + size] - summed[y, x + size] - summed[y + size, x] + summed[y, x]
+                    if mass > best:
+                        best, best_row, best_col = mass, y, x
+            position[r, j] = best_row * span_w + best_col
+            # eq. 2: the window's share of each cell, normalized, against each filter's activation there
+            area = 0.0
+            for ch in range(cells_h):
+                for cw in range(cells_w):
+                    area += row_cover[best_row, ch] * col_cover[best_col, cw]
+            mean = activation[r, j]
+            for ch in range(cells_h):
+                for cw in range(cells_w):
+                    share = row_cover[best_row, ch] * col_cover[best_col, cw]
+                    if share != 0:
+                        weight = np.float32(share / area)
+                        cell = features[r, ch * cells_w + cw]
+                        for d in range(dim):
+                            mean[d] += weight * cell[d]
+            for y in range(best_row, best_row + size):
+                for x in range(best_col, best_col + size):
+                    h[y, x] = 0.0
+                    covered[y, x] = 1.0
+            # the union so far pooled onto the grid: row_pool @ covered @ col_poolᵀ
+            partial[:, :] = 0.0
+            for ch in range(cells_h):
+                for y in range(height):
+                    weight = row_pool[ch, y]
+                    if weight != 0:
+                        for x in range(width):
+                            partial[ch, x] += weight * covered[y, x]
+            for ch in range(cells_h):
+                for cw in range(cells_w):
+                    total = 0.0
+                    for x in range(width):
+                        total += partial[ch, x] * col_pool[cw, x]
+                    removed[r, j, ch, cw] = total
+    return position, activation, removed
+
+
 def compile_kernels() -> float:
     """Compile the kernels for their array types (numba compiles on first call; a server calls this at load,
     never in a request), logging the seconds it took. Returns them (0 once compiled)."""
-    kernels = (active_set_rows, paper_codes_rows, removed_mass_rows)
+    kernels = (active_set_rows, paper_codes_rows, removed_mass_rows, patch_search_rows)
     if all(kernel.signatures for kernel in kernels):
         return 0.0
     begin = time.perf_counter()
@@ -317,6 +400,8 @@ def compile_kernels() -> float:
                      np.zeros(1, dtype=np.int64), 1, 0.01, 1.0, 0.1, 1e-6)
     ones = np.ones((1, 1, k), dtype=np.float32)
     removed_mass_rows(ones, ones[0], ones, ones.reshape(k, 1, 1).repeat(k, 2))
+    square = np.ones((k, k), dtype=np.float32)
+    patch_search_rows(square[None], np.ones((1, k * k, k), dtype=np.float32), 1, 1, square, square, square, square)
     seconds = time.perf_counter() - begin
     log.info("CPU solvers ready in %.2f s (compiled, or read from numba's cache)", seconds)
     return seconds

@@ -436,6 +436,36 @@ def test_patch_search_paths_agree(by, mnist_parts, explainer, mnist_fit_data, mo
     assert torch.allclose(activation, expected[2], rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_rule_matching_is_the_tensor_matching(mnist_parts, explainer, mnist_fit_data, monkeypatch):
+    """The CPU's compiled rule matching reports the rules and weights of the tensor matching a GPU runs, bit for
+    bit (the same divisions, minima and maxima), and the whole explanation agrees."""
+    x = mnist_fit_data.x_test[:48]
+    with torch.no_grad():
+        features = mnist_parts.upstream(x)
+        logits = mnist_parts.downstream(features)
+    targets = logits.argmax(1)
+    targets[::3] = (targets[::3] + 1) % 10  # some explain another class than their prediction
+    suppress = torch.rand(48, 2, len(explainer.components), generator=torch.Generator().manual_seed(5)) < 0.2
+    batch = ExplainBatch(x, features, logits, targets, suppress, True)
+    alpha, f = explainer.gradcam(batch)
+    _, relevant, activation = gradcam_rules.scan_patches(*explainer.patch_inputs(batch, torch.einsum(
+        "bd,bdhw->bhw", alpha, f), f))
+    served = explainer.matched_rules(activation, relevant, targets)
+    with torch.inference_mode():
+        explained = explainer.explain(batch)
+    monkeypatch.setattr(compiled_rows, "serve_on_cpu", False)
+    expected = explainer.matched_rules(activation, relevant, targets)
+    assert served[0].dtype == torch.int64 and served[1].dtype == torch.float32
+    assert torch.equal(served[0], expected[0]) and torch.equal(served[1], expected[1])
+    index = served[0]
+    assert (index >= 0).any() and (index < 0).any() and (served[1][index < 0] == 0).all()
+    with torch.inference_mode():
+        reference = explainer.explain(batch)
+    assert torch.equal(explained.component_index, reference.component_index)
+    for name in ("weight", "contribution", "residual_share", "heatmaps", "intervened_logits"):
+        torch.testing.assert_close(getattr(explained, name), getattr(reference, name), rtol=1e-5, atol=1e-5)
+
+
 def test_explain_rebuilds_a_missing_graph(mnist_parts, gradient_explainer, mnist_fit_data):
     x = mnist_fit_data.x_test[::100]
     suppress = torch.ones(len(x), 1, len(gradient_explainer.components), dtype=torch.bool)

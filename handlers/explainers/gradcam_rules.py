@@ -62,7 +62,7 @@ from handlers.base import (
 )
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers import compiled_rows
-from handlers.solvers.compiled_rows import patch_search_rows
+from handlers.solvers.compiled_rows import patch_search_rows, rule_match_rows
 
 NAME = "gradcam_rules"
 
@@ -447,30 +447,12 @@ class GradCAMRulesExplainer(RemovalExplainer):
         return slots, (missing == 0) & relevant[:, None, :] & (slots > 0)[:, :, None]
 
     def encode_batch(self, batch: ExplainBatch) -> Codes:
-        t, c = batch.targets, self.config
         alpha, f = self.gradcam(batch)
         with torch.no_grad():
             terms, cam = gradcam_terms(alpha, f)
             _, relevant, activation = scan_patches(*self.patch_inputs(batch, cam, f))
-            # The rules of R^t held by a relevant patch-transaction (its top n_filters filters), as rules_held.
-            top = activation.topk(c.n_filters, dim=-1).indices  # (B, k, n)
-            table = self._class_rules[t]  # (B, C, 1 + 2S)
-            s = (table.shape[2] - 1) // 2
-            component, match, gather = table[:, :, 0], table[:, :, 1:1 + s], table[:, :, 1 + s:]
-            held = (match[:, :, None, :, None] == top[:, None, :, None, :]).any(4).all(3)  # (B, C, k)
-            holds = held & relevant[:, None, :]
-            matched = holds.any(2)
-            # Weight: the rule's weakest filter against its typical activation, in its best patch.
-            ratio = activation / self.filter_reference_  # (B, k, D)
-            gathered = ratio[:, None].expand(-1, match.shape[1], -1, -1).gather(
-                3, gather[:, :, None, :].expand(-1, -1, ratio.shape[1], -1))  # (B, C, k, S)
-            presence = torch.where(holds, gathered.amin(3), self._zero).amax(2)  # (B, C), 0 where not matched
-            # Matched rules first, each group in R^t's order (support x confidence).
-            order = matched.argsort(dim=1, descending=True, stable=True)
-            index = torch.where(matched, component, self._no_component).gather(1, order)
+            index, weight = self.matched_rules(activation, relevant, batch.targets)
             masks = self._filters_last_empty[index]  # (B, C, D)
-            weight = presence.gather(1, order)
-
             evidence = terms.relu().sum(2)  # (B, D) each filter's P_d
             covered = masks.amax(1)  # (B, D) the union of the reported rules' filters
             # 1 − (P over the union) / (P over every filter): 1 when there is no positive evidence (both are 0).
@@ -478,6 +460,42 @@ class GradCAMRulesExplainer(RemovalExplainer):
             residual_share = torch.addcdiv(self._one, carried, evidence.sum(1).clamp_min(1e-30), value=-1)
             heatmaps = (masks @ terms).relu().unflatten(2, f.shape[2:]) if batch.heatmaps else None
         return Codes(index, weight, residual_share.clamp(0, 1), heatmaps)
+
+    def matched_rules(self, activation: torch.Tensor, relevant: torch.Tensor, targets: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reported rules: those of R^t held by a relevant patch-transaction (its top ``n_filters`` filters,
+        as :meth:`rules_held`), matched first, each group in R^t's order (support x confidence), and their
+        weights, the rule's weakest filter against its typical activation in its best patch.
+
+        Parameters
+        ----------
+        activation : (B, k, D) each candidate patch's filter activations
+        relevant : (B, k) bool
+        targets : (B,) int64
+
+        Returns
+        -------
+        index : (B, C) int64 components, -1 padding
+        weight : (B, C) float32, 0 where not matched
+        """
+        top = activation.topk(self.config.n_filters, dim=-1).indices  # (B, k, n)
+        table = self._class_rules[targets]  # (B, C, 1 + 2S)
+        if compiled_rows.serves(activation.device):
+            found = rule_match_rows(top.numpy(), relevant.numpy(), table.numpy(), self.filter_reference_.numpy(),
+                                    activation.numpy())
+            return torch.from_numpy(found[0]), torch.from_numpy(found[1])
+        s = (table.shape[2] - 1) // 2
+        component, match, gather = table[:, :, 0], table[:, :, 1:1 + s], table[:, :, 1 + s:]
+        held = (match[:, :, None, :, None] == top[:, None, :, None, :]).any(4).all(3)  # (B, C, k)
+        holds = held & relevant[:, None, :]
+        matched = holds.any(2)
+        ratio = activation / self.filter_reference_  # (B, k, D)
+        gathered = ratio[:, None].expand(-1, match.shape[1], -1, -1).gather(
+            3, gather[:, :, None, :].expand(-1, -1, ratio.shape[1], -1))  # (B, C, k, S)
+        presence = torch.where(holds, gathered.amin(3), self._zero).amax(2)  # (B, C), 0 where not matched
+        order = matched.argsort(dim=1, descending=True, stable=True)
+        index = torch.where(matched, component, self._no_component).gather(1, order)
+        return index, presence.gather(1, order)
 
     @torch.no_grad()
     def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:

@@ -386,10 +386,60 @@ def patch_search_rows(heat, features, size, n_candidates, row_cover, col_cover, 
     return position, activation, removed
 
 
+@_kernel
+def rule_match_rows(top, relevant, rules, filter_reference, activation):
+    """Grad-CAM rules' reported rules, row by row: which of the target's rules a relevant patch-transaction
+    holds, each rule's weight, matched rules first (as :meth:`GradCAMRulesExplainer.matched_rules`).
+
+    top (B, k, n) int64 each candidate patch's top filters; relevant (B, k) bool; rules (B, C, 1 + 2S) int64
+    the targets' rows of the explainer's rule table (component, S filters to match, S filters to weigh);
+    filter_reference (D,) and activation (B, k, D) float32. Returns index (B, C) int64 (-1 padding) and weight
+    (B, C) float32: per rule the max over the patches of min over its filters of activation / reference where
+    the patch holds it, else 0."""
+    b, k, n = top.shape
+    c, s = rules.shape[1], (rules.shape[2] - 1) // 2
+    index = np.empty((b, c), dtype=np.int64)
+    weight = np.empty((b, c), dtype=np.float32)
+    matched = np.empty(c, dtype=np.bool_)
+    presence = np.empty(c, dtype=np.float32)
+    for r in range(b):
+        for slot in range(c):
+            matched[slot] = False
+            best = np.float32(-np.inf)
+            for patch in range(k):
+                holds = relevant[r, patch]
+                for f in range(s):
+                    if not holds:
+                        break
+                    wanted = rules[r, slot, 1 + f]
+                    holds = False
+                    for m in range(n):
+                        if top[r, patch, m] == wanted:
+                            holds = True
+                            break
+                value = np.float32(0)
+                if holds:
+                    matched[slot] = True
+                    value = np.float32(np.inf)
+                    for f in range(s):
+                        d = rules[r, slot, 1 + s + f]
+                        value = min(value, activation[r, patch, d] / filter_reference[d])
+                best = max(best, value)
+            presence[slot] = best
+        position = 0
+        for first in (True, False):  # matched rules first, each group in the table's order
+            for slot in range(c):
+                if matched[slot] == first:
+                    index[r, position] = rules[r, slot, 0] if first else -1
+                    weight[r, position] = presence[slot]
+                    position += 1
+    return index, weight
+
+
 def compile_kernels() -> float:
     """Compile the kernels for their array types (numba compiles on first call; a server calls this at load,
     never in a request), logging the seconds it took. Returns them (0 once compiled)."""
-    kernels = (active_set_rows, paper_codes_rows, removed_mass_rows, patch_search_rows)
+    kernels = (active_set_rows, paper_codes_rows, removed_mass_rows, patch_search_rows, rule_match_rows)
     if all(kernel.signatures for kernel in kernels):
         return 0.0
     begin = time.perf_counter()
@@ -402,6 +452,8 @@ def compile_kernels() -> float:
     removed_mass_rows(ones, ones[0], ones, ones.reshape(k, 1, 1).repeat(k, 2))
     square = np.ones((k, k), dtype=np.float32)
     patch_search_rows(square[None], np.ones((1, k * k, k), dtype=np.float32), 1, 1, square, square, square, square)
+    rule_match_rows(np.zeros((1, 1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.bool_),
+                    np.zeros((1, 1, 3), dtype=np.int64), ones[0, 0], ones)
     seconds = time.perf_counter() - begin
     log.info("CPU solvers ready in %.2f s (compiled, or read from numba's cache)", seconds)
     return seconds

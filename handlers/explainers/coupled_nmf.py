@@ -326,13 +326,12 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         exact = self.config.fold_in_solver == "active_set" and d <= MAX_UNKNOWNS
         self.support_inverses_ = support_inverses(self.gram_) if exact else None
         self.pixel_masks_ = self.pixel_factors_.sum(0).T.contiguous()  # (d, H·W), original units
-        # O_J as (d, G, C), the grid's positions outer and channels inner, for removed_mass_rows (G = 1 pooled).
-        neurons = self._explained_neurons.T
-        self.neuron_grid_ = neurons.reshape(d, model.feature_shape[0], -1).transpose(1, 2).contiguous()
+        # O_J as (d, C, G) over the grid's G positions (G = 1 pooled), for removed_mass_rows.
+        self.neuron_grid_ = self._explained_neurons.T.reshape(d, model.feature_shape[0], -1).contiguous()
         # Makes every removal a product with the head's weight (see removed_logits).
         self.head_weight_ = linear_head_weight(model)
         self.graphs_: BucketGraphs | None = None  # fold_in_steps() per batch size, on a GPU (capture_graphs)
-        self._build_taps()
+        self._bind()
         # Host copies for the neighbour view (see neighbours): unit probe codes and what is reported of each probe.
         self._probe_units = _unit_rows(self.probe_codes_.double()).numpy()
         self._probe_top_concept = self.probe_codes_.argmax(1).numpy()
@@ -365,16 +364,18 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         """O_J (C, d) or (C·H·W, d): the neuron factors of the explained layer, the last analysed."""
         return getattr(self, f"neuron_factors_{len(self.config.layers) - 1}_")
 
-    def _build_taps(self) -> None:
-        """The torch forward pass runs the tapped upstream (batch.taps); otherwise the analysed
-        layers are computed again, by the upstream cut short after the deepest one."""
+    def _bind(self) -> None:
+        """What is made from the model's modules and this explainer's tensors as they are now: the tapped
+        upstream, which the torch forward pass runs (batch.taps), and the upstream cut short after the deepest
+        analysed layer, which computes them otherwise; the view dictionary's blocks (T_j, d)."""
+        self._view_blocks = tuple(block.T for block in self.view_dictionary_.split(self._view_sizes, 1))
         extra = list(self.config.layers[:-1])
         self.tapped_upstream = tap_module(self.model.upstream, extra, self.pooled[:-1])
         self._taps = tap_module(self.model.upstream, extra, self.pooled[:-1], keep_output=False)
 
     def to(self, device):
         super().to(device)
-        self._build_taps()  # on the model's modules as they are now
+        self._bind()  # to the model's modules and this explainer's tensors as they are now
         self.graphs_ = None  # captured on the old device: capture again
         if compiled_rows.serves(self.gram_.device):  # at load rather than in the first request
             compile_kernels()
@@ -424,10 +425,10 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         cross : (B, d) float32, ``x Dᵀ``
         energy : (B,) float64, ``‖x‖²``
         """
-        blocks = self.view_dictionary_.split(self._view_sizes, 1)
-        cross = views[0] @ blocks[0].T
+        blocks = self._view_blocks
+        cross = views[0] @ blocks[0]
         for view, block in zip(views[1:], blocks[1:]):
-            cross = cross.addmm_(view, block.T)
+            cross = cross.addmm_(view, block)
         norms = torch.stack([torch.linalg.vector_norm(view, dim=1) for view in views], 1)  # (B, V)
         return cross, norms.double().square() @ self.inverse_square_scales_
 
@@ -534,8 +535,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         positive = features.float().clamp_min(0)
         if compiled_rows.serves(positive.device):
             values = spatial_mean(positive) if self.pooled[-1] else positive
-            # (B, G, C), channels inner as in neuron_grid_; (B, 1, C) for channels without a grid
-            values = values.flatten(2).transpose(1, 2) if values.dim() > 2 else values.unsqueeze(1)
+            values = values.flatten(2) if values.dim() > 2 else values.unsqueeze(2)  # (B, C, G), as neuron_grid_
             mass = removed_mass_rows(values.contiguous().numpy(), f.contiguous().numpy(),
                                      sets.float().contiguous().numpy(), self.neuron_grid_.numpy())
             return torch.from_numpy(mass)

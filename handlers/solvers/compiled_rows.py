@@ -17,6 +17,7 @@ the calling thread (no parallel loops).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -38,11 +39,17 @@ def serves(device) -> bool:
     return serve_on_cpu and device.type == "cpu"
 
 
-def _kernel(function):
+def _kernel(function=None, *, reorder_sums=False):
     """numba.njit, cached beside this file (or in NUMBA_CACHE_DIR) where it can be: a read-only install (a
     container's root file system) compiles at every load instead. Division by zero gives inf or nan as in
-    the tensor solvers (numpy's error model), not an exception; the GIL is released while a kernel runs."""
+    the tensor solvers (numpy's error model), not an exception; the GIL is released while a kernel runs.
+    ``reorder_sums``: floating-point sums may be reassociated (and the sign of a zero ignored), so that a
+    reduction vectorizes; for kernels whose results the tests compare with a tolerance."""
+    if function is None:
+        return functools.partial(_kernel, reorder_sums=reorder_sums)
     options = {"nogil": True, "error_model": "numpy"}
+    if reorder_sums:
+        options["fastmath"] = {"reassoc", "nsz"}
     try:
         return numba.njit(cache=True, **options)(function)
     except RuntimeError:  # numba found no writable cache directory
@@ -265,41 +272,50 @@ def paper_codes_rows(start, cross, energy, gram, head, bias, ce_head_t, oracle, 
     return out
 
 
-@_kernel
+@_kernel(reorder_sums=True)
 def removed_mass_rows(values, codes, sets, neurons):
     """(B, S, C) float32: what removing each concept set takes from each channel of a layer, the mean over its
-    grid of ``min(v, Σ_{d∈S} f_d O_d)`` (coupled NMF's removal, :meth:`CoupledNMFExplainer.removed_logits`).
+    grid of ``min(v, Σ_{d∈S} f_d O_d)`` (coupled NMF's removal, :meth:`CoupledNMFExplainer.removed_mass`).
 
-    values (B, G, C) max(a, 0) with the grid's G positions outer and the C channels inner (G = 1 for channels
-    pooled), codes (B, d) f, sets (B, S, d) 1 where a concept is removed, neurons (d, G, C) O; all float32. A
-    set's zero codes add nothing, and a set carrying nothing takes nothing: a removal costs the concepts it
-    removes. The loops run over channels, contiguous, so that they vectorize without reordering a sum."""
-    b, positions, channels = values.shape
+    values (B, C, G) max(a, 0) over the grid's G positions (G = 1 for channels pooled), codes (B, d) f, sets
+    (B, S, d) 1 where a concept is removed, neurons (d, C, G) O; all float32. A set's zero codes add nothing,
+    a set carrying nothing takes nothing, and a set of one concept reads its neurons scaled, with no sum
+    formed: a removal costs the concepts it removes. Each channel's mean is summed in any order
+    (``reorder_sums``), so that the sum vectorizes."""
+    b, channels, positions = values.shape
     n_sets, k = sets.shape[1], codes.shape[1]
     out = np.zeros((b, n_sets, channels), dtype=np.float32)
-    carried = np.empty((positions, channels), dtype=np.float32)
+    carried = np.empty((channels, positions), dtype=np.float32)
     mean = np.float32(1.0) / np.float32(positions)
     for r in range(b):
         v = values[r]
         for s in range(n_sets):
-            empty = True
+            count, first, scale = 0, 0, np.float32(0)
             for d in range(k):
                 share = sets[r, s, d] * codes[r, d]
-                if share == 0:
-                    continue
-                o = neurons[d]
-                for g in range(positions):
-                    for c in range(channels):
-                        carried[g, c] = share * o[g, c] if empty else carried[g, c] + share * o[g, c]
-                empty = False
-            if empty:
+                if share != 0:
+                    if count == 0:
+                        first, scale = d, share
+                    count += 1
+            if count == 0:
                 continue
+            source = neurons[first]
+            if count > 1:
+                carried[:, :] = 0
+                for d in range(k):
+                    share = sets[r, s, d] * codes[r, d]
+                    if share != 0:
+                        o = neurons[d]
+                        for c in range(channels):
+                            for g in range(positions):
+                                carried[c, g] += share * o[c, g]
+                source, scale = carried, np.float32(1)
             lost = out[r, s]
-            for g in range(positions):
-                for c in range(channels):
-                    lost[c] += min(v[g, c], carried[g, c])
             for c in range(channels):
-                lost[c] *= mean
+                total = np.float32(0)
+                for g in range(positions):
+                    total += min(v[c, g], scale * source[c, g])
+                lost[c] = total * mean
     return out
 
 
@@ -449,7 +465,7 @@ def compile_kernels() -> float:
     paper_codes_rows(start, cross, np.ones(1), gram, np.ones((k, classes)), np.zeros(classes), np.ones((classes, k)),
                      np.zeros(1, dtype=np.int64), 1, 0.01, 1.0, 0.1, 1e-6)
     ones = np.ones((1, 1, k), dtype=np.float32)
-    removed_mass_rows(ones, ones[0], ones, ones.reshape(k, 1, 1).repeat(k, 2))
+    removed_mass_rows(ones, ones[0], ones, ones.reshape(1, 1, k).repeat(k, 0))
     square = np.ones((k, k), dtype=np.float32)
     patch_search_rows(square[None], np.ones((1, k * k, k), dtype=np.float32), 1, 1, square, square, square, square)
     rule_match_rows(np.zeros((1, 1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.bool_),

@@ -74,3 +74,21 @@ def test_protofac_through_its_graph_meets_the_goal(demo_store, mnist_fit_data):
             counts[name] = [op for op, launch, _ in ops if launch]
     assert counts["graphed"].count("cuda graph replay") == 1
     assert len(counts["graphed"]) <= EXPLAIN_STAGE_OPS_GOAL < len(counts["eager"])
+
+
+def test_requests_compile_nothing(demo_store, mnist_fit_data):
+    """The CPU's compiled kernels are ready when the model has loaded, and no request compiles one again (numba
+    compiles a kernel anew for other argument types or layouts): every method, batches of 1, 3 and 8, every
+    heatmap kind, with and without interventions."""
+    kernels = (compiled_rows.active_set_rows, compiled_rows.paper_codes_rows, compiled_rows.residual_share_rows,
+               compiled_rows.removed_mass_rows, compiled_rows.patch_search_rows, compiled_rows.rule_match_rows)
+    model = ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
+    loaded = [list(kernel.signatures) for kernel in kernels]
+    assert all(loaded)
+    x = mnist_fit_data.x_test[:8]
+    for method in model.explainers:
+        for n in (1, 3, 8):
+            for heatmaps in ("none", "feature_grid", "input"):
+                items = [ExplainItem(x[i], None, [[0], [1, 2]] if i % 2 else []) for i in range(n)]
+                model.explain(method, items, heatmaps)
+    assert [list(kernel.signatures) for kernel in kernels] == loaded

@@ -232,10 +232,11 @@ def test_the_compiled_active_set_takes_the_tensor_solvers_steps(k, simplex):
 
 
 @pytest.mark.parametrize("protocol", ["paper", "least_squares"])
-def test_compiled_codes_are_the_tensor_solvers_codes(mnist_parts, small_fit, mnist_fit_data, protocol):
-    """What the CPU serves (compiled row loops) against the tensor solvers a GPU runs, on held-out digits and
-    on hostile rows: a prototype itself (a zero residual), twice a prototype, a zero row, a huge row; and each
-    row's code alone is its code in the batch (to 1e-6: the float64 aHᵀ rounds by the batch's shape)."""
+def test_compiled_codes_are_the_tensor_solvers_codes(mnist_parts, small_fit, mnist_fit_data, protocol, monkeypatch):
+    """What the CPU serves (compiled row loops) against the tensor solvers a GPU runs, codes and residual shares,
+    on held-out digits and on hostile rows: a prototype itself (a zero residual), twice a prototype, a zero row,
+    a huge row; and each row's code alone is its code in the batch (to 1e-6: the float64 aHᵀ rounds by the
+    batch's shape)."""
     explainer = ProtoFacExplainer(mnist_parts, dataclasses.replace(
         small_fit, hyperparameters={**small_fit.hyperparameters, "served_protocol": protocol}))
     with torch.inference_mode():
@@ -250,6 +251,17 @@ def test_compiled_codes_are_the_tensor_solvers_codes(mnist_parts, small_fit, mni
         compiled = codes(features, oracle)
         tensor = codes(features, oracle, compiled=False)
         alone = torch.cat([codes(features[i:i + 1], oracle[i:i + 1]) for i in range(len(features))])
+        cross, energy = protofac_online.code_terms(features, prototypes)
+        share = explainer.residual_share(compiled, cross, energy)
+        with monkeypatch.context() as patched:
+            patched.setattr(compiled_rows, "serve_on_cpu", False)
+            tensor_share = explainer.residual_share(compiled, cross, energy)
+    # The residual share by the compiled rows and by tensor ops: a zero row's 0; a prototype's own 0 by least
+    # squares (the paper protocol's oracle, another class here, pulls its code away).
+    assert share.dtype == tensor_share.dtype == torch.float32
+    torch.testing.assert_close(share, tensor_share, rtol=0, atol=1e-6)
+    assert share[-2] == 0 and ((share >= 0) & (share <= 1)).all() and share[:24].min() > 0
+    assert share[24] < 1e-5 or protocol == "paper"
     assert compiled.dtype == tensor.dtype == torch.float64
     assert torch.allclose(compiled, tensor, rtol=0, atol=1e-9), (compiled - tensor).abs().max()
     assert torch.allclose(alone, compiled, rtol=0, atol=1e-6), (alone - compiled).abs().max()

@@ -86,7 +86,7 @@ from handlers.model import ModelParts, linear_head_weight
 from handlers.neighbours import Neighbours, NeighbourSearch
 from handlers.solvers import compiled_rows
 from handlers.solvers.active_set import ridged_gram
-from handlers.solvers.compiled_rows import active_set_rows, compile_kernels, removed_mass_rows
+from handlers.solvers.compiled_rows import active_set_rows, compile_kernels, removed_mass_rows, residual_share_rows
 from handlers.solvers.nmf import ENCODERS, nnls_codes
 from handlers.solvers.small_nnls import MAX_UNKNOWNS, shared_gram_nnls, support_inverses
 
@@ -467,9 +467,12 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         """
         cross, energy = self.fold_in_terms(self.views(inputs, features, taps))
         f = self.fold_in(cross)
-        w = f.double()
-        error = energy + torch.linalg.vecdot(w, torch.addmm(cross.double(), w, self.reconstruction_gram_, beta=-2))
+        w, cross = f.double(), cross.double()
         # An input of zero views folds in to f = 0: share 0.
+        if compiled_rows.serves(w.device):
+            return f, torch.from_numpy(residual_share_rows(w.numpy(), cross.numpy(), energy.numpy(),
+                                                           self.reconstruction_gram_.numpy(), EPS, True))
+        error = energy + torch.linalg.vecdot(w, torch.addmm(cross, w, self.reconstruction_gram_, beta=-2))
         return f, (error / energy.clamp_min(EPS)).clamp(0, 1).sqrt().float()
 
     def remove(self, features: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
@@ -594,4 +597,4 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         f, residual_share = self.encode(batch.inputs, batch.features, batch.taps)
         b, d = f.shape
         heatmaps = (f.unsqueeze(2) * self.pixel_masks_).reshape(b, d, *self.map_hw) if batch.heatmaps else None
-        return Codes(torch.arange(d, device=f.device).expand(b, d), f, residual_share, heatmaps)
+        return Codes(self._component_range.expand(b, d), f, residual_share, heatmaps)

@@ -81,7 +81,7 @@ from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers.active_set import active_set_codes, ridged_gram
 from handlers.solvers import compiled_rows
-from handlers.solvers.compiled_rows import active_set_rows, compile_kernels, paper_codes_rows
+from handlers.solvers.compiled_rows import active_set_rows, compile_kernels, paper_codes_rows, residual_share_rows
 from handlers.solvers.simplex import autograd_gradient, projected_adam, vertex_distance
 
 NAME = "protofac"
@@ -434,17 +434,25 @@ class ProtoFacExplainer(RemovalExplainer):
         b, k = cross.shape
         oracle = batch.logits.detach().argmax(1)  # the model's own prediction
         w64 = (self.graphs_ or self.codes)(cross, energy, oracle)  # (B, k)
-        # ‖a − wH‖² = ‖a‖² + w·(wHHᵀ − 2 aHᵀ), from the solvers' terms: no m-sized product.
-        unexplained = torch.baddbmm(energy[:, None, None], w64.unsqueeze(1),
-                                    torch.addmm(cross, w64, self.gram_, beta=-2).unsqueeze(2))[:, 0, 0].clamp_min(0)
         w = w64.float()
         return Codes(
-            component_index=torch.arange(k, device=w.device).expand(b, k),
+            component_index=self._component_range.expand(b, k),
             weight=w,
-            residual_share=torch.where(energy > 0, unexplained / energy.clamp_min(1e-30),
-                                       torch.zeros_like(energy)).clamp(0, 1).float(),
+            residual_share=self.residual_share(w64, cross, energy),
             heatmaps=self._heatmaps(batch, w) if batch.heatmaps else None,
         )
+
+    def residual_share(self, w: torch.Tensor, cross: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 ‖a − wH‖² / ‖a‖² in [0, 1] (0 for a = 0) from the solvers' terms (w, aHᵀ (B, k) and ‖a‖²
+        (B,), float64): ‖a − wH‖² = ‖a‖² + w·(wHHᵀ − 2 aHᵀ), no m-sized product; on the CPU by
+        :func:`residual_share_rows`."""
+        if compiled_rows.serves(w.device):
+            return torch.from_numpy(residual_share_rows(w.numpy(), cross.numpy(), energy.numpy(), self.gram_.numpy(),
+                                                        1e-30, False))
+        unexplained = torch.baddbmm(energy[:, None, None], w.unsqueeze(1),
+                                    torch.addmm(cross, w, self.gram_, beta=-2).unsqueeze(2))[:, 0, 0].clamp_min(0)
+        return torch.where(energy > 0, unexplained / energy.clamp_min(1e-30),
+                           torch.zeros_like(energy)).clamp(0, 1).float()
 
     def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:
         """The surrogate f_down(w'H), w' = w with the removed prototypes' weights zeroed (not renormalized):

@@ -272,6 +272,30 @@ def paper_codes_rows(start, cross, energy, gram, head, bias, ce_head_t, oracle, 
     return out
 
 
+@_kernel
+def residual_share_rows(codes, cross, energy, gram, floor, root):
+    """(B,) float32 residual shares from a code's terms, row by row: ``u = ‖x − wH‖² = ‖x‖² + w·(wG − 2c)``
+    (at least 0), then ``min(u / max(‖x‖², floor), 1)``, its square root where ``root``, and 0 where ‖x‖² is 0.
+
+    codes (B, k) w, cross (B, k) c = xHᵀ, energy (B,) ‖x‖², gram (k, k) G = HHᵀ; all float64. ProtoFac's
+    share is the squared ratio, coupled NMF's its root."""
+    b, k = codes.shape
+    out = np.zeros(b, dtype=np.float32)
+    for r in range(b):
+        if energy[r] <= 0:
+            continue
+        unexplained = energy[r]
+        for i in range(k):
+            if codes[r, i] != 0:
+                term = -2.0 * cross[r, i]
+                for j in range(k):
+                    term += codes[r, j] * gram[j, i]
+                unexplained += codes[r, i] * term
+        share = min(max(unexplained, 0.0) / max(energy[r], floor), 1.0)
+        out[r] = math.sqrt(share) if root else share
+    return out
+
+
 @_kernel(reorder_sums=True)
 def removed_mass_rows(values, codes, sets, neurons):
     """(B, S, C) float32: what removing each concept set takes from each channel of a layer, the mean over its
@@ -455,7 +479,8 @@ def rule_match_rows(top, relevant, rules, filter_reference, activation):
 def compile_kernels() -> float:
     """Compile the kernels for their array types (numba compiles on first call; a server calls this at load,
     never in a request), logging the seconds it took. Returns them (0 once compiled)."""
-    kernels = (active_set_rows, paper_codes_rows, removed_mass_rows, patch_search_rows, rule_match_rows)
+    kernels = (active_set_rows, paper_codes_rows, residual_share_rows, removed_mass_rows, patch_search_rows,
+               rule_match_rows)
     if all(kernel.signatures for kernel in kernels):
         return 0.0
     begin = time.perf_counter()
@@ -464,6 +489,7 @@ def compile_kernels() -> float:
     start = active_set_rows(cross, gram, 1, 1e-10, True)
     paper_codes_rows(start, cross, np.ones(1), gram, np.ones((k, classes)), np.zeros(classes), np.ones((classes, k)),
                      np.zeros(1, dtype=np.int64), 1, 0.01, 1.0, 0.1, 1e-6)
+    residual_share_rows(start, cross, np.ones(1), gram, 1e-30, True)
     ones = np.ones((1, 1, k), dtype=np.float32)
     removed_mass_rows(ones, ones[0], ones, ones.reshape(1, 1, k).repeat(k, 0))
     square = np.ones((k, k), dtype=np.float32)

@@ -406,19 +406,23 @@ def test_linear_head_in_closed_form_equals_autograd_and_the_downstream(explainer
         assert torch.allclose(getattr(closed, name), getattr(by_gradient, name), atol=1e-5), name
 
 
+def _mixed_targets(parts, x, suppress, heatmaps):
+    """A batch of ``x`` in which every third input explains another class than its prediction."""
+    with torch.no_grad():
+        features = parts.upstream(x)
+        logits = parts.downstream(features)
+    targets = logits.argmax(1)
+    targets[::3] = (targets[::3] + 1) % 10
+    return ExplainBatch(x, features, logits, targets, suppress, heatmaps)
+
+
 @pytest.mark.parametrize("by", ["fewest_launches", "rows_then_columns", "bands"])
 def test_patch_search_paths_agree(by, mnist_parts, explainer, mnist_fit_data, monkeypatch):
     """The tensor searches, a GPU's (one product per candidate, the windows' union by a running maximum), the
     CPU's former one (window sums along rows, then columns) and the band-by-band search of inputs too large for
     the position tables, find the patches, relevance and activations of the compiled search the CPU serves."""
-    x = mnist_fit_data.x_test[:32]
-    with torch.no_grad():
-        features = mnist_parts.upstream(x)
-        logits = mnist_parts.downstream(features)
-    targets = logits.argmax(1)
-    targets[::3] = (targets[::3] + 1) % 10  # some explain another class than their prediction
-    batch = ExplainBatch(x, features, logits, targets, torch.zeros(32, 0, len(explainer.components), dtype=torch.bool),
-                         False)
+    batch = _mixed_targets(mnist_parts, mnist_fit_data.x_test[:32],
+                           torch.zeros(32, 0, len(explainer.components), dtype=torch.bool), False)
     alpha, f = explainer.gradcam(batch)
     inputs = explainer.patch_inputs(batch, torch.einsum("bd,bdhw->bhw", alpha, f), f)
     expected = gradcam_rules.scan_patches(*inputs)
@@ -439,14 +443,9 @@ def test_patch_search_paths_agree(by, mnist_parts, explainer, mnist_fit_data, mo
 def test_compiled_rule_matching_is_the_tensor_matching(mnist_parts, explainer, mnist_fit_data, monkeypatch):
     """The CPU's compiled rule matching reports the rules and weights of the tensor matching a GPU runs, bit for
     bit (the same divisions, minima and maxima), and the whole explanation agrees."""
-    x = mnist_fit_data.x_test[:48]
-    with torch.no_grad():
-        features = mnist_parts.upstream(x)
-        logits = mnist_parts.downstream(features)
-    targets = logits.argmax(1)
-    targets[::3] = (targets[::3] + 1) % 10  # some explain another class than their prediction
     suppress = torch.rand(48, 2, len(explainer.components), generator=torch.Generator().manual_seed(5)) < 0.2
-    batch = ExplainBatch(x, features, logits, targets, suppress, True)
+    batch = _mixed_targets(mnist_parts, mnist_fit_data.x_test[:48], suppress, True)
+    targets = batch.targets
     alpha, f = explainer.gradcam(batch)
     _, relevant, activation = gradcam_rules.scan_patches(*explainer.patch_inputs(batch, torch.einsum(
         "bd,bdhw->bhw", alpha, f), f))

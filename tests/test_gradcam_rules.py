@@ -440,29 +440,35 @@ def test_patch_search_paths_agree(by, mnist_parts, explainer, mnist_fit_data, mo
     assert torch.allclose(activation, expected[2], rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_rule_matching_is_the_tensor_matching(mnist_parts, explainer, mnist_fit_data, monkeypatch):
-    """The CPU's compiled rule matching reports the rules and weights of the tensor matching a GPU runs, bit for
-    bit (the same divisions, minima and maxima), and the whole explanation agrees."""
+@pytest.mark.parametrize("heatmaps", [True, False])
+def test_compiled_answer_is_the_tensor_answer(heatmaps, mnist_parts, explainer, mnist_fit_data, monkeypatch):
+    """After the candidate search, the CPU's compiled rows report the rules and weights of the tensor matching a
+    GPU runs bit for bit (the same divisions, minima and maxima), and the residual shares, heatmaps,
+    contributions and interventions to float32 rounding."""
     suppress = torch.rand(48, 2, len(explainer.components), generator=torch.Generator().manual_seed(5)) < 0.2
-    batch = _mixed_targets(mnist_parts, mnist_fit_data.x_test[:48], suppress, True)
-    targets = batch.targets
+    batch = _mixed_targets(mnist_parts, mnist_fit_data.x_test[:48], suppress, heatmaps)
     alpha, f = explainer.gradcam(batch)
-    _, relevant, activation = gradcam_rules.scan_patches(*explainer.patch_inputs(batch, torch.einsum(
-        "bd,bdhw->bhw", alpha, f), f))
-    served = explainer.matched_rules(activation, relevant, targets)
+    terms, cam = gradcam_rules.gradcam_terms(alpha, f)
+    _, relevant, activation = gradcam_rules.scan_patches(*explainer.patch_inputs(batch, cam, f))
+    top = activation.topk(explainer.config.n_filters, dim=-1).indices
+    table = explainer._class_rules[batch.targets]
+    index, weight, _, _ = compiled_rows.reported_rules_rows(
+        top.numpy(), relevant.numpy(), table.numpy(), explainer.filter_reference_.numpy(), activation.numpy(),
+        terms.numpy(), explainer._filter_index.numpy(), heatmaps)
+    expected = explainer.matched_rules(top, relevant, table, activation)
+    assert np.array_equal(index, expected[0].numpy()) and np.array_equal(weight, expected[1].numpy())
     with torch.inference_mode():
-        explained = explainer.explain(batch)
-    monkeypatch.setattr(compiled_rows, "serve_on_cpu", False)
-    expected = explainer.matched_rules(activation, relevant, targets)
-    assert served[0].dtype == torch.int64 and served[1].dtype == torch.float32
-    assert torch.equal(served[0], expected[0]) and torch.equal(served[1], expected[1])
-    index = served[0]
-    assert (index >= 0).any() and (index < 0).any() and (served[1][index < 0] == 0).all()
-    with torch.inference_mode():
-        reference = explainer.explain(batch)
-    assert torch.equal(explained.component_index, reference.component_index)
-    for name in ("weight", "contribution", "residual_share", "heatmaps", "intervened_logits"):
-        torch.testing.assert_close(getattr(explained, name), getattr(reference, name), rtol=1e-5, atol=1e-5)
+        served = explainer.explain(batch)
+        monkeypatch.setattr(compiled_rows, "serve_on_cpu", False)
+        reference = explainer.explain(batch)  # the tensor search too: activations to float32 rounding
+    index = served.component_index
+    assert (index >= 0).any() and (index < 0).any() and (served.weight[index < 0] == 0).all()
+    assert torch.equal(index, reference.component_index)
+    assert (served.heatmaps is None) == (reference.heatmaps is None) == (not heatmaps)
+    names = ["weight", "contribution", "residual_share", "intervened_logits"] + ["heatmaps"] * heatmaps
+    for name in names:
+        torch.testing.assert_close(getattr(served, name), getattr(reference, name), rtol=1e-5, atol=1e-5)
+    assert ((served.residual_share > 0) & (served.residual_share < 1)).any()
 
 
 def test_explain_rebuilds_a_missing_graph(mnist_parts, gradient_explainer, mnist_fit_data):

@@ -81,7 +81,7 @@ def test_requests_compile_nothing(demo_store, mnist_fit_data):
     compiles a kernel anew for other argument types or layouts): every method, batches of 1, 3 and 8, every
     heatmap kind, with and without interventions."""
     kernels = (compiled_rows.active_set_rows, compiled_rows.paper_codes_rows, compiled_rows.residual_share_rows,
-               compiled_rows.removed_mass_rows, compiled_rows.patch_search_rows, compiled_rows.rule_match_rows)
+               compiled_rows.removed_mass_rows, compiled_rows.patch_search_rows, compiled_rows.reported_rules_rows)
     model = ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
     loaded = [list(kernel.signatures) for kernel in kernels]
     assert all(loaded)

@@ -62,7 +62,7 @@ from handlers.base import (
 )
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers import compiled_rows
-from handlers.solvers.compiled_rows import patch_search_rows, rule_match_rows
+from handlers.solvers.compiled_rows import patch_search_rows, reported_rules_rows
 
 NAME = "gradcam_rules"
 
@@ -451,7 +451,14 @@ class GradCAMRulesExplainer(RemovalExplainer):
         with torch.no_grad():
             terms, cam = gradcam_terms(alpha, f)
             _, relevant, activation = scan_patches(*self.patch_inputs(batch, cam, f))
-            index, weight = self.matched_rules(activation, relevant, batch.targets)
+            top = activation.topk(self.config.n_filters, dim=-1).indices  # (B, k, n) each patch's transaction
+            table = self._class_rules[batch.targets]  # (B, C, 1 + 2S)
+            if compiled_rows.serves(f.device):  # the rest as compiled row loops, the same formulas as below
+                index, weight, share, maps = (torch.from_numpy(a) for a in reported_rules_rows(
+                    top.numpy(), relevant.numpy(), table.numpy(), self.filter_reference_.numpy(), activation.numpy(),
+                    terms.numpy(), self._filter_index.numpy(), batch.heatmaps))
+                return Codes(index, weight, share, maps.unflatten(2, f.shape[2:]) if batch.heatmaps else None)
+            index, weight = self.matched_rules(top, relevant, table, activation)
             masks = self._filters_last_empty[index]  # (B, C, D)
             evidence = terms.relu().sum(2)  # (B, D) each filter's P_d
             covered = masks.amax(1)  # (B, D) the union of the reported rules' filters
@@ -461,7 +468,7 @@ class GradCAMRulesExplainer(RemovalExplainer):
             heatmaps = (masks @ terms).relu().unflatten(2, f.shape[2:]) if batch.heatmaps else None
         return Codes(index, weight, residual_share.clamp(0, 1), heatmaps)
 
-    def matched_rules(self, activation: torch.Tensor, relevant: torch.Tensor, targets: torch.Tensor,
+    def matched_rules(self, top: torch.Tensor, relevant: torch.Tensor, table: torch.Tensor, activation: torch.Tensor,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The reported rules: those of R^t held by a relevant patch-transaction (its top ``n_filters`` filters,
         as :meth:`rules_held`), matched first, each group in R^t's order (support x confidence), and their
@@ -469,21 +476,16 @@ class GradCAMRulesExplainer(RemovalExplainer):
 
         Parameters
         ----------
-        activation : (B, k, D) each candidate patch's filter activations
+        top : (B, k, n) int64 each candidate patch's top filters
         relevant : (B, k) bool
-        targets : (B,) int64
+        table : (B, C, 1 + 2S) int64 the targets' rows of the rule table (component, filters to match, to weigh)
+        activation : (B, k, D) each candidate patch's filter activations
 
         Returns
         -------
         index : (B, C) int64 components, -1 padding
         weight : (B, C) float32, 0 where not matched
         """
-        top = activation.topk(self.config.n_filters, dim=-1).indices  # (B, k, n)
-        table = self._class_rules[targets]  # (B, C, 1 + 2S)
-        if compiled_rows.serves(activation.device):
-            found = rule_match_rows(top.numpy(), relevant.numpy(), table.numpy(), self.filter_reference_.numpy(),
-                                    activation.numpy())
-            return torch.from_numpy(found[0]), torch.from_numpy(found[1])
         s = (table.shape[2] - 1) // 2
         component, match, gather = table[:, :, 0], table[:, :, 1:1 + s], table[:, :, 1 + s:]
         held = (match[:, :, None, :, None] == top[:, None, :, None, :]).any(4).all(3)  # (B, C, k)

@@ -4,15 +4,16 @@ On a GPU the batched solvers (:func:`handlers.solvers.active_set.active_set_code
 :func:`handlers.solvers.simplex.projected_adam`, coupled NMF's removals) run as a few launches or one
 captured graph per batch size. On the CPU every tensor op costs its Python call (5-10 us) whatever its
 size: a ProtoFac paper-protocol code takes about 1650 of them on (B, k) tensors of a few hundred numbers,
-and the tensor forms of the rest do more arithmetic than a row needs (coupled NMF's fold-in tries all
-1023 supports of ten concepts; its removals multiply every set by every concept, most of them zero).
+Grad-CAM rules' candidate search and rule matching about 40, and the tensor forms of the rest do more
+arithmetic than a row needs (coupled NMF's fold-in tries all 1023 supports of ten concepts; its removals
+multiply every set by every concept, most of them zero).
 These loops do the same arithmetic on one row at a time, compiled by numba (once per process, at load:
 :func:`compile_kernels`), so a batch costs what its flops cost. They follow the tensor solvers step by
 step, so a row's result agrees with theirs to rounding (the tests check it); the tensor solvers stay the
 reference.
 
-The solvers take float64 / int64 arrays, the removals float32 as the model's activations; all run on
-the calling thread (no parallel loops).
+The solvers take float64 / int64 arrays, the kernels over a layer's activations float32 as the model
+gives them; all run on the calling thread (no parallel loops).
 """
 
 from __future__ import annotations
@@ -426,22 +427,35 @@ def patch_search_rows(heat, features, size, n_candidates, row_cover, col_cover, 
     return position, activation, removed
 
 
-@_kernel
-def rule_match_rows(top, relevant, rules, filter_reference, activation):
-    """Grad-CAM rules' reported rules, row by row: which of the target's rules a relevant patch-transaction
-    holds, each rule's weight, matched rules first (as :meth:`GradCAMRulesExplainer.matched_rules`).
+@_kernel(reorder_sums=True)
+def reported_rules_rows(top, relevant, rules, filter_reference, activation, terms, filter_index, heatmaps):
+    """Grad-CAM rules' answer after the candidate search, row by row, as
+    :meth:`GradCAMRulesExplainer.encode_batch` forms it from :meth:`~GradCAMRulesExplainer.matched_rules`: which of
+    the target's rules a relevant patch-transaction holds, matched first, their weights, the residual share and
+    the heatmaps.
 
-    top (B, k, n) int64 each candidate patch's top filters; relevant (B, k) bool; rules (B, C, 1 + 2S) int64
-    the targets' rows of the explainer's rule table (component, S filters to match, S filters to weigh);
-    filter_reference (D,) and activation (B, k, D) float32. Returns index (B, C) int64 (-1 padding) and weight
-    (B, C) float32: per rule the max over the patches of min over its filters of activation / reference where
-    the patch holds it, else 0."""
+    top (B, k, n) int64 each candidate patch's top filters; relevant (B, k) bool; rules (B, C, 1 + 2S) int64 the
+    targets' rows of the explainer's rule table (component, S filters to match, S filters to weigh);
+    filter_reference (D,) and activation (B, k, D) float32; terms (B, D, P) float32 the filters' Grad-CAM terms
+    α_d F_d over the grid's P cells; filter_index (R + 1, S') int64 each component's filters after the empty set
+    (padding D); ``heatmaps``: whether to draw them.
+
+    Returns index (B, C) int64 (-1 padding); weight (B, C) float32, per rule the max over the patches of min
+    over its filters of activation / reference where the patch holds it, else 0 (the same divisions, minima and
+    maxima as the tensor matching: bit for bit); residual_share (B,) float32, 1 − the positive evidence
+    Σ_hw max(α_d F_d, 0) of the reported rules' filters over every filter's (1 without evidence); heatmaps (B, C,
+    P) float32, max(Σ_{d in the rule} α_d F_d, 0), or (B, C, 0) when not drawn. The evidence's sums run in any
+    order (``reorder_sums``)."""
     b, k, n = top.shape
     c, s = rules.shape[1], (rules.shape[2] - 1) // 2
+    dim, cells = terms.shape[1], terms.shape[2]
     index = np.empty((b, c), dtype=np.int64)
     weight = np.empty((b, c), dtype=np.float32)
+    share = np.empty(b, dtype=np.float32)
+    maps = np.zeros((b, c, cells if heatmaps else 0), dtype=np.float32)
     matched = np.empty(c, dtype=np.bool_)
     presence = np.empty(c, dtype=np.float32)
+    covered = np.empty(dim, dtype=np.bool_)
     for r in range(b):
         for slot in range(c):
             matched[slot] = False
@@ -473,14 +487,37 @@ def rule_match_rows(top, relevant, rules, filter_reference, activation):
                     index[r, position] = rules[r, slot, 0] if first else -1
                     weight[r, position] = presence[slot]
                     position += 1
-    return index, weight
+        covered[:] = False
+        for slot in range(c):
+            if index[r, slot] >= 0:
+                for d in filter_index[index[r, slot] + 1]:
+                    if d < dim:
+                        covered[d] = True
+                        if heatmaps:
+                            for p in range(cells):
+                                maps[r, slot, p] += terms[r, d, p]
+        carried = np.float32(0)
+        total = np.float32(0)
+        for d in range(dim):
+            evidence = np.float32(0)
+            for p in range(cells):
+                evidence += max(terms[r, d, p], np.float32(0))
+            total += evidence
+            if covered[d]:
+                carried += evidence
+        share[r] = min(max(np.float32(1) - carried / max(total, np.float32(1e-30)), np.float32(0)), np.float32(1))
+        if heatmaps:
+            for slot in range(c):
+                for p in range(cells):
+                    maps[r, slot, p] = max(maps[r, slot, p], np.float32(0))
+    return index, weight, share, maps
 
 
 def compile_kernels() -> float:
     """Compile the kernels for their array types (numba compiles on first call; a server calls this at load,
     never in a request), logging the seconds it took. Returns them (0 once compiled)."""
     kernels = (active_set_rows, paper_codes_rows, residual_share_rows, removed_mass_rows, patch_search_rows,
-               rule_match_rows)
+               reported_rules_rows)
     if all(kernel.signatures for kernel in kernels):
         return 0.0
     begin = time.perf_counter()
@@ -494,8 +531,9 @@ def compile_kernels() -> float:
     removed_mass_rows(ones, ones[0], ones, ones.reshape(1, 1, k).repeat(k, 0))
     square = np.ones((k, k), dtype=np.float32)
     patch_search_rows(square[None], np.ones((1, k * k, k), dtype=np.float32), 1, 1, square, square, square, square)
-    rule_match_rows(np.zeros((1, 1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.bool_),
-                    np.zeros((1, 1, 3), dtype=np.int64), ones[0, 0], ones)
+    reported_rules_rows(np.zeros((1, 1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.bool_),
+                        np.zeros((1, 1, 3), dtype=np.int64), ones[0, 0], ones, ones.reshape(1, k, 1),
+                        np.zeros((2, 1), dtype=np.int64), True)
     seconds = time.perf_counter() - begin
     log.info("CPU solvers ready in %.2f s (compiled, or read from numba's cache)", seconds)
     return seconds

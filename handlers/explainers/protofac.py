@@ -457,9 +457,10 @@ class ProtoFacExplainer(RemovalExplainer):
     def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:
         """The surrogate f_down(w'H), w' = w with the removed prototypes' weights zeroed (not renormalized):
         by the head's weights when the head is affine, else by the downstream on w'H."""
-        kept = codes.weight.unsqueeze(1) * (1 - sets)  # (B, S, k)
+        w = codes.weight.unsqueeze(1)
+        kept = torch.addcmul(w, w, sets, value=-1)  # (B, S, k): w where kept, 0 where removed
         if self.prototype_logits_ is not None:
-            return kept @ self.prototype_logits_ + self.zero_logits_
+            return torch.addmm(self.zero_logits_, kept.flatten(0, 1), self.prototype_logits_).unflatten(0, kept.shape[:2])
         logits = self.model.downstream((kept @ self.prototypes_).reshape(-1, *batch.features.shape[1:]))
         return logits.float().reshape(*kept.shape[:2], -1)
 

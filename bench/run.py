@@ -656,9 +656,10 @@ def explain_stage_ops(device, cfg=None) -> dict:
     counted by :class:`OpCounter` as kernel launches (views and allocations excluded), goal ≤ 64.
 
     ``ops`` (the figure) is the GPU path, run here on the CPU (:func:`gpu_path`): the active-set solvers
-    take every step, ProtoFac's solvers are tensor ops, and Grad-CAM rules' patch search takes the fewest
-    launches. ``cpu_path_ops`` is what the CPU serves, where the active-set solvers stop once every row is
-    optimal, ProtoFac's run as compiled row loops (no tensor ops) and the search does less arithmetic. The explain stage is what the runtime times as "explain" (after the logits; the
+    take every step, ProtoFac's, coupled NMF's and Grad-CAM rules' CPU kernels are tensor ops, and Grad-CAM
+    rules' patch search takes the fewest launches. ``cpu_path_ops`` is what the CPU serves, where those
+    kernels run as compiled row loops (:mod:`handlers.solvers.compiled_rows`: no tensor ops). The explain
+    stage is what the runtime times as "explain" (after the logits; the
     backbone forward, which Predict runs too, is not in it); ``forward_stage_ops`` is the
     rest of the Explain and ``predict`` one Predict of the same batch. Not counted: the copies between
     host and device, which a CPU run skips (``.cpu()`` of a CPU tensor dispatches nothing); on a GPU
@@ -688,6 +689,7 @@ def explain_stage_ops(device, cfg=None) -> dict:
         _, explanation, _ = model.explain(method, items, "feature_grid")  # warm-up: caches filled on first use
         cpu_path = count_stage_ops(model, method, items)
         with gpu_path():
+            model.explain(method, items, "feature_grid")  # its own caches (Grad-CAM rules' window tables)
             gpu_counts = count_stage_ops(model, method, items, where=True)
         answer = 1 + sum(torch.is_tensor(v) for v in vars(explanation).values())
         graphs = {}

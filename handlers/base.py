@@ -25,6 +25,7 @@ import torch
 
 from handlers.device_graphs import Capture, CaptureReport
 from handlers.model import ModelParts
+from handlers.solvers import compiled_rows
 
 if TYPE_CHECKING:
     from handlers.fitting.streaming import StreamedData
@@ -252,6 +253,9 @@ class Explainer(ABC):
     # Whether explain() draws presence heatmaps (``ExplainBatch.heatmap_kind``); requests for them are
     # refused otherwise.
     presence_maps: bool = False
+    # Whether explain() runs handlers.solvers.compiled_rows' kernels on the CPU: to() compiles them then, at
+    # load, so that no request does.
+    cpu_kernels: ClassVar[bool] = False
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         self.model = model
@@ -286,10 +290,13 @@ class Explainer(ABC):
             setattr(self, name, tensor)
 
     def to(self, device: torch.device | str) -> "Explainer":
-        """Move every tensor attribute (fitted and derived) to ``device``; returns self."""
+        """Move every tensor attribute (fitted and derived) to ``device``, and compile the CPU kernels where
+        the method runs them there; returns self."""
         for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
+        if self.cpu_kernels and compiled_rows.serves(torch.device(device)):
+            compiled_rows.compile_kernels()
         return self
 
     def capture_graphs(self, sizes: tuple[int, ...], capture: Capture) -> CaptureReport | None:

@@ -246,15 +246,15 @@ def test_compiled_codes_are_the_tensor_solvers_codes(mnist_parts, small_fit, mni
                               1e4 * features[:1]])
         oracle = torch.arange(len(features)) % mnist_parts.num_classes
 
-        def codes(rows, oracle, **kwargs):
-            return explainer.codes(*protofac_online.code_terms(rows, prototypes), oracle, **kwargs)
+        def codes(rows, oracle):
+            return explainer.codes(*protofac_online.code_terms(rows, prototypes), oracle)
         compiled = codes(features, oracle)
-        tensor = codes(features, oracle, compiled=False)
         alone = torch.cat([codes(features[i:i + 1], oracle[i:i + 1]) for i in range(len(features))])
         cross, energy = protofac_online.code_terms(features, prototypes)
         share = explainer.residual_share(compiled, cross, energy)
-        with monkeypatch.context() as patched:
+        with monkeypatch.context() as patched:  # the tensor solvers, as a GPU runs them
             patched.setattr(compiled_rows, "serve_on_cpu", False)
+            tensor = codes(features, oracle)
             tensor_share = explainer.residual_share(compiled, cross, energy)
     # The residual share by the compiled rows and by tensor ops: a zero row's 0; a prototype's own 0 by least
     # squares (the paper protocol's oracle, another class here, pulls its code away).

@@ -86,7 +86,7 @@ from handlers.model import ModelParts, linear_head_weight
 from handlers.neighbours import Neighbours, NeighbourSearch
 from handlers.solvers import compiled_rows
 from handlers.solvers.active_set import ridged_gram
-from handlers.solvers.compiled_rows import active_set_rows, compile_kernels, removed_mass_rows, residual_share_rows
+from handlers.solvers.compiled_rows import active_set_rows, removed_mass_rows, residual_share_rows
 from handlers.solvers.nmf import ENCODERS, nnls_codes
 from handlers.solvers.small_nnls import MAX_UNKNOWNS, shared_gram_nnls, support_inverses
 
@@ -281,6 +281,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
     """
 
     name = NAME
+    cpu_kernels = True
     config_class = CoupledNMFConfig
     residual_share_definition = (
         "||x - W f|| / ||x||: the relative error of the fold-in's reconstruction of the input's stacked views "
@@ -377,8 +378,6 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         super().to(device)
         self._bind()  # to the model's modules and this explainer's tensors as they are now
         self.graphs_ = None  # captured on the old device: capture again
-        if compiled_rows.serves(self.gram_.device):  # at load rather than in the first request
-            compile_kernels()
         return self
 
     def fold_in_steps(self, cross: torch.Tensor) -> torch.Tensor:

@@ -254,17 +254,17 @@ def scan_patches(features: torch.Tensor, cam: torch.Tensor, target_logit: torch.
     grid, input_hw = tuple(features.shape[2:]), tuple(input_hw)
     (row_band, row_cover, row_pool), (col_band, col_cover, col_pool) = window_tables(patch_size, input_hw, grid,
                                                                                      features.device)
+    heat = F.interpolate(cam.relu()[:, None], size=input_hw, mode="bilinear", align_corners=False)[:, 0]
+    if compiled_rows.serves(features.device):  # the search as compiled row loops, up to the perturbation test
+        found = patch_search_rows(heat.numpy(), features.flatten(2).transpose(1, 2).contiguous().numpy(), patch_size,
+                                  n_candidates, row_cover.numpy(), col_cover.numpy(), row_pool.numpy(), col_pool.numpy())
+        position, activation, removed = (torch.from_numpy(a) for a in found)
+        return position, perturbation_test(removed, target_logit, target_logit_falls, tau_prt), activation
+    heat = heat.flatten(1)
     tables = position_tables(patch_size, input_hw, grid, features.device)
     if fewest_launches is None:
         fewest_launches = features.device.type != "cpu"
     dense = fewest_launches and tables is not None
-    heat = F.interpolate(cam.relu()[:, None], size=input_hw, mode="bilinear", align_corners=False).flatten(1)
-    if compiled_rows.serves(features.device):  # the search as compiled row loops, up to the perturbation test
-        found = patch_search_rows(heat.unflatten(1, input_hw).numpy(),
-                                  features.flatten(2).transpose(1, 2).contiguous().numpy(), patch_size, n_candidates,
-                                  row_cover.numpy(), col_cover.numpy(), row_pool.numpy(), col_pool.numpy())
-        position, activation, removed = (torch.from_numpy(a) for a in found)
-        return position, perturbation_test(removed, target_logit, target_logit_falls, tau_prt), activation
     position = torch.empty(len(heat), n_candidates, dtype=torch.long, device=heat.device)  # (B, k)
     span_w = len(col_band)
     for j in range(n_candidates):  # each candidate depends on the windows zeroed before it
@@ -339,6 +339,7 @@ def removal_model(features: torch.Tensor, cam: torch.Tensor, target_logit: torch
 
 class GradCAMRulesExplainer(RemovalExplainer):
     name = NAME
+    cpu_kernels = True
     config_class = GradCAMRulesConfig
     residual_share_definition = (
         "sum over filters d outside the reported rules of P_d / sum over all filters of P_d, with "

@@ -81,7 +81,7 @@ from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers.active_set import active_set_codes, ridged_gram
 from handlers.solvers import compiled_rows
-from handlers.solvers.compiled_rows import active_set_rows, compile_kernels, paper_codes_rows, residual_share_rows
+from handlers.solvers.compiled_rows import active_set_rows, paper_codes_rows, residual_share_rows
 from handlers.solvers.simplex import autograd_gradient, projected_adam, vertex_distance
 
 NAME = "protofac"
@@ -322,6 +322,7 @@ def surrogate_logits(parts: ModelParts, prototypes: torch.Tensor, prototype_logi
 
 class ProtoFacExplainer(RemovalExplainer):
     name = NAME
+    cpu_kernels = True
     config_class = ProtoFacConfig
     residual_share_definition = (
         "||a - wH||^2 / ||a||^2 clamped to [0, 1]: the share of the layer activation's energy (a: the clipped, "
@@ -365,8 +366,6 @@ class ProtoFacExplainer(RemovalExplainer):
     def to(self, device):
         super().to(device)
         self.graphs_ = None  # captured on the old device: capture again
-        if compiled_rows.serves(self.gram_.device):  # at load rather than in the first request
-            compile_kernels()
         return self
 
     def declared_factors(self):
@@ -374,19 +373,16 @@ class ProtoFacExplainer(RemovalExplainer):
             return {**self.factors, "feature_scale_": (torch.float32, (1,))}
         return self.factors
 
-    def codes(self, cross: torch.Tensor, energy: torch.Tensor, oracle: torch.Tensor, *,
-              compiled: bool | None = None) -> torch.Tensor:
+    def codes(self, cross: torch.Tensor, energy: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
         """The codes w (B, k) float64 by the served protocol, row by row, from the rows' terms (:func:`code_terms`:
         cross (B, k) aHᵀ and energy (B,) ‖a‖², float64); ``oracle`` (B,) int64, the model's predicted classes, is
         the paper protocol's oracle (unused by least squares).
 
-        ``compiled`` (default: on the CPU): the same steps as compiled row loops
+        On the CPU (:func:`compiled_rows.serves`) the same steps as compiled row loops
         (:mod:`handlers.solvers.compiled_rows`) instead of tensor ops, each of which costs the CPU its Python
         call; not for the paper protocol through a head that is not affine, whose gradient comes from autograd."""
         paper = self.config.served_protocol == "paper"
-        if compiled is None:
-            compiled = compiled_rows.serves(cross.device)
-        if compiled and not (paper and self.prototype_logits_ is None):
+        if compiled_rows.serves(cross.device) and not (paper and self.prototype_logits_ is None):
             return self._compiled_codes(cross, energy, oracle)
         if not paper:
             return active_set_codes(cross, self.gram_, self.config.solver_steps, simplex=True)

@@ -513,12 +513,14 @@ def reported_rules_rows(top, relevant, rules, filter_reference, activation, term
     return index, weight, share, maps
 
 
+KERNELS = (active_set_rows, paper_codes_rows, residual_share_rows, removed_mass_rows, patch_search_rows,
+           reported_rules_rows)
+
+
 def compile_kernels() -> float:
-    """Compile the kernels for their array types (numba compiles on first call; a server calls this at load,
+    """Compile :data:`KERNELS` for their array types (numba compiles on first call; a server calls this at load,
     never in a request), logging the seconds it took. Returns them (0 once compiled)."""
-    kernels = (active_set_rows, paper_codes_rows, residual_share_rows, removed_mass_rows, patch_search_rows,
-               reported_rules_rows)
-    if all(kernel.signatures for kernel in kernels):
+    if all(kernel.signatures for kernel in KERNELS):
         return 0.0
     begin = time.perf_counter()
     k, classes = 2, 2

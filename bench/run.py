@@ -240,6 +240,11 @@ def start_server(store: Path, port: int, metrics_port: int, *options: str) -> su
                                 "--http-port", "0",  # gRPC only: two servers may run at once
                                 *options],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return serving(process, port)
+
+
+def serving(process: subprocess.Popen, port: int) -> subprocess.Popen:
+    """``process`` once its gRPC health check on ``port`` answers SERVING (within 300 s; else it is killed)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -337,14 +342,60 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
             rss_start = rss_mib(server.pid)
             asyncio.run(_load(f"127.0.0.1:{port}", "mnist", [array], cfg["memory_requests"], concurrency=8))
             rss_end = rss_mib(server.pid)
+            answer = remote()
     finally:
         stop_server(server)
     # Issue 20: what the server adds to a call, in units of the transport's own floor (a bare health check).
     added = (p50["grpc"] - p50["in_process"]) / p50["grpc_health_check"]
     return {"grpc_overhead_ms": p50["grpc"] - p50["in_process"], "p50_ms": p50, "p99_ms": p99,
             "server_added_over_floor": added, "server_added_over_floor_goal_met": added <= 1.0,
+            "transport_peers": transport_peers(store / "mnist-1.psar", answer, local, array, cfg),
             "server_mean_ms": server_ms, "memory": {"requests": cfg["memory_requests"], "rss_after_warmup_mib": rss_start,
                        "rss_after_mib": rss_end, "growth_mib": rss_end - rss_start}}
+
+
+def transport_peers(archive: Path, answer, local, array: np.ndarray, cfg) -> dict:
+    """``server_added_over_floor`` of the servers of :mod:`bench.transport_peers`, which only compute (``local``,
+    the in-process baseline) and send ``answer`` back, each in one architecture, measured as the server's figure
+    is: what an architecture costs before any of protoserve's own work."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from protoserve_client import ExplainerClient
+
+    from bench.transport_peers import ARCHITECTURES
+
+    out = {}
+    with tempfile.TemporaryDirectory() as work:
+        response = Path(work) / "response.pb"
+        response.write_bytes(answer.SerializeToString())
+        for architecture in ARCHITECTURES:
+            port = free_port()
+            peer = serving(subprocess.Popen([sys.executable, "-m", "bench.transport_peers", architecture, str(port),
+                                             str(archive), str(response)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, text=True), port)
+            try:
+                with ExplainerClient(f"127.0.0.1:{port}") as client, \
+                        grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    health = health_pb2_grpc.HealthStub(channel)
+                    remote = lambda: client.explain(array, model="mnist", method="protonmf",  # noqa: E731
+                                                    heatmaps="feature_grid", interventions=[["c0.p0"]])
+                    floor = lambda: health.Check(health_pb2.HealthCheckRequest())  # noqa: E731
+                    for _ in range(20):
+                        remote()
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    try:
+                        times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
+                                            cfg["latency_calls"], torch.device("cpu"), warmup=0)
+                    finally:
+                        torch.set_num_threads(threads)
+            finally:
+                peer.kill()
+                peer.wait(60)
+            p50 = {k: statistics.median(v) * 1000 for k, v in times.items()}
+            out[architecture] = {"added_over_floor": (p50["grpc"] - p50["in_process"]) / p50["grpc_health_check"],
+                                 "p50_ms": p50}
+    return out
 
 
 def server_seconds(metrics_port: int) -> dict[str, float]:
@@ -796,6 +847,11 @@ def table(results: dict) -> str:
                  f"above ({g['p50_ms']['grpc']:.2f} − {g['p50_ms']['in_process']:.2f}) / "
                  f"{g['p50_ms']['grpc_health_check']:.2f} ms | {g['server_added_over_floor']:.2f} | | "
                  f"{GOALS['server_added_over_floor']} |")
+    for architecture, peer in g["transport_peers"].items():
+        lines.append(f"| `server_added_over_floor` of the peer `{architecture}` | a server that only computes the "
+                     f"in-process baseline and sends the same answer back (bench/transport_peers.py), measured as "
+                     f"above ({peer['p50_ms']['grpc']:.2f} − {peer['p50_ms']['in_process']:.2f}) / "
+                     f"{peer['p50_ms']['grpc_health_check']:.2f} ms | {peer['added_over_floor']:.2f} | | |")
     b = f["batching_efficiency"]
     lines.append(f"| `batching_efficiency` | gRPC at concurrency 32 / in process at batch 32, ResNet-18 "
                  f"({b['grpc_examples_per_s']:.1f} / {b['in_process_examples_per_s']:.1f} examples/s) | "

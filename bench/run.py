@@ -301,10 +301,6 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
     by one and both sides run under the same cache and scheduling conditions. A gRPC health
     check, timed alongside, is the transport's own floor.
     """
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from protoserve_client import ExplainerClient
-
     store = mnist_store()
     model = ModelRuntime(read_archive(store / "mnist-1.psar"), device)
     x = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(4))
@@ -312,24 +308,14 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
     port, metrics_port = free_port(), free_port()
     server = start_server(store, port, metrics_port, "--intra-op-threads", "1")
     try:
-        with ExplainerClient(f"127.0.0.1:{port}") as client, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            array = x.numpy()
-            health = health_pb2_grpc.HealthStub(channel)
-            remote = lambda: client.explain(array, model="mnist", method="protonmf", heatmaps="feature_grid",  # noqa: E731
-                                            interventions=[["c0.p0"]])
-            local = lambda: model.explain("protonmf", item, "feature_grid")  # noqa: E731
-            floor = lambda: health.Check(health_pb2.HealthCheckRequest())  # noqa: E731
-            for _ in range(20):
-                remote()
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+        array = x.numpy()
+        local = lambda: model.explain("protonmf", item, "feature_grid")  # noqa: E731
+        with demo_calls(port, array) as (remote, floor):
+            with one_torch_thread():
                 before = server_seconds(metrics_port)
                 times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
                                     cfg["latency_calls"], device, warmup=0)
                 after = server_seconds(metrics_port)
-            finally:
-                torch.set_num_threads(threads)
             # Where a gRPC call's time goes, as the server measured it (means per request).
             calls = len(times["grpc"])
             server_ms = {k: 1000 * (after[k] - before.get(k, 0.0)) / calls for k in after}
@@ -354,14 +340,40 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
                        "rss_after_mib": rss_end, "growth_mib": rss_end - rss_start}}
 
 
-def transport_peers(archive: Path, answer, local, array: np.ndarray, cfg) -> dict:
-    """``server_added_over_floor`` of the servers of :mod:`bench.transport_peers`, which only compute (``local``,
-    the in-process baseline) and send ``answer`` back, each in one architecture, measured as the server's figure
-    is: what an architecture costs before any of protoserve's own work."""
+@contextlib.contextmanager
+def demo_calls(port: int, array: np.ndarray):
+    """Yields (the demo Explain of ``array`` over gRPC on ``port``: ProtoNMF, feature-grid heatmaps, one
+    intervention; a bare health check there), after 20 untimed Explains."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from protoserve_client import ExplainerClient
 
+    with ExplainerClient(f"127.0.0.1:{port}") as client, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def remote():
+            return client.explain(array, model="mnist", method="protonmf", heatmaps="feature_grid",
+                                  interventions=[["c0.p0"]])
+        for _ in range(20):
+            remote()
+        yield remote, lambda: health.Check(health_pb2.HealthCheckRequest())
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread within, as the servers under test compute (``--intra-op-threads 1``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def transport_peers(archive: Path, answer, local, array: np.ndarray, cfg) -> dict:
+    """``server_added_over_floor`` of the servers of :mod:`bench.transport_peers`, which only compute (``local``,
+    the in-process baseline) and send ``answer`` back, each in one architecture, measured as the server's figure
+    is: what an architecture costs before any of protoserve's own work."""
     from bench.transport_peers import ARCHITECTURES
 
     out = {}
@@ -374,21 +386,9 @@ def transport_peers(archive: Path, answer, local, array: np.ndarray, cfg) -> dic
                                              str(archive), str(response)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.PIPE, text=True), port)
             try:
-                with ExplainerClient(f"127.0.0.1:{port}") as client, \
-                        grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    health = health_pb2_grpc.HealthStub(channel)
-                    remote = lambda: client.explain(array, model="mnist", method="protonmf",  # noqa: E731
-                                                    heatmaps="feature_grid", interventions=[["c0.p0"]])
-                    floor = lambda: health.Check(health_pb2.HealthCheckRequest())  # noqa: E731
-                    for _ in range(20):
-                        remote()
-                    threads = torch.get_num_threads()
-                    torch.set_num_threads(1)
-                    try:
-                        times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
-                                            cfg["latency_calls"], torch.device("cpu"), warmup=0)
-                    finally:
-                        torch.set_num_threads(threads)
+                with demo_calls(port, array) as (remote, floor), one_torch_thread():
+                    times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
+                                        cfg["latency_calls"], torch.device("cpu"), warmup=0)
             finally:
                 peer.kill()
                 peer.wait(60)

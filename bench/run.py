@@ -335,7 +335,7 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
     added = (p50["grpc"] - p50["in_process"]) / p50["grpc_health_check"]
     return {"grpc_overhead_ms": p50["grpc"] - p50["in_process"], "p50_ms": p50, "p99_ms": p99,
             "server_added_over_floor": added, "server_added_over_floor_goal_met": added <= 1.0,
-            "transport_peers": transport_peers(store / "mnist-1.psar", answer, local, array, cfg),
+            "transport_peers": transport_peers(store / "mnist-1.psar", answer, local, array, device, cfg),
             "server_mean_ms": server_ms, "memory": {"requests": cfg["memory_requests"], "rss_after_warmup_mib": rss_start,
                        "rss_after_mib": rss_end, "growth_mib": rss_end - rss_start}}
 
@@ -370,10 +370,10 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
-def transport_peers(archive: Path, answer, local, array: np.ndarray, cfg) -> dict:
+def transport_peers(archive: Path, answer, local, array: np.ndarray, device, cfg) -> dict:
     """``server_added_over_floor`` of the servers of :mod:`bench.transport_peers`, which only compute (``local``,
-    the in-process baseline) and send ``answer`` back, each in one architecture, measured as the server's figure
-    is: what an architecture costs before any of protoserve's own work."""
+    the in-process baseline, on ``device``) and send ``answer`` back, each in one architecture, measured as the
+    server's figure is: what an architecture costs before any of protoserve's own work."""
     from bench.transport_peers import ARCHITECTURES
 
     out = {}
@@ -382,13 +382,14 @@ def transport_peers(archive: Path, answer, local, array: np.ndarray, cfg) -> dic
         response.write_bytes(answer.SerializeToString())
         for architecture in ARCHITECTURES:
             port = free_port()
-            peer = serving(subprocess.Popen([sys.executable, "-m", "bench.transport_peers", architecture, str(port),
-                                             str(archive), str(response)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE, text=True), port)
+            command = [sys.executable, "-m", "bench.transport_peers", architecture, str(port), str(archive),
+                       str(response), str(device)]
+            peer = serving(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                            text=True), port)
             try:
                 with demo_calls(port, array) as (remote, floor), one_torch_thread():
                     times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
-                                        cfg["latency_calls"], torch.device("cpu"), warmup=0)
+                                        cfg["latency_calls"], device, warmup=0)
             finally:
                 peer.kill()
                 peer.wait(60)

@@ -2,15 +2,15 @@
 
 Each serves protoserve.v1's Explain on loopback in one architecture, computing what the in-process baseline of
 :func:`bench.run.grpc_overhead_and_memory` computes (:meth:`ModelRuntime.explain` with ProtoNMF on the request's
-input, one torch thread) and answering with a fixed ExplainResponse (the real server's answer to the same call,
-so the same bytes go back), beside a gRPC health service (the floor). None validates, batches, makes host rows,
-encodes or records metrics, so a peer's figure is what its architecture costs by itself:
+input, on the same device, one torch thread) and answering with a fixed ExplainResponse (the real server's answer
+to the same call, so the same bytes go back), beside a gRPC health service (the floor). None validates, batches,
+makes host rows, encodes or records metrics, so a peer's figure is what its architecture costs by itself:
 
 * ``asyncio_compute_thread``: grpc.aio on uvloop, the compute on one compute thread: protoserve's architecture;
 * ``asyncio_inline``: the same with the compute on the event loop (no hand-off; it would stall every other rpc);
 * ``sync_handler_thread``: grpc's thread-pool server, the compute on the thread that took the rpc.
 
-``python -m bench.transport_peers ARCHITECTURE PORT ARCHIVE RESPONSE`` serves until killed.
+``python -m bench.transport_peers ARCHITECTURE PORT ARCHIVE RESPONSE DEVICE`` serves until killed.
 """
 
 from __future__ import annotations
@@ -83,11 +83,11 @@ def serve_sync(peer: Peer, port: int) -> None:
     server.wait_for_termination()
 
 
-def main(architecture: str, port: str, archive: str, response: str) -> None:
+def main(architecture: str, port: str, archive: str, response: str, device: str) -> None:
     import uvloop
 
     torch.set_num_threads(1)
-    model = ModelRuntime(read_archive(Path(archive)), "cpu")
+    model = ModelRuntime(read_archive(Path(archive)), device)
     answer = pb.ExplainResponse.FromString(Path(response).read_bytes())
     if architecture == "sync_handler_thread":
         serve_sync(SyncPeer(model, answer), int(port))

@@ -26,7 +26,7 @@ def test_a_peer_computes_and_answers_with_the_servers_answer(architecture, demo_
     response.write_bytes(answer.SerializeToString())
     port = free_port()
     peer = serving(subprocess.Popen([sys.executable, "-m", "bench.transport_peers", architecture, str(port),
-                                     str(demo_store / "mnist-1.psar"), str(response)], cwd=ROOT,
+                                     str(demo_store / "mnist-1.psar"), str(response), "cpu"], cwd=ROOT,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), port)
     try:
         with ExplainerClient(f"127.0.0.1:{port}", timeout=30) as peer_client, \

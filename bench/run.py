@@ -273,6 +273,25 @@ def rss_mib(pid: int, key: str = "VmRSS") -> float:
     return float("nan")
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds so far of process ``pid``'s main thread (an asyncio server's event loop) and of all its other
+    threads together (compute, gRPC core; threads that ended included), from /proc (Linux); empty where it
+    cannot be read."""
+    def seconds(stat: Path) -> float:
+        text = stat.read_text()
+        fields = text[text.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    try:
+        process, main = seconds(Path(f"/proc/{pid}/stat")), seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+    except OSError:
+        return {}
+    return {"main_thread": main, "other_threads": process - main}
+
+
+def cpu_ms_per_round(before: dict[str, float], after: dict[str, float], rounds: int) -> dict[str, float]:
+    return {k: 1000 * (after[k] - before[k]) / rounds for k in after if k in before}
+
+
 def free_port() -> int:
     import socket
 
@@ -312,10 +331,10 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
         local = lambda: model.explain("protonmf", item, "feature_grid")  # noqa: E731
         with demo_calls(port, array) as (remote, floor):
             with one_torch_thread():
-                before = server_seconds(metrics_port)
+                before, cpu_before = server_seconds(metrics_port), thread_cpu_s(server.pid)
                 times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
                                     cfg["latency_calls"], device, warmup=0)
-                after = server_seconds(metrics_port)
+                after, cpu_after = server_seconds(metrics_port), thread_cpu_s(server.pid)
             # Where a gRPC call's time goes, as the server measured it (means per request).
             calls = len(times["grpc"])
             server_ms = {k: 1000 * (after[k] - before.get(k, 0.0)) / calls for k in after}
@@ -336,7 +355,8 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
     return {"grpc_overhead_ms": p50["grpc"] - p50["in_process"], "p50_ms": p50, "p99_ms": p99,
             "server_added_over_floor": added, "server_added_over_floor_goal_met": added <= 1.0,
             "transport_peers": transport_peers(store / "mnist-1.psar", answer, local, array, device, cfg),
-            "server_mean_ms": server_ms, "memory": {"requests": cfg["memory_requests"], "rss_after_warmup_mib": rss_start,
+            "server_mean_ms": server_ms,
+            "server_cpu_ms_per_round": cpu_ms_per_round(cpu_before, cpu_after, cfg["latency_calls"]), "memory": {"requests": cfg["memory_requests"], "rss_after_warmup_mib": rss_start,
                        "rss_after_mib": rss_end, "growth_mib": rss_end - rss_start}}
 
 
@@ -388,14 +408,17 @@ def transport_peers(archive: Path, answer, local, array: np.ndarray, device, cfg
                                             text=True), port)
             try:
                 with demo_calls(port, array) as (remote, floor), one_torch_thread():
+                    cpu_before = thread_cpu_s(peer.pid)
                     times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
                                         cfg["latency_calls"], device, warmup=0)
+                    cpu_after = thread_cpu_s(peer.pid)
             finally:
                 peer.kill()
                 peer.wait(60)
             p50 = {k: statistics.median(v) * 1000 for k, v in times.items()}
             out[architecture] = {"added_over_floor": (p50["grpc"] - p50["in_process"]) / p50["grpc_health_check"],
-                                 "p50_ms": p50}
+                                 "p50_ms": p50, "cpu_ms_per_round": cpu_ms_per_round(cpu_before, cpu_after,
+                                                                                     cfg["latency_calls"])}
     return out
 
 
@@ -814,6 +837,14 @@ def machine() -> dict:
             "peer_blas": ", ".join(blas)}
 
 
+def _cpu_text(cpu: dict[str, float]) -> str:
+    """The table's note of a server's CPU time per round (one Explain, one health check), where it was read."""
+    if not cpu:
+        return ""
+    return (f"; its CPU per round (an Explain and a health check): main thread {cpu['main_thread']:.2f} ms, "
+            f"other threads {cpu['other_threads']:.2f} ms")
+
+
 def table(results: dict) -> str:
     f = results["figures"]
     rows = [
@@ -846,13 +877,14 @@ def table(results: dict) -> str:
                  f"| p99 {g['p99_ms']['grpc']:.2f} / {g['p99_ms']['in_process']:.2f} ms | {GOALS['grpc_overhead_ms']} |")
     lines.append(f"| `server_added_over_floor` | (gRPC p50 − in-process p50) / bare health-check p50, the calls "
                  f"above ({g['p50_ms']['grpc']:.2f} − {g['p50_ms']['in_process']:.2f}) / "
-                 f"{g['p50_ms']['grpc_health_check']:.2f} ms | {g['server_added_over_floor']:.2f} | | "
-                 f"{GOALS['server_added_over_floor']} |")
+                 f"{g['p50_ms']['grpc_health_check']:.2f} ms{_cpu_text(g['server_cpu_ms_per_round'])} | "
+                 f"{g['server_added_over_floor']:.2f} | | {GOALS['server_added_over_floor']} |")
     for architecture, peer in g["transport_peers"].items():
         lines.append(f"| `server_added_over_floor` of the peer `{architecture}` | a server that only computes the "
                      f"in-process baseline and sends the same answer back (bench/transport_peers.py), measured as "
                      f"above ({peer['p50_ms']['grpc']:.2f} − {peer['p50_ms']['in_process']:.2f}) / "
-                     f"{peer['p50_ms']['grpc_health_check']:.2f} ms | {peer['added_over_floor']:.2f} | | |")
+                     f"{peer['p50_ms']['grpc_health_check']:.2f} ms{_cpu_text(peer['cpu_ms_per_round'])} | "
+                     f"{peer['added_over_floor']:.2f} | | |")
     b = f["batching_efficiency"]
     lines.append(f"| `batching_efficiency` | gRPC at concurrency 32 / in process at batch 32, ResNet-18 "
                  f"({b['grpc_examples_per_s']:.1f} / {b['in_process_examples_per_s']:.1f} examples/s) | "

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protoserve_client import ExplainerClient
 
-from bench.run import ROOT, serving
+from bench.run import ROOT, serving, thread_cpu_s
 from bench.transport_peers import ARCHITECTURES
 from conftest import free_port
 
@@ -41,3 +41,23 @@ def test_a_peer_computes_and_answers_with_the_servers_answer(architecture, demo_
     finally:
         peer.kill()
         peer.wait(60)
+
+
+def test_the_cpu_split_tells_the_main_thread_from_the_others():
+    # A process that spins 0.2 s of CPU on its main thread and 0.5 s on another, which then ends.
+    burn = ("import threading, time\n"
+            "def spin(seconds):\n"
+            "    end = time.thread_time() + seconds\n"
+            "    while time.thread_time() < end: pass\n"
+            "worker = threading.Thread(target=spin, args=(0.5,)); worker.start(); worker.join(); spin(0.2)\n"
+            "print('spun', flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "spun\n"
+        cpu = thread_cpu_s(child.pid)
+    finally:
+        child.kill()
+        child.wait(60)
+    assert 0.2 <= cpu["main_thread"] < 0.45  # its spin, and the interpreter's start
+    assert 0.48 <= cpu["other_threads"] < 0.6  # the thread's spin, counted after the thread ended
+    assert thread_cpu_s(child.pid) == {}  # gone

@@ -356,7 +356,8 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
             "server_added_over_floor": added, "server_added_over_floor_goal_met": added <= 1.0,
             "transport_peers": transport_peers(store / "mnist-1.psar", answer, local, array, device, cfg),
             "server_mean_ms": server_ms,
-            "server_cpu_ms_per_round": cpu_ms_per_round(cpu_before, cpu_after, cfg["latency_calls"]), "memory": {"requests": cfg["memory_requests"], "rss_after_warmup_mib": rss_start,
+            "server_cpu_ms_per_round": cpu_ms_per_round(cpu_before, cpu_after, cfg["latency_calls"]),
+            "memory": {"requests": cfg["memory_requests"], "rss_after_warmup_mib": rss_start,
                        "rss_after_mib": rss_end, "growth_mib": rss_end - rss_start}}
 
 

@@ -318,7 +318,9 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
     here too), so the difference is what gRPC and the server add, not a thread setting. With
     one thread no idle pool threads spin after an in-process call, so the calls alternate one
     by one and both sides run under the same cache and scheduling conditions. A gRPC health
-    check, timed alongside, is the transport's own floor.
+    check, timed alongside, is the transport's own floor. The server's CPU per round (an Explain and a
+    health check), its main thread (the event loop) apart from its other threads, says where its time
+    runs; the transport peers are measured the same way.
     """
     store = mnist_store()
     model = ModelRuntime(read_archive(store / "mnist-1.psar"), device)

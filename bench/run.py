@@ -288,8 +288,14 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return {"main_thread": main, "other_threads": process - main}
 
 
-def cpu_ms_per_round(before: dict[str, float], after: dict[str, float], rounds: int) -> dict[str, float]:
-    return {k: 1000 * (after[k] - before[k]) / rounds for k in after if k in before}
+def timed_calls(pid: int, remote, local, floor, device, cfg) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """The gRPC figures' rounds, interleaved: an Explain over gRPC (``remote``), in process (``local``), a bare
+    health check (``floor``); and the serving process ``pid``'s CPU per round by thread (:func:`thread_cpu_s`)."""
+    before = thread_cpu_s(pid)
+    times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
+                        cfg["latency_calls"], device, warmup=0)
+    after = thread_cpu_s(pid)
+    return times, {k: 1000 * (after[k] - before[k]) / cfg["latency_calls"] for k in after if k in before}
 
 
 def free_port() -> int:
@@ -333,10 +339,9 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
         local = lambda: model.explain("protonmf", item, "feature_grid")  # noqa: E731
         with demo_calls(port, array) as (remote, floor):
             with one_torch_thread():
-                before, cpu_before = server_seconds(metrics_port), thread_cpu_s(server.pid)
-                times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
-                                    cfg["latency_calls"], device, warmup=0)
-                after, cpu_after = server_seconds(metrics_port), thread_cpu_s(server.pid)
+                before = server_seconds(metrics_port)
+                times, server_cpu = timed_calls(server.pid, remote, local, floor, device, cfg)
+                after = server_seconds(metrics_port)
             # Where a gRPC call's time goes, as the server measured it (means per request).
             calls = len(times["grpc"])
             server_ms = {k: 1000 * (after[k] - before.get(k, 0.0)) / calls for k in after}
@@ -358,7 +363,7 @@ def grpc_overhead_and_memory(device, cfg) -> dict:
             "server_added_over_floor": added, "server_added_over_floor_goal_met": added <= 1.0,
             "transport_peers": transport_peers(store / "mnist-1.psar", answer, local, array, device, cfg),
             "server_mean_ms": server_ms,
-            "server_cpu_ms_per_round": cpu_ms_per_round(cpu_before, cpu_after, cfg["latency_calls"]),
+            "server_cpu_ms_per_round": server_cpu,
             "memory": {"requests": cfg["memory_requests"], "rss_after_warmup_mib": rss_start,
                        "rss_after_mib": rss_end, "growth_mib": rss_end - rss_start}}
 
@@ -411,17 +416,13 @@ def transport_peers(archive: Path, answer, local, array: np.ndarray, device, cfg
                                             text=True), port)
             try:
                 with demo_calls(port, array) as (remote, floor), one_torch_thread():
-                    cpu_before = thread_cpu_s(peer.pid)
-                    times = interleaved({"grpc": remote, "in_process": local, "grpc_health_check": floor},
-                                        cfg["latency_calls"], device, warmup=0)
-                    cpu_after = thread_cpu_s(peer.pid)
+                    times, cpu = timed_calls(peer.pid, remote, local, floor, device, cfg)
             finally:
                 peer.kill()
                 peer.wait(60)
             p50 = {k: statistics.median(v) * 1000 for k, v in times.items()}
             out[architecture] = {"added_over_floor": (p50["grpc"] - p50["in_process"]) / p50["grpc_health_check"],
-                                 "p50_ms": p50, "cpu_ms_per_round": cpu_ms_per_round(cpu_before, cpu_after,
-                                                                                     cfg["latency_calls"])}
+                                 "p50_ms": p50, "cpu_ms_per_round": cpu}
     return out
 
 

@@ -86,7 +86,8 @@ from handlers.model import ModelParts, linear_head_weight
 from handlers.neighbours import Neighbours, NeighbourSearch
 from handlers.solvers import compiled_rows
 from handlers.solvers.active_set import ridged_gram
-from handlers.solvers.compiled_rows import active_set_rows, removed_mass_rows, residual_share_rows
+from handlers.solvers.compiled_rows import (active_set_rows, add_view_terms_rows, removed_mass_rows,
+                                            residual_share_rows)
 from handlers.solvers.nmf import ENCODERS, nnls_codes
 from handlers.solvers.small_nnls import MAX_UNKNOWNS, shared_gram_nnls, support_inverses
 
@@ -368,8 +369,8 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
     def _bind(self) -> None:
         """What is made from the model's modules and this explainer's tensors as they are now: the tapped
         upstream, which the torch forward pass runs (batch.taps), and the upstream cut short after the deepest
-        analysed layer, which computes them otherwise; the view dictionary's blocks (T_j, d)."""
-        self._view_blocks = tuple(block.T for block in self.view_dictionary_.split(self._view_sizes, 1))
+        analysed layer, which computes them otherwise; the view dictionary's blocks (d, T_j), contiguous."""
+        self._view_blocks = tuple(block.contiguous() for block in self.view_dictionary_.split(self._view_sizes, 1))
         extra = list(self.config.layers[:-1])
         self.tapped_upstream = tap_module(self.model.upstream, extra, self.pooled[:-1])
         self._taps = tap_module(self.model.upstream, extra, self.pooled[:-1], keep_output=False)
@@ -425,9 +426,14 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         energy : (B,) float64, ``‖x‖²``
         """
         blocks = self._view_blocks
-        cross = views[0] @ blocks[0]
+        if compiled_rows.serves(views[0].device):  # a BLAS product is slow on (B, T_j) x (T_j, d): see the kernel
+            cross, energy = np.zeros((len(views[0]), len(blocks[0]))), np.zeros(len(views[0]))
+            for view, block, scale in zip(views, blocks, self.inverse_square_scales_.tolist()):
+                add_view_terms_rows(view.contiguous().numpy(), block.numpy(), scale, cross, energy)
+            return torch.from_numpy(cross).float(), torch.from_numpy(energy)
+        cross = views[0] @ blocks[0].T
         for view, block in zip(views[1:], blocks[1:]):
-            cross = cross.addmm_(view, block)
+            cross = cross.addmm_(view, block.T)
         norms = torch.stack([torch.linalg.vector_norm(view, dim=1) for view in views], 1)  # (B, V)
         return cross, norms.double().square() @ self.inverse_square_scales_
 

@@ -174,7 +174,7 @@ def tensor_path(monkeypatch):
 def test_the_cpu_kernels_answer_as_the_tensor_solvers(explainer, mnist_parts, batch, request):
     """What the CPU serves (the compiled terms, fold-in and removals) against the tensor ops a GPU runs: held-out
     digits, a blank input and a 1e4x input, every concept removed alone, two sets and all at once. The cross
-    terms are float32 sums in two orders (each within 1e-6 of the float64 product, the next test), which the
+    terms are float32 sums in two orders (each within 1e-6 of the float64 product: test_compiled_rows), which the
     fold-in can magnify by the Gram matrix's condition: the codes, and what follows from them, agree to 5e-5."""
     x = torch.cat([batch[0][:16], torch.zeros_like(batch[0][:1]), 1e4 * batch[0][:1]])
     with torch.inference_mode():
@@ -190,20 +190,6 @@ def test_the_cpu_kernels_answer_as_the_tensor_solvers(explainer, mnist_parts, ba
     torch.testing.assert_close(served.contribution, reference.contribution, rtol=5e-5, atol=1e-4)
     torch.testing.assert_close(served.intervened_logits, reference.intervened_logits, rtol=5e-5, atol=1e-4)
     assert not torch.equal(served.intervened_logits[:, 2], logits[:, None].expand_as(served.intervened_logits)[:, 2])
-
-
-@pytest.mark.parametrize("rows, concepts, columns", [(8, 10, 25088), (5, 3, 37), (1, 1, 1), (3, 4, 0)])
-def test_the_view_terms_kernel_is_the_float64_product(rows, concepts, columns):
-    """add_view_terms_rows against float64 products, whole blocks of four rows and two concepts and their tails;
-    it adds to what the terms hold."""
-    generator = np.random.default_rng(rows + concepts + columns)
-    view = generator.random((rows, columns), dtype=np.float32) * (generator.random((rows, columns)) < 0.5)
-    block = generator.random((concepts, columns), dtype=np.float32)
-    cross, energy = np.ones((rows, concepts)), np.ones(rows)
-    compiled_rows.add_view_terms_rows(view, block, 0.25, cross, energy)
-    exact = view.astype(np.float64) @ block.T.astype(np.float64)
-    np.testing.assert_allclose(cross, 1 + exact, rtol=1e-6, atol=0)
-    np.testing.assert_allclose(energy, 1 + 0.25 * np.square(view.astype(np.float64)).sum(1), rtol=1e-6, atol=0)
 
 
 def test_removing_a_concept_changes_the_target_logit_by_its_contribution(explainer, fitted, mnist_parts, batch):

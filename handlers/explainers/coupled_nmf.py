@@ -86,7 +86,7 @@ from handlers.model import ModelParts, linear_head_weight
 from handlers.neighbours import Neighbours, NeighbourSearch
 from handlers.solvers import compiled_rows
 from handlers.solvers.active_set import ridged_gram
-from handlers.solvers.compiled_rows import (active_set_rows, add_view_terms_rows, removed_mass_rows,
+from handlers.solvers.compiled_rows import (active_set_rows, add_terms_rows, removed_mass_rows,
                                             residual_share_rows)
 from handlers.solvers.nmf import ENCODERS, nnls_codes
 from handlers.solvers.small_nnls import MAX_UNKNOWNS, shared_gram_nnls, support_inverses
@@ -429,7 +429,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         if compiled_rows.serves(views[0].device):  # a BLAS product is slow on (B, T_j) x (T_j, d): see the kernel
             cross, energy = np.zeros((len(views[0]), len(blocks[0]))), np.zeros(len(views[0]))
             for view, block, scale in zip(views, blocks, self.inverse_square_scales_.tolist()):
-                add_view_terms_rows(view.contiguous().numpy(), block.numpy(), scale, cross, energy)
+                add_terms_rows(view.contiguous().numpy(), block.numpy(), scale, cross, energy, np.float32(0))
             return torch.from_numpy(cross).float(), torch.from_numpy(energy)
         cross = views[0] @ blocks[0].T
         for view, block in zip(views[1:], blocks[1:]):

@@ -298,30 +298,35 @@ def residual_share_rows(codes, cross, energy, gram, floor, root):
 
 
 @_kernel(reorder_sums=True)
-def add_view_terms_rows(view, block, scale, cross, energy):
-    """Adds one view's share of a fold-in's terms, row by row: ``cross += view @ blockᵀ`` and
-    ``energy += scale · ‖view‖²`` (coupled NMF's :meth:`CoupledNMFExplainer.fold_in_terms`).
+def add_terms_rows(rows, dictionary, scale, cross, energy, zero):
+    """Adds the terms a code is solved from, row by row: ``cross += rows @ dictionaryᵀ`` and
+    ``energy += scale · ‖rows‖²`` (coupled NMF's fold-in, view by view; ProtoFac's codes).
 
-    view (B, K) and block (d, K) float32, C-contiguous; cross (B, d) and energy (B,) float64, added to. A BLAS
-    product is slow on these skinny shapes (B about 8, d about 10, K in the tens of thousands; its kernels are
-    tuned for wider ones): here four rows and two concepts at a time (the last row and concept repeated to fill
-    a block, their sums not kept), each of the eight sums in float32 lanes added in any order
-    (``reorder_sums``), so that the loop over K vectorizes and reads each number once for several products."""
-    b, k = view.shape
-    d = block.shape[0]
+    rows (B, m) and dictionary (k, m) float32, C-contiguous; cross (B, k) and energy (B,) float64, added to;
+    ``zero`` the type each sum is carried in: np.float32(0), or np.float64(0) for exact products of the float32
+    numbers summed in float64.
+
+    A BLAS product is slow on these skinny shapes (B about 8, k tens, m in the thousands; its kernels are tuned
+    for wider ones): here four rows and two dictionary rows at a time (the last of each repeated to fill a block,
+    their sums not kept), each of the eight sums in vector lanes added in any order (``reorder_sums``), so that
+    the loop over m vectorizes and reads each number once for several products. A row's sums do not depend on
+    the other rows of the batch."""
+    b, m = rows.shape
+    k = dictionary.shape[0]
     for r in range(b):
-        x = view[r]
-        total = np.float32(0)
-        for i in range(k):
-            total += x[i] * x[i]
+        x = rows[r]
+        total = zero
+        for i in range(m):
+            total += (zero + x[i]) * x[i]
         energy[r] += scale * total
     for r0 in range(0, b, 4):
-        x0, x1, x2, x3 = view[r0], view[min(r0 + 1, b - 1)], view[min(r0 + 2, b - 1)], view[min(r0 + 3, b - 1)]
-        for j0 in range(0, d, 2):
-            y0, y1 = block[j0], block[min(j0 + 1, d - 1)]
-            s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0)
-            for i in range(k):
-                a0, a1, a2, a3, e0, e1 = x0[i], x1[i], x2[i], x3[i], y0[i], y1[i]
+        x0, x1, x2, x3 = rows[r0], rows[min(r0 + 1, b - 1)], rows[min(r0 + 2, b - 1)], rows[min(r0 + 3, b - 1)]
+        for j0 in range(0, k, 2):
+            y0, y1 = dictionary[j0], dictionary[min(j0 + 1, k - 1)]
+            s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = zero
+            for i in range(m):
+                a0, a1, a2, a3 = zero + x0[i], zero + x1[i], zero + x2[i], zero + x3[i]
+                e0, e1 = y0[i], y1[i]
                 s00 += a0 * e0
                 s01 += a0 * e1
                 s10 += a1 * e0
@@ -333,7 +338,7 @@ def add_view_terms_rows(view, block, scale, cross, energy):
             sums = ((s00, s01), (s10, s11), (s20, s21), (s30, s31))
             for rr in range(min(4, b - r0)):
                 cross[r0 + rr, j0] += sums[rr][0]
-                if j0 + 1 < d:
+                if j0 + 1 < k:
                     cross[r0 + rr, j0 + 1] += sums[rr][1]
 
 
@@ -553,7 +558,7 @@ def reported_rules_rows(top, relevant, rules, filter_reference, activation, term
     return index, weight, share, maps
 
 
-KERNELS = (active_set_rows, paper_codes_rows, residual_share_rows, add_view_terms_rows, removed_mass_rows,
+KERNELS = (active_set_rows, paper_codes_rows, residual_share_rows, add_terms_rows, removed_mass_rows,
            patch_search_rows, reported_rules_rows)
 
 
@@ -570,7 +575,8 @@ def compile_kernels() -> float:
                      np.zeros(1, dtype=np.int64), 1, 0.01, 1.0, 0.1, 1e-6)
     residual_share_rows(start, cross, np.ones(1), gram, 1e-30, True)
     ones = np.ones((1, 1, k), dtype=np.float32)
-    add_view_terms_rows(ones[0], ones[0], 1.0, cross, np.zeros(1))
+    for zero in (np.float32(0), np.float64(0)):
+        add_terms_rows(ones[0], ones[0], 1.0, cross, np.zeros(1), zero)
     removed_mass_rows(ones, ones[0], ones, ones.reshape(1, 1, k).repeat(k, 0))
     square = np.ones((k, k), dtype=np.float32)
     patch_search_rows(square[None], np.ones((1, k * k, k), dtype=np.float32), 1, 1, square, square, square, square)

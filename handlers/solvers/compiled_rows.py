@@ -8,10 +8,10 @@ Grad-CAM rules' candidate search and rule matching about 40, and the tensor form
 arithmetic than a row needs (coupled NMF's fold-in tries all 1023 supports of ten concepts; its removals
 multiply every set by every concept, most of them zero), and BLAS runs the skinny products that the codes are
 solved from (a batch of rows times a few dozen dictionary rows over thousands of columns) far below its speed.
-These loops do the same arithmetic on one row (or, for those products, four rows) at a time, compiled by numba (once per process, at load:
-:func:`compile_kernels`), so a batch costs what its flops cost. They follow the tensor solvers step by
-step, so a row's result agrees with theirs to rounding (the tests check it); the tensor solvers stay the
-reference.
+These loops do the same arithmetic on one row (for those products, four rows) at a time, compiled by numba
+(once per process, at load: :func:`compile_kernels`), so a batch costs what its flops cost. They follow the
+tensor solvers step by step, so a row's result agrees with theirs to rounding (the tests check it); the tensor
+solvers stay the reference.
 
 The solvers take float64 / int64 arrays, the kernels over a layer's activations float32 as the model
 gives them; all run on the calling thread (no parallel loops).

@@ -317,7 +317,9 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         # x Dᵀ = Σ_j v_j (D_j / s_j)ᵀ and ‖x‖² = Σ_j ‖v_j‖² / s_j² for x = [v_1 / s_1, ...] (see fold_in_terms).
         self._view_sizes = [len(block) for block in blocks]
         column_scales = torch.cat([s.expand(n) for s, n in zip(self.view_scales_, self._view_sizes)])
-        self.view_dictionary_ = self.dictionary_ / column_scales  # (d, T)
+        # Block by block, each (d, T_j) contiguous as the CPU's terms kernel reads it, in one tensor that to() moves.
+        view_dictionary = (self.dictionary_ / column_scales).split(self._view_sizes, 1)
+        self.view_dictionary_ = torch.cat([block.flatten() for block in view_dictionary])  # (d · T,)
         self.inverse_square_scales_ = self.view_scales_.double().pow(-2)
         reconstruction_gram = self.dictionary_.double() @ self.dictionary_.double().T
         self.reconstruction_gram_ = reconstruction_gram  # (d, d) float64, ‖fD‖² = f G fᵀ (no penalty)
@@ -369,8 +371,10 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
     def _bind(self) -> None:
         """What is made from the model's modules and this explainer's tensors as they are now: the tapped
         upstream, which the torch forward pass runs (batch.taps), and the upstream cut short after the deepest
-        analysed layer, which computes them otherwise; the view dictionary's blocks (d, T_j), contiguous."""
-        self._view_blocks = tuple(block.contiguous() for block in self.view_dictionary_.split(self._view_sizes, 1))
+        analysed layer, which computes them otherwise; the view dictionary's blocks (d, T_j), views of its tensor."""
+        d = len(self.dictionary_)
+        sizes = [d * n for n in self._view_sizes]
+        self._view_blocks = tuple(flat.view(d, -1) for flat in self.view_dictionary_.split(sizes))
         extra = list(self.config.layers[:-1])
         self.tapped_upstream = tap_module(self.model.upstream, extra, self.pooled[:-1])
         self._taps = tap_module(self.model.upstream, extra, self.pooled[:-1], keep_output=False)

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from handlers.device_graphs import Capture, CaptureReport
@@ -440,12 +441,19 @@ class RemovalExplainer(Explainer):
         codes = self.encode_batch(batch)
         index = codes.component_index
         b, c = index.shape
-        alone = index.unsqueeze(2) == self._component_range  # (B, C, N); padding (-1) is the empty set
-        sets = torch.cat([self._no_components.expand(b, 1, -1), alone, batch.suppress], 1).float()
-        logits = self.removed_logits(batch, codes, sets)  # (B, 1 + C + M, K)
         t = batch.targets
-        target_of_set = logits.gather(2, t.view(b, 1, 1).expand(b, sets.shape[1], 1)).squeeze(2)
-        contribution = torch.where(index >= 0, target_of_set[:, :1] - target_of_set[:, 1:c + 1], self._zero)
+        if compiled_rows.serves(index.device):  # two kernels for the bookkeeping's seven ops
+            host_index = np.ascontiguousarray(index.numpy())
+            sets = torch.from_numpy(compiled_rows.removal_sets_rows(host_index, batch.suppress.numpy()))
+            logits = self.removed_logits(batch, codes, sets)  # (B, 1 + C + M, K)
+            target_of_set, contribution = map(torch.from_numpy, compiled_rows.removal_contributions_rows(
+                np.ascontiguousarray(logits.detach().numpy()), host_index, t.numpy()))
+        else:
+            alone = index.unsqueeze(2) == self._component_range  # (B, C, N); padding (-1) is the empty set
+            sets = torch.cat([self._no_components.expand(b, 1, -1), alone, batch.suppress], 1).float()
+            logits = self.removed_logits(batch, codes, sets)
+            target_of_set = logits.gather(2, t.view(b, 1, 1).expand(b, sets.shape[1], 1)).squeeze(2)
+            contribution = torch.where(index >= 0, target_of_set[:, :1] - target_of_set[:, 1:c + 1], self._zero)
         target_logit = batch.target_logit
         bias, residual = self.bias_and_residual(batch, target_logit, target_of_set[:, 0])
         return Explanation(

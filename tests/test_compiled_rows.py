@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from handlers.solvers.compiled_rows import add_terms_rows
+from handlers.solvers.compiled_rows import (add_terms_rows, linear_removal_rows, removal_contributions_rows,
+                                            removal_sets_rows, zeroed_mass_rows)
 
 
 @pytest.mark.parametrize("zero, rtol", [(np.float32(0), 1e-6), (np.float64(0), 1e-13)])
@@ -26,3 +28,51 @@ def test_the_terms_kernel_is_the_float64_product(rows, atoms, columns, zero, rto
     alone_cross, alone_energy = np.ones((1, atoms)), np.ones(1)
     add_terms_rows(x[-1:].copy(), dictionary, 0.25, alone_cross, alone_energy, zero)
     assert np.array_equal(alone_cross[0], cross[-1]) and alone_energy[0] == energy[-1]
+
+
+@pytest.mark.parametrize("interventions", [0, 3])
+def test_the_removal_sets_and_contributions_are_the_tensor_bookkeeping(interventions):
+    """removal_sets_rows builds the sets RemovalExplainer's tensor path builds (the empty set, each reported
+    component alone, padding as the empty set, then the interventions), and removal_contributions_rows reads
+    the target's logit of each set and the contributions as its gather and difference do, bit for bit."""
+    generator = np.random.default_rng(interventions)
+    b, c, n, k = 6, 4, 9, 5
+    index = np.stack([generator.permutation(n)[:c] for _ in range(b)])
+    index[1, 2:] = -1  # padding
+    index[4] = -1  # nothing reported
+    suppress = generator.random((b, interventions, n)) < 0.3
+    sets = removal_sets_rows(index, suppress)
+    alone = torch.from_numpy(index).unsqueeze(2) == torch.arange(n)
+    expected = torch.cat([torch.zeros(b, 1, n, dtype=torch.bool), alone, torch.from_numpy(suppress)], 1).float()
+    assert sets.dtype == np.float32 and np.array_equal(sets, expected.numpy())
+    logits = generator.standard_normal((b, sets.shape[1], k)).astype(np.float32)
+    targets = generator.integers(0, k, b)
+    target_of_set, contribution = removal_contributions_rows(logits, index, targets)
+    gathered = torch.from_numpy(logits).gather(2, torch.from_numpy(targets).view(b, 1, 1).expand(b, len(sets[0]), 1))
+    assert np.array_equal(target_of_set, gathered[:, :, 0].numpy())
+    assert np.array_equal(contribution, np.where(index >= 0, target_of_set[:, :1] - target_of_set[:, 1:c + 1], 0))
+    assert (contribution[index < 0] == 0).all() and (contribution[index >= 0] != 0).all()
+    with pytest.raises(IndexError):
+        removal_contributions_rows(logits, index, np.full(b, k))
+
+
+def test_the_removals_through_a_linear_head_are_the_tensor_products():
+    """zeroed_mass_rows is mean_hw(F) · min(1, sets @ filters) and linear_removal_rows logits − mass headᵀ (the
+    tensor forms of Grad-CAM rules' and coupled NMF's removals) to float32 rounding; a set that removes nothing
+    leaves the logits exactly as they are."""
+    generator = np.random.default_rng(0)
+    b, s, n, d, g, k = 5, 7, 11, 128, 49, 10
+    sets = (generator.random((b, s, n)) < 0.3).astype(np.float32)
+    sets[:, 0] = 0
+    filters = (generator.random((n, d)) < 0.2).astype(np.float32)
+    features = generator.random((b, d, g), dtype=np.float32)
+    logits = generator.standard_normal((b, k)).astype(np.float32)
+    head = generator.standard_normal((k, d)).astype(np.float32)
+    mass = zeroed_mass_rows(sets, filters, features)
+    f, z = torch.from_numpy(features), (torch.from_numpy(sets) @ torch.from_numpy(filters)).clamp_max(1)
+    np.testing.assert_allclose(mass, (f.mean(2)[:, None] * z).numpy(), rtol=1e-6, atol=1e-7)
+    assert (mass[:, 0] == 0).all() and (mass[:, 1:] > 0).any()
+    removed = linear_removal_rows(logits, mass, head)
+    expected = logits[:, None].astype(np.float64) - mass.astype(np.float64) @ head.T.astype(np.float64)
+    np.testing.assert_allclose(removed, expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(removed[:, 0], logits)

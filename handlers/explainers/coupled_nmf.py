@@ -86,7 +86,7 @@ from handlers.model import ModelParts, linear_head_weight
 from handlers.neighbours import Neighbours, NeighbourSearch
 from handlers.solvers import compiled_rows
 from handlers.solvers.active_set import ridged_gram
-from handlers.solvers.compiled_rows import (active_set_rows, add_terms_rows, removed_mass_rows,
+from handlers.solvers.compiled_rows import (active_set_rows, add_terms_rows, linear_removal_rows, removed_mass_rows,
                                             residual_share_rows)
 from handlers.solvers.nmf import ENCODERS, nnls_codes
 from handlers.solvers.small_nnls import MAX_UNKNOWNS, shared_gram_nnls, support_inverses
@@ -535,7 +535,11 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
             removed = self.remove(batch.features, f, sets)
             b, m = sets.shape[:2]
             return self.model.downstream(removed.reshape(b * m, *removed.shape[2:])).float().reshape(b, m, -1)
-        return batch.logits.float().unsqueeze(1) - self.removed_mass(batch.features, f, sets) @ self.head_weight_.T
+        mass = self.removed_mass(batch.features, f, sets)
+        if compiled_rows.serves(mass.device):
+            return torch.from_numpy(linear_removal_rows(batch.logits.float().numpy(), mass.numpy(),
+                                                        self.head_weight_.numpy()))
+        return batch.logits.float().unsqueeze(1) - mass @ self.head_weight_.T
 
     def removed_mass(self, features: torch.Tensor, f: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
         """(B, S, C): the mean over the grid of what each concept set removes from each channel of the explained

@@ -62,7 +62,7 @@ from handlers.base import (
 )
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers import compiled_rows
-from handlers.solvers.compiled_rows import patch_search_rows, reported_rules_rows
+from handlers.solvers.compiled_rows import linear_removal_rows, patch_search_rows, reported_rules_rows, zeroed_mass_rows
 
 NAME = "gradcam_rules"
 
@@ -503,8 +503,12 @@ class GradCAMRulesExplainer(RemovalExplainer):
     @torch.no_grad()
     def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:
         """The logits with the union of the removed rules' filters (channels) zeroed at the layer."""
-        zeroed = (sets @ self.component_filters_).clamp_max(1)  # (B, S, D)
         f = batch.features.detach().float()
+        if self.head_weight_ is not None and compiled_rows.serves(f.device):
+            mass = zeroed_mass_rows(sets.numpy(), self.component_filters_.numpy(), f.flatten(2).contiguous().numpy())
+            return torch.from_numpy(linear_removal_rows(batch.logits.detach().float().numpy(), mass,
+                                                        self.head_weight_.numpy()))
+        zeroed = (sets @ self.component_filters_).clamp_max(1)  # (B, S, D)
         if self.head_weight_ is not None:
             # downstream(F (1 - z)) = logits - (mean_hw(F) z) @ weight.T, z constant over the grid.
             zeroed_mean = f.flatten(2).mean(2)[:, None] * zeroed  # (B, S, D) the zeroed filters' mean activations

@@ -4,10 +4,12 @@ On a GPU the batched solvers (:func:`handlers.solvers.active_set.active_set_code
 :func:`handlers.solvers.simplex.projected_adam`, coupled NMF's removals) run as a few launches or one
 captured graph per batch size. On the CPU every tensor op costs its Python call (5-10 us) whatever its
 size: a ProtoFac paper-protocol code takes about 1650 of them on (B, k) tensors of a few hundred numbers,
-Grad-CAM rules' candidate search and rule matching about 40, and the tensor forms of the rest do more
-arithmetic than a row needs (coupled NMF's fold-in tries all 1023 supports of ten concepts; its removals
-multiply every set by every concept, most of them zero), and BLAS runs the skinny products that the codes are
-solved from (a batch of rows times a few dozen dictionary rows over thousands of columns) far below its speed.
+Grad-CAM rules' candidate search and rule matching about 40, a removal method's sets, their target logits
+and its removals through a linear head a dozen more (each 10-40 us right after a forward pass, where a
+kernel call costs a few), and the tensor forms of the rest do more arithmetic than a row needs (coupled NMF's
+fold-in tries all 1023 supports of ten concepts; its removals multiply every set by every concept, most of them
+zero), and BLAS runs the skinny products that the codes are solved from (a batch of rows times a few dozen
+dictionary rows over thousands of columns) far below its speed.
 These loops do the same arithmetic on one row (for those products, four rows) at a time, compiled by numba
 (once per process, at load: :func:`compile_kernels`), so a batch costs what its flops cost. They follow the
 tensor solvers step by step, so a row's result agrees with theirs to rounding (the tests check it); the tensor
@@ -390,6 +392,96 @@ def removed_mass_rows(values, codes, sets, neurons):
     return out
 
 
+@_kernel(reorder_sums=True)
+def zeroed_mass_rows(sets, filters, features):
+    """(B, S, D) float32: what zeroing the union of each set's rules' filters (channels) takes from each channel's
+    mean over the grid, ``mean_hw(F) · min(1, Σ_{i∈S} filters_i)`` (Grad-CAM rules' removal).
+
+    sets (B, S, N) 1 where a rule is removed, filters (N, D) 1 where a rule's filter set holds the channel,
+    features (B, D, G) F over the grid's G positions; all float32. A rule not removed adds nothing."""
+    b, n_sets, n = sets.shape
+    channels, positions = features.shape[1], features.shape[2]
+    out = np.zeros((b, n_sets, channels), dtype=np.float32)
+    mean = np.empty(channels, dtype=np.float32)
+    for r in range(b):
+        for c in range(channels):
+            total = np.float32(0)
+            for g in range(positions):
+                total += features[r, c, g]
+            mean[c] = total / positions
+        for s in range(n_sets):
+            zeroed = out[r, s]
+            for i in range(n):
+                if sets[r, s, i] != 0:
+                    for c in range(channels):
+                        zeroed[c] += sets[r, s, i] * filters[i, c]
+            for c in range(channels):
+                zeroed[c] = mean[c] * min(zeroed[c], np.float32(1))
+    return out
+
+
+@_kernel(reorder_sums=True)
+def linear_removal_rows(logits, mass, head):
+    """(B, S, K) float32: the logits once each removal's mass is taken from the mean-pooled layer before a linear
+    head, ``logits − mass headᵀ`` (coupled NMF's and Grad-CAM rules' removals through an affine head).
+
+    logits (B, K), mass (B, S, D) :func:`removed_mass_rows` or :func:`zeroed_mass_rows`, head (K, D); all float32.
+    A removal that takes nothing leaves the logits as they are (the empty set's, exactly)."""
+    b, n_sets, channels = mass.shape
+    k = logits.shape[1]
+    out = np.empty((b, n_sets, k), dtype=np.float32)
+    for r in range(b):
+        for s in range(n_sets):
+            lost = mass[r, s]
+            for j in range(k):
+                weight = head[j]
+                total = np.float32(0)
+                for c in range(channels):
+                    total += lost[c] * weight[c]
+                out[r, s, j] = logits[r, j] - total
+    return out
+
+
+@_kernel
+def removal_sets_rows(index, suppress):
+    """(B, 1 + C + M, N) float32, 1 where a component is removed: the sets a removal method evaluates
+    (:meth:`handlers.base.RemovalExplainer.explain`), the empty set, each reported component alone (padding, -1,
+    the empty set) and each intervention. index (B, C) int64 the reported components, suppress (B, M, N) bool."""
+    b, c = index.shape
+    m, n = suppress.shape[1], suppress.shape[2]
+    sets = np.zeros((b, 1 + c + m, n), dtype=np.float32)
+    for r in range(b):
+        for i in range(c):
+            if 0 <= index[r, i] < n:
+                sets[r, 1 + i, index[r, i]] = 1
+        for j in range(m):
+            for component in range(n):
+                if suppress[r, j, component]:
+                    sets[r, 1 + c + j, component] = 1
+    return sets
+
+
+@_kernel
+def removal_contributions_rows(logits, index, targets):
+    """From the logits (B, S, K) float32 of :func:`removal_sets_rows`' sets: the target's logit of each set
+    (B, S) float32, and each reported component's contribution (B, C) float32, ``g_t({}) − g_t({i})``, 0 for
+    padding. index (B, C) int64, targets (B,) int64 in [0, K) (else IndexError)."""
+    b, n_sets, k = logits.shape
+    c = index.shape[1]
+    target_of_set = np.empty((b, n_sets), dtype=np.float32)
+    contribution = np.zeros((b, c), dtype=np.float32)
+    for r in range(b):
+        t = targets[r]
+        if not 0 <= t < k:
+            raise IndexError("a target class is out of range")
+        for s in range(n_sets):
+            target_of_set[r, s] = logits[r, s, t]
+        for i in range(c):
+            if index[r, i] >= 0:
+                contribution[r, i] = target_of_set[r, 0] - target_of_set[r, 1 + i]
+    return target_of_set, contribution
+
+
 @_kernel
 def patch_search_rows(heat, features, size, n_candidates, row_cover, col_cover, row_pool, col_pool):
     """Grad-CAM rules' candidate search (eq. 1, the windows zeroed one after another), each candidate's filter
@@ -560,7 +652,8 @@ def reported_rules_rows(top, relevant, rules, filter_reference, activation, term
 
 
 KERNELS = (active_set_rows, paper_codes_rows, residual_share_rows, add_terms_rows, removed_mass_rows,
-           patch_search_rows, reported_rules_rows)
+           zeroed_mass_rows, linear_removal_rows, removal_sets_rows, removal_contributions_rows, patch_search_rows,
+           reported_rules_rows)
 
 
 def compile_kernels() -> float:
@@ -579,6 +672,11 @@ def compile_kernels() -> float:
     for zero in (np.float32(0), np.float64(0)):
         add_terms_rows(ones[0], ones[0], 1.0, cross, np.zeros(1), zero)
     removed_mass_rows(ones, ones[0], ones, ones.reshape(1, 1, k).repeat(k, 0))
+    zeroed_mass_rows(ones, ones[0], ones)
+    linear_removal_rows(ones[0], ones, ones[0])
+    index = np.zeros((1, 1), dtype=np.int64)
+    removal_sets_rows(index, np.ones((1, 1, k), dtype=np.bool_))
+    removal_contributions_rows(ones, index, index[0])
     square = np.ones((k, k), dtype=np.float32)
     patch_search_rows(square[None], np.ones((1, k * k, k), dtype=np.float32), 1, 1, square, square, square, square)
     reported_rules_rows(np.zeros((1, 1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.bool_),

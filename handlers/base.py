@@ -254,9 +254,6 @@ class Explainer(ABC):
     # Whether explain() draws presence heatmaps (``ExplainBatch.heatmap_kind``); requests for them are
     # refused otherwise.
     presence_maps: bool = False
-    # Whether explain() runs handlers.solvers.compiled_rows' kernels on the CPU: to() compiles them then, at
-    # load, so that no request does.
-    cpu_kernels: ClassVar[bool] = False
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         self.model = model
@@ -291,12 +288,13 @@ class Explainer(ABC):
             setattr(self, name, tensor)
 
     def to(self, device: torch.device | str) -> "Explainer":
-        """Move every tensor attribute (fitted and derived) to ``device``, and compile the CPU kernels where
-        the method runs them there; returns self."""
+        """Move every tensor attribute (fitted and derived) to ``device``, and compile the CPU kernels
+        (:mod:`handlers.solvers.compiled_rows`) where they serve it, at load, so that no request does; returns
+        self."""
         for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
-        if self.cpu_kernels and compiled_rows.serves(torch.device(device)):
+        if compiled_rows.serves(torch.device(device)):
             compiled_rows.compile_kernels()
         return self
 
@@ -308,6 +306,11 @@ class Explainer(ABC):
     @abstractmethod
     def explain(self, batch: ExplainBatch) -> Explanation:
         """Explain ``batch``; pure tensor code, fixed cost, no state kept."""
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a C-contiguous numpy array, as the compiled kernels take them (a copy only where it is not)."""
+    return np.ascontiguousarray(t.detach().numpy())
 
 
 @dataclass
@@ -360,20 +363,27 @@ class AdditiveExplainer(Explainer):
             suppressed = batch.suppress.any(1).any(0).nonzero().squeeze(1)  # (U,)
         terms = self.decompose(batch, suppressed)
         logits = batch.logits.detach().float()
-        t = batch.targets
         target_logit = batch.target_logit
         residual = terms.residual
-        if residual is None:
-            residual = target_logit - (terms.contribution.sum(1) + terms.bias)
-        residual_size = residual.abs()
-        magnitude = terms.contribution.abs().sum(1) + residual_size
-        residual_share = torch.where(magnitude > 0, residual_size / magnitude.clamp_min(1e-30),
-                                     torch.zeros_like(magnitude))
-        mask = batch.suppress[:, :, suppressed].float()  # (B, M, U)
-        removed = torch.zeros(*mask.shape[:2], logits.shape[1], device=logits.device)
-        removed.index_add_(2, self._component_class[suppressed], mask * terms.suppressed_contribution.unsqueeze(1))
+        if compiled_rows.serves(logits.device):  # one kernel for the fourteen to seventeen ops below
+            residual, residual_share, intervened = map(torch.from_numpy, compiled_rows.additive_rows(
+                *(_host(v) for v in (terms.contribution, terms.bias, target_logit)),
+                _host(target_logit if residual is None else residual), residual is not None, _host(logits),
+                batch.suppress.numpy(), _host(suppressed), self._component_class.numpy(),
+                _host(terms.suppressed_contribution)))
+        else:
+            if residual is None:
+                residual = target_logit - (terms.contribution.sum(1) + terms.bias)
+            residual_size = residual.abs()
+            magnitude = terms.contribution.abs().sum(1) + residual_size
+            residual_share = torch.where(magnitude > 0, residual_size / magnitude.clamp_min(1e-30),
+                                         torch.zeros_like(magnitude))
+            mask = batch.suppress[:, :, suppressed].float()  # (B, M, U)
+            removed = torch.zeros(*mask.shape[:2], logits.shape[1], device=logits.device)
+            removed.index_add_(2, self._component_class[suppressed], mask * terms.suppressed_contribution.unsqueeze(1))
+            intervened = logits.unsqueeze(1) - removed
         return Explanation(
-            target_class=t,
+            target_class=batch.targets,
             component_index=terms.component_index,
             weight=terms.weight,
             contribution=terms.contribution,
@@ -382,7 +392,7 @@ class AdditiveExplainer(Explainer):
             residual_share=residual_share,
             target_logit=target_logit,
             heatmaps=terms.heatmaps,
-            intervened_logits=logits.unsqueeze(1) - removed,
+            intervened_logits=intervened,
             residual_heatmap=terms.residual_heatmap,
         )
 
@@ -443,11 +453,11 @@ class RemovalExplainer(Explainer):
         b, c = index.shape
         t = batch.targets
         if compiled_rows.serves(index.device):  # two kernels for the bookkeeping's seven ops
-            host_index = np.ascontiguousarray(index.numpy())
+            host_index = _host(index)
             sets = torch.from_numpy(compiled_rows.removal_sets_rows(host_index, batch.suppress.numpy()))
             logits = self.removed_logits(batch, codes, sets)  # (B, 1 + C + M, K)
             target_of_set, contribution = map(torch.from_numpy, compiled_rows.removal_contributions_rows(
-                np.ascontiguousarray(logits.detach().numpy()), host_index, t.numpy()))
+                _host(logits), host_index, t.numpy()))
         else:
             alone = index.unsqueeze(2) == self._component_range  # (B, C, N); padding (-1) is the empty set
             sets = torch.cat([self._no_components.expand(b, 1, -1), alone, batch.suppress], 1).float()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.solvers.compiled_rows import (add_terms_rows, linear_removal_rows, removal_contributions_rows,
-                                            removal_sets_rows, zeroed_mass_rows)
+from handlers.solvers.compiled_rows import (add_terms_rows, additive_rows, linear_removal_rows,
+                                            removal_contributions_rows, removal_sets_rows, zeroed_mass_rows)
 
 
 @pytest.mark.parametrize("zero, rtol", [(np.float32(0), 1e-6), (np.float64(0), 1e-13)])
@@ -76,3 +76,38 @@ def test_the_removals_through_a_linear_head_are_the_tensor_products():
     expected = logits[:, None].astype(np.float64) - mass.astype(np.float64) @ head.T.astype(np.float64)
     np.testing.assert_allclose(removed, expected, rtol=1e-5, atol=1e-5)
     assert np.array_equal(removed[:, 0], logits)
+
+
+@pytest.mark.parametrize("residual_given", [True, False])
+@pytest.mark.parametrize("interventions", [0, 4])
+def test_the_additive_kernel_is_the_tensor_bookkeeping(residual_given, interventions):
+    """additive_rows against AdditiveExplainer's tensor ops: the residual (given, or what the target logit leaves),
+    the residual share (0 for an example whose terms are all 0) and the intervened logits (the suppressed
+    contributions summed per class by index_add_, then taken from the logits), to float32 rounding of the sums."""
+    generator = np.random.default_rng(interventions + residual_given)
+    b, c, n, k = 7, 5, 12, 4
+    contribution = generator.standard_normal((b, c)).astype(np.float32)
+    bias, target_logit = (generator.standard_normal(b).astype(np.float32) for _ in range(2))
+    given = generator.standard_normal(b).astype(np.float32)
+    contribution[3], bias[3], target_logit[3], given[3] = 0, 0, 0, 0  # nothing to share
+    logits = generator.standard_normal((b, k)).astype(np.float32)
+    suppress = generator.random((b, interventions, n)) < 0.4
+    suppressed = np.flatnonzero(suppress.any((0, 1)))
+    component_class = generator.integers(0, k, n)
+    suppressed_contribution = generator.standard_normal((b, len(suppressed))).astype(np.float32)
+    residual, share, intervened = additive_rows(contribution, bias, target_logit, given, residual_given, logits,
+                                                suppress, suppressed, component_class, suppressed_contribution)
+    c_, b_, t_ = map(torch.from_numpy, (contribution, bias, target_logit))
+    expected = torch.from_numpy(given) if residual_given else t_ - (c_.sum(1) + b_)
+    torch.testing.assert_close(torch.from_numpy(residual), expected, rtol=0, atol=1e-6)
+    magnitude = c_.abs().sum(1) + expected.abs()
+    expected_share = torch.where(magnitude > 0, expected.abs() / magnitude.clamp_min(1e-30), 0)
+    torch.testing.assert_close(torch.from_numpy(share), expected_share, rtol=1e-6, atol=1e-7)
+    assert share[3] == 0 and (share > 0).sum() == b - 1
+    mask = torch.from_numpy(suppress)[:, :, torch.from_numpy(suppressed)].float()
+    removed = torch.zeros(b, interventions, k).index_add_(
+        2, torch.from_numpy(component_class[suppressed]), mask * torch.from_numpy(suppressed_contribution)[:, None])
+    torch.testing.assert_close(torch.from_numpy(intervened), torch.from_numpy(logits)[:, None] - removed, rtol=0,
+                               atol=1e-6)
+    assert intervened.shape == (b, interventions, k) and (interventions == 0 or not np.array_equal(
+        intervened, np.broadcast_to(logits[:, None], intervened.shape)))

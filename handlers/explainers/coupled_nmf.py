@@ -282,7 +282,6 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
     """
 
     name = NAME
-    cpu_kernels = True
     config_class = CoupledNMFConfig
     residual_share_definition = (
         "||x - W f|| / ||x||: the relative error of the fold-in's reconstruction of the input's stacked views "

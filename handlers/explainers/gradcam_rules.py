@@ -339,7 +339,6 @@ def removal_model(features: torch.Tensor, cam: torch.Tensor, target_logit: torch
 
 class GradCAMRulesExplainer(RemovalExplainer):
     name = NAME
-    cpu_kernels = True
     config_class = GradCAMRulesConfig
     residual_share_definition = (
         "sum over filters d outside the reported rules of P_d / sum over all filters of P_d, with "

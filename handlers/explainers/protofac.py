@@ -323,7 +323,6 @@ def surrogate_logits(parts: ModelParts, prototypes: torch.Tensor, prototype_logi
 
 class ProtoFacExplainer(RemovalExplainer):
     name = NAME
-    cpu_kernels = True
     config_class = ProtoFacConfig
     residual_share_definition = (
         "||a - wH||^2 / ||a||^2 clamped to [0, 1]: the share of the layer activation's energy (a: the clipped, "

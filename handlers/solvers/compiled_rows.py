@@ -4,9 +4,10 @@ On a GPU the batched solvers (:func:`handlers.solvers.active_set.active_set_code
 :func:`handlers.solvers.simplex.projected_adam`, coupled NMF's removals) run as a few launches or one
 captured graph per batch size. On the CPU every tensor op costs its Python call (5-10 us) whatever its
 size: a ProtoFac paper-protocol code takes about 1650 of them on (B, k) tensors of a few hundred numbers,
-Grad-CAM rules' candidate search and rule matching about 40, a removal method's sets, their target logits
-and its removals through a linear head a dozen more (each 10-40 us right after a forward pass, where a
-kernel call costs a few), and the tensor forms of the rest do more arithmetic than a row needs (coupled NMF's
+Grad-CAM rules' candidate search and rule matching about 40, every method's bookkeeping a dozen or more (a
+removal method's sets, their target logits and its removals through a linear head; an additive method's
+residual, its share and the interventions: each op 10-40 us right after a forward pass, where a kernel call
+costs a few), and the tensor forms of the rest do more arithmetic than a row needs (coupled NMF's
 fold-in tries all 1023 supports of ten concepts; its removals multiply every set by every concept, most of them
 zero), and BLAS runs the skinny products that the codes are solved from (a batch of rows times a few dozen
 dictionary rows over thousands of columns) far below its speed.
@@ -483,6 +484,49 @@ def removal_contributions_rows(logits, index, targets):
 
 
 @_kernel
+def additive_rows(contribution, bias, target_logit, residual, residual_given, logits, suppress, suppressed,
+                  component_class, suppressed_contribution):
+    """An additive method's residual, residual share and intervened logits, row by row
+    (:meth:`handlers.base.AdditiveExplainer.explain`).
+
+    contribution (B, C), bias (B,), target_logit (B,) and residual (B,) float32, the residual as the method gave it
+    where ``residual_given``, else ignored and ``target_logit − (Σ contribution + bias)``; logits (B, K) float32;
+    suppress (B, M, N) bool the interventions; suppressed (U,) int64 the components some intervention names, of
+    classes ``component_class`` (N,) int64 and contributions ``suppressed_contribution`` (B, U) float32.
+
+    Returns residual (B,), residual share ``|r| / (Σ|c| + |r|)`` (0 where that is 0) (B,) and the intervened
+    logits (B, M, K), each intervention's suppressed contributions summed per class (in the order of
+    ``suppressed``), then taken from the logits; all float32."""
+    b, c = contribution.shape
+    m, k = suppress.shape[1], logits.shape[1]
+    out_residual = residual.copy() if residual_given else np.empty(b, dtype=np.float32)
+    share = np.zeros(b, dtype=np.float32)
+    intervened = np.empty((b, m, k), dtype=np.float32)
+    removed = np.empty(k, dtype=np.float32)
+    for r in range(b):
+        if not residual_given:
+            total = np.float32(0)
+            for i in range(c):
+                total += contribution[r, i]
+            out_residual[r] = target_logit[r] - (total + bias[r])
+        size = abs(out_residual[r])
+        magnitude = np.float32(0)
+        for i in range(c):
+            magnitude += abs(contribution[r, i])
+        magnitude += size
+        if magnitude > 0:
+            share[r] = size / max(magnitude, np.float32(1e-30))
+        for j in range(m):
+            removed[:] = 0
+            for u in range(len(suppressed)):
+                if suppress[r, j, suppressed[u]]:
+                    removed[component_class[suppressed[u]]] += suppressed_contribution[r, u]
+            for t in range(k):
+                intervened[r, j, t] = logits[r, t] - removed[t]
+    return out_residual, share, intervened
+
+
+@_kernel
 def patch_search_rows(heat, features, size, n_candidates, row_cover, col_cover, row_pool, col_pool):
     """Grad-CAM rules' candidate search (eq. 1, the windows zeroed one after another), each candidate's filter
     activations (eq. 2) and the share of each grid cell under the candidates so far, row by row: what
@@ -652,8 +696,8 @@ def reported_rules_rows(top, relevant, rules, filter_reference, activation, term
 
 
 KERNELS = (active_set_rows, paper_codes_rows, residual_share_rows, add_terms_rows, removed_mass_rows,
-           zeroed_mass_rows, linear_removal_rows, removal_sets_rows, removal_contributions_rows, patch_search_rows,
-           reported_rules_rows)
+           zeroed_mass_rows, linear_removal_rows, removal_sets_rows, removal_contributions_rows, additive_rows,
+           patch_search_rows, reported_rules_rows)
 
 
 def compile_kernels() -> float:
@@ -677,6 +721,9 @@ def compile_kernels() -> float:
     index = np.zeros((1, 1), dtype=np.int64)
     removal_sets_rows(index, np.ones((1, 1, k), dtype=np.bool_))
     removal_contributions_rows(ones, index, index[0])
+    for given in (True, False):
+        additive_rows(ones[0], ones[0, 0], ones[0, 0], ones[0, 0], given, ones[0], np.ones((1, 1, k), dtype=np.bool_),
+                      index[0], index[0], ones[0])
     square = np.ones((k, k), dtype=np.float32)
     patch_search_rows(square[None], np.ones((1, k * k, k), dtype=np.float32), 1, 1, square, square, square, square)
     reported_rules_rows(np.zeros((1, 1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.bool_),

@@ -387,6 +387,25 @@ def test_weights_contributions_and_interventions_are_exact(mnist_parts, explaine
     assert (e.heatmaps.sum((2, 3))[w == 0] == 0).all()
 
 
+def test_the_served_explanation_is_the_tensor_paths(mnist_parts, explainer, mnist_fit_data, monkeypatch):
+    """Everything the CPU serves through its kernels (codes, heatmaps, removals through the affine head, the sets
+    and contributions) against the tensor ops a GPU runs, field by field: the codes to float64 rounding, the rest
+    to float32 rounding of sums taken in another order."""
+    k = len(explainer.components)
+    suppress = torch.rand(12, 2, k, generator=torch.Generator().manual_seed(4)) < 0.3
+    batch = _batch(mnist_parts, mnist_fit_data.x_test[:12], suppress)
+    with torch.inference_mode():
+        served = explainer.explain(batch)
+        monkeypatch.setattr(compiled_rows, "serve_on_cpu", False)
+        reference = explainer.explain(batch)
+    assert torch.equal(served.component_index, reference.component_index)
+    for name in ("weight", "contribution", "bias", "residual_contribution", "residual_share", "heatmaps",
+                 "intervened_logits"):
+        torch.testing.assert_close(getattr(served, name), getattr(reference, name), rtol=1e-5, atol=1e-6)
+    assert (served.weight == 0).any() and (served.contribution != 0).any()
+    assert not torch.equal(served.intervened_logits[:, 0], served.intervened_logits[:, 1])
+
+
 def test_archives_written_before_the_protocol_field_serve_least_squares(mnist_parts, small_fit, mnist_fit_data):
     """An archive without ``served_protocol`` (and without ``feature_scale_``) was fitted and reported with
     least squares: it loads and serves the simplex least-squares codes; a new archive may choose them too."""

@@ -82,7 +82,8 @@ from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example
 from handlers.model import ModelParts, linear_head_weight
 from handlers.solvers.active_set import active_set_codes, ridged_gram
 from handlers.solvers import compiled_rows
-from handlers.solvers.compiled_rows import active_set_rows, add_terms_rows, paper_codes_rows, residual_share_rows
+from handlers.solvers.compiled_rows import (active_set_rows, add_terms_rows, affine_removal_rows, mass_share_rows,
+                                            paper_codes_rows, residual_share_rows)
 from handlers.solvers.simplex import autograd_gradient, projected_adam, vertex_distance
 
 NAME = "protofac"
@@ -465,6 +466,9 @@ class ProtoFacExplainer(RemovalExplainer):
     def removed_logits(self, batch: ExplainBatch, codes: Codes, sets: torch.Tensor) -> torch.Tensor:
         """The surrogate f_down(w'H), w' = w with the removed prototypes' weights zeroed (not renormalized):
         by the head's weights when the head is affine, else by the downstream on w'H."""
+        if self.prototype_logits_ is not None and compiled_rows.serves(sets.device):
+            return torch.from_numpy(affine_removal_rows(codes.weight.numpy(), sets.numpy(),
+                                                        self.prototype_logits_.numpy(), self.zero_logits_.numpy()))
         w = codes.weight.unsqueeze(1)
         kept = torch.addcmul(w, w, sets, value=-1)  # (B, S, k): w where kept, 0 where removed
         if self.prototype_logits_ is not None:
@@ -489,8 +493,11 @@ class ProtoFacExplainer(RemovalExplainer):
         b, k = w.shape
         grid = batch.features.shape[2:]
         if grid:
-            share = w.unsqueeze(2) * self.prototype_mass_  # (B, k, P)
-            share = share / share.sum((1, 2), keepdim=True).clamp_min(1e-30)
+            if compiled_rows.serves(w.device):
+                share = torch.from_numpy(mass_share_rows(w.numpy(), self.prototype_mass_.numpy()))
+            else:
+                share = w.unsqueeze(2) * self.prototype_mass_  # (B, k, P)
+                share = share / share.sum((1, 2), keepdim=True).clamp_min(1e-30)
             return share.reshape(b, k, *((1, *grid) if len(grid) == 1 else grid))
         if batch.inputs.dim() == 3:
             gap = (batch.inputs.float().unsqueeze(1) - self.prototype_inputs_.unsqueeze(0)).square().mean(2)

@@ -444,6 +444,48 @@ def linear_removal_rows(logits, mass, head):
 
 
 @_kernel
+def affine_removal_rows(codes, sets, prototype_logits, zero_logits):
+    """(B, S, K) float32: ProtoFac's surrogate logits through an affine head with each set's prototypes removed,
+    ``zero_logits + Σ_{i∉S} w_i P_i`` (:meth:`ProtoFacExplainer.removed_logits`).
+
+    codes (B, k) w, sets (B, S, k) 1 where a prototype is removed, prototype_logits (k, K) P, zero_logits (K,)
+    the head's logits of no activation; all float32. A prototype with a zero or removed weight adds nothing."""
+    b, n_sets, k = sets.shape
+    out = np.empty((b, n_sets, len(zero_logits)), dtype=np.float32)
+    for r in range(b):
+        for s in range(n_sets):
+            row = out[r, s]
+            row[:] = zero_logits
+            for i in range(k):
+                kept = codes[r, i] - codes[r, i] * sets[r, s, i]
+                if kept != 0:
+                    for t in range(len(row)):
+                        row[t] += kept * prototype_logits[i, t]
+    return out
+
+
+@_kernel
+def mass_share_rows(codes, mass):
+    """(B, k, P) float32: each prototype's share of the reconstruction's activation mass at each position,
+    ``w_i M_i[p] / Σ_{i, p} w_i M_i[p]`` (0 where that sum is 0; ProtoFac's heatmaps). codes (B, k) w and mass
+    (k, P) M, non-negative float32."""
+    b, k = codes.shape
+    positions = mass.shape[1]
+    out = np.empty((b, k, positions), dtype=np.float32)
+    for r in range(b):
+        total = np.float32(0)
+        for i in range(k):
+            for p in range(positions):
+                out[r, i, p] = codes[r, i] * mass[i, p]
+                total += out[r, i, p]
+        scale = max(total, np.float32(1e-30))
+        for i in range(k):
+            for p in range(positions):
+                out[r, i, p] /= scale
+    return out
+
+
+@_kernel
 def removal_sets_rows(index, suppress):
     """(B, 1 + C + M, N) float32, 1 where a component is removed: the sets a removal method evaluates
     (:meth:`handlers.base.RemovalExplainer.explain`), the empty set, each reported component alone (padding, -1,
@@ -696,8 +738,8 @@ def reported_rules_rows(top, relevant, rules, filter_reference, activation, term
 
 
 KERNELS = (active_set_rows, paper_codes_rows, residual_share_rows, add_terms_rows, removed_mass_rows,
-           zeroed_mass_rows, linear_removal_rows, removal_sets_rows, removal_contributions_rows, additive_rows,
-           patch_search_rows, reported_rules_rows)
+           zeroed_mass_rows, linear_removal_rows, affine_removal_rows, mass_share_rows, removal_sets_rows,
+           removal_contributions_rows, additive_rows, patch_search_rows, reported_rules_rows)
 
 
 def compile_kernels() -> float:
@@ -718,6 +760,8 @@ def compile_kernels() -> float:
     removed_mass_rows(ones, ones[0], ones, ones.reshape(1, 1, k).repeat(k, 0))
     zeroed_mass_rows(ones, ones[0], ones)
     linear_removal_rows(ones[0], ones, ones[0])
+    affine_removal_rows(ones[0], ones, ones[0], ones[0, 0])
+    mass_share_rows(ones[0], ones[0])
     index = np.zeros((1, 1), dtype=np.int64)
     removal_sets_rows(index, np.ones((1, 1, k), dtype=np.bool_))
     removal_contributions_rows(ones, index, index[0])

@@ -17,7 +17,8 @@ from handlers.errors import ArchiveError, InvalidInputError
 from handlers.methods import METHODS
 from handlers.model import InputSpec
 from handlers.onnx_backend import OnnxPart
-from handlers.rows import ExplainedRow, Scores, additivity_gaps, explained_rows, predicted_rows
+from handlers.rows import (ExplainedRow, Scores, additivity_gaps, compile_row_kernels, explained_rows,
+                           predicted_rows)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class ModelRuntime:
             except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
                 raise ArchiveError(f"{self.name}-{self.version}: method {method!r} does not fit the model "
                                    f"({type(exc).__name__}): {exc}") from exc
+        compile_row_kernels()  # host rows are made on the CPU whatever the device: compiled now, not in a request
         # Additive methods are checked before serving; one that does not add up is refused alone.
         self.additivity_inputs = ""  # what they were checked on, for the log
         self.refused_methods: dict[str, str] = self._check_additivity(archive.samples)

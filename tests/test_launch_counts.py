@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench.run import EXPLAIN_STAGE_OPS_GOAL, OpCounter, count_stage_ops, counted_capture, gpu_path
+from handlers import rows
 from handlers.archive import read_archive
 from handlers.device_graphs import eager_replay
 from handlers.explainers import gradcam_rules
@@ -80,8 +81,9 @@ def test_protofac_through_its_graph_meets_the_goal(demo_store, mnist_fit_data):
 def test_requests_compile_nothing(demo_store, mnist_fit_data, monkeypatch):
     """The CPU's compiled kernels are ready when the model has loaded, and no request compiles one again (numba
     compiles a kernel anew for other argument types or layouts): every method, batches of 1, 3 and 8, every
-    heatmap kind, with and without interventions; every method runs them (its bookkeeping at least)."""
-    kernels = compiled_rows.KERNELS
+    heatmap kind, with and without interventions, and the host rows of each answer; every method runs them (its
+    bookkeeping at least), and every answer's rows."""
+    kernels = compiled_rows.KERNELS + rows.KERNELS
     model = ModelRuntime(read_archive(demo_store / "mnist-1.psar"))
     loaded = [list(kernel.signatures) for kernel in kernels]
     assert all(loaded)
@@ -93,6 +95,7 @@ def test_requests_compile_nothing(demo_store, mnist_fit_data, monkeypatch):
         for n in (1, 3, 8):
             for heatmaps in ("none", "feature_grid", "input"):
                 items = [ExplainItem(x[i], None, [[0], [1, 2]] if i % 2 else []) for i in range(n)]
-                model.explain(method, items, heatmaps)
+                model.explain_rows(method, items, heatmaps)
+                model.predict_rows(list(x[:n]))
         assert ran and all(ran), method
     assert [list(kernel.signatures) for kernel in kernels] == loaded

@@ -44,14 +44,14 @@ def serves(device) -> bool:
     return serve_on_cpu and device.type == "cpu"
 
 
-def _kernel(function=None, *, reorder_sums=False):
+def kernel(function=None, *, reorder_sums=False):
     """numba.njit, cached beside this file (or in NUMBA_CACHE_DIR) where it can be: a read-only install (a
     container's root file system) compiles at every load instead. Division by zero gives inf or nan as in
     the tensor solvers (numpy's error model), not an exception; the GIL is released while a kernel runs.
     ``reorder_sums``: floating-point sums may be reassociated (and the sign of a zero ignored), so that a
     reduction vectorizes; for kernels whose results the tests compare with a tolerance."""
     if function is None:
-        return functools.partial(_kernel, reorder_sums=reorder_sums)
+        return functools.partial(kernel, reorder_sums=reorder_sums)
     options = {"nogil": True, "error_model": "numpy"}
     if reorder_sums:
         options["fastmath"] = {"reassoc", "nsz"}
@@ -61,7 +61,7 @@ def _kernel(function=None, *, reorder_sums=False):
         return numba.njit(**options)(function)
 
 
-@_kernel
+@kernel
 def _lerp(start, end, weight):
     # torch.lerp's two branches, so an iterate rounds as the tensor solver's does
     if weight < 0.5:
@@ -69,7 +69,7 @@ def _lerp(start, end, weight):
     return end - (end - start) * (1 - weight)
 
 
-@_kernel
+@kernel
 def _active_set_row(c, g, diagonal, n_iter, tolerance, simplex, w, inverse, support, z, s1, gradient, column):
     """One row of active_set_codes(simplex=simplex, stop_when_optimal=True) into ``w``; the rest is scratch."""
     k = len(c)
@@ -170,7 +170,7 @@ def _active_set_row(c, g, diagonal, n_iter, tolerance, simplex, w, inverse, supp
             w[i] /= total
 
 
-@_kernel
+@kernel
 def active_set_rows(cross, ridged_gram, n_iter, tolerance, simplex):
     """(B, k) active_set_codes(cross, ·, n_iter, simplex=simplex) of ``cross`` (B, k), given the ridged Gram matrix
     G + tolerance·I (k, k) and the tolerance (:func:`handlers.solvers.active_set.ridged_gram`), all float64."""
@@ -186,7 +186,7 @@ def active_set_rows(cross, ridged_gram, n_iter, tolerance, simplex):
     return out
 
 
-@_kernel
+@kernel
 def _project_to_simplex(v, u):
     """v onto the simplex in place (project_to_simplex's rule); u: scratch of v's size.
 
@@ -209,7 +209,7 @@ def _project_to_simplex(v, u):
         v[j] = max(v[j] - shift, 0.0)
 
 
-@_kernel
+@kernel
 def paper_codes_rows(start, cross, energy, gram, head, bias, ce_head_t, oracle, n_steps, lr, reconstruction_weight,
                      concentration_weight, smoothing):
     """(B, k) ProtoFac's paper-protocol codes through an affine head: projected Adam from ``start`` (B, k) on
@@ -277,7 +277,7 @@ def paper_codes_rows(start, cross, energy, gram, head, bias, ce_head_t, oracle, 
     return out
 
 
-@_kernel
+@kernel
 def residual_share_rows(codes, cross, energy, gram, floor, root):
     """(B,) float32 residual shares from a code's terms, row by row: ``u = ‖x − wH‖² = ‖x‖² + w·(wG − 2c)``
     (at least 0), then ``min(u / max(‖x‖², floor), 1)``, its square root where ``root``, and 0 where ‖x‖² is 0.
@@ -301,7 +301,7 @@ def residual_share_rows(codes, cross, energy, gram, floor, root):
     return out
 
 
-@_kernel(reorder_sums=True)
+@kernel(reorder_sums=True)
 def add_terms_rows(rows, dictionary, scale, cross, energy, zero):
     """Adds the terms a code is solved from, row by row: ``cross += rows @ dictionaryᵀ`` and
     ``energy += scale · ‖rows‖²`` (coupled NMF's fold-in, view by view; ProtoFac's codes).
@@ -346,7 +346,7 @@ def add_terms_rows(rows, dictionary, scale, cross, energy, zero):
                     cross[r0 + rr, j0 + 1] += sums[rr][1]
 
 
-@_kernel(reorder_sums=True)
+@kernel(reorder_sums=True)
 def removed_mass_rows(values, codes, sets, neurons):
     """(B, S, C) float32: what removing each concept set takes from each channel of a layer, the mean over its
     grid of ``min(v, Σ_{d∈S} f_d O_d)`` (coupled NMF's removal, :meth:`CoupledNMFExplainer.removed_mass`).
@@ -393,7 +393,7 @@ def removed_mass_rows(values, codes, sets, neurons):
     return out
 
 
-@_kernel(reorder_sums=True)
+@kernel(reorder_sums=True)
 def zeroed_mass_rows(sets, filters, features):
     """(B, S, D) float32: what zeroing the union of each set's rules' filters (channels) takes from each channel's
     mean over the grid, ``mean_hw(F) · min(1, Σ_{i∈S} filters_i)`` (Grad-CAM rules' removal).
@@ -421,7 +421,7 @@ def zeroed_mass_rows(sets, filters, features):
     return out
 
 
-@_kernel(reorder_sums=True)
+@kernel(reorder_sums=True)
 def linear_removal_rows(logits, mass, head):
     """(B, S, K) float32: the logits once each removal's mass is taken from the mean-pooled layer before a linear
     head, ``logits − mass headᵀ`` (coupled NMF's and Grad-CAM rules' removals through an affine head).
@@ -443,7 +443,7 @@ def linear_removal_rows(logits, mass, head):
     return out
 
 
-@_kernel
+@kernel
 def affine_removal_rows(codes, sets, prototype_logits, zero_logits):
     """(B, S, K) float32: ProtoFac's surrogate logits through an affine head with each set's prototypes removed,
     ``zero_logits + Σ_{i∉S} w_i P_i`` (:meth:`ProtoFacExplainer.removed_logits`).
@@ -464,7 +464,7 @@ def affine_removal_rows(codes, sets, prototype_logits, zero_logits):
     return out
 
 
-@_kernel
+@kernel
 def mass_share_rows(codes, mass):
     """(B, k, P) float32: each prototype's share of the reconstruction's activation mass at each position,
     ``w_i M_i[p] / Σ_{i, p} w_i M_i[p]`` (0 where that sum is 0; ProtoFac's heatmaps). codes (B, k) w and mass
@@ -485,7 +485,7 @@ def mass_share_rows(codes, mass):
     return out
 
 
-@_kernel
+@kernel
 def removal_sets_rows(index, suppress):
     """(B, 1 + C + M, N) float32, 1 where a component is removed: the sets a removal method evaluates
     (:meth:`handlers.base.RemovalExplainer.explain`), the empty set, each reported component alone (padding, -1,
@@ -504,7 +504,7 @@ def removal_sets_rows(index, suppress):
     return sets
 
 
-@_kernel
+@kernel
 def removal_contributions_rows(logits, index, targets):
     """From the logits (B, S, K) float32 of :func:`removal_sets_rows`' sets: the target's logit of each set
     (B, S) float32, and each reported component's contribution (B, C) float32, ``g_t({}) − g_t({i})``, 0 for
@@ -525,7 +525,7 @@ def removal_contributions_rows(logits, index, targets):
     return target_of_set, contribution
 
 
-@_kernel
+@kernel
 def additive_rows(contribution, bias, target_logit, residual, residual_given, logits, suppress, suppressed,
                   component_class, suppressed_contribution):
     """An additive method's residual, residual share and intervened logits, row by row
@@ -568,7 +568,7 @@ def additive_rows(contribution, bias, target_logit, residual, residual_given, lo
     return out_residual, share, intervened
 
 
-@_kernel
+@kernel
 def patch_search_rows(heat, features, size, n_candidates, row_cover, col_cover, row_pool, col_pool):
     """Grad-CAM rules' candidate search (eq. 1, the windows zeroed one after another), each candidate's filter
     activations (eq. 2) and the share of each grid cell under the candidates so far, row by row: what
@@ -651,7 +651,7 @@ def patch_search_rows(heat, features, size, n_candidates, row_cover, col_cover, 
     return position, activation, removed
 
 
-@_kernel(reorder_sums=True)
+@kernel(reorder_sums=True)
 def reported_rules_rows(top, relevant, rules, filter_reference, activation, terms, filter_index, heatmaps):
     """Grad-CAM rules' answer after the candidate search, row by row, as
     :meth:`GradCAMRulesExplainer.encode_batch` forms it from :meth:`~GradCAMRulesExplainer.matched_rules`: which of

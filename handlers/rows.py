@@ -205,23 +205,18 @@ def compile_row_kernels() -> None:
     made on the host); from numba's cache where it can be written."""
     if all(row_kernel.signatures for row_kernel in KERNELS):
         return
-    logits, index, maps = np.ones((1, 2), dtype=np.float32), np.zeros((1, 1), dtype=np.int64), np.ones((1, 1))
+    logits, index = np.ones((1, 2), dtype=np.float32), np.zeros((1, 1), dtype=np.int64)
     score_rows(logits)
-    numbers, terms = np.ones(1, dtype=np.float32), logits[:, :1].copy()
+    numbers, terms = np.ones(1, dtype=np.float32), np.ones((1, 1), dtype=np.float32)
     additivity_rows(terms, index, numbers, numbers, numbers)
     for additive in (True, False):
-        explained_row_checks(logits, logits, numbers, numbers, numbers, numbers, terms, terms, index,
-                             maps.astype(np.float32), maps.astype(np.float32), additive)
-
-
-def ranked_scores(values: np.ndarray) -> list[Scores]:
-    """Logits (B, K) float32 -> one :class:`Scores` per row, by one kernel call for the batch."""
-    ranked, probabilities, _ = score_rows(np.ascontiguousarray(values))
-    return [Scores(*row) for row in zip(values, ranked, probabilities)]
+        explained_row_checks(logits, logits, numbers, numbers, numbers, numbers, terms, terms, index, terms, terms,
+                             additive)
 
 
 def predicted_rows(logits: torch.Tensor) -> list[Scores | InvalidInputError]:
-    """Logits (B, K) -> per example its :class:`Scores`, or an error if they are not finite."""
+    """Logits (B, K) -> per example its :class:`Scores` (one kernel call ranks the batch), or an error if they
+    are not finite."""
     values = np.ascontiguousarray(logits.numpy())
     ranked, probabilities, finite = score_rows(values)
     return [Scores(*row) if ok else InvalidInputError("input", OVERFLOW)

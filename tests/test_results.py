@@ -8,7 +8,7 @@ import torch
 
 from handlers.archive import read_archive
 from handlers.errors import InvalidInputError
-from handlers.rows import ExplainedRow, explained_rows, predicted_rows, ranked_scores
+from handlers.rows import ExplainedRow, Scores, explained_rows, predicted_rows
 from handlers.runtime import ExplainItem, ModelRuntime
 
 
@@ -19,14 +19,15 @@ def runtime(demo_store) -> ModelRuntime:
 
 def test_scores_rank_classes_like_topk_with_exact_softmax():
     logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
-    for row, scores in zip(logits, ranked_scores(logits.numpy())):
+    for row, scores in zip(logits, predicted_rows(logits), strict=True):
+        assert isinstance(scores, Scores)
         classes, values, probabilities = scores.top(7)
         top = row.topk(7)
         assert classes == top.indices.tolist() and values == top.values.tolist()
         np.testing.assert_allclose(probabilities, torch.softmax(row.double(), 0)[top.indices].numpy(), rtol=1e-12)
         assert sorted(scores.ranked.tolist()) == list(range(1000))  # every class once, for any k
     # Ties keep class order, so equal logits give the same answer on every call.
-    tied = ranked_scores(np.array([[1.0, 3.0, 3.0, 0.0, 3.0]], dtype=np.float32))[0]
+    tied = predicted_rows(torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]]))[0]
     assert tied.top(5)[0] == [1, 2, 4, 0, 3]
 
 

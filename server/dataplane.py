@@ -3,8 +3,8 @@
 A transport (protoserve.v1 in server/servicer.py, the Open Inference Protocol in server/oip.py)
 converts its request into a :class:`PredictCall` or :class:`ExplainCall`, and passes it with a
 function that encodes the result as its answer; :class:`DataPlane` validates the call, submits its
-examples to the model's batcher (all at once, so they batch together), and times and counts what
-every protocol shares (the preprocess and encode stages, the top component of each explanation).
+examples to the model's batcher (all at once, so they batch together), and times what every protocol
+shares (the preprocess and encode stages; the model's compute thread times and counts the rest).
 
 Errors name the request field at fault in this module's words: ``input`` (``input.shape``,
 ``input.data``), ``image``, ``top_k``, ``heatmaps``, ``target_class``, ``interventions``, ``neighbours``. Each
@@ -207,8 +207,7 @@ class DataPlane:
         return _encoded(model, encode, PredictResult(runtime, k, rows))
 
     async def explain(self, call: ExplainCall, encode: Callable[[ExplainResult], Answer]) -> Answer:
-        """As :meth:`predict`; validates completely before queueing, the cheap checks first, the examples last.
-        Counts each example's top component."""
+        """As :meth:`predict`; validates completely before queueing, the cheap checks first, the examples last."""
         model = self.registry.get(call.model, call.version)
         runtime = model.runtime
         start = time.perf_counter()
@@ -222,12 +221,7 @@ class DataPlane:
         if call.neighbours:  # host arrays only: a product with the probe codes and a sort per row
             search = runtime.explainers[key.method]
             neighbours = [search.neighbours(row.component_index, row.weight, call.neighbours) for row in rows]
-        answer = _encoded(model, encode, ExplainResult(runtime, key.method, k, rows, neighbours))
-        components = runtime.explainers[key.method].components
-        for row in rows:
-            if row.top_component is not None:
-                self.metrics.component_uses.labels(runtime.name, key.method, components[row.top_component].id).inc()
-        return answer
+        return _encoded(model, encode, ExplainResult(runtime, key.method, k, rows, neighbours))
 
 
 def _encoded(model: BatchedModel, encode: Callable[[Any], Answer], result) -> Answer:

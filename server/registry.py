@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from prometheus_client import Counter, Histogram
 
 from handlers.archive import ARCHIVE_SUFFIX, read_archive
 from handlers.device_graphs import bucket_sizes
@@ -48,6 +49,10 @@ class BatchedModel:
         # Label lookups cost microseconds each; the stages of a request are resolved once.
         self.stages = {stage: metrics.stage_duration.labels(runtime.name, stage)
                        for stage in ("preprocess", "forward", "explain", "rows", "encode")}
+        # and the series of the explanations' quality on first use: method -> residual share histogram,
+        # (method, component index) -> top component counter.
+        self._residual_shares: dict[str, Histogram] = {}
+        self._top_components: dict[tuple[str, int], Counter] = {}
         # One compute thread per model: batches of a model run one after another.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{runtime.name}")
         self.batcher = DynamicBatcher(
@@ -61,7 +66,8 @@ class BatchedModel:
 
     def process(self, key, payloads: list) -> list:
         """Runs in the compute thread: one batch -> one host row (or error) per payload. Records the
-        compute stages, and of explanations the residual shares and the additivity violations."""
+        compute stages, and of explanations the residual shares, the top components and the additivity
+        violations."""
         if isinstance(key, PredictKey):
             rows, timings = self.runtime.predict_rows(payloads)
         else:
@@ -72,12 +78,25 @@ class BatchedModel:
         return rows
 
     def _observe_explained(self, method: str, answered: list[ExplainedRow]) -> None:
-        residual_metric = self.metrics.residual_share.labels(self.runtime.name, method)
+        residual_metric = self._residual_shares.get(method)
+        if residual_metric is None:
+            residual_metric = self._residual_shares[method] = self.metrics.residual_share.labels(self.runtime.name,
+                                                                                                  method)
         for row in answered:
             residual_metric.observe(row.residual_share)
+            if row.top_component is not None:
+                self._top_component(method, row.top_component).inc()
         violations = sum(not row.additive for row in answered) if self.runtime.explainers[method].additive else 0
         if violations:
             self.metrics.additivity_violations.labels(self.runtime.name, method).inc(violations)
+
+    def _top_component(self, method: str, index: int) -> Counter:
+        counter = self._top_components.get((method, index))
+        if counter is None:
+            component = self.runtime.explainers[method].components[index].id
+            counter = self._top_components[method, index] = self.metrics.component_uses.labels(
+                self.runtime.name, method, component)
+        return counter
 
     async def close(self, grace_s: float) -> None:
         await self.batcher.close(grace_s)
@@ -85,8 +104,8 @@ class BatchedModel:
 
 
 class ModelRegistry:
-    """Model versions by name; the newest version answers when a request names none. Also owns the
-    pool that decodes request images for every model (``images``)."""
+    """Model versions by name, oldest to newest (``models``); the newest version answers when a request
+    names none. Also owns the pool that decodes request images for every model (``images``)."""
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
@@ -125,6 +144,9 @@ class ModelRegistry:
             self._log_checks(path, runtime)
             self.models.setdefault(name, {})[version] = BatchedModel(runtime, self.settings, self.metrics)
             log.info("loaded %s version %s (%s) on %s", name, version, ", ".join(runtime.explainers), device)
+        # Ordered once here, so that a request finds its model's newest version without sorting.
+        self.models = {name: {v: self.models[name][v] for v in sorted(self.models[name], key=_version_order)}
+                       for name in sorted(self.models)}
 
     def _graph_batch_sizes(self) -> tuple[int, ...]:
         """The batch sizes to capture graphs for (on a GPU: the runtime captures none on the CPU): every bucket
@@ -167,14 +189,13 @@ class ModelRegistry:
         if versions is None:
             raise NotFoundError("model", name, sorted(self.models))
         if not version:
-            return versions[max(versions, key=_version_order)]
+            return versions[next(reversed(versions))]
         if version not in versions:
-            raise NotFoundError(f"version of model {name!r}", version, sorted(versions, key=_version_order))
+            raise NotFoundError(f"version of model {name!r}", version, list(versions))
         return versions[version]
 
     def all(self) -> list[BatchedModel]:
-        return [versions[v] for name in sorted(self.models)
-                for versions in [self.models[name]] for v in sorted(versions, key=_version_order)]
+        return [model for versions in self.models.values() for model in versions.values()]
 
 
 def _version_order(version: str) -> tuple:

@@ -134,3 +134,22 @@ def test_refusals_are_logged_with_their_reasons(store, caplog):
     for file_name, message in REFUSALS.items():
         assert f"refusing {file_name}: " in logged and message in logged
     assert sorted(registry.models) == ["cnn", "good"]
+
+
+def test_versions_are_ordered_numerically_and_the_newest_answers_by_default(tmp_path):
+    from handlers.errors import NotFoundError
+    from server.metrics import Metrics
+    from server.registry import ModelRegistry
+
+    parts, data = fully_connected_problem(200, 60)
+    fitted = fit_methods(parts, data, {"protonmf": {"n_prototypes": 2, "max_iter": 50}}, log=lambda _: None)
+    for version in ("9", "10", "2", "1.10", "1.9"):  # "10" after "9": numeric parts compare as numbers
+        write_archive(tmp_path, "mlp", version, parts, fitted)
+    registry = ModelRegistry(Settings(model_store=tmp_path), Metrics())
+    registry.load_store(torch.device("cpu"))
+    assert list(registry.models["mlp"]) == ["1.9", "1.10", "2", "9", "10"]
+    assert registry.get("mlp").runtime.version == "10"
+    assert registry.get("mlp", "9").runtime.version == "9"
+    assert [model.runtime.version for model in registry.all()] == ["1.9", "1.10", "2", "9", "10"]
+    with pytest.raises(NotFoundError, match="known: 1.9, 1.10, 2, 9, 10"):
+        registry.get("mlp", "3")

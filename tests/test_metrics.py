@@ -22,8 +22,8 @@ def _value(family, sample_name, **labels) -> float:
 def test_metrics_count_requests_stages_batches_and_residual_share(server, client, mnist_split):
     before = _scrape(server)
     x = mnist_split["x_test"][0].numpy()
-    for _ in range(3):
-        client.explain(x, model="mnist", method="protonmf", heatmaps="none")
+    answers = [client.explain(x, model="mnist", method="protonmf", heatmaps="none") for _ in range(3)]
+    top = max(answers[0].components, key=lambda c: abs(c.contribution)).id  # the first of equals
     client.predict(x, model="mnist")
     try:
         client.explain(np.zeros((2, 2), np.float32), model="mnist")
@@ -51,6 +51,9 @@ def test_metrics_count_requests_stages_batches_and_residual_share(server, client
                      model="mnist", stage=stage) >= 1, stage
     assert delta("protoserve_residual_share", "protoserve_residual_share_count", model="mnist", method="protonmf") == 3
     assert delta("protoserve_batch_size", "protoserve_batch_size_sum", model="mnist") == 4
+    assert delta("protoserve_component_reported", "protoserve_component_reported_total", model="mnist",
+                 method="protonmf", component=top) == 3
+    assert delta("protoserve_component_reported", "protoserve_component_reported_total", model="mnist") == 3
     # Histogram buckets are cumulative and end in +Inf == count.
     family = after["protoserve_residual_share"]
     buckets = [s for s in family.samples if s.name.endswith("_bucket") and s.labels["method"] == "protonmf"]

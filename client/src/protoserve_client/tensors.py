@@ -20,6 +20,11 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "uint8": np.dtype("u1"),
 }
+# An array's dtype (either byte order) -> its wire name; a lookup costs a tenth of reading dtype.name.
+_WIRE_NAMES: dict[np.dtype, str] = {
+    dtype.newbyteorder(order): name for name, dtype in WIRE_DTYPES.items() for order in "<>"
+}
+_INTP_MAX = np.iinfo(np.intp).max
 # NumPy 1's limit (NumPy 2's is 64), so a tensor decodes the same under either.
 MAX_DIMS = 32
 _ECHO_CHARS = 32  # of a dtype name in an error message
@@ -44,11 +49,11 @@ def to_tensor(array: np.ndarray, *, field: str = "array") -> pb.Tensor:
     convert first, e.g. ``array.astype(np.float32)``. `field` names the array in errors.
     """
     array = np.asarray(array)
-    name = array.dtype.name
-    if name not in WIRE_DTYPES:
+    name = _WIRE_NAMES.get(array.dtype)
+    if name is None:
         raise TensorFormatError(
             f"{field}.dtype",
-            f"{field} has dtype {name}, not one of {_supported()}; convert it first, e.g. .astype(np.float32)",
+            f"{field} has dtype {array.dtype.name}, not one of {_supported()}; convert it first, e.g. .astype(np.float32)",
         )
     # astype to the little-endian dtype is a no-op on little-endian hosts; tobytes is row-major.
     data = array.astype(WIRE_DTYPES[name], copy=False).tobytes(order="C")
@@ -78,13 +83,14 @@ def from_tensor(tensor: pb.Tensor, *, field: str = "tensor") -> np.ndarray:
     if any(dim < 0 for dim in shape):
         raise TensorFormatError(f"{field}.shape", f"{field}.shape {shape} has a negative dimension")
     # NumPy refuses a shape whose nonzero dimensions it cannot index, even when another is 0.
-    if math.prod(dim for dim in shape if dim) * dtype.itemsize > np.iinfo(np.intp).max:
+    if math.prod(dim for dim in shape if dim) * dtype.itemsize > _INTP_MAX:
         raise TensorFormatError(f"{field}.shape", f"{field}.shape {shape} is too large")
     # Python ints: a hostile shape cannot overflow the size computation.
     needed = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != needed:
+    data = tensor.data  # each read of the field makes a bytes object
+    if len(data) != needed:
         raise TensorFormatError(
             f"{field}.data",
-            f"{field}.data has {len(tensor.data)} bytes, shape {shape} {tensor.dtype} needs {needed}",
+            f"{field}.data has {len(data)} bytes, shape {shape} {tensor.dtype} needs {needed}",
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

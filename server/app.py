@@ -48,11 +48,12 @@ class App:
         self.http_port = 0
         self.supervisor: WorkerSupervisor | None = None
         self.drain = DrainInterceptor()
+        self.interceptors: list[grpc.aio.ServerInterceptor] = []  # outermost first; set by start
 
     async def start(self) -> None:
         # Security settings fail fast, before any model is loaded.
         credentials = security.server_credentials(self.settings)
-        interceptors = [self.drain, *security.interceptors(self.settings)]
+        self.interceptors = [self.drain, *security.interceptors(self.settings)]
         scrape_tokens = metrics_tokens(self.settings) if self.settings.metrics_port else None
         tokens = security.bearer_tokens(self.settings)
         http_tls = tls_context(self.settings) if self.settings.http_port else None
@@ -65,7 +66,7 @@ class App:
         self.registry.start()
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
                    ("grpc.max_send_message_length", self.settings.max_message_bytes)]
-        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        self.server = grpc.aio.server(options=options, interceptors=self.interceptors)
         plane = DataPlane(self.registry, self.settings, self.metrics)
         pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(plane, self.settings), self.server)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, self.settings), self.server)

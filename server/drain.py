@@ -28,7 +28,7 @@ import time
 
 import grpc
 
-from server.security import OPEN_SERVICES, handler_kind, refusal_handler
+from server.security import OPEN_SERVICES, WrappedHandlers, handler_kind, refusal_handler
 
 DRAINING_MESSAGE = "the server is shutting down; retry on another instance"
 _REFUSE = refusal_handler(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
@@ -44,6 +44,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         self.in_flight = 0
         self.last_arrival = 0.0  # monotonic time of the last refused rpc
         self.refused = 0
+        self.counted = WrappedHandlers()  # by the handler underneath (the same for every call of a method)
 
     def start(self) -> None:
         self.draining = True
@@ -70,6 +71,9 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not hasattr(handler, "_replace"):
             return handler
+        return self.counted.get(id(handler), handler, self._counted_handler)
+
+    def _counted_handler(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         kind = handler_kind(handler)
         return handler._replace(**{kind: self._counted(getattr(handler, kind), handler.response_streaming)})
 

@@ -20,7 +20,7 @@ import hmac
 import inspect
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from pathlib import Path
 
 import grpc
@@ -126,6 +126,33 @@ def _bearer(metadata: Iterable | None) -> bytes | None:
     return None
 
 
+class WrappedHandlers:
+    """An interceptor's wrappers, each made once: building one (closures, ``_replace``) costs more than the
+    rest of an rpc's interception, and the handlers underneath are the same objects call after call.
+
+    A wrapper is kept under its key with the handler it wraps, which stays alive, so the handler's ``id``
+    in a key names it alone. At most ``limit`` are kept (a server has a few dozen handlers), so a chain
+    that made a new handler per call would cost time, never memory.
+    """
+
+    def __init__(self, limit: int = 256):
+        self._limit = limit
+        self._kept: dict[Hashable, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, key: Hashable, handler: grpc.RpcMethodHandler,
+            wrap: Callable[[grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> grpc.RpcMethodHandler:
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        wrapped = wrap(handler)
+        if len(self._kept) < self._limit:
+            self._kept[key] = (handler, wrapped)
+        return wrapped
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
 def handler_kind(handler: grpc.RpcMethodHandler) -> str:
     return {(False, False): "unary_unary", (False, True): "unary_stream",
             (True, False): "stream_unary", (True, True): "stream_stream"}[
@@ -208,19 +235,25 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
     """Undecodable request bytes -> INVALID_ARGUMENT (unary) or an InvalidInputError from the
     request iterator (streams, which the servicer turns into an INVALID_ARGUMENT status)."""
 
+    def __init__(self):
+        self.guarded = WrappedHandlers()  # by method: only methods that have a handler are kept
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None or not hasattr(handler, "_replace"):
             return handler
         method = handler_call_details.method or ""
-        kind = handler_kind(handler)
-        behavior = getattr(handler, kind)
-        if not handler.request_streaming:
-            wrapped = _guard_unary_request(behavior, method, kind == "unary_stream")
-        else:
-            wrapped = _guard_request_stream(behavior, method, kind == "stream_stream")
-        return handler._replace(request_deserializer=_safe_deserializer(handler.request_deserializer),
-                                **{kind: wrapped})
+        return self.guarded.get((method, id(handler)), handler, lambda h: _guarded(h, method))
+
+
+def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    kind = handler_kind(handler)
+    behavior = getattr(handler, kind)
+    if not handler.request_streaming:
+        wrapped = _guard_unary_request(behavior, method, kind == "unary_stream")
+    else:
+        wrapped = _guard_request_stream(behavior, method, kind == "stream_stream")
+    return handler._replace(request_deserializer=_safe_deserializer(handler.request_deserializer), **{kind: wrapped})
 
 
 def _guard_unary_request(behavior, method: str, streaming_response: bool):

@@ -18,10 +18,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from protoserve_client import ExplainerClient, pb, pb_grpc
+from protoserve_client import ExplainerClient, ExplainerError, pb, pb_grpc
 
 from conftest import RunningServer, free_port
-from server.security import BearerTokens, SecurityConfigError, load_tokens, server_credentials
+from server.security import (BearerTokens, DecodeGuardInterceptor, SecurityConfigError, WrappedHandlers,
+                             load_tokens, server_credentials)
 from server.settings import Settings
 from test_shutdown import REFUSAL_RSS_BOUND_MIB, PeakRss, rss_mib, send_large_messages, serve_process
 
@@ -275,6 +276,36 @@ def test_any_rpc_without_a_valid_token_is_unauthenticated(token_server, method, 
         compression = grpc.Compression.Gzip if compressed else grpc.Compression.NoCompression
         assert _code(lambda: call(body, timeout=30, metadata=header, compression=compression)) == \
             grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_interceptors_keep_one_wrapper_per_handler_whatever_is_called(token_server):
+    """An attacker's method names, with a token and without: the interceptors keep wrappers of the server's
+    own handlers alone (each made once), not one per call or per name."""
+    with grpc.insecure_channel(token_server.address) as channel:
+        for i in range(200):
+            call = channel.unary_unary(f"/attacker.Service/M{i}")
+            token = (("authorization", f"Bearer {TOKEN}"),) if i % 2 else ()
+            expected = grpc.StatusCode.UNIMPLEMENTED if token else grpc.StatusCode.UNAUTHENTICATED
+            assert _code(lambda: call(b"", timeout=30, metadata=token)) == expected
+    with ExplainerClient(token_server.address, token=TOKEN, timeout=30) as client:
+        for _ in range(3):
+            assert client.explain(X, model="mnist", heatmaps="none").components
+            assert client.list_models().models
+        with pytest.raises(ExplainerError):
+            client._unary(client._stub.Explain, b"\xff\xfe")  # undecodable: the guard's answer
+    drain, *_, guard = token_server.app.interceptors
+    assert isinstance(guard, DecodeGuardInterceptor)
+    assert len(guard.guarded) == 2  # Explain, ListModels
+    assert len(drain.counted) == 3  # those two, and the refusal of a call without a token
+
+
+def test_wrapped_handlers_are_bounded():
+    kept = WrappedHandlers(limit=2)
+    handlers = [grpc.unary_unary_rpc_method_handler(lambda request, context: request) for _ in range(3)]
+    wrapped = [kept.get(id(h), h, lambda h: h._replace(request_deserializer=bytes)) for h in handlers]
+    assert len(kept) == 2 and all(w.request_deserializer is bytes for w in wrapped)
+    assert kept.get(id(handlers[0]), handlers[0], lambda h: None) is wrapped[0]  # kept: not wrapped again
+    assert kept.get(id(handlers[2]), handlers[2], lambda h: h) is handlers[2]  # past the limit: wrapped anew
 
 
 def test_token_files_are_checked(tmp_path):

@@ -46,7 +46,7 @@ class BatchedModel:
         self.runtime = runtime
         self.metrics = metrics
         self.label = f"{runtime.name}:{runtime.version}"
-        # Label lookups cost microseconds each; the stages of a request are resolved once.
+        # Label lookups cost microseconds each: the stages of a request are resolved once,
         self.stages = {stage: metrics.stage_duration.labels(runtime.name, stage)
                        for stage in ("preprocess", "forward", "explain", "rows", "encode")}
         # and the series of the explanations' quality on first use: method -> residual share histogram,

@@ -425,7 +425,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
 
         Returns
         -------
-        cross : (B, d) float32, ``x Dᵀ``
+        cross : (B, d) ``x Dᵀ``, float32 (float64 from the CPU's kernel, which the solvers read as it is)
         energy : (B,) float64, ``‖x‖²``
         """
         blocks = self._view_blocks
@@ -433,7 +433,7 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
             cross, energy = np.zeros((len(views[0]), len(blocks[0]))), np.zeros(len(views[0]))
             for view, block, scale in zip(views, blocks, self.inverse_square_scales_.tolist()):
                 add_terms_rows(view.contiguous().numpy(), block.numpy(), scale, cross, energy, np.float32(0))
-            return torch.from_numpy(cross).float(), torch.from_numpy(energy)
+            return torch.from_numpy(cross), torch.from_numpy(energy)
         cross = views[0] @ blocks[0].T
         for view, block in zip(views[1:], blocks[1:]):
             cross = cross.addmm_(view, block.T)
@@ -441,19 +441,19 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         return cross, norms.double().square() @ self.inverse_square_scales_
 
     def fold_in(self, cross: torch.Tensor) -> torch.Tensor:
-        """The codes f (B, d) float32, ``argmin_{f ≥ 0} ‖x − f D‖² (+ λ‖f‖²)``, from the cross terms x Dᵀ (B, d).
+        """The codes f (B, d), ``argmin_{f ≥ 0} ‖x − f D‖² (+ λ‖f‖²)``, from the cross terms x Dᵀ (B, d): float32,
+        float64 from the CPU's compiled loops.
 
         The exact fold-in ("active_set") runs as compiled row loops on the CPU (:mod:`handlers.solvers.compiled_rows`,
         stopping once a row is optimal) and else by every support for ten concepts or fewer, or as the tensor
         solver's fixed steps (a captured graph on a GPU); older archives' HALS sweeps run as tensor ops."""
         if self.config.fold_in_solver == "active_set":
             if compiled_rows.serves(cross.device):
-                codes = active_set_rows(cross.double().numpy(), self.ridged_gram_.numpy(), self.config.fold_in_iter,
-                                        self._tolerance, False)
-                return torch.from_numpy(codes).float()
+                return torch.from_numpy(active_set_rows(cross.double().numpy(), self.ridged_gram_.numpy(),
+                                                        self.config.fold_in_iter, self._tolerance, False))
             if self.support_inverses_ is not None:
                 return shared_gram_nnls(cross, self.support_inverses_).float()
-        return (self.graphs_ or self.fold_in_steps)(cross)
+        return (self.graphs_ or self.fold_in_steps)(cross.float())
 
     def encode(self, inputs: torch.Tensor, features: torch.Tensor, taps: tuple[torch.Tensor, ...] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,7 +475,8 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
         """
         cross, energy = self.fold_in_terms(self.views(inputs, features, taps))
         f = self.fold_in(cross)
-        w, cross = f.double(), cross.double()
+        # The CPU's terms and codes are float64 already; each conversion there would be an op a request.
+        w, cross, f = f.double(), cross.double(), f.float()
         # An input of zero views folds in to f = 0: share 0.
         if compiled_rows.serves(w.device):
             return f, torch.from_numpy(residual_share_rows(w.numpy(), cross.numpy(), energy.numpy(),

@@ -850,6 +850,8 @@ def _cpu_text(cpu: dict[str, float]) -> str:
 
 
 def table(results: dict) -> str:
+    from bench.transport_peers import ARCHITECTURES
+
     f = results["figures"]
     rows = [
         ("explain_over_predict", "Explain/Predict, ResNet-50 layer4, 3×1000 prototypes, batch 8",
@@ -884,8 +886,8 @@ def table(results: dict) -> str:
                  f"{g['p50_ms']['grpc_health_check']:.2f} ms{_cpu_text(g['server_cpu_ms_per_round'])} | "
                  f"{g['server_added_over_floor']:.2f} | | {GOALS['server_added_over_floor']} |")
     for architecture, peer in g["transport_peers"].items():
-        lines.append(f"| `server_added_over_floor` of the peer `{architecture}` | a server that only computes the "
-                     f"in-process baseline and sends the same answer back (bench/transport_peers.py), measured as "
+        lines.append(f"| `server_added_over_floor` of the peer `{architecture}` | {ARCHITECTURES[architecture]} "
+                     f"(bench/transport_peers.py), measured as "
                      f"above ({peer['p50_ms']['grpc']:.2f} − {peer['p50_ms']['in_process']:.2f}) / "
                      f"{peer['p50_ms']['grpc_health_check']:.2f} ms{_cpu_text(peer['cpu_ms_per_round'])} | "
                      f"{peer['added_over_floor']:.2f} | | |")

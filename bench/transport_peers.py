@@ -8,7 +8,11 @@ makes host rows, encodes or records metrics, so a peer's figure is what its arch
 
 * ``asyncio_compute_thread``: grpc.aio on uvloop, the compute on one compute thread: protoserve's architecture;
 * ``asyncio_inline``: the same with the compute on the event loop (no hand-off; it would stall every other rpc);
-* ``sync_handler_thread``: grpc's thread-pool server, the compute on the thread that took the rpc.
+* ``sync_handler_thread``: grpc's thread-pool server, the compute on the thread that took the rpc;
+* ``sync_handler_thread_with_stages``: the same doing protoserve's own stages around the compute, as its data
+  plane does them (the request read and validated, the host rows, the answer encoded; no batcher, no metrics):
+  what protoserve's serving path would cost rewritten onto that server. It computes its answer (the same as the
+  real server's) instead of sending the one it was given.
 
 ``python -m bench.transport_peers ARCHITECTURE PORT ARCHIVE RESPONSE DEVICE`` serves until killed.
 """
@@ -27,9 +31,19 @@ from protoserve_client import pb, pb_grpc
 from protoserve_client.tensors import from_tensor
 
 from handlers.archive import read_archive
+from handlers.preprocess import input_from_array
 from handlers.runtime import ExplainItem, ModelRuntime
+from server import convert
+from server.dataplane import ExplainResult, explain_options, top_k
+from server.settings import Settings
 
-ARCHITECTURES = ("asyncio_compute_thread", "asyncio_inline", "sync_handler_thread")
+ARCHITECTURES = {
+    "asyncio_compute_thread": "a server that only computes the in-process baseline and sends the same answer back",
+    "asyncio_inline": "a server that only computes the in-process baseline and sends the same answer back",
+    "sync_handler_thread": "a server that only computes the in-process baseline and sends the same answer back",
+    "sync_handler_thread_with_stages": "grpc's thread-pool server doing protoserve's own stages around the "
+                                       "compute (the request read and validated, host rows, the answer encoded)",
+}
 
 
 class Peer(pb_grpc.ExplainerServicer):
@@ -59,6 +73,19 @@ class InlinePeer(Peer):
 class SyncPeer(Peer):
     def Explain(self, request, context):
         return self.compute(request)
+
+
+class SyncStagesPeer(pb_grpc.ExplainerServicer):
+    def __init__(self, model: ModelRuntime):
+        self.model, self.settings = model, Settings(model_store=Path("."))
+
+    def Explain(self, request, context):
+        call = convert.explain_call(request, None)
+        k = top_k(call.top_k, self.model, self.settings)
+        key, target, suppress = explain_options(call, self.model, self.settings)
+        inputs = input_from_array(call.examples[0].tensor, self.model.parts.input_spec)
+        rows, _ = self.model.explain_rows(key.method, [ExplainItem(inputs, target, suppress)], key.heatmaps)
+        return convert.explain_response(request, ExplainResult(self.model, key.method, k, rows))
 
 
 async def serve_asyncio(peer: Peer, port: int) -> None:
@@ -91,6 +118,8 @@ def main(architecture: str, port: str, archive: str, response: str, device: str)
     answer = pb.ExplainResponse.FromString(Path(response).read_bytes())
     if architecture == "sync_handler_thread":
         serve_sync(SyncPeer(model, answer), int(port))
+    elif architecture == "sync_handler_thread_with_stages":
+        serve_sync(SyncStagesPeer(model), int(port))
     else:
         peer = ThreadPeer if architecture == "asyncio_compute_thread" else InlinePeer
         uvloop.run(serve_asyncio(peer(model, answer), int(port)))

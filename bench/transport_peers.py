@@ -37,10 +37,11 @@ from server import convert
 from server.dataplane import ExplainResult, explain_options, top_k
 from server.settings import Settings
 
-ARCHITECTURES = {
-    "asyncio_compute_thread": "a server that only computes the in-process baseline and sends the same answer back",
-    "asyncio_inline": "a server that only computes the in-process baseline and sends the same answer back",
-    "sync_handler_thread": "a server that only computes the in-process baseline and sends the same answer back",
+_ONLY_COMPUTES = "computes the in-process baseline alone and sends the server's answer back"
+ARCHITECTURES = {  # name -> what it is, for the bench's table
+    "asyncio_compute_thread": f"grpc.aio on one compute thread (protoserve's architecture); {_ONLY_COMPUTES}",
+    "asyncio_inline": f"grpc.aio computing on the event loop; {_ONLY_COMPUTES}",
+    "sync_handler_thread": f"grpc's thread-pool server computing on the rpc's thread; {_ONLY_COMPUTES}",
     "sync_handler_thread_with_stages": "grpc's thread-pool server doing protoserve's own stages around the "
                                        "compute (the request read and validated, host rows, the answer encoded)",
 }

@@ -10,13 +10,14 @@ import time
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from protoserve_client import pb, pb_grpc
 
 from server import security
 from server.dataplane import DataPlane
 from server.drain import DrainInterceptor, close_sockets
+from server.health import SERVING, HealthServicer
 from server.http_api import HttpApi, error_response
 from server.http_server import HttpServer, ListenError, tls_context
 from server.memory import keep_freed_memory
@@ -40,7 +41,7 @@ class App:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.registry = ModelRegistry(settings, self.metrics)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = settings.port
         self.metrics_server: MetricsServer | None = None
@@ -96,7 +97,7 @@ class App:
         if self.settings.metrics_port:
             self.metrics_server = MetricsServer.from_settings(self.metrics.registry, self.settings, scrape_tokens)
         for service in ("", EXPLAINER_SERVICE, OIP_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(service, SERVING)
         # While a batch worker is down (and being restarted) the services that use it are NOT_SERVING.
         self.supervisor = WorkerSupervisor(self.registry, self.health, (EXPLAINER_SERVICE, OIP_SERVICE),
                                            self.metrics, backoff_s=self.settings.restart_backoff_s)
@@ -114,7 +115,7 @@ class App:
         connections are closed and the grpc server stops, so that no call is cancelled: a call it
         had received but not handed over would be (see server/drain.py).
         """
-        await self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()
         self.drain.start()
         # The HTTP port drains beside gRPC: it stops accepting, its requests in flight finish within the grace.
         http_closed = asyncio.ensure_future(self.http_server.close(self.settings.shutdown_grace_s)

@@ -16,22 +16,18 @@ import logging
 import time
 from collections.abc import Sequence
 
-from grpc_health.v1 import health, health_pb2
-
 from server.batcher import BatcherClosedError
+from server.health import NOT_SERVING, SERVING, HealthServicer
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
 
 class WorkerSupervisor:
     """Watches the registry's batchers from the event loop that runs them."""
 
-    def __init__(self, registry: ModelRegistry, health_servicer: health.aio.HealthServicer,
+    def __init__(self, registry: ModelRegistry, health_servicer: HealthServicer,
                  services: Sequence[str], metrics: Metrics, *, interval_s: float = 0.1,
                  backoff_s: float = 0.5, max_backoff_s: float = 30.0):
         self.registry = registry
@@ -59,14 +55,12 @@ class WorkerSupervisor:
     async def _run(self) -> None:
         while True:
             try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
+                self.check()
             except Exception:  # the supervisor itself must outlive any surprise
                 log.exception("worker supervisor check failed")
             await asyncio.sleep(self.interval_s)
 
-    async def check(self) -> None:
+    def check(self) -> None:
         """One round: note crashed workers, restart those whose backoff passed, update health."""
         now = time.monotonic()
         down = []
@@ -83,7 +77,7 @@ class WorkerSupervisor:
                 log.error("batch worker of %s is down; restarting in %.1f s", label, self._backoff[label])
             down.append(model)
         if down and self._serving:
-            await self._set(NOT_SERVING)
+            self._set(NOT_SERVING)
         for model in down:
             label = model.label
             if now - self._down_since[label] < self._backoff[label]:
@@ -97,10 +91,10 @@ class WorkerSupervisor:
             self.metrics.worker_restarts.labels(model.runtime.name).inc()
             log.warning("batch worker of %s restarted", label)
         if not self._serving and all(m.batcher.alive for m in self.registry.all()):
-            await self._set(SERVING)
+            self._set(SERVING)
 
-    async def _set(self, status) -> None:
+    def _set(self, status) -> None:
         # After enter_graceful_shutdown the health servicer ignores this: shutdown wins.
         for service in self.services:
-            await self.health.set(service, status)
+            self.health.set(service, status)
         self._serving = status == SERVING

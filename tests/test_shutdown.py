@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -320,6 +321,84 @@ def test_refusals_while_draining_read_no_message(tmp_path):
         assert process.wait(timeout=60) == 0
     finally:
         release.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+class WindowlessWatch:
+    """A grpc.health.v1.Health/Watch over raw HTTP/2 whose client grants the server no flow-control
+    window (SETTINGS_INITIAL_WINDOW_SIZE 0), so the server's first answer can never be sent: a client
+    that never reads. It acknowledges the server's SETTINGS and PINGs, as a live client does."""
+
+    def __init__(self, address: str):
+        host, port = address.rsplit(":", 1)
+        self.socket = socket.create_connection((host, int(port)))
+        headers = b"".join(self._literal(name, value) for name, value in (
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/grpc.health.v1.Health/Watch"),
+            (b":authority", address.encode()), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+        message = b"\x00" + (0).to_bytes(4, "big")  # HealthCheckRequest(service=""), empty
+        self.socket.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                            + self._frame(0x4, 0, 0, (0x4).to_bytes(2, "big") + (0).to_bytes(4, "big"))
+                            + self._frame(0x1, 0x4, 1, headers)        # HEADERS, END_HEADERS
+                            + self._frame(0x0, 0x1, 1, message))       # DATA, END_STREAM
+        self.closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @staticmethod
+    def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    @staticmethod
+    def _literal(name: bytes, value: bytes) -> bytes:  # HPACK: literal, not indexed, new name, no Huffman
+        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+    def _read(self):
+        buffer = b""
+        while chunk := self._recv():
+            buffer += chunk
+            while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+                size, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+                payload, buffer = buffer[9:9 + size], buffer[9 + size:]
+                if kind == 0x4 and not flags & 0x1:
+                    self.socket.sendall(self._frame(0x4, 0x1, 0, b""))       # SETTINGS ACK
+                elif kind == 0x6 and not flags & 0x1:
+                    self.socket.sendall(self._frame(0x6, 0x1, 0, payload))   # PING ACK
+        self.closed.set()
+
+    def _recv(self) -> bytes:
+        try:
+            return self.socket.recv(65536)
+        except OSError:
+            return b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.socket.close()
+        self._reader.join(10)
+
+
+def test_a_health_watch_that_never_reads_holds_neither_health_nor_the_shutdown(tmp_path):
+    """A Watch whose answer can never be sent (open without a token, as health is) must not hold the
+    status changes of everyone else: another watcher sees NOT_SERVING on SIGTERM, and the server exits
+    within its grace period (with grpc_health's servicer it waited for that client to leave)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    log_path = tmp_path / "server.log"
+    process, address = serve_process(store, log_path, "--grace", "3")
+    try:
+        with WindowlessWatch(address) as stuck, grpc.insecure_channel(address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            time.sleep(1.0)  # the stuck Watch has run and waits to write
+            process.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert process.wait(timeout=30) == 0
+            assert stuck.closed.wait(10)  # its connection went with the server
+    finally:
         if process.poll() is None:
             process.kill()
             process.wait()

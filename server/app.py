@@ -66,8 +66,12 @@ class App:
         await asyncio.to_thread(self.registry.load_store, device)
         self.registry.start()
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
-                   ("grpc.max_send_message_length", self.settings.max_message_bytes)]
-        self.server = grpc.aio.server(options=options, interceptors=self.interceptors)
+                   ("grpc.max_send_message_length", self.settings.max_message_bytes),
+                   # Each connection holds a file descriptor and buffers: idle sockets must not take them all.
+                   ("grpc.max_allowed_incoming_connections", self.settings.max_connections),
+                   ("grpc.server_handshake_timeout_ms", round(self.settings.handshake_timeout_s * 1000))]
+        self.server = grpc.aio.server(options=options, interceptors=self.interceptors,
+                                      maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs)
         plane = DataPlane(self.registry, self.settings, self.metrics)
         pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(plane, self.settings), self.server)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, self.settings), self.server)

@@ -35,6 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
                         http_max_connections=args.http_max_connections, http_max_body_bytes=args.http_max_body_bytes,
                         http_max_buffered_bytes=args.http_max_buffered_bytes,
                         http_allowed_hosts=tuple(args.http_allowed_host),
+                        max_connections=args.max_connections, handshake_timeout_s=args.handshake_timeout_s,
+                        max_concurrent_rpcs=args.max_concurrent_rpcs,
                         max_stream_outstanding=args.max_stream_outstanding, device=args.device, backend=args.backend,
                         autocast=args.autocast, cuda_graphs=args.cuda_graphs, intra_op_threads=args.intra_op_threads,
                         keep_freed_mib=args.keep_freed_mib,
@@ -223,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     serve.add_argument("--max-message-bytes", type=int, default=limits.max_message_bytes,
                        help="largest gRPC message received or sent (gRPC answers RESOURCE_EXHAUSTED beyond)")
+    serve.add_argument("--max-connections", type=int, default=limits.max_connections,
+                       help="gRPC connections at once; more are closed as they are accepted")
+    serve.add_argument("--handshake-timeout-s", type=float, default=limits.handshake_timeout_s,
+                       help="a new gRPC connection's TLS handshake and HTTP/2 preface: within this, else closed")
+    serve.add_argument("--max-concurrent-rpcs", type=int, default=limits.max_concurrent_rpcs,
+                       help="gRPC rpcs in flight at once, streams and health watches included; more: "
+                            "RESOURCE_EXHAUSTED")
     serve.add_argument("--max-input-bytes", type=int, default=limits.max_input_bytes,
                        help="largest input tensor data or encoded image per request")
     serve.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,

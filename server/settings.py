@@ -53,6 +53,12 @@ class Settings:
     max_delay_ms: float = 0.0        # extra wait for more requests after the first; 0: take what queued while busy
     max_queue_size: int = 256        # per model; a full queue answers RESOURCE_EXHAUSTED at once
     max_message_bytes: int = 64 << 20
+    # gRPC connections (server/app.py): at once (more are closed as they are accepted), the time a new one has
+    # for its TLS handshake and HTTP/2 preface (else closed), and rpcs in flight over all of them, health
+    # watches and streams included (more: RESOURCE_EXHAUSTED from gRPC itself)
+    max_connections: int = 1024
+    handshake_timeout_s: float = 10.0
+    max_concurrent_rpcs: int = 1024
     max_top_k: int = 1000
     max_interventions: int = 64      # intervention sets per request
     default_top_k: int = 5
@@ -83,6 +89,8 @@ class Settings:
             raise ValueError(f"intra_op_threads must be >= 0 (0: torch's default), got {self.intra_op_threads}")
         if self.keep_freed_mib < 0:
             raise ValueError(f"keep_freed_mib must be >= 0 (0: glibc's defaults), got {self.keep_freed_mib}")
+        if self.max_connections < 1 or self.max_concurrent_rpcs < 1 or not self.handshake_timeout_s > 0:
+            raise ValueError("max_connections and max_concurrent_rpcs must be >= 1 and handshake_timeout_s > 0")
         if self.max_stream_outstanding < 1:
             raise ValueError(f"max_stream_outstanding must be >= 1, got {self.max_stream_outstanding}")
         if self.http_max_connections < 1 or not self.http_timeout_s > 0 or self.http_max_body_bytes < 1 \

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import select
+import socket
+import time
+
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protoserve_client import ExplainerClient, pb
 
 from conftest import RunningServer
@@ -110,4 +115,79 @@ def test_the_decode_budget_flags_reach_the_settings(monkeypatch, tmp_path):
     for name, value in (("max_image_pixels", 0), ("decode_threads", 0), ("max_decode_backlog", 0),
                         ("decode_timeout_s", 0.0)):
         with pytest.raises(ValueError, match=rf"^{name} must be "):
+            Settings(model_store=tmp_path, **{name: value})
+
+
+def _closed_within(sockets: list[socket.socket], seconds: float) -> list[bool]:
+    """Which of ``sockets`` the server closes within ``seconds`` (what it sends meanwhile is read and dropped)."""
+    closed = [False] * len(sockets)
+    end = time.monotonic() + seconds
+    while not all(closed) and (left := end - time.monotonic()) > 0:
+        readable, _, _ = select.select([s for s, c in zip(sockets, closed) if not c], [], [], left)
+        for s in readable:
+            try:
+                eof = s.recv(65536) == b""
+            except OSError:  # reset
+                eof = True
+            closed[sockets.index(s)] |= eof
+    return closed
+
+
+def test_connections_and_rpcs_a_stranger_holds_are_bounded(demo_store):
+    """Idle sockets (no HTTP/2 preface, an attacker's cheapest flood) get at most --max-connections slots,
+    each for at most --handshake-timeout-s; rpcs in flight, health watches included, at most
+    --max-concurrent-rpcs (RESOURCE_EXHAUSTED beyond). The server serves again once they are gone."""
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=0, shutdown_grace_s=1.0,
+                                     max_connections=4, handshake_timeout_s=3.0, max_concurrent_rpcs=3))
+    host, port = running.address.rsplit(":", 1)
+    sockets = [socket.create_connection((host, int(port))) for _ in range(8)]
+    try:
+        closed_at_once = _closed_within(sockets, 1.0)
+        assert sorted(closed_at_once) == [False] * 4 + [True] * 4, closed_at_once
+        held = [s for s, closed in zip(sockets, closed_at_once) if not closed]
+        assert _closed_within(held, 10.0) == [True] * 4  # the handshake timeout, 3 s
+        with grpc.insecure_channel(running.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(3)]
+            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 3
+            with pytest.raises(grpc.RpcError) as refused:
+                health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            watches[0].cancel()
+            deadline = time.monotonic() + 10
+            while True:  # the cancelled watch's slot comes back once the server has seen the cancellation
+                try:
+                    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                        health_pb2.HealthCheckResponse.SERVING
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                    time.sleep(0.05)
+            for watch in watches[1:]:
+                watch.cancel()
+    finally:
+        for s in sockets:
+            s.close()
+        running.stop()
+
+
+def test_the_connection_flags_reach_the_settings(monkeypatch, tmp_path):
+    import server.app
+    from server import cli
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, settings):
+            seen.append(settings)
+
+        async def run_until_signal(self):
+            return None
+
+    monkeypatch.setattr(server.app, "App", Recorder)
+    assert cli.main(["serve", "--model-store", str(tmp_path), "--max-connections", "7", "--handshake-timeout-s",
+                     "2.5", "--max-concurrent-rpcs", "9"]) == 0
+    assert (seen[0].max_connections, seen[0].handshake_timeout_s, seen[0].max_concurrent_rpcs) == (7, 2.5, 9)
+    for name, value in (("max_connections", 0), ("max_concurrent_rpcs", 0), ("handshake_timeout_s", 0.0)):
+        with pytest.raises(ValueError, match="max_connections and max_concurrent_rpcs must be"):
             Settings(model_store=tmp_path, **{name: value})

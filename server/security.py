@@ -22,10 +22,12 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
 from handlers.errors import InvalidInputError
+from server.rpc import FIELD_TRAILER
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -227,8 +229,10 @@ def _safe_deserializer(deserializer: Callable[[bytes], object]) -> Callable[[byt
     return decode
 
 
-def _undecodable_message(method: str, undecodable: _Undecodable) -> str:
-    return f"request: cannot decode the message of {method}: {undecodable.error}"
+async def _refuse_undecodable(context, method: str, undecodable: _Undecodable) -> NoReturn:
+    context.set_trailing_metadata(((FIELD_TRAILER, "request"),))
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request: cannot decode the message of {method}: {undecodable.error}")
 
 
 class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
@@ -260,14 +264,14 @@ def _guard_unary_request(behavior, method: str, streaming_response: bool):
     if streaming_response and inspect.isasyncgenfunction(behavior):
         async def guarded_gen(request, context):
             if isinstance(request, _Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable_message(method, request))
+                await _refuse_undecodable(context, method, request)
             async for response in behavior(request, context):
                 yield response
         return guarded_gen
 
     async def guarded(request, context):
         if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable_message(method, request))
+            await _refuse_undecodable(context, method, request)
         result = behavior(request, context)
         return await result if inspect.isawaitable(result) else result
     return guarded

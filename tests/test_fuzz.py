@@ -187,6 +187,16 @@ def test_undecodable_bytes_are_invalid_argument_not_unknown(channel, data, metho
     _code(lambda: channel.unary_unary(f"{SERVICE}/{method}")(data, timeout=TIMEOUT))
 
 
+@pytest.mark.parametrize("method", [f"{SERVICE}/Explain", f"{SERVICE}/Predict", f"{SERVICE}/GetModel",
+                                    "/inference.GRPCInferenceService/ModelInfer"])
+def test_undecodable_bytes_name_the_request_in_the_field_trailer(channel, method):
+    with pytest.raises(grpc.RpcError) as refused:
+        channel.unary_unary(method)(b"\xff\xfe", timeout=TIMEOUT)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith(f"request: cannot decode the message of {method}")
+    assert dict(refused.value.trailing_metadata())["protoserve-field"] == "request"
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages=st.lists(_mutations(), min_size=1, max_size=4))
 def test_a_stream_of_raw_bytes_ends_with_a_status_not_a_hang(channel, messages):

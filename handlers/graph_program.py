@@ -33,6 +33,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import fx, nn
 
+from handlers.errors import ArchiveError
+
 GRAPH_FORMAT_VERSION = 1
 
 # Leaf modules a stored graph may contain, rebuilt from their constructor arguments.
@@ -106,7 +108,13 @@ _STRING_VALUE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")  # "tanh", "same", "z
 MAX_NODES = 20_000
 MAX_PATH_DEPTH = 16
 MAX_ARGUMENT_DEPTH = 8
-MAX_ARGUMENT_ITEMS = 4096
+MAX_ARGUMENT_ITEMS = 4096  # items of a stored list or tuple, and of a list or tuple a step makes
+# What a graph may write and compute, far above real models (torchvision's traced literals are dims,
+# sizes, strides and indices up to 4096; at 224x224 a VGG-11 holds 2**22.6 elements per example at
+# once, a DenseNet-121 2**21) and far below what would take a server's memory or its GIL for long.
+MAX_INT = 1 << 24  # an int in the graph or a module's arguments: a size such as output_size or a repeat count
+MAX_COMPUTED_INT = 1 << 63  # an int a step makes (shape arithmetic): a squaring chain stops at its second step
+MAX_ELEMENTS_PER_EXAMPLE = 1 << 26  # tensor elements a step reads, and the program holds at once, per example
 
 _CONSTRUCTOR_SKIP = {"self", "device", "dtype"}
 _OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
@@ -114,6 +122,11 @@ _OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method"
 
 class UnsafeGraphError(ValueError):
     """A graph uses an operation outside the allow-list, or its description is malformed."""
+
+
+class GraphLimitError(ArchiveError):
+    """A stored graph, run, goes past the interpreter's bounds on what a step reads or makes: the
+    archive's fault, at load (the archive is refused) or on a request's batch."""
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -169,6 +182,11 @@ class Program:
     description: dict | None = None
 
 
+# operator's arithmetic takes tensors and numbers, as in traced models (tensor math, shape arithmetic):
+# on a list or string, `[0] * n` would build n items before any bound could count them.
+_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.neg})
+_NUMBERS = (torch.Tensor, int, float)
+
 _RESERVED_NAMES = frozenset({"program", "with_taps", "_plan", "_release"})
 
 
@@ -179,6 +197,8 @@ class GraphProgram(nn.Module):
     model, so ``state_dict`` (and :func:`weights_sha256`) are the same as the traced part's.
     The program itself lives in the attribute ``program`` (so no submodule may be named
     ``program``, ``with_taps``, ``_plan`` or ``_release``). Intermediate values are released after their last use, as generated code would.
+    Each step is bounded as it runs (:data:`MAX_ELEMENTS_PER_EXAMPLE` and the ints and lengths
+    above), so a crafted graph is refused with :class:`GraphLimitError` naming its step.
     """
 
     def __init__(self, root: nn.Module, program: Program):
@@ -204,7 +224,7 @@ class GraphProgram(nn.Module):
                 self._plan.append(("method", step.target, None))
             else:
                 target = self.get_submodule(step.target) if step.op == "call_module" else step.function
-                self._plan.append(("call", target, None))
+                self._plan.append(("arithmetic" if target in _ARITHMETIC else "call", target, None))
         last_use: dict[str, int] = {}
         for i, step in enumerate(program.steps):
             for ref in _refs((step.args, step.kwargs)):
@@ -215,16 +235,34 @@ class GraphProgram(nn.Module):
 
     def forward(self, x):
         env = {self.program.input_name: x}
+        budget = MAX_ELEMENTS_PER_EXAMPLE * max(1, len(x))
+        # Tensor elements of the values in env, by name (weights, read by get_attr, are not counted).
+        sizes = {self.program.input_name: x.numel()}
+        held = sizes[self.program.input_name]
         for step, (kind, target, leaf), release in zip(self.program.steps, self._plan, self._release):
             if kind == "attr":
                 env[step.name] = getattr(target, leaf)
                 continue
             args = _fill(step.args, env)
             kwargs = _fill(step.kwargs, env) if step.kwargs else {}
-            env[step.name] = (target(*args, **kwargs) if kind == "call"
-                              else getattr(args[0], target)(*args[1:], **kwargs))
+            # Checked before the call: a torch.cat of 4096 references makes 4096 times what it reads.
+            if _elements((args, kwargs)) > budget:
+                raise GraphLimitError(f"node {step.name} reads more than {MAX_ELEMENTS_PER_EXAMPLE} tensor "
+                                      "elements per example")
+            if kind == "arithmetic" and not all(isinstance(a, _NUMBERS) for a in args):
+                raise GraphLimitError(f"node {step.name}: {step.target} takes tensors and numbers only")
+            value = (getattr(args[0], target)(*args[1:], **kwargs) if kind == "method"
+                     else target(*args, **kwargs))
+            _check_made(step.name, value)
+            sizes[step.name] = _elements(value)
+            held += sizes[step.name]
+            if held > budget:
+                raise GraphLimitError(f"node {step.name}: the program would hold more than "
+                                      f"{MAX_ELEMENTS_PER_EXAMPLE} tensor elements per example at once")
+            env[step.name] = value
             for name in release:
                 del env[name]
+                held -= sizes.pop(name, 0)
         return _fill(self.program.output, env)
 
     def with_taps(self, layers: list[str], transform: Callable[[torch.Tensor], torch.Tensor]
@@ -276,6 +314,28 @@ def _fill(value, env: dict):
     if kind is slice:
         return slice(_fill(value.start, env), _fill(value.stop, env), _fill(value.step, env))
     return value
+
+
+def _elements(value) -> int:
+    """The tensor elements in ``value``, a tensor counted each time it appears."""
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (tuple, list)):
+        return sum(map(_elements, value))
+    if isinstance(value, dict):
+        return sum(map(_elements, value.values()))
+    return 0
+
+
+def _check_made(name: str, value) -> None:
+    """Refuse what step ``name`` made when it is an int or a sequence past the bounds."""
+    if type(value) is int and not -MAX_COMPUTED_INT < value < MAX_COMPUTED_INT:
+        raise GraphLimitError(f"node {name} makes an integer beyond ±{MAX_COMPUTED_INT}")
+    if isinstance(value, (tuple, list)):
+        if len(value) > MAX_ARGUMENT_ITEMS:
+            raise GraphLimitError(f"node {name} makes a sequence of {len(value)} items, more than {MAX_ARGUMENT_ITEMS}")
+        for v in value:
+            _check_made(name, v)
 
 
 def _refs(value):
@@ -539,7 +599,10 @@ def _steps(nodes: list, module_paths: set[str]) -> tuple[str, list[Step], Any]:
             raise UnsafeGraphError(f"node {name}: unknown op {_show(op)}")
         if output is not None:
             raise UnsafeGraphError(f"node {name} follows the output")
-        args, kwargs = _decode(entry["args"], seen, 0), _decode(entry["kwargs"], seen, 0)
+        try:
+            args, kwargs = _decode(entry["args"], seen, 0), _decode(entry["kwargs"], seen, 0)
+        except UnsafeGraphError as exc:
+            raise UnsafeGraphError(f"node {name}: {exc}") from exc
         if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
             raise UnsafeGraphError(f"node {name}: args must be a list and kwargs a dict")
         if op == "placeholder":
@@ -583,7 +646,8 @@ def _checked_path(path, what: str) -> str:
 
 
 def _check_value(value, where: str, depth: int) -> None:
-    """A constructor argument: None, a bool or number, a short identifier string, or a list of them."""
+    """A constructor argument: None, a bool or number (ints within ±MAX_INT), a short identifier
+    string, or a list of them."""
     if isinstance(value, list):
         if depth >= MAX_ARGUMENT_DEPTH or len(value) > MAX_ARGUMENT_ITEMS:
             raise UnsafeGraphError(f"{where}: nested too deep or too long")
@@ -594,6 +658,8 @@ def _check_value(value, where: str, depth: int) -> None:
             raise UnsafeGraphError(f"{where}: string {_show(value)} is not a short identifier")
     elif not (value is None or isinstance(value, (bool, int, float))):
         raise UnsafeGraphError(f"{where}: {_show(value)} is not a JSON scalar")
+    elif type(value) is int and abs(value) > MAX_INT:
+        raise UnsafeGraphError(f"{where}: the integer {_show(value)} is beyond ±{MAX_INT}")
 
 
 def _set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
@@ -671,6 +737,8 @@ def _decode(value, defined: set[str], depth: int):
         if tag in ("tuple", "slice"):
             if not isinstance(inner, list) or (tag == "slice" and len(inner) != 3):
                 raise UnsafeGraphError(f"a {tag} argument must be a list")
+            if len(inner) > MAX_ARGUMENT_ITEMS:
+                raise UnsafeGraphError("a tuple argument is too long")
             items = [_decode(v, defined, depth + 1) for v in inner]
             return tuple(items) if tag == "tuple" else slice(*items)
         if tag == "ellipsis":
@@ -682,6 +750,8 @@ def _decode(value, defined: set[str], depth: int):
         if not _STRING_VALUE.fullmatch(value):
             raise UnsafeGraphError(f"string argument {_show(value)} is not a short identifier")
         return value
+    if type(value) is int and abs(value) > MAX_INT:
+        raise UnsafeGraphError(f"the integer argument {_show(value)} is beyond ±{MAX_INT}")
     if value is None or isinstance(value, (bool, int, float)):
         return value
     raise UnsafeGraphError(f"unknown argument {_show(value)}")

@@ -1,0 +1,148 @@
+"""A hostile archive author's graph that asks for unbounded memory or time, with allowed ops only.
+
+Each bomb below is a few bytes of JSON that, unbounded, would take many GiB (or, for the big-int
+chain, hours holding the GIL) before anything could notice. The interpreter refuses each at its
+first step past a bound (see docs/limits.md, "Archives"), before the step's memory is taken
+where the step can be judged beforehand; these tests pass in seconds only because it does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import fully_connected_problem, rewrite_archive
+
+from handlers.archive import read_archive, write_archive
+from handlers.errors import ArchiveError
+from handlers.explainers.protonmf import ProtoNMFConfig
+from handlers.fitting import protonmf
+from handlers.graph_program import GraphLimitError, UnsafeGraphError, dump_graph_module, load_graph_module
+
+X = {"node": "x"}
+
+
+def _node(name: str, target: str, *args, op: str = "call_function", **kwargs) -> dict:
+    return {"name": name, "op": op, "target": target, "args": {"tuple": list(args)}, "kwargs": {"dict": kwargs}}
+
+
+def _planted(graph: dict, nodes: list[dict], modules: dict | None = None, output: list[str] = ()) -> dict:
+    """``graph`` with ``nodes`` run before its output, which also returns the nodes named in ``output``."""
+    out = graph["nodes"].pop()
+    if output:
+        out["args"] = {"tuple": [{"tuple": [out["args"]["tuple"][0], *({"node": n} for n in output)]}]}
+    graph["nodes"] += [*nodes, out]
+    graph["modules"].update(modules or {})
+    return graph
+
+
+def _program(nodes: list[dict], modules: dict | None = None, output: list[str] = ()):
+    """The MLP's upstream, ``x (B, 1, 12) -> relu (B, 16)``, with ``nodes`` planted."""
+    graph_json, weights = dump_graph_module(fully_connected_problem(4, 4)[0].upstream)
+    graph = _planted(json.loads(graph_json), nodes, modules, output)
+    return load_graph_module(json.dumps(graph).encode(), weights)
+
+
+def _pool(output_size: int) -> dict:
+    return {"pool": {"type": "AdaptiveAvgPool1d", "kwargs": {"output_size": output_size}}}
+
+
+def test_an_adaptive_pool_of_600_million_outputs_is_refused_at_load():
+    # Unbounded: 2.4 GB per example (19 GiB for the load-time check's batches of 8).
+    with pytest.raises(UnsafeGraphError, match=r"^module 'pool' argument output_size: the integer 600000000 is "
+                                               r"beyond ±16777216$"):
+        _program([_node("bomb", "pool", X, op="call_module")], _pool(600_000_000))
+
+
+def test_a_list_repeated_300_million_times_is_refused_at_load():
+    with pytest.raises(UnsafeGraphError, match=r"^node bomb: the integer argument 300000000 is beyond ±16777216$"):
+        _program([_node("bomb", "operator.mul", [0], 300_000_000)])
+
+
+def test_a_list_repeated_by_an_allowed_count_is_refused_before_it_is_built():
+    # Unbounded: 64 * 2**24 items, an 8 GiB list.
+    program = _program([_node("bomb", "operator.mul", [0] * 64, 1 << 24)])
+    with pytest.raises(GraphLimitError, match=r"^node bomb: operator.mul takes tensors and numbers only$"):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_a_concatenation_of_4096_references_is_refused_before_it_is_made():
+    # `a` is 4096 copies of x (49,152 elements per example); `b` would be 4096 copies of `a`:
+    # 2**28 elements per example, 32 GiB for a batch of 32.
+    program = _program([_node("a", "torch.cat", [X] * 4096, dim=1),
+                        _node("b", "torch.cat", [{"node": "a"}] * 4096, dim=1)])
+    with pytest.raises(GraphLimitError, match=r"^node b reads more than 67108864 tensor elements per example$"):
+        program(torch.zeros(32, 1, 12))
+
+
+def test_an_integer_of_4001_digits_is_refused_at_load():
+    with pytest.raises(UnsafeGraphError, match=r"^node s0: the integer argument 10{79}… is beyond ±16777216$"):
+        _program([_node("s0", "operator.mul", 10**4000, 10**4000)])
+
+
+def test_a_squaring_chain_stops_at_its_second_step():
+    # Unbounded: each squaring doubles the int; 40 of them from 2**24 would never end, holding the GIL.
+    chain = [_node("s0", "operator.mul", 1 << 24, 1 << 24)]
+    chain += [_node(f"s{i}", "operator.mul", {"node": f"s{i - 1}"}, {"node": f"s{i - 1}"}) for i in range(1, 40)]
+    program = _program(chain)
+    with pytest.raises(GraphLimitError, match=r"^node s1 makes an integer beyond ±9223372036854775808$"):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_values_each_within_bounds_are_refused_once_the_program_would_hold_too_many():
+    # Each step makes 2**24 elements per example; all are returned, so all stay held: unbounded,
+    # 300 of them would be 19 GiB for one example. The fourth passes 2**26.
+    nodes = [_node("p0", "pool", X, op="call_module")]
+    nodes += [_node(f"p{i}", "torch.relu", {"node": "p0"}) for i in range(1, 300)]
+    program = _program(nodes, _pool(1 << 24), output=[f"p{i}" for i in range(300)])
+    with pytest.raises(GraphLimitError, match=r"^node p3: the program would hold more than 67108864 tensor "
+                                              r"elements per example at once$"):
+        program(torch.zeros(1, 1, 12))
+
+
+@pytest.fixture(scope="module")
+def good_archive(tmp_path_factory):
+    parts, data = fully_connected_problem(60, 30)
+    fitted = protonmf.fit(parts, data, ProtoNMFConfig(n_prototypes=2))
+    return write_archive(tmp_path_factory.mktemp("good"), "mlp", "1", parts, [fitted])
+
+
+def _bomb_archive(good_archive, path, nodes, modules=None):
+    def edit(members, manifest):
+        graph = json.loads(members["model/upstream.graph.json"])
+        members["model/upstream.graph.json"] = json.dumps(_planted(graph, nodes, modules)).encode()
+    return rewrite_archive(good_archive, path, edit)
+
+
+def test_an_archive_with_a_bomb_is_refused_at_load_and_the_others_load(good_archive, tmp_path):
+    from server.metrics import Metrics
+    from server.registry import ModelRegistry
+    from server.settings import Settings
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / good_archive.name).write_bytes(good_archive.read_bytes())
+    _bomb_archive(good_archive, store / "pool-1.psar", [_node("bomb", "pool", X, op="call_module")],
+                  _pool(600_000_000))
+    _bomb_archive(good_archive, store / "cat-1.psar", [_node("a", "torch.cat", [X] * 4096, dim=1),
+                                                       _node("b", "torch.cat", [{"node": "a"}] * 4096, dim=1)])
+    with pytest.raises(ArchiveError, match="node b reads more than 67108864"):
+        read_archive(store / "cat-1.psar")
+    registry = ModelRegistry(Settings(model_store=store, metrics_port=0), Metrics())
+    registry.load_store(torch.device("cpu"))
+    assert list(registry.models) == ["mlp"]
+    assert registry.load_errors == {
+        "cat-1.psar": "cat-1.psar: node b reads more than 67108864 tensor elements per example",
+        "pool-1.psar": "pool-1.psar: invalid content (UnsafeGraphError): module 'pool' argument output_size: "
+                       "the integer 600000000 is beyond ±16777216",
+    }
+
+
+def test_a_bound_met_on_a_request_is_the_archives_fault_not_a_bug():
+    from grpc import StatusCode
+
+    from server.errors import status_for
+
+    assert status_for(GraphLimitError("node b reads more than 67108864 tensor elements per example")) \
+        is StatusCode.FAILED_PRECONDITION

@@ -128,7 +128,10 @@ def explain_options(call: ExplainCall, runtime: ModelRuntime,
         raise InvalidInputError("interventions", f"at most {settings.max_interventions} per request, "
                                                  f"got {len(call.interventions)}")
     suppress = []
-    for component_ids in call.interventions:
+    for i, component_ids in enumerate(call.interventions):
+        if len(component_ids) > len(explainer.component_ids):  # before any is read: a set may hold millions
+            raise InvalidInputError("interventions", f"set {i} names {len(component_ids)} components; method "
+                                                           f"{method!r} has {len(explainer.component_ids)}")
         indices = []
         for component_id in component_ids:
             if component_id not in explainer.component_ids:

@@ -159,9 +159,10 @@ class InferRequest:
 
 
 class InferOptions:
-    """The request parameters of ModelInfer, type-checked."""
+    """The request parameters of ModelInfer, type-checked; ``suppress`` longer than ``max_suppress_chars``
+    is refused before it is split (32 MiB of ";" would be millions of lists, built on the event loop)."""
 
-    def __init__(self, parameters: Mapping[str, object]) -> None:
+    def __init__(self, parameters: Mapping[str, object], max_suppress_chars: int) -> None:
         unknown = sorted(set(parameters) - set(KNOWN_PARAMETERS) - IGNORED_PARAMETERS)
         if unknown:
             raise InvalidInputError(f"parameters.{clip(unknown[0])}",
@@ -170,6 +171,10 @@ class InferOptions:
         self.heatmaps = _param(parameters, "heatmaps", str, "none")
         self.explain = _param(parameters, "explain", bool, True)
         suppress = _param(parameters, "suppress", str, "")
+        if len(suppress) > max_suppress_chars:
+            raise InvalidInputError("parameters.suppress", f"{len(suppress)} characters, more than every allowed "
+                                                           f"intervention naming every component takes "
+                                                           f"({max_suppress_chars})")
         self.suppress = [ids for part in suppress.split(";")
                          if (ids := [i.strip() for i in part.split(",") if i.strip()])]
         self.target_class: int | None = _param(parameters, "target_class", int, None)
@@ -240,8 +245,17 @@ def decode_batch(inputs: Sequence[InputTensor], runtime: ModelRuntime, settings:
         return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
 
 
+def max_suppress_chars(runtime: ModelRuntime, max_interventions: int) -> int:
+    """The longest ``suppress`` worth reading: each allowed set naming every component of the model's
+    largest method, with as much again for spaces."""
+    widest = max((sum(len(i) + 1 for i in explainer.component_ids) for explainer in runtime.explainers.values()),
+                 default=0)
+    return 2 * max_interventions * widest
+
+
 def requested_outputs(names: Sequence[str], runtime: ModelRuntime) -> list[str] | None:
-    """The output names a request asks for (None: all it produces), each checked."""
+    """The output names a request asks for (None: all it produces), each checked, each at most once
+    (a name asked for 2000 times would be an answer 2000 times the size)."""
     if not names:
         return None
     known = [name for name, _, _ in output_metadata(runtime)]
@@ -249,6 +263,8 @@ def requested_outputs(names: Sequence[str], runtime: ModelRuntime) -> list[str] 
         if name not in known:
             raise InvalidInputError(f"outputs[{i}].name", f"{echo(name)} is not an output; "
                                                           f"known: {', '.join(known)}")
+        if name in names[:i]:
+            raise InvalidInputError(f"outputs[{i}].name", f"{echo(name)} is asked for twice")
     return list(names)
 
 
@@ -336,7 +352,7 @@ async def infer(plane: DataPlane, settings: Settings, request: InferRequest, dea
                 encode: Callable[[InferOutputs], Answer]) -> Answer:
     """Validate ``request``, predict or explain its examples (together), and return ``encode(outputs)``."""
     runtime = plane.model(request.model, request.version)  # its input shape and outputs
-    options = InferOptions(request.parameters)
+    options = InferOptions(request.parameters, max_suppress_chars(runtime, settings.max_interventions))
     wanted = requested_outputs(request.outputs, runtime)
     examples = [Example(tensor=array) for array in decode_batch(request.inputs, runtime, settings)]
 

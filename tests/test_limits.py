@@ -79,6 +79,17 @@ def test_top_k_and_interventions_limits(small_client):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("interventions")
 
 
+def test_an_intervention_naming_more_components_than_the_method_has_is_refused_before_reading_them(client):
+    digit = np.zeros((1, 28, 28), np.uint8)
+    components = len([m for m in client.get_model("mnist").methods if m.name == "protonmf"][0].components)
+    error = _rpc_error(lambda: client.explain(digit, model="mnist", method="protonmf",
+                                              interventions=[["c0.p0"] * 200_000]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == f"interventions: set 0 names 200000 components; method 'protonmf' has {components}"
+    ok = client.explain(digit, model="mnist", method="protonmf", interventions=[["c0.p0"] * components])
+    assert len(ok.interventions) == 1
+
+
 def test_heatmaps_come_only_for_the_reported_components(client):
     response = client.explain(np.zeros((1, 28, 28), np.float32), model="mnist", heatmaps="input")
     assert [h.component_id for h in response.heatmaps] == [c.id for c in response.components]

@@ -242,6 +242,26 @@ def test_bad_requests_get_clear_errors(stub, digits, changes, code, field):
     assert stub.ServerReady(oip.ServerReadyRequest()).ready
 
 
+def test_what_would_multiply_the_answer_or_the_parsing_is_refused_first(stub, client, digits):
+    """An output name asked for twice (2000 times: an answer 2000 times the size), and a suppress string
+    longer than every allowed set naming every component (32 MiB of ';' took 15 s on the event loop)."""
+    with pytest.raises(grpc.RpcError) as twice:
+        stub.ModelInfer(infer_request(digits[:1], outputs=["logits"] + ["target_class"] * 2000), timeout=60)
+    assert twice.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert twice.value.details() == "outputs[2].name: 'target_class' is asked for twice"
+    with pytest.raises(grpc.RpcError) as long_suppress:
+        stub.ModelInfer(infer_request(digits[:1], suppress=";" * (8 << 20)), timeout=60)
+    assert long_suppress.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(long_suppress.value.trailing_metadata())["protoserve-field"] == "parameters.suppress"
+    assert long_suppress.value.details().startswith(f"parameters.suppress: {8 << 20} characters, more than")
+    # The bound leaves room for every allowed set naming every component, with spaces.
+    method, = [m for m in client.get_model("mnist").methods if m.name == "protonmf"]
+    component_ids = [c.id for c in method.components]
+    every = " ; ".join([" , ".join(component_ids)] * 64)
+    answer = stub.ModelInfer(infer_request(digits[:1], method="protonmf", suppress=every), timeout=60)
+    assert decode(answer)["intervened_logits"].shape[:2] == (1, 64)
+
+
 def test_metadata_of_an_unknown_model_is_not_found(stub):
     for request in (oip.ModelMetadataRequest(name="no-such-model"), oip.ModelMetadataRequest(name="mnist", version="9")):
         with pytest.raises(grpc.RpcError) as caught:

@@ -37,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
                         http_allowed_hosts=tuple(args.http_allowed_host),
                         max_connections=args.max_connections, handshake_timeout_s=args.handshake_timeout_s,
                         max_concurrent_rpcs=args.max_concurrent_rpcs,
-                        max_stream_outstanding=args.max_stream_outstanding, device=args.device, backend=args.backend,
+                        max_stream_outstanding=args.max_stream_outstanding, max_streams=args.max_streams,
+                        device=args.device, backend=args.backend,
                         autocast=args.autocast, cuda_graphs=args.cuda_graphs, intra_op_threads=args.intra_op_threads,
                         keep_freed_mib=args.keep_freed_mib,
                         max_batch_size=args.max_batch_size,
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-stream-outstanding", type=int, default=limits.max_stream_outstanding,
                        help="ExplainStream: requests read and not yet answered; at the bound the stream stops "
                             "reading until the client takes answers")
+    serve.add_argument("--max-streams", type=int, default=limits.max_streams,
+                       help="ExplainStreams open at once; more: RESOURCE_EXHAUSTED as they open")
     serve.add_argument("--max-top-k", type=int, default=limits.max_top_k)
     serve.add_argument("--max-interventions", type=int, default=limits.max_interventions,
                        help="intervention sets per Explain request")

@@ -12,12 +12,17 @@ from handlers.errors import ArchiveError, InvalidInputError, NotFoundError, clip
 from server.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
 from server.decode import DecodeBudgetError
 
+class StreamLimitError(Exception):
+    """``max_streams`` ExplainStreams are open: a new one is refused as it opens."""
+
+
 # error kind -> (gRPC status code, HTTP status); the HTTP column follows gRPC's own mapping of codes to
 # HTTP statuses (grpc-gateway), but for RESOURCE_EXHAUSTED: 429 says "retry later" to HTTP clients.
 STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode, HTTPStatus], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT, HTTPStatus.BAD_REQUEST),
     (NotFoundError, grpc.StatusCode.NOT_FOUND, HTTPStatus.NOT_FOUND),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.TOO_MANY_REQUESTS),
+    (StreamLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.TOO_MANY_REQUESTS),
     (DecodeBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED, HTTPStatus.TOO_MANY_REQUESTS),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED, HTTPStatus.GATEWAY_TIMEOUT),
     (BatcherClosedError, grpc.StatusCode.UNAVAILABLE, HTTPStatus.SERVICE_UNAVAILABLE),

@@ -16,6 +16,7 @@ from protoserve_client import pb, pb_grpc
 
 from server import convert, rpc
 from server.dataplane import DataPlane
+from server.errors import StreamLimitError
 from server.rpc import Rpcs
 from server.settings import Settings
 
@@ -50,6 +51,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         self.settings = settings
         self.calls = ExplainerCalls(plane)
         self.rpcs = Rpcs(plane.registry, plane.metrics)  # the data plane's field names are this protocol's
+        self.open_streams = 0
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         async with self.rpcs.scope("Predict", request.model, context):
@@ -67,7 +69,12 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
         At most ``max_stream_outstanding`` requests are read and not yet answered (computing, or
         waiting for the client to take their answer): at the bound the stream reads nothing more
         until the client takes an answer, and HTTP/2 flow control holds back the client's sends.
+        At most ``max_streams`` streams are open at once, so what they hold is bounded too.
         """
+        if self.open_streams >= self.settings.max_streams:
+            self.rpcs.record("ExplainStream", "", grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
+            await self.rpcs.abort(context, self.rpcs.status(StreamLimitError(
+                f"{self.settings.max_streams} ExplainStreams are open (--max-streams); retry later")))
         answers: asyncio.Queue = asyncio.Queue()  # at most max_stream_outstanding messages
         slots = asyncio.Semaphore(self.settings.max_stream_outstanding)
         pending: set[asyncio.Task] = set()
@@ -106,6 +113,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
             await asyncio.gather(*pending)
             answers.put_nowait(None)
 
+        self.open_streams += 1
         reader = asyncio.create_task(read_all())
         try:
             while (message := await answers.get()) is not None:
@@ -113,6 +121,7 @@ class ExplainerServicer(pb_grpc.ExplainerServicer):
                 slots.release()  # resumed once gRPC has taken the message
             error = reader.exception() if reader.done() and not reader.cancelled() else None
         finally:
+            self.open_streams -= 1
             reader.cancel()
             for task in pending:  # the stream ended early: its waiting requests are dropped before compute
                 task.cancel()

@@ -78,6 +78,7 @@ class Settings:
     drain_quiet_s: float = 0.5       # shutdown: refuse new rpcs until none came for this long (within the grace)
     max_stream_outstanding: int = 64  # ExplainStream: requests read and not yet answered; at the bound the
                                       # stream stops reading until the client takes answers
+    max_streams: int = 128           # ExplainStreams open at once; more: RESOURCE_EXHAUSTED as they open
     restart_backoff_s: float = 0.5   # a crashed batch worker is restarted after this (doubling while it keeps crashing)
 
     def __post_init__(self) -> None:
@@ -91,8 +92,9 @@ class Settings:
             raise ValueError(f"keep_freed_mib must be >= 0 (0: glibc's defaults), got {self.keep_freed_mib}")
         if self.max_connections < 1 or self.max_concurrent_rpcs < 1 or not self.handshake_timeout_s > 0:
             raise ValueError("max_connections and max_concurrent_rpcs must be >= 1 and handshake_timeout_s > 0")
-        if self.max_stream_outstanding < 1:
-            raise ValueError(f"max_stream_outstanding must be >= 1, got {self.max_stream_outstanding}")
+        for name in ("max_stream_outstanding", "max_streams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.http_max_connections < 1 or not self.http_timeout_s > 0 or self.http_max_body_bytes < 1 \
                 or self.http_max_buffered_bytes < self.http_max_body_bytes:
             raise ValueError("http_max_connections and http_max_body_bytes must be >= 1, http_timeout_s > 0, and "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from protoserve_client import ExplainerClient, pb
+from protoserve_client import ExplainerClient, pb, pb_grpc
 
 from conftest import RunningServer
 from server.settings import Settings
@@ -182,6 +183,39 @@ def test_connections_and_rpcs_a_stranger_holds_are_bounded(demo_store):
         running.stop()
 
 
+def test_explain_streams_open_at_once_are_bounded(demo_store):
+    """A stream that never reads holds its outstanding answers: --max-streams bounds how many do."""
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=0, shutdown_grace_s=1.0,
+                                     max_streams=2))
+    releases = [threading.Event() for _ in range(3)]
+
+    def requests(release: threading.Event):
+        yield pb.ExplainRequest(model="no-such-model", request_id="first")
+        release.wait(60)
+
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            streams = [stub.ExplainStream(requests(release), timeout=60) for release in releases[:2]]
+            assert [next(stream).error.code for stream in streams] == ["NOT_FOUND"] * 2  # both open
+            refused = stub.ExplainStream(requests(releases[2]), timeout=60)
+            with pytest.raises(grpc.RpcError) as error:
+                next(refused)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.value.details() == "2 ExplainStreams are open (--max-streams); retry later"
+            releases[0].set()
+            assert list(streams[0]) == []  # ended: its slot is free again
+            again = stub.ExplainStream(requests(releases[2]), timeout=60)
+            assert next(again).error.code == "NOT_FOUND"
+            for release in releases:
+                release.set()
+            assert list(streams[1]) == [] and list(again) == []
+    finally:
+        for release in releases:
+            release.set()
+        running.stop()
+
+
 def test_the_connection_flags_reach_the_settings(monkeypatch, tmp_path):
     import server.app
     from server import cli
@@ -197,8 +231,11 @@ def test_the_connection_flags_reach_the_settings(monkeypatch, tmp_path):
 
     monkeypatch.setattr(server.app, "App", Recorder)
     assert cli.main(["serve", "--model-store", str(tmp_path), "--max-connections", "7", "--handshake-timeout-s",
-                     "2.5", "--max-concurrent-rpcs", "9"]) == 0
-    assert (seen[0].max_connections, seen[0].handshake_timeout_s, seen[0].max_concurrent_rpcs) == (7, 2.5, 9)
+                     "2.5", "--max-concurrent-rpcs", "9", "--max-streams", "3"]) == 0
+    assert (seen[0].max_connections, seen[0].handshake_timeout_s, seen[0].max_concurrent_rpcs,
+            seen[0].max_streams) == (7, 2.5, 9, 3)
     for name, value in (("max_connections", 0), ("max_concurrent_rpcs", 0), ("handshake_timeout_s", 0.0)):
         with pytest.raises(ValueError, match="max_connections and max_concurrent_rpcs must be"):
             Settings(model_store=tmp_path, **{name: value})
+    with pytest.raises(ValueError, match="^max_streams must be >= 1"):
+        Settings(model_store=tmp_path, max_streams=0)

@@ -38,7 +38,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from handlers.base import Component, FittedMethod
-from handlers.errors import ArchiveError
+from handlers.errors import ArchiveError, clip
 from handlers.graph_program import (
     UnsafeGraphError,
     dump_graph_module,
@@ -292,7 +292,7 @@ def _build(members: dict[str, bytes]) -> Archive:
             raise ArchiveError(f"method {method_name!r} was fitted against another model (weight hash or layer "
                                "shape differs); refit it")
         factors = load_safetensors(members[f"methods/{method_name}/factors.safetensors"])
-        components = [Component(c["id"], c["label"], int(c["class_index"])) for c in entry["components"]]
+        components = [_component(c, len(labels)) for c in entry["components"]]
         exemplars = {c["id"]: members[c["exemplar"]] for c in entry["components"] if "exemplar" in c}
         methods[method_name] = FittedMethod(method_name, factors, components, entry["hyperparameters"],
                                             entry["fit_report"], exemplars)
@@ -304,6 +304,16 @@ def _build(members: dict[str, bytes]) -> Archive:
     samples = _samples(members[SAMPLES], spec, len(labels)) if SAMPLES in members else None
     return Archive(manifest["name"], manifest["version"], parts, methods, manifest["default_method"], manifest,
                    onnx_parts, samples)
+
+
+def _component(entry: dict, num_classes: int) -> Component:
+    """A component of the manifest. Its class index is -1 (shared) or a class: methods index the logits
+    with it, some in compiled kernels that do not check bounds."""
+    index = entry["class_index"]
+    if not isinstance(index, int) or isinstance(index, bool) or not -1 <= index < num_classes:
+        raise ArchiveError(f"component {clip(str(entry['id']))!r} has class_index {clip(repr(index))}, not -1 or a "
+                           f"class in [0, {num_classes})")
+    return Component(entry["id"], entry["label"], index)
 
 
 def _samples(data: bytes, spec: InputSpec, num_classes: int) -> HeldOutSamples:

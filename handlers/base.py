@@ -350,6 +350,12 @@ class AdditiveExplainer(Explainer):
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         super().__init__(model, fitted)
+        # The intervened logits subtract each component's contribution from its class's logit, in a compiled
+        # kernel that does not check bounds: a shared component (-1) has no such logit.
+        outside = next((c for c in self.components if not 0 <= c.class_index < model.num_classes), None)
+        if outside is not None:
+            raise ValueError(f"{self.name}: component {outside.id!r} has class_index {outside.class_index}; every "
+                             f"component of an additive method belongs to a class in [0, {model.num_classes})")
         self._component_class = torch.tensor([c.class_index for c in self.components], dtype=torch.int64)
 
     @abstractmethod

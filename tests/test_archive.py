@@ -17,6 +17,7 @@ from safetensors.torch import load, save
 
 from handlers.archive import MAX_MANIFEST_BYTES, SAMPLES, read_archive, write_archive
 from handlers.errors import ArchiveError
+from handlers.runtime import ModelRuntime
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +224,65 @@ def test_deflated_members_are_refused(archive_path, tmp_path):
             dst.writestr(name, src.read(name))
     with pytest.raises(ArchiveError, match="compressed"):
         read_archive(deflated)
+
+
+def only_method(name: str, edit=lambda members, manifest: None):
+    """A :func:`rewrite_archive` edit that keeps method ``name`` alone (the others cost load time), then ``edit``."""
+    def keep(members, manifest):
+        for other in [m for m in manifest["methods"] if m != name]:
+            del manifest["methods"][other]
+            for member in [k for k in members if k.startswith(f"methods/{other}/")]:
+                del members[member]
+        manifest["default_method"] = name
+        edit(members, manifest)
+    return keep
+
+
+def edit_factors(method: str, change):
+    """An edit that lets ``change(tensors)`` change ``method``'s fitted tensors."""
+    def edit(members, manifest):
+        path = f"methods/{method}/factors.safetensors"
+        tensors = load(members[path])
+        change(tensors)
+        members[path] = save(tensors)
+    return edit
+
+
+@pytest.mark.parametrize("class_index, shown", [(10**12, "1000000000000"), (10, "10"), (-2, "-2"), ("3", "'3'"),
+                                                (True, "True")])
+def test_a_class_index_outside_the_classes_is_refused(archive_path, tmp_path, class_index, shown):
+    """A class index reaches compiled kernels that index the logits unchecked (10**12 crashed the server)."""
+    def plant(members, manifest):
+        manifest["methods"]["protonmf"]["components"][0]["class_index"] = class_index
+
+    with pytest.raises(ArchiveError, match=rf"component 'c0.p0' has class_index {shown}, not -1 or a class in "
+                                           r"\[0, 10\)"):
+        read_archive(rewrite_archive(archive_path, tmp_path / "class.psar", plant))
+
+
+def test_a_shared_component_of_an_additive_method_is_refused(archive_path, tmp_path):
+    def plant(members, manifest):
+        manifest["methods"]["protonmf"]["components"][0]["class_index"] = -1
+
+    archive = read_archive(rewrite_archive(archive_path, tmp_path / "shared.psar", only_method("protonmf", plant)))
+    with pytest.raises(ArchiveError, match=r"method 'protonmf' does not fit the model \(ValueError\): protonmf: "
+                                           r"component 'c0.p0' has class_index -1; every component of an additive "
+                                           r"method belongs to a class in \[0, 10\)"):
+        ModelRuntime(archive)
+
+
+@pytest.mark.parametrize("method, change, match", [
+    ("gradcam_rules", lambda t: t["class_components_"].view(-1)[0].fill_(10**6),
+     r"class_components_ holds component indices outside \[-1, \d+\)"),
+    ("gradcam_rules", lambda t: t["class_components_"].view(-1)[0].fill_(-2),
+     r"class_components_ holds component indices outside \[-1, \d+\)"),
+    ("gradcam_rules", lambda t: t["component_filters_"].view(-1)[0].fill_(1e9),
+     "component_filters_ holds values other than 0 and 1"),
+    ("coupled_nmf", lambda t: t["probe_labels_"].view(-1)[0].fill_(10),
+     r"probe_labels_ holds classes outside \[0, 10\)"),
+])
+def test_fitted_indices_outside_their_range_are_refused(archive_path, tmp_path, method, change, match):
+    archive = read_archive(rewrite_archive(archive_path, tmp_path / "index.psar",
+                                           only_method(method, edit_factors(method, change))))
+    with pytest.raises(ArchiveError, match=rf"method '{method}' does not fit the model \(ValueError\): .*{match}"):
+        ModelRuntime(archive)

@@ -300,6 +300,9 @@ class CoupledNMFExplainer(RemovalExplainer, NeighbourSearch):
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         super().__init__(model, fitted)
+        # A probe's class names its label in every neighbour view.
+        if not bool(((self.probe_labels_ >= 0) & (self.probe_labels_ < model.num_classes)).all()):
+            raise ValueError(f"coupled_nmf factor probe_labels_ holds classes outside [0, {model.num_classes})")
         layers = self.config.layers
         if layers[-1] != model.layer:
             raise ValueError(f"coupled_nmf was fitted at layer {layers[-1]!r}; the model explains {model.layer!r}")

@@ -366,6 +366,14 @@ class GradCAMRulesExplainer(RemovalExplainer):
                              f"{model.feature_shape}")
         super().__init__(model, fitted)
         n_components, dim = self.component_filters_.shape
+        # Both tables index the tables built below and, in compiled kernels, arrays with no bounds checked; a
+        # filter set's size is the width of a table.
+        rules = self.class_components_
+        if not bool(((rules >= -1) & (rules < n_components)).all()):
+            raise ValueError(f"gradcam_rules factor class_components_ holds component indices outside "
+                             f"[-1, {n_components})")
+        if not bool(((self.component_filters_ == 0) | (self.component_filters_ == 1)).all()):
+            raise ValueError("gradcam_rules factor component_filters_ holds values other than 0 and 1")
         self.input_hw = tuple(model.input_spec.shape[1:])
         # Row 0 is the empty filter set, so padding (index −1) maps to it after the +1 shift.
         self._filters = torch.cat([torch.zeros(1, dim), self.component_filters_])  # (R+1, D)
@@ -379,7 +387,6 @@ class GradCAMRulesExplainer(RemovalExplainer):
         # Each class's rules for the served path, (K, width, 1 + 2S) int64: the component (-1: padding); its
         # filters as matched against a patch's top filters (padding: D, which no patch holds); its filters as
         # gathered for the weight (padding: 0, masked out). A rule of fewer than S filters repeats its first.
-        rules = self.class_components_
         padded = torch.where(index[1:] == dim, index[1:, :1], index[1:])  # repeat the first filter
         match = torch.cat([padded, torch.full((1, padded.shape[1]), dim, dtype=torch.long)])[rules]
         gather = torch.cat([padded, torch.zeros(1, padded.shape[1], dtype=torch.long)])[rules]

@@ -45,7 +45,7 @@ from handlers.graph_program import (
     load_graph_module,
 )
 from handlers.model import InputSpec, ModelParts
-from handlers.onnx_backend import export_part
+from handlers.onnx_backend import check_onnx_part, export_part
 
 FORMAT = "protoserve-archive"
 FORMAT_VERSION = 1
@@ -301,6 +301,8 @@ def _build(members: dict[str, bytes]) -> Archive:
     onnx_parts = None
     if manifest.get("backend") == "onnx":
         onnx_parts = {part: members[f"model/{part}.onnx"] for part in ("upstream", "downstream")}
+        for part, data in onnx_parts.items():
+            check_onnx_part(data, part)
     samples = _samples(members[SAMPLES], spec, len(labels)) if SAMPLES in members else None
     return Archive(manifest["name"], manifest["version"], parts, methods, manifest["default_method"], manifest,
                    onnx_parts, samples)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,57 @@ def export_part(part: nn.Module, example: torch.Tensor) -> bytes:
                           input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     return buffer.getvalue()
+
+
+def check_onnx_part(data: bytes, part: str) -> None:
+    """Refuse ONNX bytes that read tensors from outside themselves (raise :class:`ArchiveError`).
+
+    ONNX Runtime loads a tensor stored as external data from the file it names, relative to the
+    server's working directory for a session built from bytes: an archive could read any file the
+    server can and return its bytes as logits. Every tensor (initializers, sparse ones, node attributes,
+    in subgraphs, functions and training graphs) must hold its data inline.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.ModelProto.FromString(data)
+    except (DecodeError, RecursionError) as exc:
+        raise ArchiveError(f"model/{part}.onnx is not an ONNX model: {exc}") from exc
+    for tensor in _model_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+            raise ArchiveError(f"model/{part}.onnx: tensor {tensor.name[:64]!r} keeps its data outside the archive "
+                               "(ONNX external data); every tensor of an ONNX part must be stored in it")
+
+
+def _model_tensors(model) -> Iterator:
+    """Every TensorProto of an ONNX ModelProto."""
+    yield from _graph_tensors(model.graph)
+    for info in model.training_info:
+        yield from _graph_tensors(info.initialization)
+        yield from _graph_tensors(info.algorithm)
+    for function in model.functions:
+        for node in function.node:
+            yield from _attribute_tensors(node.attribute)
+        yield from _attribute_tensors(function.attribute_proto)
+
+
+def _graph_tensors(graph) -> Iterator:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _attribute_tensors(node.attribute)
+
+
+def _attribute_tensors(attributes) -> Iterator:
+    for attribute in attributes:
+        yield attribute.t
+        yield from attribute.tensors
+        for sparse in (attribute.sparse_tensor, *attribute.sparse_tensors):
+            yield from (sparse.values, sparse.indices)
+        for graph in (attribute.g, *attribute.graphs):
+            yield from _graph_tensors(graph)
 
 
 def choose_providers(device: torch.device, available: Sequence[str]) -> list[str | tuple[str, dict]]:

@@ -42,6 +42,9 @@ AUTOCAST_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfl
 
 SYNTHETIC_CHECK_INPUTS = 8
 CHECK_BATCH = 8
+# How far ONNX parts may stray from the torch parts at load, relative to the largest output: far above float32
+# rounding and a GPU's TF32 (1e-4 on the demos), far below parts that compute something else.
+ONNX_AGREEMENT_RTOL = 1e-2
 
 
 def synthetic_inputs(spec: InputSpec, count: int = SYNTHETIC_CHECK_INPUTS) -> torch.Tensor:
@@ -87,6 +90,7 @@ class ModelRuntime:
                 raise ArchiveError(f"{self.name}-{self.version}: no ONNX parts; package it with --backend onnx")
             self._upstream = OnnxPart(archive.onnx_parts["upstream"], self.device)
             self._downstream = OnnxPart(archive.onnx_parts["downstream"], self.device)
+            self._check_onnx_parts(archive.samples)
         elif self.backend == "torch":
             self._upstream, self._downstream = self.parts.upstream, self.parts.downstream
         else:
@@ -232,6 +236,30 @@ class ModelRuntime:
                 continue
             if report is not None:
                 self.graph_reports[method] = report
+
+    def _check_onnx_parts(self, samples: HeldOutSamples | None) -> None:
+        """Refuse ONNX parts that do not compute what the torch parts do: the weight hash, the layer shape and the
+        factorizations are checked against the torch parts, and nothing else binds the ONNX ones to them. Both run
+        on the held-out samples (else synthetic inputs); features and logits must agree within
+        ``ONNX_AGREEMENT_RTOL`` of the torch part's largest magnitude."""
+        inputs = self._to_device(samples.inputs if samples is not None else synthetic_inputs(self.parts.input_spec))
+        with torch.inference_mode():
+            features = self.parts.upstream(inputs)
+            expected = {"upstream": features, "downstream": self.parts.downstream(features)}
+            try:
+                computed = {"upstream": self._upstream(inputs), "downstream": self._downstream(features)}
+            except Exception as exc:  # ONNX Runtime's errors derive from Exception alone
+                raise ArchiveError(f"{self.name}-{self.version}: the ONNX parts do not run on the model's inputs and "
+                                   f"features: {type(exc).__name__}: {exc}") from exc
+        for part, want in expected.items():
+            want, got = want.float(), computed[part].float()
+            if got.shape != want.shape:
+                raise ArchiveError(f"{self.name}-{self.version}: the ONNX {part} part gives shape {list(got.shape[1:])}, "
+                                   f"the torch part {list(want.shape[1:])}")
+            gap, scale = float((got - want).abs().max()), float(want.abs().max())
+            if not gap <= ONNX_AGREEMENT_RTOL * scale:  # NaN fails too
+                raise ArchiveError(f"{self.name}-{self.version}: the ONNX {part} part differs from the torch part by "
+                                   f"{gap:.4g}, more than {ONNX_AGREEMENT_RTOL} of its largest magnitude {scale:.4g}")
 
     def _check_additivity(self, samples: HeldOutSamples | None) -> dict[str, str]:
         """Explain the held-out samples (their true classes), else synthetic inputs, with every

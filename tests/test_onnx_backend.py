@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RunningServer
+from conftest import RunningServer, rewrite_archive
 from handlers.archive import read_archive, write_archive
 from handlers.errors import ArchiveError
 from handlers.onnx_backend import choose_providers
@@ -98,3 +98,68 @@ def test_the_gpu_extra_is_the_cpu_one_built_for_cuda_and_the_image_installs_it()
     assert not [d for d in project["dependencies"] if d.startswith("onnxruntime")]
     assert '".[test,cpu]"' in (root / "Makefile").read_text()
     assert '".[gpu]"' in (root / "Dockerfile").read_text()
+
+
+def _external(tensor, location: str) -> None:
+    """Make ``tensor`` read its data from file ``location`` (ONNX external data)."""
+    from onnx import TensorProto
+
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _in_subgraph(model, location: str) -> None:
+    """Add a node whose subgraph holds a constant read from file ``location``."""
+    from onnx import TensorProto, helper
+
+    constant = helper.make_tensor("hidden", TensorProto.FLOAT, [1], [0.0])
+    _external(constant, location)
+    branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=constant)], "branch", [],
+                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])])
+    model.graph.node.append(helper.make_node("If", ["cond"], ["unused"], then_branch=branch, else_branch=branch))
+
+
+@pytest.mark.parametrize("plant, tensor", [
+    (lambda model, location: _external(model.graph.initializer[0], location), None),
+    (_in_subgraph, "hidden"),
+])
+def test_an_onnx_part_reading_external_data_is_refused(onnx_store, tmp_path, monkeypatch, plant, tensor):
+    """ONNX Runtime would read the file, relative to the server's working directory, into the weights."""
+    import onnx
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"1234" * 1024)
+    monkeypatch.chdir(tmp_path)
+    names = {}
+
+    def edit(members, manifest):
+        model = onnx.ModelProto.FromString(members["model/upstream.onnx"])
+        names["tensor"] = tensor or model.graph.initializer[0].name
+        plant(model, secret.name)
+        members["model/upstream.onnx"] = model.SerializeToString()
+
+    bad = rewrite_archive(onnx_store / "mnist-1.psar", tmp_path / "external.psar", edit)
+    with pytest.raises(ArchiveError, match=rf"model/upstream.onnx: tensor '{names['tensor']}' keeps its data outside "
+                                           r"the archive \(ONNX external data\)"):
+        read_archive(bad)
+
+
+def test_onnx_parts_that_compute_something_else_are_refused(onnx_store, tmp_path):
+    """The weight hash binds the torch parts; the ONNX parts are run against them at load."""
+    import onnx
+    from onnx import numpy_helper
+
+    def edit(members, manifest):
+        model = onnx.ModelProto.FromString(members["model/downstream.onnx"])
+        weight = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 2, weight.name))
+        members["model/downstream.onnx"] = model.SerializeToString()
+
+    archive = read_archive(rewrite_archive(onnx_store / "mnist-1.psar", tmp_path / "other.psar", edit))
+    with pytest.raises(ArchiveError, match=r"mnist-1: the ONNX downstream part differs from the torch part by [\d.e+-]+, "
+                                           r"more than 0.01 of its largest magnitude"):
+        ModelRuntime(archive)

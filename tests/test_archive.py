@@ -286,3 +286,22 @@ def test_fitted_indices_outside_their_range_are_refused(archive_path, tmp_path, 
                                            only_method(method, edit_factors(method, change))))
     with pytest.raises(ArchiveError, match=rf"method '{method}' does not fit the model \(ValueError\): .*{match}"):
         ModelRuntime(archive)
+
+
+@pytest.mark.parametrize("method, edit, match", [
+    # 3 of 30: requests would index components past the list (INTERNAL "list index out of range").
+    ("protonmf", lambda c: c[:3], r"protonmf has 3 components; its factors hold 3 prototypes for each of 10 classes, "
+                                  r"listed class by class \(30 components, c·p \+ i of class c\)"),
+    ("protonmf", lambda c: [{**c[0], "class_index": 1}, *c[1:]], "protonmf has 30 components; its factors hold"),
+    ("srae", lambda c: c[:-1], r"srae has 49 components; its factors hold 5 x-features for each of 10 modules"),
+    ("srae", lambda c: [*c[:-1], {**c[-1], "class_index": 0}], "srae has 50 components; its factors hold"),
+    ("protofac", lambda c: c[:-1], r"protofac factor prototypes_ has shape \(30, 6272\), expected \(C=29, F=6272\)"),
+])
+def test_components_that_do_not_match_the_factors_are_refused(archive_path, tmp_path, method, edit, match):
+    def plant(members, manifest):
+        entry = manifest["methods"][method]
+        entry["components"] = edit(entry["components"])
+
+    archive = read_archive(rewrite_archive(archive_path, tmp_path / "components.psar", only_method(method, plant)))
+    with pytest.raises(ArchiveError, match=rf"method '{method}' does not fit the model \(ValueError\): {match}"):
+        ModelRuntime(archive)

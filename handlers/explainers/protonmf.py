@@ -107,6 +107,11 @@ class ProtoNMFExplainer(AdditiveExplainer):
 
     def __init__(self, model: ModelParts, fitted: FittedMethod):
         super().__init__(model, fitted)
+        k, p = self.coefficients_.shape
+        # Component c·p + i is prototype i of class c: requests index the components by that layout.
+        if [c.class_index for c in self.components] != [c for c in range(k) for _ in range(p)]:
+            raise ValueError(f"protonmf has {len(self.components)} components; its factors hold {p} prototypes for "
+                             f"each of {k} classes, listed class by class ({k * p} components, c·p + i of class c)")
         self._flat_prototypes = self.prototypes_.flatten(0, 1)  # (K·p, D), row c·p + i: component c.p{i}
         self._flat_coefficients = self.coefficients_.flatten()  # (K·p,)
         self._prototype_heads = torch.einsum("kp,kpd->kd", self.coefficients_, self.prototypes_)  # C^c B^c

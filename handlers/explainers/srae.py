@@ -196,8 +196,10 @@ class SRAEExplainer(AdditiveExplainer):
         if m and not bool(((self.classes_ >= 0) & (self.classes_ < model.num_classes)).all()):
             raise ValueError(f"srae classes {self.classes_.tolist()} do not fit a model with "
                              f"{model.num_classes} classes")
-        if len(self.components) != m * n:
-            raise ValueError(f"srae has {len(self.components)} components for {m} modules of {n} x-features")
+        # Component i·n + j is x-feature j of module i, of class classes_[i]: interventions take it from that logit.
+        if [c.class_index for c in self.components] != self.classes_.repeat_interleave(n).tolist():
+            raise ValueError(f"srae has {len(self.components)} components; its factors hold {n} x-features for each "
+                             f"of {m} modules, listed module by module, each of its module's class (classes_)")
         # The module tables padded with an all-zero module (index m) that every class without a module
         # reads: its x-features, contributions and bias are zeros, so no example needs a branch.
         self._module_of_class = torch.full((model.num_classes,), m, dtype=torch.int64)

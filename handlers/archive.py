@@ -13,10 +13,11 @@ An archive is an uncompressed zip holding
   written before it have none): the server checks additive methods on them at load.
 
 Reading checks, before anything is built: member names (no absolute paths, no ``..``), that
-members are stored uncompressed, that they are exactly those the manifest lists, sizes (the
-manifest's too: every read is capped, so no member is inflated or read past its limit), and
-every sha256; then the input shape against the model, the class count against its logits, and
-that each factorization was fitted against this model's weights and layer shape.
+members are stored uncompressed, that their bytes do not overlap, that they are exactly those the
+manifest lists, sizes (the manifest's too: every read is capped, so no member is inflated or read
+past its limit), and every sha256; then the input shape against the model, the class count against
+its logits, that each factorization was fitted against this model's weights and layer shape, that
+component class indices are classes, and that ONNX parts hold all their tensors.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import math
 import os
 import platform
 import re
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import safetensors
 import torch
@@ -190,8 +193,8 @@ def read_archive(path: Path | str) -> Archive:
     """Read and verify an archive; raise :class:`ArchiveError` on anything amiss."""
     path = Path(path)
     try:
-        with zipfile.ZipFile(path) as zf:
-            members = _read_members(zf)
+        with open(path, "rb") as file, zipfile.ZipFile(file) as zf:
+            members = _read_members(zf, file)
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
         raise ArchiveError(f"{path.name}: not a readable archive (truncated or corrupt?): {exc}") from exc
     except ArchiveError as exc:
@@ -206,10 +209,28 @@ def read_archive(path: Path | str) -> Archive:
         raise ArchiveError(f"{path.name}: invalid content ({type(exc).__name__}): {exc}") from exc
 
 
-def _read_members(zf: zipfile.ZipFile) -> dict[str, bytes]:
+def _check_layout(file: BinaryIO, infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse members whose bytes overlap, before any is read: the central directory can point many members
+    at one range of the file, each with a correct checksum, so that a small file reads as gigabytes (a zip
+    bomb without compression). Each member's local header, name, extra field and data must end before the
+    next member's header starts; the members then hold at most the file's size."""
+    end = 0
+    for info in sorted(infos, key=lambda i: i.header_offset):
+        if info.header_offset < end:
+            raise ArchiveError(f"member {info.filename} overlaps the member before it in the file (a zip bomb?)")
+        file.seek(info.header_offset)
+        header = file.read(zipfile.sizeFileHeader)
+        if len(header) != zipfile.sizeFileHeader:
+            raise ArchiveError(f"member {info.filename}'s header lies past the end of the file")
+        *_, name_length, extra_length = struct.unpack(zipfile.structFileHeader, header)
+        end = info.header_offset + zipfile.sizeFileHeader + name_length + extra_length + info.compress_size
+
+
+def _read_members(zf: zipfile.ZipFile, file: BinaryIO) -> dict[str, bytes]:
     infos = zf.infolist()
     if len(infos) > MAX_MEMBERS:
         raise ArchiveError(f"{len(infos)} members is more than the limit of {MAX_MEMBERS}")
+    _check_layout(file, infos)
     names = [info.filename for info in infos]
     for name in names:
         if not _SAFE_NAME.match(name) or ".." in name.split("/"):

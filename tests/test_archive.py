@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import pickle
 import shutil
+import struct
 import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -305,3 +308,41 @@ def test_components_that_do_not_match_the_factors_are_refused(archive_path, tmp_
     archive = read_archive(rewrite_archive(archive_path, tmp_path / "components.psar", only_method(method, plant)))
     with pytest.raises(ArchiveError, match=rf"method '{method}' does not fit the model \(ValueError\): {match}"):
         ModelRuntime(archive)
+
+
+def _local_header(name: str, crc: int, size: int) -> bytes:
+    """A zip local file header of a stored member."""
+    return struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21, crc, size, size, len(name), 0) + name.encode()
+
+
+def test_members_that_overlap_are_refused_before_they_are_read(archive_path, tmp_path):
+    """A zip bomb without compression: the central directory points 200 stored members, each listed with its
+    correct CRC and sha256, at one 1 MiB range of the file (each member runs from its own header to the range's
+    end, over the later members' headers): 1 MiB on disk, 200 MiB read."""
+    with zipfile.ZipFile(archive_path) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    names = [f"pad/m{i:03d}" for i in range(200)]
+    headers = [_local_header(name, 0, 0) for name in names]  # stored members' sizes are read from the directory
+    blob = b"".join(headers) + bytes(1 << 20)
+    starts = list(itertools.accumulate(len(header) for header in headers))  # where each member's data starts
+    manifest["members"] = {name: hashlib.sha256(blob[start:]).hexdigest() for name, start in zip(names, starts)}
+    manifest_bytes = json.dumps(manifest).encode()
+    out = _local_header("manifest.json", zlib.crc32(manifest_bytes), len(manifest_bytes)) + manifest_bytes
+    entries = [("manifest.json", zlib.crc32(manifest_bytes), len(manifest_bytes), 0)]
+    entries += [(name, zlib.crc32(blob[start:]), len(blob) - start, len(out) + start - len(header))
+                for name, start, header in zip(names, starts, headers)]
+    out += blob
+    directory = b"".join(struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, crc, size, size, len(name),
+                                     0, 0, 0, 0, 0, offset) + name.encode() for name, crc, size, offset in entries)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(directory), len(out), 0)
+    bomb = tmp_path / "overlap.psar"
+    bomb.write_bytes(out + directory + end)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match="overlap.psar: member pad/m001 overlaps the member before it in the "
+                                               "file"):
+            read_archive(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20

@@ -346,3 +346,12 @@ def test_members_that_overlap_are_refused_before_they_are_read(archive_path, tmp
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20
+
+
+def test_an_integer_too_long_to_convert_is_an_archive_error(archive_path, tmp_path):
+    """json refuses integers over 4300 digits with a plain ValueError."""
+    bad = tmp_path / "bigint.psar"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("manifest.json", '{"format_version": ' + "9" * 5000 + "}")
+    with pytest.raises(ArchiveError, match="manifest.json is not JSON: ValueError: Exceeds the limit"):
+        read_archive(bad)

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     from handlers.fitting.streaming import StreamedData
 
 
+# The largest settings a method's config takes, far above what fits write (a few hundred steps, thousands of
+# examples): an archive's config reaches every request, and a step count of 10**9 would hold a core for an hour.
+MAX_STEPS = 100_000  # iterations, steps, epochs and per-request loops (and ProtoFac's k, its default solver steps)
+MAX_SIZE = 1_000_000  # numbers of components, examples, rows, units, pixels
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """A method's hyperparameters: one frozen dataclass per method, checked when built.
@@ -82,6 +88,13 @@ class MethodConfig:
         """:meth:`require` each of ``keys`` to be at least ``bound``."""
         for key in keys:
             self.require(getattr(self, key) >= bound, key, f"at least {bound}")
+
+    def require_at_most(self, bound: int, *keys: str) -> None:
+        """:meth:`require` each of ``keys`` (a number, a tuple of numbers, or None) to be at most ``bound``."""
+        for key in keys:
+            value = getattr(self, key)
+            values = value if isinstance(value, tuple) else () if value is None else (value,)
+            self.require(all(v <= bound for v in values), key, f"at most {bound}")
 
 
 def _conform(value, hint):

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import pickle
+import re
 import shutil
 import struct
 import tracemalloc
@@ -355,3 +356,25 @@ def test_an_integer_too_long_to_convert_is_an_archive_error(archive_path, tmp_pa
         zf.writestr("manifest.json", '{"format_version": ' + "9" * 5000 + "}")
     with pytest.raises(ArchiveError, match="manifest.json is not JSON: ValueError: Exceeds the limit"):
         read_archive(bad)
+
+
+@pytest.mark.parametrize("method, key, value, rule", [
+    ("protofac", "code_steps", 10**9, "at most 100000"),  # one Explain held a core for an hour
+    ("protofac", "n_prototypes", 10**6, "at most 100000"),  # the default solver steps
+    ("protonmf", "max_iter", 10**9, "at most 100000"),
+    ("coupled_nmf", "fold_in_iter", 10**6, "at most 100000"),
+    ("srae", "negatives", 10**7, "at most 1000000"),
+    ("gradcam_rules", "n_candidates", 10**6, "at most 100000"),
+    ("gradcam_rules", "table_sizes", [5, 10**7], "at most 1000000"),
+    ("gradcam_rules", "n_filters", 129, "at most the layer's 128 filters"),
+    ("gradcam_rules", "patch_size", 29, r"at most the input's size \[28, 28\]"),
+])
+def test_method_settings_over_their_bounds_are_refused(archive_path, tmp_path, method, key, value, rule):
+    def plant(members, manifest):
+        manifest["methods"][method]["hyperparameters"][key] = value
+
+    archive = read_archive(rewrite_archive(archive_path, tmp_path / "settings.psar", only_method(method, plant)))
+    shown = re.escape(repr(tuple(value) if isinstance(value, list) else value))
+    with pytest.raises(ArchiveError, match=rf"method '{method}' does not fit the model \(ValueError\): {method}: "
+                                           rf"{key}={shown} must be {rule}"):
+        ModelRuntime(archive)

@@ -79,7 +79,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from handlers.base import Codes, ExplainBatch, FactorSpec, FittedMethod, MethodConfig, RemovalExplainer
+from handlers.base import (
+    MAX_SIZE,
+    MAX_STEPS,
+    Codes,
+    ExplainBatch,
+    FactorSpec,
+    FittedMethod,
+    MethodConfig,
+    RemovalExplainer,
+)
 from handlers.device_graphs import BucketGraphs, Capture, CaptureReport, example_count
 from handlers.graph_program import GraphProgram
 from handlers.model import ModelParts, linear_head_weight
@@ -177,6 +186,10 @@ class CoupledNMFConfig(MethodConfig):
         self.require(self.regularization in REGULARIZATIONS, "regularization", f"one of {', '.join(REGULARIZATIONS)}")
         self.require(self.fold_in_solver in ENCODERS, "fold_in_solver", f"one of {', '.join(ENCODERS)}")
         self.require(self.fold_in_iter is None or self.fold_in_iter >= 1, "fold_in_iter", "None or at least 1")
+        # n_concepts: twice it is the default fold-in's steps.
+        self.require_at_most(MAX_STEPS, "n_concepts", "max_iter", "inner_iter", "check_every", "fold_in_iter")
+        self.require_at_most(MAX_SIZE, "n_probe", "n_top_classes", "n_top_examples", "n_eigenvalues", "knn",
+                             "tcav_examples", "tcav_random_sets", "tcav_inputs")
 
     @classmethod
     def from_hyperparameters(cls, stored: dict) -> "CoupledNMFConfig":

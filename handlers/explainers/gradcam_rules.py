@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from handlers.base import (
+    MAX_SIZE,
+    MAX_STEPS,
     Codes,
     ExplainBatch,
     FittedMethod,
@@ -98,6 +100,8 @@ class GradCAMRulesConfig(MethodConfig):
     def __post_init__(self):
         super().__post_init__()
         self.require_at_least(1, "q", "n_filters", "max_rule_len", "patch_size", "n_candidates", "random_trials")
+        self.require_at_most(MAX_STEPS, "n_candidates", "random_trials")
+        self.require_at_most(MAX_SIZE, "q", "n_filters", "max_rule_len", "patch_size", "table_sizes")
         self.require(0 < self.tau_support <= 1, "tau_support", "in (0, 1]")
         self.require(all(size >= 1 for size in self.table_sizes), "table_sizes", "sizes of at least 1")
 
@@ -374,6 +378,10 @@ class GradCAMRulesExplainer(RemovalExplainer):
                              f"[-1, {n_components})")
         if not bool(((self.component_filters_ == 0) | (self.component_filters_ == 1)).all()):
             raise ValueError("gradcam_rules factor component_filters_ holds values other than 0 and 1")
+        # A request takes each patch's top n_filters of the D filters, in windows of patch_size pixels.
+        self.config.require(self.config.n_filters <= dim, "n_filters", f"at most the layer's {dim} filters")
+        self.config.require(self.config.patch_size <= min(model.input_spec.shape[1:]), "patch_size",
+                            f"at most the input's size {model.input_spec.shape[1:]}")
         self.input_hw = tuple(model.input_spec.shape[1:])
         # Row 0 is the empty filter set, so padding (index −1) maps to it after the +1 shift.
         self._filters = torch.cat([torch.zeros(1, dim), self.component_filters_])  # (R+1, D)

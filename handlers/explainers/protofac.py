@@ -72,6 +72,8 @@ import torch
 import torch.nn.functional as F
 
 from handlers.base import (
+    MAX_SIZE,
+    MAX_STEPS,
     Codes,
     ExplainBatch,
     FittedMethod,
@@ -151,6 +153,9 @@ class ProtoFacConfig(MethodConfig):
                               "windows_per_side", "eval_size", "nmf_max_iter", "sweep_epochs")
         self.require_at_least(0, "lambda_ce", "lambda_r", "lambda_c", "lr_weights", "lr_prototypes",
                               "code_steps", "lr_codes", "sweep_rows")
+        self.require_at_most(MAX_STEPS, "n_prototypes", "epochs", "projection_interval", "code_steps", "solver_iter",
+                             "nmf_max_iter", "sweep_epochs")
+        self.require_at_most(MAX_SIZE, "batch_size", "window", "windows_per_side", "eval_size", "k_sweep", "sweep_rows")
         self.require(self.served_protocol in PROTOCOLS, "served_protocol", f"one of {', '.join(PROTOCOLS)}")
         self.require(0 < self.candidate_fraction <= 1, "candidate_fraction", "in (0, 1]")
         self.require(0 <= self.missing_fraction < 1, "missing_fraction", "in [0, 1)")

@@ -35,7 +35,15 @@ from dataclasses import dataclass
 
 import torch
 
-from handlers.base import AdditiveExplainer, Decomposition, ExplainBatch, FittedMethod, MethodConfig
+from handlers.base import (
+    MAX_SIZE,
+    MAX_STEPS,
+    AdditiveExplainer,
+    Decomposition,
+    ExplainBatch,
+    FittedMethod,
+    MethodConfig,
+)
 from handlers.model import ModelParts
 from handlers.solvers.nmf import INITS, SOLVERS
 from handlers.solvers.small_nnls import MAX_UNKNOWNS, enumerated_nnls
@@ -69,6 +77,8 @@ class ProtoNMFConfig(MethodConfig):
     def __post_init__(self):
         super().__post_init__()
         self.require_at_least(1, "n_prototypes", "max_iter")
+        self.require_at_most(MAX_STEPS, "max_iter")
+        self.require_at_most(MAX_SIZE, "n_prototypes", "p_sweep")
         self.require_at_least(0, "tol")
         self.require(self.head_reads in HEAD_READS, "head_reads", f"one of {', '.join(HEAD_READS)}")
         self.require(all(p >= 1 for p in self.p_sweep), "p_sweep", "prototype counts of at least 1")

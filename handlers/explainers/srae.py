@@ -50,7 +50,15 @@ from dataclasses import dataclass
 
 import torch
 
-from handlers.base import AdditiveExplainer, Decomposition, ExplainBatch, FittedMethod, MethodConfig
+from handlers.base import (
+    MAX_SIZE,
+    MAX_STEPS,
+    AdditiveExplainer,
+    Decomposition,
+    ExplainBatch,
+    FittedMethod,
+    MethodConfig,
+)
 from handlers.model import ModelParts
 
 NAME = "srae"
@@ -93,6 +101,9 @@ class SRAEConfig(MethodConfig):
     def __post_init__(self):
         super().__post_init__()
         self.require_at_least(1, "n_xfeatures", "hidden", "epochs", "batch_size", "locality_images")
+        self.require_at_most(MAX_STEPS, "epochs")
+        self.require_at_most(MAX_SIZE, "n_xfeatures", "hidden", "positives", "negatives", "batch_size",
+                             "locality_images")
         self.require_at_least(0, "beta", "q")
         self.require(self.lr > 0, "lr", "positive")
         self.require(self.positives is None or self.positives >= 1, "positives", "None or at least 1")

@@ -213,10 +213,9 @@ class HttpServer:
     def _body_length(self, request: Request) -> int:
         if request.header("transfer-encoding"):
             raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send the body with Content-Length (no chunked bodies)")
-        text = request.header("content-length", "0")
-        if not text.isdigit() or len(text) > 19:
+        length = byte_count(request.header("content-length", "0"))
+        if length is None:
             raise HttpError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number of bytes")
-        length = int(text)
         if length > self.max_body_bytes:
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                             f"a body of {length} bytes is over the limit of {self.max_body_bytes}")
@@ -237,6 +236,14 @@ class HttpServer:
         if not head_only:
             writer.write(response.body)
         await asyncio.wait_for(writer.drain(), self.timeout_s)
+
+
+def byte_count(text: str) -> int | None:
+    """A header's number of bytes (decimal), or None when it is not one: ASCII digits only (str.isdigit
+    also takes "²", which int() refuses), at most 19 of them (int() refuses 5000)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    return int(text)
 
 
 def _reason(status: int) -> str:

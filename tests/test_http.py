@@ -42,6 +42,17 @@ def call(address: str, method: str, path: str, body: bytes | None = None, header
         connection.close()
 
 
+def exchange(address: str, sent: bytes) -> bytes:
+    """What the server answers to the bytes ``sent`` on a plain connection, until it closes it."""
+    host, port = address.rsplit(":", 1)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(sent)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
 def infer_body(x: np.ndarray, *, binary: bool = False, outputs=(), binary_output: bool = False, **parameters):
     """An infer request body (and its headers): ``x`` as JSON data, or as binary data after the JSON."""
     tensor = {"name": "input", "datatype": "FP32", "shape": list(x.shape)}
@@ -263,6 +274,17 @@ def test_bad_json_and_binary_length_lies_are_invalid(server, body, header, field
     status, _, answer = call(server.http_address, "POST", "/v2/models/mnist/infer", body, headers)
     assert status == 400, answer
     assert json.loads(answer)["field"] == field
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"\xb9", b"1\xb3", b"\xd9\xa3"],
+                         ids=["superscript-2", "superscript-1", "1-superscript-3", "arabic-indic-3-in-utf-8"])
+def test_a_content_length_of_other_digits_than_ascii_is_400(server, length):
+    """str.isdigit takes "²", which int() refuses: it was a 500 and a traceback."""
+    answer = exchange(server.http_address, b"POST /v2/models/mnist/infer HTTP/1.1\r\nContent-Length: " + length
+                      + b"\r\n\r\n{}")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"\r\nConnection: close" in head
+    assert body == b'{"error": "Content-Length is not a number of bytes"}'
 
 
 def _requests_total(server, **labels) -> float:

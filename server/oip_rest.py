@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from handlers.errors import InvalidInputError, clip, echo
 from handlers.runtime import ModelRuntime
 from server import oip_infer
+from server.http_server import byte_count
 from server.oip_infer import InferOutputs, InferRequest, InputTensor
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -45,10 +46,10 @@ class RestInferRequest:
 def parse_infer(model: str, version: str, body: bytes, header_length: str) -> RestInferRequest:
     """A request body (``header_length``: the Inference-Header-Content-Length header, "" if absent)."""
     if header_length:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        split = byte_count(header_length)
+        if split is None or split > len(body):
             raise InvalidInputError("Inference-Header-Content-Length",
                                     f"must be a number of bytes of at most the body's {len(body)}")
-        split = int(header_length)
         head, binary = body[:split], memoryview(body)[split:]
     else:
         head, binary = body, memoryview(b"")

@@ -297,6 +297,21 @@ def _requests_total(server, **labels) -> float:
     return 0.0
 
 
+@pytest.mark.parametrize("length", ["\xb2", "\xb9", "1" * 5000], ids=["superscript-2", "superscript-1", "5000-digits"])
+def test_an_inference_header_content_length_that_is_no_number_is_400_not_internal(server, length):
+    """int() refused it inside the rpc: a 500, counted INTERNAL (the ProtoserveInternalErrors alert)."""
+    counts = {code: {"rpc": "http:ModelInfer", "model": "mnist", "code": code} for code in ("INVALID_ARGUMENT",
+                                                                                          "INTERNAL")}
+    before = {code: _requests_total(server, **labels) for code, labels in counts.items()}
+    status, _, answer = call(server.http_address, "POST", "/v2/models/mnist/infer", b'{"inputs":[]}',
+                             {"Inference-Header-Content-Length": length})
+    assert (status, json.loads(answer)) == (400, {
+        "error": "Inference-Header-Content-Length: must be a number of bytes of at most the body's 13",
+        "field": "Inference-Header-Content-Length"})
+    after = {code: _requests_total(server, **labels) for code, labels in counts.items()}
+    assert after == {"INVALID_ARGUMENT": before["INVALID_ARGUMENT"] + 1, "INTERNAL": before["INTERNAL"]}
+
+
 def test_requests_are_counted_as_grpc_counts_them_with_an_http_rpc_label(server, digits):
     ok = {"rpc": "http:ModelInfer", "model": "mnist", "code": "OK"}
     bad = {"rpc": "http:ModelInfer", "model": "mnist", "code": "INVALID_ARGUMENT"}

@@ -99,7 +99,7 @@ class HttpApi:
                             "(protoserve serve --http-allowed-host)", field="host")
         # A page of another origin may send requests (a browser adds Origin) but must not spend our compute.
         origin = request.header("origin")
-        if origin and urlsplit(origin).netloc.lower() != host.lower():
+        if origin and origin_authority(origin) != host.lower():
             raise HttpError(HTTPStatus.FORBIDDEN, f"requests from pages of other origins are refused "
                                                   f"(Origin {echo(origin)}, Host {echo(host)})", field="origin")
         if self.tokens is None or request.path in OPEN_PATHS:
@@ -217,6 +217,15 @@ def host_name(authority: str) -> str:
     if authority.startswith("["):
         return authority[1:authority.find("]")]
     return authority.rpartition(":")[0] if ":" in authority else authority
+
+
+def origin_authority(origin: str) -> str | None:
+    """The ``host:port`` of an Origin header, lower case; None when it cannot be read (``http://[::1``:
+    urlsplit raises on a bracket never closed), which names no page of this server's either."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return None
 
 
 def _allow(request: Request, method: str) -> None:

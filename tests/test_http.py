@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import ssl
 import struct
@@ -433,6 +434,17 @@ def test_https_with_the_grpc_certificate_and_bearer_tokens(secured, digits):
         call(address, "GET", "/v2/health/live")
 
 
+@pytest.mark.parametrize("authorization", ["Bearer", "Bearer \t", "bearer " + "\xe9" * 20, "Basic dXNlcjpwYXNz",
+                                           "\x00", f"Bearer {TOKEN}\xe9", f"Bearer {TOKEN} {TOKEN}"])
+def test_a_malformed_authorization_is_401(secured, caplog, authorization):
+    running, context = secured
+    status, headers, answer = call(running.http_address, "GET", "/v2/models/mnist",
+                                   headers={"Authorization": authorization}, context=context)
+    assert (status, headers["WWW-Authenticate"], json.loads(answer)) == (401, 'Bearer realm="protoserve"', {
+        "error": "missing or invalid bearer token (header `Authorization: Bearer <token>`)"})
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 def test_a_refused_request_is_answered_before_its_body_is_read(secured):
     token = f"Authorization: Bearer {TOKEN}\r\n".encode()
     for head, status in ((b"POST /v2/models/mnist/infer HTTP/1.1\r\nContent-Length: 60000\r\n\r\n", 401),
@@ -578,6 +590,28 @@ def test_other_host_names_and_pages_of_other_origins_are_refused_from_the_head(s
                         {"Origin": f"http://127.0.0.1:{port}"})
     assert status == 200
     assert _requests_total(server, rpc="http:ModelInfer", model="mnist", code="OK") == before + 1
+
+
+@pytest.mark.parametrize("origin", ["http://[::1", "http://[", "http://]", "http://[x]"])
+def test_a_malformed_origin_is_refused_as_another_origin_is(server, digits, caplog, origin):
+    """urlsplit raises on these: every request, the open /v2/health/live too, was a 500 and a logged traceback."""
+    port = server.http_address.rsplit(":", 1)[1]
+    body, headers = infer_body(digits[:1])
+    for method, path, sent in (("GET", "/v2/health/live", None), ("POST", "/v2/models/mnist/infer", body)):
+        status, _, answer = call(server.http_address, method, path, sent, {**headers, "Origin": origin})
+        assert (status, json.loads(answer)) == (403, {
+            "error": f"requests from pages of other origins are refused (Origin {origin!r}, Host '127.0.0.1:{port}')",
+            "field": "origin"}), path
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("host", ["[", "[::1", "]", ":", "[]:1", "\xe9"])
+def test_a_malformed_host_is_421_as_another_name_is(server, caplog, host):
+    status, _, answer = call(server.http_address, "GET", "/v2/health/live", headers={"Host": host})
+    assert (status, json.loads(answer)) == (421, {
+        "error": f"host {host!r} is not served here; served: 127.0.0.1, ::1, localhost "
+                 "(protoserve serve --http-allowed-host)", "field": "host"})
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 def test_allowed_host_names_replace_the_loopback_names(demo_store):

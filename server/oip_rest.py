@@ -31,6 +31,7 @@ HEADER_LENGTH = "inference-header-content-length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 EXTENSIONS = ["parameters", "binary_tensor_data"]
+FLOAT_BOUND = 2 ** 1024 - 2 ** 970  # the least integer that float() rounds past the largest float
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def _flat_numbers(data, datatype: str, field: str) -> list:
                                                f"got {echo(json.dumps(value))}")
             if integers and not 0 <= value <= 255:
                 raise InvalidInputError(field, f"{datatype} values must be in [0, 255]")
-            if kind is int and abs(value) >= 2 ** 1024:  # no float holds it (float(value) would raise)
+            if kind is int and abs(value) >= FLOAT_BOUND:  # no float holds it (float(value) would raise)
                 raise InvalidInputError(field, "a value is beyond any float")
             flat.append(value)
         else:

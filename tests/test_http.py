@@ -218,6 +218,8 @@ BAD_REQUESTS = {
     "bools": (_set("inputs.0.data", [True] * 784), 400, "inputs[0].data"),
     "nulls": (_set("inputs.0.data", [None] * 784), 400, "inputs[0].data"),
     "a number past any float": (_set("inputs.0.data", [10 ** 400] * 784), 400, "inputs[0].data"),
+    "an integer that rounds past any float": (_set("inputs.0.data", [2 ** 1024 - 2 ** 970] * 784), 400,
+                                              "inputs[0].data"),
     "overflowing float32": (_set("inputs.0.data", [1e39] * 784), 400, "inputs[0].data"),
     "no data": (_set("inputs.0.data", None), 400, "inputs[0].data"),
     "no inputs": (_set("inputs", []), 400, "inputs"),

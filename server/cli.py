@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
                         http_port=args.http_port, http_timeout_s=args.http_timeout_s,
                         http_max_connections=args.http_max_connections, http_max_body_bytes=args.http_max_body_bytes,
                         http_max_buffered_bytes=args.http_max_buffered_bytes,
+                        http_max_json_bytes=args.http_max_json_bytes,
                         http_allowed_hosts=tuple(args.http_allowed_host),
                         max_connections=args.max_connections, handshake_timeout_s=args.handshake_timeout_s,
                         max_concurrent_rpcs=args.max_concurrent_rpcs,
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                             "--host is loopback, any otherwise (other names get 421: DNS rebinding)")
     serve.add_argument("--http-max-buffered-bytes", type=int, default=limits.http_max_buffered_bytes,
                        help="HTTP request bodies held at once, over all connections (503 beyond)")
+    serve.add_argument("--http-max-json-bytes", type=int, default=limits.http_max_json_bytes,
+                       help="largest JSON part of an HTTP request: the body less the binary tensor data after "
+                            "Inference-Header-Content-Length (413 beyond, never read)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     serve.add_argument("--backend", default="archive", choices=["archive", "torch", "onnx"],
                        help="forward pass in torch or ONNX Runtime; archive: as each archive prefers")

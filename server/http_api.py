@@ -35,7 +35,7 @@ from protoserve_client import pb
 from handlers.errors import echo
 from server import oip_rest
 from server.dataplane import DataPlane
-from server.http_server import HttpError, Request, Response
+from server.http_server import HttpError, Request, Response, byte_count
 from server.oip_infer import FIELD_NAMES, infer
 from server.rpc import Rpcs, Status
 from server.security import BearerTokens
@@ -88,7 +88,7 @@ class HttpApi:
 
     def admit(self, request: Request) -> None:
         """Refuse, from its head (its body is never read), a request for another host name, one that a
-        page of another origin sends, or one without a valid token."""
+        page of another origin sends, one without a valid token, or one with too much JSON."""
         host = request.header("host")
         # DNS rebinding: a page of any site whose name resolves to this address reaches the port with
         # its own name in Host. Bound to loopback, only loopback names are served (--http-allowed-host).
@@ -102,12 +102,17 @@ class HttpApi:
         if origin and origin_authority(origin) != host.lower():
             raise HttpError(HTTPStatus.FORBIDDEN, f"requests from pages of other origins are refused "
                                                   f"(Origin {echo(origin)}, Host {echo(host)})", field="origin")
-        if self.tokens is None or request.path in OPEN_PATHS:
-            return
-        if not self.tokens.authorized(request.headers):
+        if self.tokens is not None and request.path not in OPEN_PATHS and not self.tokens.authorized(request.headers):
             raise HttpError(HTTPStatus.UNAUTHORIZED,
                             "missing or invalid bearer token (header `Authorization: Bearer <token>`)",
                             [("WWW-Authenticate", 'Bearer realm="protoserve"')])
+        # Parsed JSON numbers take many times their bytes (docs/limits.md): a JSON part is bounded apart.
+        size = json_bytes(request)
+        if size > self.settings.http_max_json_bytes:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"a JSON part of {size} bytes is over the limit of {self.settings.http_max_json_bytes} "
+                            "(protoserve serve --http-max-json-bytes); send large tensors in binary "
+                            "(Inference-Header-Content-Length), or over gRPC")
 
     async def handle(self, request: Request) -> Response:
         path = request.path
@@ -217,6 +222,18 @@ def host_name(authority: str) -> str:
     if authority.startswith("["):
         return authority[1:authority.find("]")]
     return authority.rpartition(":")[0] if ":" in authority else authority
+
+
+def json_bytes(request: Request) -> int:
+    """How many bytes of a request's body the routes parse as JSON, from its head (the server has checked
+    Content-Length): all of it for protoserve.v1; for the OIP routes, the part before the binary tensor
+    data an Inference-Header-Content-Length announces."""
+    body_bytes = byte_count(request.header("content-length", "0")) or 0
+    header_length = request.header(oip_rest.HEADER_LENGTH)
+    if not header_length or request.path.startswith(EXPLAINER_PREFIX):
+        return body_bytes
+    # One that is no number of bytes within the body is refused before anything is parsed (parse_infer).
+    return min(byte_count(header_length) or 0, body_bytes)
 
 
 def origin_authority(origin: str) -> str | None:

@@ -36,6 +36,9 @@ class Settings:
     http_max_connections: int = 64   # HTTP connections at once (TLS handshakes included); more: 503 and closed
     http_max_body_bytes: int = 64 << 20  # a request body (Content-Length); more: 413, never read
     http_max_buffered_bytes: int = 256 << 20  # request bodies held at once, over all connections; more: 503
+    # A request's JSON (the body less the binary tensor data after Inference-Header-Content-Length): its
+    # numbers take many times their bytes as Python objects while they are parsed; more: 413, never read
+    http_max_json_bytes: int = 8 << 20
     # Host names the HTTP port answers for (DNS rebinding); empty: the loopback names when `host` is
     # loopback, any name otherwise
     http_allowed_hosts: tuple[str, ...] = ()
@@ -96,9 +99,9 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.http_max_connections < 1 or not self.http_timeout_s > 0 or self.http_max_body_bytes < 1 \
-                or self.http_max_buffered_bytes < self.http_max_body_bytes:
-            raise ValueError("http_max_connections and http_max_body_bytes must be >= 1, http_timeout_s > 0, and "
-                             "http_max_buffered_bytes at least http_max_body_bytes")
+                or self.http_max_buffered_bytes < self.http_max_body_bytes or self.http_max_json_bytes < 1:
+            raise ValueError("http_max_connections, http_max_body_bytes and http_max_json_bytes must be >= 1, "
+                             "http_timeout_s > 0, and http_max_buffered_bytes at least http_max_body_bytes")
         if self.metrics_max_connections < 1 or not self.metrics_timeout_s > 0:
             raise ValueError("metrics_max_connections must be >= 1 and metrics_timeout_s > 0")
         for name in ("max_image_pixels", "decode_threads", "max_decode_backlog"):

@@ -144,3 +144,24 @@ def test_health_command_for_container_probes(server):
     down = subprocess.run([BIN / "protoserve", "health", "--address", "127.0.0.1:9"], capture_output=True, text=True,
                           timeout=60)
     assert down.returncode == 1
+
+
+def test_serve_passes_the_http_json_limit_to_the_server(tmp_path, monkeypatch, capsys):
+    from server import cli
+    from server.settings import Settings
+
+    started = []
+
+    class App:  # the server, as far as `protoserve serve` sees it
+        def __init__(self, settings):
+            started.append(settings)
+
+        async def run_until_signal(self):
+            pass
+
+    monkeypatch.setattr("server.app.App", App)
+    assert cli.main(["serve", "--model-store", str(tmp_path)]) == 0
+    assert cli.main(["serve", "--model-store", str(tmp_path), "--http-max-json-bytes", "1234"]) == 0
+    assert [settings.http_max_json_bytes for settings in started] == [Settings(tmp_path).http_max_json_bytes, 1234]
+    assert cli.main(["serve", "--model-store", str(tmp_path), "--http-max-json-bytes", "0"]) == 2
+    assert "http_max_json_bytes must be >= 1" in capsys.readouterr().err

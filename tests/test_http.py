@@ -567,6 +567,52 @@ def test_shutdown_answers_the_requests_in_flight_then_closes_the_port(demo_store
         socket.create_connection((host, int(port)), timeout=5)
 
 
+MAX_JSON = 32 << 10
+
+
+@pytest.fixture(scope="module")
+def json_limited(demo_store):
+    """A server whose requests may hold at most MAX_JSON bytes of JSON."""
+    running = RunningServer(Settings(model_store=demo_store, port=0, metrics_port=0, http_port=free_port(),
+                                     http_max_json_bytes=MAX_JSON))
+    yield running
+    running.stop()
+
+
+def _too_much_json(size: int) -> bytes:
+    return json.dumps({"error": f"a JSON part of {size} bytes is over the limit of {MAX_JSON} (protoserve serve "
+                                "--http-max-json-bytes); send large tensors in binary "
+                                "(Inference-Header-Content-Length), or over gRPC"}).encode()
+
+
+@pytest.mark.parametrize("path, headers, size", [
+    ("/v2/models/mnist/infer", "", 4 * MAX_JSON),
+    ("/v2/models/mnist/infer", f"Inference-Header-Content-Length: {MAX_JSON + 1}\r\n", MAX_JSON + 1),
+    # protoserve.v1 in JSON has no binary part: the header does not split its body
+    ("/protoserve.v1.Explainer/Explain", "Inference-Header-Content-Length: 2\r\n", 4 * MAX_JSON),
+], ids=["json", "json-part-before-binary", "protoserve-v1"])
+def test_too_much_json_is_refused_from_the_head_before_the_body_is_read(json_limited, path, headers, size):
+    """A JSON body's numbers take many times its bytes while they are parsed: it has its own limit."""
+    answer = exchange(json_limited.http_address, f"POST {path} HTTP/1.1\r\n{headers}"
+                                                 f"Content-Length: {4 * MAX_JSON}\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")  # answered and closed without a byte of the body
+    assert head.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n") and b"\r\nConnection: close" in head
+    assert body == _too_much_json(size)
+
+
+def test_json_up_to_the_limit_and_binary_data_beyond_it_are_served(json_limited, mnist_split):
+    digits = mnist_split["x_test"][:16].numpy()
+    body, headers = infer_body(digits[:1])
+    padded = body + b" " * (MAX_JSON - len(body))
+    assert call(json_limited.http_address, "POST", "/v2/models/mnist/infer", padded, headers)[0] == 200
+    status, _, answer = call(json_limited.http_address, "POST", "/v2/models/mnist/infer", padded + b" ", headers)
+    assert (status, answer) == (413, _too_much_json(MAX_JSON + 1))
+    body, headers = infer_body(digits, binary=True)  # 16 examples of 3136 bytes after a short JSON part
+    assert len(body) > MAX_JSON
+    status, _, answer = call(json_limited.http_address, "POST", "/v2/models/mnist/infer", body, headers)
+    assert status == 200 and json.loads(answer)["outputs"][0]["shape"][0] == 16
+
+
 # ------------------------------------------------------------------------------ other sites' pages
 
 

@@ -45,6 +45,7 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.port = settings.port
         self.metrics_server: MetricsServer | None = None
+        self.http_api: HttpApi | None = None
         self.http_server: HttpServer | None = None
         self.http_port = 0
         self.supervisor: WorkerSupervisor | None = None
@@ -90,11 +91,13 @@ class App:
             raise ListenError(f"cannot serve gRPC on {address}; choose another --port") from None
         await self.server.start()
         if self.settings.http_port:
-            api = HttpApi(plane, self.settings, tokens)
-            self.http_server = HttpServer(api.handle, api.admit, error_response, self.settings, http_tls)
+            self.http_api = HttpApi(plane, self.settings, tokens)
+            self.http_server = HttpServer(self.http_api.handle, self.http_api.admit, error_response, self.settings,
+                                          http_tls)
             try:
                 self.http_port = await self.http_server.start(self.settings.host, self.settings.http_port)
             except ListenError:
+                self.http_api.close()
                 await self.server.stop(0)
                 await self.registry.close(0)
                 raise
@@ -136,6 +139,8 @@ class App:
             log.info("refused %d rpc(s) while draining; %s; closed %d connection(s)", self.drain.refused, outcome,
                      closed)
         await http_closed
+        if self.http_api is not None:
+            self.http_api.close()
         await self.registry.close(self.settings.shutdown_grace_s)
         if self.metrics_server is not None:
             self.metrics_server.close()

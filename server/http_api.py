@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from importlib import resources
 from typing import NoReturn
@@ -42,8 +43,11 @@ from server.security import BearerTokens
 from server.servicer import ExplainerCalls
 from server.settings import Settings
 
-# A JSON body larger than this is parsed in a thread, so that parsing does not hold up the event loop.
-PARSE_IN_THREAD_BYTES = 1 << 20
+# JSON of more than this is parsed on the JSON threads, off the event loop; less takes the loop a few ms.
+ON_LOOP_JSON_BYTES = 64 << 10
+# Parsed JSON takes many times its bytes as Python objects (docs/limits.md): so few threads parse, and the
+# memory that takes is bounded by them, not by the connections (a JSON body waits for a thread as bytes).
+JSON_THREADS = 2
 EXPLORER_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
                   "/explorer.js": ("explorer.js", "text/javascript; charset=utf-8"),
                   "/explorer.css": ("explorer.css", "text/css; charset=utf-8")}
@@ -85,6 +89,12 @@ class HttpApi:
         self.calls = ExplainerCalls(plane)
         folder = resources.files("server") / "explorer"
         self.page = {path: (folder / name).read_bytes() for path, (name, _) in EXPLORER_FILES.items()}
+        self.json_threads = ThreadPoolExecutor(JSON_THREADS, thread_name_prefix="protoserve-http-json")
+
+    def close(self) -> None:
+        """Stop the JSON threads, once the HTTP server has closed: work not started is dropped; work
+        running ends on its own (its request has gone)."""
+        self.json_threads.shutdown(wait=False, cancel_futures=True)
 
     def admit(self, request: Request) -> None:
         """Refuse, from its head (its body is never read), a request for another host name, one that a
@@ -162,14 +172,21 @@ class HttpApi:
 
     async def _infer(self, name: str, version: str, request: Request) -> Response:
         async with self.oip_rpcs.http_scope("http:ModelInfer", name, _fail):
-            parsed = await _off_loop(len(request.body), oip_rest.parse_infer, name, version, request.body,
-                                     request.header(oip_rest.HEADER_LENGTH))
+            parsed = await self._json_work(json_bytes(request), oip_rest.parse_infer, name, version, request.body,
+                                           request.header(oip_rest.HEADER_LENGTH))
             body, header_length = await infer(self.plane, self.settings, parsed.request, None,
                                               lambda outputs: oip_rest.infer_response(parsed, outputs))
         if header_length is None:
             return Response(HTTPStatus.OK, body, oip_rest.JSON_TYPE)
         return Response(HTTPStatus.OK, body, oip_rest.BINARY_TYPE, [("Inference-Header-Content-Length",
                                                                      str(header_length))])
+
+    async def _json_work(self, size: int, function, *args):
+        """``function(*args)``, which reads or writes ``size`` bytes of JSON: on the JSON threads when that
+        is more than ON_LOOP_JSON_BYTES."""
+        if size > ON_LOOP_JSON_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(self.json_threads, function, *args)
+        return function(*args)
 
     # ------------------------------------------------------------- protoserve.v1 in JSON
 
@@ -178,7 +195,7 @@ class HttpApi:
         if message_type is None:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no rpc {echo(rpc)}; known: {', '.join(EXPLAINER_REQUESTS)}")
         # Parsed before the rpc's scope, as gRPC decodes a message before its servicer sees it.
-        message = await _off_loop(len(request.body), _parse_message, request.body, message_type)
+        message = await self._json_work(json_bytes(request), _parse_message, request.body, message_type)
         async with self.explainer_rpcs.http_scope(f"http:{rpc}", getattr(message, "model", ""), _fail):
             if rpc == "ListModels":
                 response = self.calls.list_models()
@@ -199,13 +216,6 @@ def _parse_message(body: bytes, message_type):
     except (json_format.ParseError, ValueError, RecursionError) as error:
         raise HttpError(HTTPStatus.BAD_REQUEST, f"request: not a {message_type.DESCRIPTOR.full_name} in JSON: "
                                                 f"{echo(str(error))}", field="request") from None
-
-
-async def _off_loop(body_bytes: int, function, *args):
-    """``function(*args)``, in a thread when it parses more than PARSE_IN_THREAD_BYTES."""
-    if body_bytes > PARSE_IN_THREAD_BYTES:
-        return await asyncio.to_thread(function, *args)
-    return function(*args)
 
 
 def allowed_hosts(settings: Settings) -> frozenset[str] | None:

@@ -133,8 +133,9 @@ def input_metadata(runtime: ModelRuntime) -> tuple[str, str, list[int]]:
 @dataclass(frozen=True)
 class InputTensor:
     """One input tensor as a binding received it: its contents are ``raw`` (little-endian bytes) or
-    ``values`` (a flat sequence of numbers), at most one of them; ``field`` names where the contents
-    are (e.g. ``raw_input_contents[0]``, ``inputs[0].data``), and ``absent`` says why there are none."""
+    ``values`` (a flat array of numbers, or a sequence NumPy reads as one, e.g. a protobuf repeated
+    field), at most one of them; ``field`` names where the contents are (e.g. ``raw_input_contents[0]``,
+    ``inputs[0].data``), and ``absent`` says why there are none."""
 
     name: str
     datatype: str
@@ -236,13 +237,11 @@ def decode_batch(inputs: Sequence[InputTensor], runtime: ModelRuntime, settings:
         raise InvalidInputError(tensor.field, tensor.absent)
     if len(values) != count:
         raise InvalidInputError(tensor.field, f"has {len(values)} values, shape {shape} needs {count}")
-    if dtype == np.uint8:
-        array = np.fromiter(values, dtype=np.uint32, count=count)
-        if array.size and array.max() > 255:
-            raise InvalidInputError(tensor.field, "UINT8 values must be at most 255")
-        return array.astype(np.uint8).reshape(shape)
-    with np.errstate(over="ignore"):  # a JSON number beyond float32 becomes inf, which the data plane refuses
-        return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
+    array = np.asarray(values)  # a protobuf repeated field reads at once, not number by number
+    if dtype == np.uint8 and array.size and array.max() > 255:
+        raise InvalidInputError(tensor.field, "UINT8 values must be at most 255")
+    with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, which the data plane refuses
+        return array.astype(dtype).reshape(shape)
 
 
 def max_suppress_chars(runtime: ModelRuntime, max_interventions: int) -> int:

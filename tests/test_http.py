@@ -290,6 +290,44 @@ def test_a_content_length_of_other_digits_than_ascii_is_400(server, length):
     assert body == b'{"error": "Content-Length is not a number of bytes"}'
 
 
+def test_large_json_is_parsed_on_the_few_json_threads_and_small_json_on_the_loop(server, mnist_split, monkeypatch):
+    """Parsed JSON takes many times its bytes: at most JSON_THREADS bodies are parsed at once, whatever
+    the connections, and the event loop parses none but small ones."""
+    from server import http_api, oip_rest
+
+    parse_infer, lock = oip_rest.parse_infer, threading.Lock()
+    threads, parsing = [], [0, 0]  # the threads that parsed; bodies being parsed now, and the most at once
+
+    def watched_parse_infer(*args):
+        with lock:
+            threads.append(threading.current_thread().name)
+            parsing[0] += 1
+            parsing[1] = max(parsing)
+        try:
+            time.sleep(0.1)  # so that the other bodies arrive meanwhile
+            return parse_infer(*args)
+        finally:
+            with lock:
+                parsing[0] -= 1
+
+    monkeypatch.setattr(oip_rest, "parse_infer", watched_parse_infer)
+    large, headers = infer_body(mnist_split["x_test"][:32].numpy())
+    assert len(large) > http_api.ON_LOOP_JSON_BYTES
+    statuses = []
+    senders = [threading.Thread(target=lambda: statuses.append(
+        call(server.http_address, "POST", "/v2/models/mnist/infer", large, headers)[0])) for _ in range(6)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(120)
+    small, headers = infer_body(mnist_split["x_test"][:1].numpy())
+    assert call(server.http_address, "POST", "/v2/models/mnist/infer", small, headers)[0] == 200
+    assert statuses == [200] * 6
+    json_threads = {f"protoserve-http-json_{i}" for i in range(http_api.JSON_THREADS)}
+    assert set(threads[:6]) <= json_threads and threads[6] == server.thread.name
+    assert parsing[0] == 0 and parsing[1] <= http_api.JSON_THREADS
+
+
 def _requests_total(server, **labels) -> float:
     text = call(f"127.0.0.1:{server.app.settings.metrics_port}", "GET", "/metrics")[2].decode()
     for family in text_string_to_metric_families(text):
@@ -562,6 +600,8 @@ def test_shutdown_answers_the_requests_in_flight_then_closes_the_port(demo_store
     running.stop()
     request.join(10)
     assert answers == [200]
+    with pytest.raises(RuntimeError):  # its JSON threads stopped with it
+        running.app.http_api.json_threads.submit(int)
     host, port = running.http_address.rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=5)

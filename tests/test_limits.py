@@ -105,7 +105,8 @@ def test_tensor_shapes_numpy_cannot_hold_are_invalid_not_internal(client, shape)
     assert len(error.details()) < 200
 
 
-def test_the_decode_budget_flags_reach_the_settings(monkeypatch, tmp_path):
+def _served_settings(monkeypatch, tmp_path, *flags: str) -> Settings:
+    """The Settings that `protoserve serve --model-store tmp_path *flags` would serve with (nothing served)."""
     import server.app
     from server import cli
 
@@ -119,9 +120,13 @@ def test_the_decode_budget_flags_reach_the_settings(monkeypatch, tmp_path):
             return None
 
     monkeypatch.setattr(server.app, "App", Recorder)
-    assert cli.main(["serve", "--model-store", str(tmp_path), "--max-image-pixels", "1000", "--decode-threads", "3",
-                     "--max-decode-backlog", "5", "--decode-timeout-s", "0.25"]) == 0
-    settings = seen[0]
+    assert cli.main(["serve", "--model-store", str(tmp_path), *flags]) == 0
+    return seen[0]
+
+
+def test_the_decode_budget_flags_reach_the_settings(monkeypatch, tmp_path):
+    settings = _served_settings(monkeypatch, tmp_path, "--max-image-pixels", "1000", "--decode-threads", "3",
+                                "--max-decode-backlog", "5", "--decode-timeout-s", "0.25")
     assert (settings.max_image_pixels, settings.decode_threads, settings.max_decode_backlog,
             settings.decode_timeout_s) == (1000, 3, 5, 0.25)
     for name, value in (("max_image_pixels", 0), ("decode_threads", 0), ("max_decode_backlog", 0),
@@ -217,23 +222,10 @@ def test_explain_streams_open_at_once_are_bounded(demo_store):
 
 
 def test_the_connection_flags_reach_the_settings(monkeypatch, tmp_path):
-    import server.app
-    from server import cli
-
-    seen = []
-
-    class Recorder:
-        def __init__(self, settings):
-            seen.append(settings)
-
-        async def run_until_signal(self):
-            return None
-
-    monkeypatch.setattr(server.app, "App", Recorder)
-    assert cli.main(["serve", "--model-store", str(tmp_path), "--max-connections", "7", "--handshake-timeout-s",
-                     "2.5", "--max-concurrent-rpcs", "9", "--max-streams", "3"]) == 0
-    assert (seen[0].max_connections, seen[0].handshake_timeout_s, seen[0].max_concurrent_rpcs,
-            seen[0].max_streams) == (7, 2.5, 9, 3)
+    settings = _served_settings(monkeypatch, tmp_path, "--max-connections", "7", "--handshake-timeout-s", "2.5",
+                                "--max-concurrent-rpcs", "9", "--max-streams", "3")
+    assert (settings.max_connections, settings.handshake_timeout_s, settings.max_concurrent_rpcs,
+            settings.max_streams) == (7, 2.5, 9, 3)
     for name, value in (("max_connections", 0), ("max_concurrent_rpcs", 0), ("handshake_timeout_s", 0.0)):
         with pytest.raises(ValueError, match="max_connections and max_concurrent_rpcs must be"):
             Settings(model_store=tmp_path, **{name: value})

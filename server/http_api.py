@@ -174,8 +174,10 @@ class HttpApi:
         async with self.oip_rpcs.http_scope("http:ModelInfer", name, _fail):
             parsed = await self._json_work(json_bytes(request), oip_rest.parse_infer, name, version, request.body,
                                            request.header(oip_rest.HEADER_LENGTH))
-            body, header_length = await infer(self.plane, self.settings, parsed.request, None,
-                                              lambda outputs: oip_rest.infer_response(parsed, outputs))
+            outputs = await infer(self.plane, self.settings, parsed.request, None, lambda outputs: outputs)
+            # Its JSON is written here, as protoserve.v1's is (the data plane's encode stage times the arrays).
+            body, header_length = await self._json_work(oip_rest.answer_json_bytes(parsed, outputs),
+                                                        oip_rest.infer_response, parsed, outputs)
         if header_length is None:
             return Response(HTTPStatus.OK, body, oip_rest.JSON_TYPE)
         return Response(HTTPStatus.OK, body, oip_rest.BINARY_TYPE, [("Inference-Header-Content-Length",
@@ -205,9 +207,12 @@ class HttpApi:
                 response = await self.calls.predict(message, None)
             else:
                 response = await self.calls.explain(message, None)
-        text = json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None,
-                                         always_print_fields_with_no_presence=True)
-        return Response(HTTPStatus.OK, text.encode())
+        return Response(HTTPStatus.OK, await self._json_work(response.ByteSize(), _message_json, response))
+
+
+def _message_json(message) -> bytes:
+    return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None,
+                                     always_print_fields_with_no_presence=True).encode()
 
 
 def _parse_message(body: bytes, message_type):

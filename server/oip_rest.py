@@ -33,6 +33,11 @@ HEADER_LENGTH = "inference-header-content-length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 EXTENSIONS = ["parameters", "binary_tensor_data"]
+# An answer's numbers are written this many to a json.dumps call: one call holds the GIL throughout (so
+# the event loop too, from any thread); this many take a few ms.
+JSON_CHUNK_NUMBERS = 1 << 13
+# At most the characters of a number in JSON with its comma: a float32 as its double's shortest repr.
+JSON_NUMBER_BYTES = 25
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class RestInferRequest:
     request: InferRequest
     binary_output: bool
     binary_outputs: dict[str, bool]
+
+    def in_binary(self, output: str) -> bool:
+        return self.binary_outputs.get(output, self.binary_output)
 
 
 def parse_infer(model: str, version: str, body: bytes, header_length: str) -> RestInferRequest:
@@ -171,18 +179,36 @@ def infer_response(request: RestInferRequest, result: InferOutputs) -> tuple[byt
     outputs, binaries = [], []
     for output in result.outputs:
         entry = {"name": output.name, "datatype": output.datatype, "shape": list(output.array.shape)}
-        if request.binary_outputs.get(output.name, request.binary_output):
+        if request.in_binary(output.name):
             raw = output.raw()
             entry["parameters"] = {"binary_data_size": len(raw)}
             binaries.append(raw)
+            outputs.append(_json_object(entry))
         else:
-            entry["data"] = output.array.reshape(-1).tolist()
-        outputs.append(entry)
-    document["outputs"] = outputs
-    head = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+            outputs.append(_json_object(entry, data=_json_list(output.array)))
+    head = _json_object(document, outputs=f"[{','.join(outputs)}]").encode()
     if not binaries:
         return head, None
     return b"".join([head, *binaries]), len(head)
+
+
+def answer_json_bytes(request: RestInferRequest, result: InferOutputs) -> int:
+    """At most about how many bytes the answer's JSON takes: its numbers (and component ids, as short)."""
+    return JSON_NUMBER_BYTES * sum(output.array.size for output in result.outputs if not request.in_binary(output.name))
+
+
+def _json_object(fields: dict, **written: str) -> str:
+    """The JSON object of ``fields`` (not empty), then of ``written``: members whose values are JSON already."""
+    text = json.dumps(fields, separators=(",", ":"), allow_nan=False)
+    return text[:-1] + "".join(f',"{name}":{value}' for name, value in written.items()) + "}"
+
+
+def _json_list(array: np.ndarray) -> str:
+    """``array``'s values as a flat JSON list, written JSON_CHUNK_NUMBERS at a time."""
+    flat = array.reshape(-1)
+    chunks = (json.dumps(flat[start:start + JSON_CHUNK_NUMBERS].tolist(), separators=(",", ":"), allow_nan=False)
+              for start in range(0, flat.size, JSON_CHUNK_NUMBERS))
+    return f"[{','.join(chunk[1:-1] for chunk in chunks)}]"
 
 
 def model_metadata(runtime: ModelRuntime, versions: Sequence[str]) -> dict:

@@ -328,6 +328,52 @@ def test_large_json_is_parsed_on_the_few_json_threads_and_small_json_on_the_loop
     assert parsing[0] == 0 and parsing[1] <= http_api.JSON_THREADS
 
 
+def _watched(function, calls: list):
+    """``function``, noting in ``calls`` its name and the thread that runs it, each time."""
+    def watched(*args):
+        calls.append((function.__name__, threading.current_thread().name))
+        return function(*args)
+    return watched
+
+
+def test_large_json_answers_are_written_on_the_json_threads_and_equal_grpc(server, oip_stub, client, mnist_split,
+                                                                             monkeypatch):
+    """A 256-example answer with heatmaps took the event loop about a second; json.dumps holds the GIL
+    throughout a call, so the numbers are written a chunk at a time."""
+    from server import http_api, oip_rest
+
+    writers = []
+    monkeypatch.setattr(oip_rest, "infer_response", _watched(oip_rest.infer_response, writers))
+    monkeypatch.setattr(http_api, "_message_json", _watched(http_api._message_json, writers))
+    digits = mnist_split["x_test"][:32].numpy()
+    parameters = {"method": "protonmf", "heatmaps": "input"}
+    expected = decode(oip_stub.ModelInfer(infer_request(digits, **parameters), timeout=120))
+    body, headers = infer_body(digits, **parameters)
+    status, answer_headers, answer = call(server.http_address, "POST", "/v2/models/mnist/infer", body, headers)
+    assert status == 200, answer[:500]
+    _, arrays = rest_arrays(answer_headers, answer)
+    assert list(arrays) == list(expected) and arrays["heatmaps"].size > oip_rest.JSON_CHUNK_NUMBERS
+    for name, array in expected.items():
+        assert arrays[name].shape == array.shape, name
+        if array.dtype == object:
+            assert arrays[name].tolist() == array.tolist(), name
+        else:
+            assert arrays[name].dtype == array.dtype and arrays[name].tobytes() == array.tobytes(), name
+    body, headers = infer_body(digits[:1], explain=False)
+    assert call(server.http_address, "POST", "/v2/models/mnist/infer", body, headers)[0] == 200
+    # protoserve.v1's answers take the same way (here every one is large).
+    monkeypatch.setattr(http_api, "ON_LOOP_JSON_BYTES", 0)
+    request = pb.PredictRequest(model="mnist", top_k=3)
+    request.input.CopyFrom(client.get_model("mnist").samples[0].input)
+    status, _, body = call(server.http_address, "POST", "/protoserve.v1.Explainer/Predict",
+                           json_format.MessageToJson(request).encode())
+    assert status == 200 and json_format.Parse(body, pb.PredictResponse()) == client.stub.Predict(request, timeout=60)
+    assert [name for name, _ in writers] == ["infer_response", "infer_response", "_message_json"]
+    threads = [thread for _, thread in writers]
+    assert threads[1] == server.thread.name  # the small answer, on the event loop
+    assert threads[0].startswith("protoserve-http-json_") and threads[2].startswith("protoserve-http-json_")
+
+
 def _requests_total(server, **labels) -> float:
     text = call(f"127.0.0.1:{server.app.settings.metrics_port}", "GET", "/metrics")[2].decode()
     for family in text_string_to_metric_families(text):

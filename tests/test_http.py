@@ -73,6 +73,16 @@ def infer_body(x: np.ndarray, *, binary: bool = False, outputs=(), binary_output
     return head + x.astype("<f4").tobytes(), {"Inference-Header-Content-Length": str(len(head))}
 
 
+def assert_same_arrays(arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """Each expected array came back with its shape, dtype and bytes (strings: their values)."""
+    for name, array in expected.items():
+        assert arrays[name].shape == array.shape, name
+        if array.dtype == object:
+            assert arrays[name].tolist() == array.tolist(), name
+        else:
+            assert arrays[name].dtype == array.dtype and arrays[name].tobytes() == array.tobytes(), name
+
+
 def rest_arrays(headers: http.client.HTTPMessage, body: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     """A REST infer response -> its JSON and its outputs as arrays (binary ones read after the JSON)."""
     split = int(headers.get("Inference-Header-Content-Length", len(body)))
@@ -150,12 +160,7 @@ def test_infer_equals_the_grpc_service_bitwise(server, oip_stub, digits, binary)
     assert (document["id"], document["model_name"], document["model_version"]) == ("h-1", "mnist", "1")
     assert document["parameters"] == {"method": "protonmf"}
     assert list(arrays) == list(expected)
-    for name, array in expected.items():
-        assert arrays[name].shape == array.shape, name
-        if array.dtype == object:
-            assert arrays[name].tolist() == array.tolist(), name
-        else:
-            assert arrays[name].dtype == array.dtype and arrays[name].tobytes() == array.tobytes(), name
+    assert_same_arrays(arrays, expected)
 
 
 def test_nested_data_uint8_target_class_outputs_and_the_bare_prediction(server, oip_stub, digits):
@@ -353,12 +358,7 @@ def test_large_json_answers_are_written_on_the_json_threads_and_equal_grpc(serve
     assert status == 200, answer[:500]
     _, arrays = rest_arrays(answer_headers, answer)
     assert list(arrays) == list(expected) and arrays["heatmaps"].size > oip_rest.JSON_CHUNK_NUMBERS
-    for name, array in expected.items():
-        assert arrays[name].shape == array.shape, name
-        if array.dtype == object:
-            assert arrays[name].tolist() == array.tolist(), name
-        else:
-            assert arrays[name].dtype == array.dtype and arrays[name].tobytes() == array.tobytes(), name
+    assert_same_arrays(arrays, expected)
     body, headers = infer_body(digits[:1], explain=False)
     assert call(server.http_address, "POST", "/v2/models/mnist/infer", body, headers)[0] == 200
     # protoserve.v1's answers take the same way (here every one is large).

@@ -23,6 +23,7 @@ metrics are recorded as for gRPC, the rpc label prefixed ``http:``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -45,9 +46,10 @@ from server.settings import Settings
 
 # JSON of more than this is parsed on the JSON threads, off the event loop; less takes the loop a few ms.
 ON_LOOP_JSON_BYTES = 64 << 10
-# Parsed JSON takes many times its bytes as Python objects (docs/limits.md): so few threads parse, and the
-# memory that takes is bounded by them, not by the connections (a JSON body waits for a thread as bytes).
-JSON_THREADS = 2
+# Parsed JSON takes many times its bytes as Python objects (docs/limits.md): one thread parses, so that
+# memory is one body's whatever the connections (the others wait as bytes). And json.loads holds the GIL
+# throughout: a second thread's call could follow the first's, stalling the event loop twice as long.
+JSON_THREADS = 1
 EXPLORER_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
                   "/explorer.js": ("explorer.js", "text/javascript; charset=utf-8"),
                   "/explorer.css": ("explorer.css", "text/css; charset=utf-8")}
@@ -187,7 +189,7 @@ class HttpApi:
         """``function(*args)``, which reads or writes ``size`` bytes of JSON: on the JSON threads when that
         is more than ON_LOOP_JSON_BYTES."""
         if size > ON_LOOP_JSON_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(self.json_threads, function, *args)
+            return await asyncio.get_running_loop().run_in_executor(self.json_threads, _gc_paused, function, *args)
         return function(*args)
 
     # ------------------------------------------------------------- protoserve.v1 in JSON
@@ -208,6 +210,19 @@ class HttpApi:
             else:
                 response = await self.calls.explain(message, None)
         return Response(HTTPStatus.OK, await self._json_work(response.ByteSize(), _message_json, response))
+
+
+def _gc_paused(function, *args):
+    """``function(*args)`` with the cyclic garbage collector paused: parsed JSON can be millions of lists,
+    which every collection meanwhile would walk again (an 8 MiB body of ``[0],[0],...`` took 4 times
+    as long to parse, the GIL held)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return function(*args)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _message_json(message) -> bytes:

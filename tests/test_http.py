@@ -4,6 +4,7 @@ bounds a stranger meets (attack payloads over TLS with bearer tokens)."""
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import logging
@@ -297,15 +298,18 @@ def test_a_content_length_of_other_digits_than_ascii_is_400(server, length):
 
 def test_large_json_is_parsed_on_the_few_json_threads_and_small_json_on_the_loop(server, mnist_split, monkeypatch):
     """Parsed JSON takes many times its bytes: at most JSON_THREADS bodies are parsed at once, whatever
-    the connections, and the event loop parses none but small ones."""
+    the connections, with the garbage collector paused (it would walk every parsed list again and again),
+    and the event loop parses none but small ones."""
     from server import http_api, oip_rest
 
     parse_infer, lock = oip_rest.parse_infer, threading.Lock()
     threads, parsing = [], [0, 0]  # the threads that parsed; bodies being parsed now, and the most at once
+    collecting = []  # whether the garbage collector ran, at each parse
 
     def watched_parse_infer(*args):
         with lock:
             threads.append(threading.current_thread().name)
+            collecting.append(gc.isenabled())
             parsing[0] += 1
             parsing[1] = max(parsing)
         try:
@@ -331,6 +335,7 @@ def test_large_json_is_parsed_on_the_few_json_threads_and_small_json_on_the_loop
     json_threads = {f"protoserve-http-json_{i}" for i in range(http_api.JSON_THREADS)}
     assert set(threads[:6]) <= json_threads and threads[6] == server.thread.name
     assert parsing[0] == 0 and parsing[1] <= http_api.JSON_THREADS
+    assert collecting == [False] * 6 + [True] and gc.isenabled()
 
 
 def _watched(function, calls: list):

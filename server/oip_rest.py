@@ -176,20 +176,22 @@ def infer_response(request: RestInferRequest, result: InferOutputs) -> tuple[byt
     document: dict = {"id": request.request.id, "model_name": runtime.name, "model_version": runtime.version}
     if result.method:
         document["parameters"] = {"method": result.method}
-    outputs, binaries = [], []
-    for output in result.outputs:
+    # The JSON in pieces, joined once: a copy of a large answer holds the GIL too.
+    head, binaries = [_open_object(document), b',"outputs":['], []
+    for i, output in enumerate(result.outputs):
         entry = {"name": output.name, "datatype": output.datatype, "shape": list(output.array.shape)}
+        head.append(b"," if i else b"")
         if request.in_binary(output.name):
             raw = output.raw()
             entry["parameters"] = {"binary_data_size": len(raw)}
             binaries.append(raw)
-            outputs.append(_json_object(entry))
+            head += [_open_object(entry), b"}"]
         else:
-            outputs.append(_json_object(entry, data=_json_list(output.array)))
-    head = _json_object(document, outputs=f"[{','.join(outputs)}]").encode()
+            head += [_open_object(entry), b',"data":[', *_json_numbers(output.array), b"]}"]
+    head.append(b"]}")
     if not binaries:
-        return head, None
-    return b"".join([head, *binaries]), len(head)
+        return b"".join(head), None
+    return b"".join(head + binaries), sum(map(len, head))
 
 
 def answer_json_bytes(request: RestInferRequest, result: InferOutputs) -> int:
@@ -197,18 +199,18 @@ def answer_json_bytes(request: RestInferRequest, result: InferOutputs) -> int:
     return JSON_NUMBER_BYTES * sum(output.array.size for output in result.outputs if not request.in_binary(output.name))
 
 
-def _json_object(fields: dict, **written: str) -> str:
-    """The JSON object of ``fields`` (not empty), then of ``written``: members whose values are JSON already."""
-    text = json.dumps(fields, separators=(",", ":"), allow_nan=False)
-    return text[:-1] + "".join(f',"{name}":{value}' for name, value in written.items()) + "}"
+def _open_object(fields: dict) -> bytes:
+    """The JSON object of ``fields`` (not empty) without its closing brace: more members follow."""
+    return json.dumps(fields, separators=(",", ":"), allow_nan=False)[:-1].encode()
 
 
-def _json_list(array: np.ndarray) -> str:
-    """``array``'s values as a flat JSON list, written JSON_CHUNK_NUMBERS at a time."""
+def _json_numbers(array: np.ndarray) -> list[bytes]:
+    """``array``'s values, flat, as the items of a JSON list, in pieces of JSON_CHUNK_NUMBERS (a
+    json.dumps call each)."""
     flat = array.reshape(-1)
-    chunks = (json.dumps(flat[start:start + JSON_CHUNK_NUMBERS].tolist(), separators=(",", ":"), allow_nan=False)
-              for start in range(0, flat.size, JSON_CHUNK_NUMBERS))
-    return f"[{','.join(chunk[1:-1] for chunk in chunks)}]"
+    return [(b"," if start else b"") + json.dumps(flat[start:start + JSON_CHUNK_NUMBERS].tolist(),
+                                                  separators=(",", ":"), allow_nan=False)[1:-1].encode()
+            for start in range(0, flat.size, JSON_CHUNK_NUMBERS)]
 
 
 def model_metadata(runtime: ModelRuntime, versions: Sequence[str]) -> dict:

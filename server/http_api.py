@@ -44,7 +44,8 @@ from server.security import BearerTokens
 from server.servicer import ExplainerCalls
 from server.settings import Settings
 
-# JSON of more than this is parsed on the JSON threads, off the event loop; less takes the loop a few ms.
+# JSON of more than this is read or written on the JSON threads, off the event loop; up to it, on the
+# loop, which it takes for at most about 10 ms (docs/limits.md).
 ON_LOOP_JSON_BYTES = 64 << 10
 # Parsed JSON takes many times its bytes as Python objects (docs/limits.md): one thread parses, so that
 # memory is one body's whatever the connections (the others wait as bytes). And json.loads holds the GIL
@@ -186,8 +187,8 @@ class HttpApi:
                                                                      str(header_length))])
 
     async def _json_work(self, size: int, function, *args):
-        """``function(*args)``, which reads or writes ``size`` bytes of JSON: on the JSON threads when that
-        is more than ON_LOOP_JSON_BYTES."""
+        """``function(*args)``, which reads or writes ``size`` bytes of JSON: on the JSON threads, the
+        garbage collector paused, when that is more than ON_LOOP_JSON_BYTES."""
         if size > ON_LOOP_JSON_BYTES:
             return await asyncio.get_running_loop().run_in_executor(self.json_threads, _gc_paused, function, *args)
         return function(*args)

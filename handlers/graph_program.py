@@ -19,6 +19,7 @@ loader is not used either, because it falls back to ``pickle`` for some members.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -115,6 +116,7 @@ MAX_ARGUMENT_ITEMS = 4096  # items of a stored list or tuple, and of a list or t
 MAX_INT = 1 << 24  # an int in the graph or a module's arguments: a size such as output_size or a repeat count
 MAX_COMPUTED_INT = 1 << 63  # an int a step makes (shape arithmetic): a squaring chain stops at its second step
 MAX_ELEMENTS_PER_EXAMPLE = 1 << 26  # tensor elements a step reads, and the program holds at once, per example
+MAX_VETTED_SHAPES = 1024  # input shapes remembered as within the bounds; past them, each call is vetted again
 
 _CONSTRUCTOR_SKIP = {"self", "device", "dtype"}
 _OPS = ("placeholder", "get_attr", "call_module", "call_function", "call_method", "output")
@@ -187,7 +189,14 @@ class Program:
 _ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.neg})
 _NUMBERS = (torch.Tensor, int, float)
 
-_RESERVED_NAMES = frozenset({"program", "with_taps", "_plan", "_release"})
+# Layers whose output has their input's shape and dtype, whatever their arguments: vetted without running.
+_SHAPE_PRESERVING_MODULES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Softmax, nn.LogSoftmax,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
+)
+
+_RESERVED_NAMES = frozenset({"program", "with_taps", "_plan", "_release", "_vetted"})
 
 
 class GraphProgram(nn.Module):
@@ -196,9 +205,15 @@ class GraphProgram(nn.Module):
     Submodules, parameters and buffers are registered under the same names as in the traced
     model, so ``state_dict`` (and :func:`weights_sha256`) are the same as the traced part's.
     The program itself lives in the attribute ``program`` (so no submodule may be named
-    ``program``, ``with_taps``, ``_plan`` or ``_release``). Intermediate values are released after their last use, as generated code would.
-    Each step is bounded as it runs (:data:`MAX_ELEMENTS_PER_EXAMPLE` and the ints and lengths
-    above), so a crafted graph is refused with :class:`GraphLimitError` naming its step.
+    ``program`` or one of the private names in ``_RESERVED_NAMES``). Intermediate values are
+    released after their last use, as generated code would.
+    Before the first call with an input of a given shape, the program runs once on meta tensors of
+    that shape, which allocate nothing, and each step is checked against the bounds before and after
+    it (:data:`MAX_ELEMENTS_PER_EXAMPLE` and the ints and lengths above). So a crafted graph is
+    refused with :class:`GraphLimitError` naming its step before any of its memory is taken, even by
+    a step that makes far more than it reads (a broadcast outer product, a convolution's padding),
+    and a graph whose shapes depend on its values is refused. Calls with a vetted shape run unchecked;
+    so does ``torch.jit``'s tracer (ONNX export), which needs the shape vetted before.
     """
 
     def __init__(self, root: nn.Module, program: Program):
@@ -225,6 +240,7 @@ class GraphProgram(nn.Module):
             else:
                 target = self.get_submodule(step.target) if step.op == "call_module" else step.function
                 self._plan.append(("arithmetic" if target in _ARITHMETIC else "call", target, None))
+        self._vetted: set = set()  # (shape, dtype) of inputs whose run on meta tensors passed the bounds
         last_use: dict[str, int] = {}
         for i, step in enumerate(program.steps):
             for ref in _refs((step.args, step.kwargs)):
@@ -234,36 +250,91 @@ class GraphProgram(nn.Module):
                          for i in range(len(program.steps))]
 
     def forward(self, x):
+        key = (x.shape, x.dtype)
+        if key not in self._vetted:
+            if torch.jit.is_tracing():
+                # The tracer (ONNX export) makes sizes traced values, on which meta kernels fail.
+                key = (torch.Size(int(d) for d in x.shape), x.dtype)
+                if key not in self._vetted:
+                    raise RuntimeError(f"run a GraphProgram on inputs of shape {tuple(key[0])} before tracing it")
+            else:
+                self._vet(*key)
+                if len(self._vetted) < MAX_VETTED_SHAPES:
+                    self._vetted.add(key)
         env = {self.program.input_name: x}
-        budget = MAX_ELEMENTS_PER_EXAMPLE * max(1, len(x))
-        # Tensor elements of the values in env, by name (weights, read by get_attr, are not counted).
-        sizes = {self.program.input_name: x.numel()}
-        held = sizes[self.program.input_name]
         for step, (kind, target, leaf), release in zip(self.program.steps, self._plan, self._release):
             if kind == "attr":
                 env[step.name] = getattr(target, leaf)
                 continue
             args = _fill(step.args, env)
             kwargs = _fill(step.kwargs, env) if step.kwargs else {}
-            # Checked before the call: a torch.cat of 4096 references makes 4096 times what it reads.
-            if _elements((args, kwargs)) > budget:
-                raise GraphLimitError(f"node {step.name} reads more than {MAX_ELEMENTS_PER_EXAMPLE} tensor "
-                                      "elements per example")
-            if kind == "arithmetic" and not all(isinstance(a, _NUMBERS) for a in args):
-                raise GraphLimitError(f"node {step.name}: {step.target} takes tensors and numbers only")
-            value = (getattr(args[0], target)(*args[1:], **kwargs) if kind == "method"
-                     else target(*args, **kwargs))
-            _check_made(step.name, value)
-            sizes[step.name] = _elements(value)
-            held += sizes[step.name]
-            if held > budget:
-                raise GraphLimitError(f"node {step.name}: the program would hold more than "
-                                      f"{MAX_ELEMENTS_PER_EXAMPLE} tensor elements per example at once")
-            env[step.name] = value
+            env[step.name] = (getattr(args[0], target)(*args[1:], **kwargs) if kind == "method"
+                              else target(*args, **kwargs))
             for name in release:
                 del env[name]
-                held -= sizes.pop(name, 0)
         return _fill(self.program.output, env)
+
+    def _vet(self, shape: torch.Size, dtype: torch.dtype) -> None:
+        """Run the program on a meta tensor of ``shape`` and ``dtype`` (shapes only: nothing is
+        allocated), checking each step against the bounds before and after it.
+
+        Raises
+        ------
+        GraphLimitError
+            At the first step past a bound, or whose output's shape depends on values (a boolean
+            mask's selection, a size read from a tensor).
+        """
+        twin = self.__dict__.get("_meta_twin")
+        if twin is None:
+            # The same modules with every weight on the meta device; the weights themselves are not copied.
+            memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
+                    for t in self.parameters()}
+            memo.update({id(t): torch.empty_like(t, device="meta") for t in self.buffers()})
+            memo[id(self.program)] = self.program  # read only; shared rather than copied
+            twin = copy.deepcopy(self, memo)
+            self.__dict__["_meta_twin"] = twin  # not a submodule: .to(), state_dict() and hashes skip it
+        meta_x = torch.empty(shape, dtype=dtype, device="meta")
+        env = {self.program.input_name: meta_x}
+        budget = MAX_ELEMENTS_PER_EXAMPLE * max(1, shape[0] if shape else 1)
+        # Tensor elements of the values in env, by name (weights, read by get_attr, are not counted).
+        sizes = {self.program.input_name: meta_x.numel()}
+        held = sizes[self.program.input_name]
+        with torch.no_grad():
+            for step, (kind, target, leaf), release in zip(twin.program.steps, twin._plan, twin._release):
+                if kind == "attr":
+                    env[step.name] = getattr(target, leaf)
+                    continue
+                args = _fill(step.args, env)
+                kwargs = _fill(step.kwargs, env) if step.kwargs else {}
+                # Checked before the call: a torch.cat of 4096 references makes 4096 times what it reads.
+                if _elements((args, kwargs)) > budget:
+                    raise GraphLimitError(f"node {step.name} reads more than {MAX_ELEMENTS_PER_EXAMPLE} tensor "
+                                          "elements per example")
+                if kind == "arithmetic" and not all(isinstance(a, _NUMBERS) for a in args):
+                    raise GraphLimitError(f"node {step.name}: {step.target} takes tensors and numbers only")
+                try:
+                    if isinstance(target, _SHAPE_PRESERVING_MODULES) and type(args[0]) is torch.Tensor:
+                        value = torch.empty_like(args[0])  # the same shape; meta kernels take ~1 ms for a BatchNorm
+                    else:
+                        value = (getattr(args[0], target)(*args[1:], **kwargs) if kind == "method"
+                                 else target(*args, **kwargs))
+                except (NotImplementedError, RuntimeError) as exc:
+                    # Meta kernels check shapes as the real ones do, so any other failure (a shape
+                    # mismatch) is raised as the real run would raise it.
+                    if isinstance(exc, NotImplementedError) or "meta tensor" in str(exc):
+                        raise GraphLimitError(f"node {step.name}: its output's shape depends on the values of "
+                                              "its input, which the interpreter cannot bound") from exc
+                    raise
+                _check_made(step.name, value)
+                sizes[step.name] = _elements(value)
+                held += sizes[step.name]
+                if held > budget:
+                    raise GraphLimitError(f"node {step.name}: the program would hold more than "
+                                          f"{MAX_ELEMENTS_PER_EXAMPLE} tensor elements per example at once")
+                env[step.name] = value
+                for name in release:
+                    del env[name]
+                    held -= sizes.pop(name, 0)
 
     def with_taps(self, layers: list[str], transform: Callable[[torch.Tensor], torch.Tensor]
                   | Sequence[Callable[[torch.Tensor], torch.Tensor]], keep_output: bool = True) -> "GraphProgram":

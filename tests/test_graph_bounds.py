@@ -2,8 +2,8 @@
 
 Each bomb below is a few bytes of JSON that, unbounded, would take many GiB (or, for the big-int
 chain, hours holding the GIL) before anything could notice. The interpreter refuses each at its
-first step past a bound (see docs/limits.md, "Archives"), before the step's memory is taken
-where the step can be judged beforehand; these tests pass in seconds only because it does.
+first step past a bound (see docs/limits.md, "Archives"), judged on meta tensors before the step's
+memory is taken; these tests pass in seconds only because it does.
 """
 
 from __future__ import annotations
@@ -99,6 +99,69 @@ def test_values_each_within_bounds_are_refused_once_the_program_would_hold_too_m
     with pytest.raises(GraphLimitError, match=r"^node p3: the program would hold more than 67108864 tensor "
                                               r"elements per example at once$"):
         program(torch.zeros(1, 1, 12))
+
+
+def test_a_broadcast_outer_product_is_refused_before_it_is_made():
+    # `p` is 2**20 elements per example, within bounds; `c` = a * b broadcasts to 2**40 (4 TiB per
+    # example) from 2**21 read: only the shapes can tell, before the step runs.
+    nodes = [_node("p", "pool", X, op="call_module"),
+             {"name": "a", "op": "call_method", "target": "unsqueeze", "args": {"tuple": [{"node": "p"}, 3]},
+              "kwargs": {"dict": {}}},
+             {"name": "b", "op": "call_method", "target": "unsqueeze", "args": {"tuple": [{"node": "p"}, 2]},
+              "kwargs": {"dict": {}}},
+             _node("c", "operator.mul", {"node": "a"}, {"node": "b"})]
+    program = _program(nodes, _pool(1 << 20), output=["c"])
+    with pytest.raises(GraphLimitError, match=r"^node c: the program would hold more than 67108864 tensor "
+                                              r"elements per example at once$"):
+        program(torch.zeros(2, 1, 12))
+
+
+def test_a_pool_to_a_large_output_on_many_channels_is_refused_before_it_is_made():
+    # 4096 channels of 12 read; pooled to 2**24 each: 2**36 elements per example (256 GiB).
+    nodes = [_node("a", "torch.cat", [X] * 4096, dim=1), _node("p", "pool", {"node": "a"}, op="call_module")]
+    program = _program(nodes, _pool(1 << 24), output=["p"])
+    with pytest.raises(GraphLimitError, match=r"^node p: the program would hold more than 67108864 tensor "
+                                              r"elements per example at once$"):
+        program(torch.zeros(1, 1, 12))
+
+
+@pytest.mark.parametrize("nodes", [
+    [_node("n", "torch.sum", X, dtype={"dtype": "int64"}), _node("r", "torch.reshape", X, {"tuple": [{"node": "n"}]})],
+    [_node("m", "torch.sum", X, dim=1, keepdim=True, dtype={"dtype": "bool"}), _node("r", "operator.getitem", X, {"node": "m"})],
+], ids=["a size read from a tensor", "a boolean mask's selection"])
+def test_a_shape_that_depends_on_the_input_values_is_refused(nodes):
+    program = _program(nodes, output=["r"])
+    with pytest.raises(GraphLimitError, match=r"^node r: its output's shape depends on the values of its input, "
+                                              r"which the interpreter cannot bound$"):
+        program(torch.ones(2, 1, 12))
+
+
+def test_each_input_shape_is_vetted_once_and_the_weights_are_not_copied():
+    upstream = _program([])
+    x = torch.randn(3, 1, 12)
+    expected = upstream(x)
+    assert upstream._vetted == {(torch.Size([3, 1, 12]), torch.float32)}
+    torch.testing.assert_close(upstream(x), expected, rtol=0, atol=0)
+    upstream(torch.randn(5, 1, 12))
+    assert len(upstream._vetted) == 2
+    twin = upstream.__dict__["_meta_twin"]
+    assert {t.device.type for t in (*twin.parameters(), *twin.buffers())} == {"meta"}
+    assert sorted(twin.state_dict()) == sorted(upstream.state_dict())
+    assert "_meta_twin" not in dict(upstream.named_modules())
+
+
+def test_the_layers_vetted_without_running_keep_their_input_shape_and_dtype():
+    from torch import nn
+
+    from handlers.graph_program import _SHAPE_PRESERVING_MODULES
+
+    made = {nn.BatchNorm1d: nn.BatchNorm1d(4), nn.BatchNorm2d: nn.BatchNorm2d(4), nn.LayerNorm: nn.LayerNorm(5),
+            nn.GroupNorm: nn.GroupNorm(2, 4), nn.Softmax: nn.Softmax(dim=1), nn.LogSoftmax: nn.LogSoftmax(dim=1)}
+    for layer_type in _SHAPE_PRESERVING_MODULES:
+        layer = made.get(layer_type) or layer_type()
+        x = torch.randn(2, 4, 5) if layer_type in (nn.BatchNorm1d, nn.Dropout1d) else torch.randn(2, 4, 3, 5)
+        y = layer.eval()(x)
+        assert (y.shape, y.dtype) == (x.shape, x.dtype), layer_type
 
 
 @pytest.fixture(scope="module")

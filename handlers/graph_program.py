@@ -261,6 +261,10 @@ class GraphProgram(nn.Module):
                 self._vet(*key)
                 if len(self._vetted) < MAX_VETTED_SHAPES:
                     self._vetted.add(key)
+        return self._run(x)
+
+    def _run(self, x, bounds: _ShapeBounds | None = None):
+        """Interpret the steps on ``x``; with ``bounds``, each step is checked against them."""
         env = {self.program.input_name: x}
         for step, (kind, target, leaf), release in zip(self.program.steps, self._plan, self._release):
             if kind == "attr":
@@ -268,8 +272,8 @@ class GraphProgram(nn.Module):
                 continue
             args = _fill(step.args, env)
             kwargs = _fill(step.kwargs, env) if step.kwargs else {}
-            env[step.name] = (getattr(args[0], target)(*args[1:], **kwargs) if kind == "method"
-                              else target(*args, **kwargs))
+            env[step.name] = (_call(kind, target, args, kwargs) if bounds is None
+                              else bounds.call(step, kind, target, args, kwargs, release))
             for name in release:
                 del env[name]
         return _fill(self.program.output, env)
@@ -293,48 +297,9 @@ class GraphProgram(nn.Module):
             memo[id(self.program)] = self.program  # read only; shared rather than copied
             twin = copy.deepcopy(self, memo)
             self.__dict__["_meta_twin"] = twin  # not a submodule: .to(), state_dict() and hashes skip it
-        meta_x = torch.empty(shape, dtype=dtype, device="meta")
-        env = {self.program.input_name: meta_x}
-        budget = MAX_ELEMENTS_PER_EXAMPLE * max(1, shape[0] if shape else 1)
-        # Tensor elements of the values in env, by name (weights, read by get_attr, are not counted).
-        sizes = {self.program.input_name: meta_x.numel()}
-        held = sizes[self.program.input_name]
+        x = torch.empty(shape, dtype=dtype, device="meta")
         with torch.no_grad():
-            for step, (kind, target, leaf), release in zip(twin.program.steps, twin._plan, twin._release):
-                if kind == "attr":
-                    env[step.name] = getattr(target, leaf)
-                    continue
-                args = _fill(step.args, env)
-                kwargs = _fill(step.kwargs, env) if step.kwargs else {}
-                # Checked before the call: a torch.cat of 4096 references makes 4096 times what it reads.
-                if _elements((args, kwargs)) > budget:
-                    raise GraphLimitError(f"node {step.name} reads more than {MAX_ELEMENTS_PER_EXAMPLE} tensor "
-                                          "elements per example")
-                if kind == "arithmetic" and not all(isinstance(a, _NUMBERS) for a in args):
-                    raise GraphLimitError(f"node {step.name}: {step.target} takes tensors and numbers only")
-                try:
-                    if isinstance(target, _SHAPE_PRESERVING_MODULES) and type(args[0]) is torch.Tensor:
-                        value = torch.empty_like(args[0])  # the same shape; meta kernels take ~1 ms for a BatchNorm
-                    else:
-                        value = (getattr(args[0], target)(*args[1:], **kwargs) if kind == "method"
-                                 else target(*args, **kwargs))
-                except (NotImplementedError, RuntimeError) as exc:
-                    # Meta kernels check shapes as the real ones do, so any other failure (a shape
-                    # mismatch) is raised as the real run would raise it.
-                    if isinstance(exc, NotImplementedError) or "meta tensor" in str(exc):
-                        raise GraphLimitError(f"node {step.name}: its output's shape depends on the values of "
-                                              "its input, which the interpreter cannot bound") from exc
-                    raise
-                _check_made(step.name, value)
-                sizes[step.name] = _elements(value)
-                held += sizes[step.name]
-                if held > budget:
-                    raise GraphLimitError(f"node {step.name}: the program would hold more than "
-                                          f"{MAX_ELEMENTS_PER_EXAMPLE} tensor elements per example at once")
-                env[step.name] = value
-                for name in release:
-                    del env[name]
-                    held -= sizes.pop(name, 0)
+            twin._run(x, _ShapeBounds(self.program.input_name, x))
 
     def with_taps(self, layers: list[str], transform: Callable[[torch.Tensor], torch.Tensor]
                   | Sequence[Callable[[torch.Tensor], torch.Tensor]], keep_output: bool = True) -> "GraphProgram":
@@ -371,6 +336,51 @@ class GraphProgram(nn.Module):
             deepest = max((i for i, step in enumerate(steps) if step.name in tap_names), default=-1)
             steps, output = steps[:deepest + 1], tuple(taps)
         return GraphProgram(self, Program(self.program.input_name, steps, output)).eval()
+
+
+def _call(kind: str, target, args, kwargs):
+    """A step's call: a tensor method on its first argument, or a module or function."""
+    return getattr(args[0], target)(*args[1:], **kwargs) if kind == "method" else target(*args, **kwargs)
+
+
+class _ShapeBounds:
+    """What a run on meta tensors is held to, step by step: tensor elements read, held and made, per
+    example of the batch; the ints and sequences a step makes; what `operator`'s arithmetic takes."""
+
+    def __init__(self, input_name: str, x: torch.Tensor):
+        self.budget = MAX_ELEMENTS_PER_EXAMPLE * max(1, len(x) if x.dim() else 1)
+        # Tensor elements of the values the run holds, by name (weights, read by get_attr, are not counted).
+        self.sizes = {input_name: x.numel()}
+        self.held = x.numel()
+
+    def call(self, step: Step, kind: str, target, args, kwargs, released: tuple[str, ...]):
+        """The step's value, once checked; ``released``: the values the run drops after it."""
+        # Checked before the call: a torch.cat of 4096 references makes 4096 times what it reads.
+        if _elements((args, kwargs)) > self.budget:
+            raise GraphLimitError(f"node {step.name} reads more than {MAX_ELEMENTS_PER_EXAMPLE} tensor "
+                                  "elements per example")
+        if kind == "arithmetic" and not all(isinstance(a, _NUMBERS) for a in args):
+            raise GraphLimitError(f"node {step.name}: {step.target} takes tensors and numbers only")
+        try:
+            if isinstance(target, _SHAPE_PRESERVING_MODULES) and type(args[0]) is torch.Tensor:
+                value = torch.empty_like(args[0])  # the same shape; meta kernels take ~1 ms for a BatchNorm
+            else:
+                value = _call(kind, target, args, kwargs)
+        except (NotImplementedError, RuntimeError) as exc:
+            # Meta kernels check shapes as the real ones do, so any other failure (a shape
+            # mismatch) is raised as the real run would raise it.
+            if isinstance(exc, NotImplementedError) or "meta tensor" in str(exc):
+                raise GraphLimitError(f"node {step.name}: its output's shape depends on the values of "
+                                      "its input, which the interpreter cannot bound") from exc
+            raise
+        _check_made(step.name, value)
+        self.sizes[step.name] = _elements(value)
+        self.held += self.sizes[step.name]
+        if self.held > self.budget:
+            raise GraphLimitError(f"node {step.name}: the program would hold more than "
+                                  f"{MAX_ELEMENTS_PER_EXAMPLE} tensor elements per example at once")
+        self.held -= sum(self.sizes.pop(name, 0) for name in released)
+        return value
 
 
 def _fill(value, env: dict):

@@ -23,6 +23,7 @@ import copy
 import hashlib
 import inspect
 import json
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -116,6 +117,10 @@ MAX_ARGUMENT_ITEMS = 4096  # items of a stored list or tuple, and of a list or t
 MAX_INT = 1 << 24  # an int in the graph or a module's arguments: a size such as output_size or a repeat count
 MAX_COMPUTED_INT = 1 << 63  # an int a step makes (shape arithmetic): a squaring chain stops at its second step
 MAX_ELEMENTS_PER_EXAMPLE = 1 << 26  # tensor elements a step reads, and the program holds at once, per example
+# The multiply-adds of one run, per example: the layers whose cost grows faster than what they read and
+# make (convolutions, linear maps, matrix products, pools with a kernel). ResNet-50 at 224x224 takes 2**32,
+# VGG-16 2**34; 2**36 is about a minute of one core, where an unbounded kernel could take hours.
+MAX_MULTIPLY_ADDS_PER_EXAMPLE = 1 << 36
 MAX_VETTED_SHAPES = 1024  # input shapes remembered as within the bounds; past them, each call is vetted again
 
 _CONSTRUCTOR_SKIP = {"self", "device", "dtype"}
@@ -348,7 +353,10 @@ class _ShapeBounds:
     example of the batch; the ints and sequences a step makes; what `operator`'s arithmetic takes."""
 
     def __init__(self, input_name: str, x: torch.Tensor):
-        self.budget = MAX_ELEMENTS_PER_EXAMPLE * max(1, len(x) if x.dim() else 1)
+        examples = max(1, len(x) if x.dim() else 1)
+        self.budget = MAX_ELEMENTS_PER_EXAMPLE * examples
+        self.work_budget = MAX_MULTIPLY_ADDS_PER_EXAMPLE * examples
+        self.work = 0
         # Tensor elements of the values the run holds, by name (weights, read by get_attr, are not counted).
         self.sizes = {input_name: x.numel()}
         self.held = x.numel()
@@ -374,6 +382,10 @@ class _ShapeBounds:
                                       "its input, which the interpreter cannot bound") from exc
             raise
         _check_made(step.name, value)
+        self.work += _multiply_adds(target, args, kwargs, value)
+        if self.work > self.work_budget:
+            raise GraphLimitError(f"node {step.name}: the program would take more than "
+                                  f"{MAX_MULTIPLY_ADDS_PER_EXAMPLE} multiply-adds per example")
         self.sizes[step.name] = _elements(value)
         self.held += self.sizes[step.name]
         if self.held > self.budget:
@@ -381,6 +393,38 @@ class _ShapeBounds:
                                   f"{MAX_ELEMENTS_PER_EXAMPLE} tensor elements per example at once")
         self.held -= sum(self.sizes.pop(name, 0) for name in released)
         return value
+
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
+_POOLS = {nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.MaxPool2d: 2, nn.AvgPool2d: 2}
+_POOL_FUNCTIONS = {F.max_pool1d: 1, F.avg_pool1d: 1, F.max_pool2d: 2, F.avg_pool2d: 2}
+
+
+def _multiply_adds(target, args, kwargs, value) -> int:
+    """The multiply-adds of a call whose cost grows faster than its inputs and output (0 for the others,
+    which the element bounds cover): each output element's reduction, from the shapes alone."""
+    if isinstance(target, _CONVOLUTIONS):
+        reduction = target.in_channels // target.groups * math.prod(target.kernel_size)
+    elif isinstance(target, nn.Linear):
+        reduction = target.in_features
+    elif isinstance(target, nn.Bilinear):
+        reduction = target.in1_features * target.in2_features
+    elif target is F.linear:
+        reduction = (kwargs["weight"] if "weight" in kwargs else args[1]).shape[-1]
+    elif target is torch.matmul:
+        reduction = (kwargs["input"] if "input" in kwargs else args[0]).shape[-1]
+    elif type(target) in _POOLS:
+        reduction = _kernel_area(target.kernel_size, _POOLS[type(target)])
+    elif target in _POOL_FUNCTIONS:
+        reduction = _kernel_area(kwargs["kernel_size"] if "kernel_size" in kwargs else args[1],
+                                 _POOL_FUNCTIONS[target])
+    else:
+        return 0
+    return _elements(value) * reduction
+
+
+def _kernel_area(kernel_size, dims: int) -> int:
+    return math.prod(kernel_size) if isinstance(kernel_size, (tuple, list)) else kernel_size ** dims
 
 
 def _fill(value, env: dict):

@@ -150,6 +150,17 @@ def test_each_input_shape_is_vetted_once_and_the_weights_are_not_copied():
     assert "_meta_twin" not in dict(upstream.named_modules())
 
 
+def test_a_pool_whose_kernel_would_take_hours_is_refused_before_it_runs():
+    # `p` is 2**22 elements per example, within bounds; a max over 2**21 of them at each of 2**21 + 1
+    # positions is 2**42 comparisons (hours of a core) with its output within bounds too.
+    nodes = [_node("p", "pool", X, op="call_module"), _node("m", "slow", {"node": "p"}, op="call_module")]
+    modules = {**_pool(1 << 22), "slow": {"type": "MaxPool1d", "kwargs": {"kernel_size": 1 << 21, "stride": 1}}}
+    program = _program(nodes, modules, output=["m"])
+    with pytest.raises(GraphLimitError, match=r"^node m: the program would take more than 68719476736 "
+                                              r"multiply-adds per example$"):
+        program(torch.zeros(1, 1, 12))
+
+
 def test_the_layers_vetted_without_running_keep_their_input_shape_and_dtype():
     from torch import nn
 

@@ -349,8 +349,9 @@ def _call(kind: str, target, args, kwargs):
 
 
 class _ShapeBounds:
-    """What a run on meta tensors is held to, step by step: tensor elements read, held and made, per
-    example of the batch; the ints and sequences a step makes; what `operator`'s arithmetic takes."""
+    """What a run on meta tensors is held to, step by step: tensor elements read and held, and the
+    run's multiply-adds, per example of the batch; the ints and sequences a step makes; what
+    `operator`'s arithmetic takes."""
 
     def __init__(self, input_name: str, x: torch.Tensor):
         examples = max(1, len(x) if x.dim() else 1)

@@ -119,7 +119,7 @@ MAX_COMPUTED_INT = 1 << 63  # an int a step makes (shape arithmetic): a squaring
 MAX_ELEMENTS_PER_EXAMPLE = 1 << 26  # tensor elements a step reads, and the program holds at once, per example
 # The multiply-adds of one run, per example: the layers whose cost grows faster than what they read and
 # make (convolutions, linear maps, matrix products, pools with a kernel). ResNet-50 at 224x224 takes 2**32,
-# VGG-16 2**34; 2**36 is about a minute of one core, where an unbounded kernel could take hours.
+# VGG-16 2**34; 2**36 is minutes of one core at worst (a Bilinear's kernel), where an unbounded one takes hours.
 MAX_MULTIPLY_ADDS_PER_EXAMPLE = 1 << 36
 MAX_VETTED_SHAPES = 1024  # input shapes remembered as within the bounds; past them, each call is vetted again
 
@@ -245,7 +245,7 @@ class GraphProgram(nn.Module):
             else:
                 target = self.get_submodule(step.target) if step.op == "call_module" else step.function
                 self._plan.append(("arithmetic" if target in _ARITHMETIC else "call", target, None))
-        self._vetted: set = set()  # (shape, dtype) of inputs whose run on meta tensors passed the bounds
+        self._vetted: set = set()  # (shape, dtype, grad mode) of inputs whose run on meta tensors passed the bounds
         last_use: dict[str, int] = {}
         for i, step in enumerate(program.steps):
             for ref in _refs((step.args, step.kwargs)):
@@ -255,11 +255,11 @@ class GraphProgram(nn.Module):
                          for i in range(len(program.steps))]
 
     def forward(self, x):
-        key = (x.shape, x.dtype)
+        key = (x.shape, x.dtype, torch.is_grad_enabled())
         if key not in self._vetted:
             if torch.jit.is_tracing():
                 # The tracer (ONNX export) makes sizes traced values, on which meta kernels fail.
-                key = (torch.Size(int(d) for d in x.shape), x.dtype)
+                key = (torch.Size(int(d) for d in x.shape), x.dtype, key[2])
                 if key not in self._vetted:
                     raise RuntimeError(f"run a GraphProgram on inputs of shape {tuple(key[0])} before tracing it")
             else:
@@ -283,9 +283,10 @@ class GraphProgram(nn.Module):
                 del env[name]
         return _fill(self.program.output, env)
 
-    def _vet(self, shape: torch.Size, dtype: torch.dtype) -> None:
+    def _vet(self, shape: torch.Size, dtype: torch.dtype, grad: bool) -> None:
         """Run the program on a meta tensor of ``shape`` and ``dtype`` (shapes only: nothing is
-        allocated), checking each step against the bounds before and after it.
+        allocated), checking each step against the bounds before and after it; ``grad``: the real
+        run records for autograd, which keeps every value until the backward pass.
 
         Raises
         ------
@@ -304,7 +305,7 @@ class GraphProgram(nn.Module):
             self.__dict__["_meta_twin"] = twin  # not a submodule: .to(), state_dict() and hashes skip it
         x = torch.empty(shape, dtype=dtype, device="meta")
         with torch.no_grad():
-            twin._run(x, _ShapeBounds(self.program.input_name, x))
+            twin._run(x, _ShapeBounds(self.program.input_name, x, keep_all=grad))
 
     def with_taps(self, layers: list[str], transform: Callable[[torch.Tensor], torch.Tensor]
                   | Sequence[Callable[[torch.Tensor], torch.Tensor]], keep_output: bool = True) -> "GraphProgram":
@@ -349,29 +350,41 @@ def _call(kind: str, target, args, kwargs):
 
 
 class _ShapeBounds:
-    """What a run on meta tensors is held to, step by step: tensor elements read and held, and the
-    run's multiply-adds, per example of the batch; the ints and sequences a step makes; what
-    `operator`'s arithmetic takes."""
+    """What a run on meta tensors is held to, step by step: tensor elements read, and held at once
+    (with each step's scratch), and the run's multiply-adds, per example of the batch; the values a
+    step reads or makes, the ints and sequences it makes; what `operator`'s arithmetic takes.
 
-    def __init__(self, input_name: str, x: torch.Tensor):
+    ``keep_all``: the run records for autograd (grad mode on), which keeps every step's value alive
+    until the backward pass, so nothing is counted as released.
+    """
+
+    def __init__(self, input_name: str, x: torch.Tensor, keep_all: bool):
         examples = max(1, len(x) if x.dim() else 1)
         self.budget = MAX_ELEMENTS_PER_EXAMPLE * examples
         self.work_budget = MAX_MULTIPLY_ADDS_PER_EXAMPLE * examples
         self.work = 0
-        # Tensor elements of the values the run holds, by name (weights, read by get_attr, are not counted).
-        self.sizes = {input_name: x.numel()}
-        self.held = x.numel()
+        self.keep_all = keep_all
+        # Held memory is counted by storage, in elements: a view holds all of its base, and a value
+        # that shares its input's storage (a view, an in-place op) holds nothing more.
+        self.held = 0
+        self.storage_users: dict[int, int] = {}  # storage -> values in the run that hold it
+        # Each counted storage, kept alive while counted (meta storages take no memory) so that its
+        # identity is not reused by a new one after the run has dropped its value.
+        self.storages: dict[int, tuple[torch.UntypedStorage, int]] = {}  # storage -> (it, its elements)
+        self.storages_of: dict[str, list[int]] = {}  # value -> the storages it holds
+        self._hold(input_name, [x])
 
     def call(self, step: Step, kind: str, target, args, kwargs, released: tuple[str, ...]):
         """The step's value, once checked; ``released``: the values the run drops after it."""
         # Checked before the call: a torch.cat of 4096 references makes 4096 times what it reads.
-        if _elements((args, kwargs)) > self.budget:
+        if sum(t.numel() for t in _tensors(step.name, (args, kwargs))) > self.budget:
             raise GraphLimitError(f"node {step.name} reads more than {MAX_ELEMENTS_PER_EXAMPLE} tensor "
                                   "elements per example")
         if kind == "arithmetic" and not all(isinstance(a, _NUMBERS) for a in args):
             raise GraphLimitError(f"node {step.name}: {step.target} takes tensors and numbers only")
         try:
-            if isinstance(target, _SHAPE_PRESERVING_MODULES) and type(args[0]) is torch.Tensor:
+            if (isinstance(target, _SHAPE_PRESERVING_MODULES) and len(args) == 1 and not kwargs
+                    and type(args[0]) is torch.Tensor and args[0].is_floating_point()):
                 value = torch.empty_like(args[0])  # the same shape; meta kernels take ~1 ms for a BatchNorm
             else:
                 value = _call(kind, target, args, kwargs)
@@ -382,50 +395,108 @@ class _ShapeBounds:
                 raise GraphLimitError(f"node {step.name}: its output's shape depends on the values of "
                                       "its input, which the interpreter cannot bound") from exc
             raise
-        _check_made(step.name, value)
-        self.work += _multiply_adds(target, args, kwargs, value)
+        made = _tensors(step.name, value, made=True)
+        multiply_adds, scratch = _cost(target, args, kwargs, sum(t.numel() for t in made))
+        self.work += multiply_adds
         if self.work > self.work_budget:
             raise GraphLimitError(f"node {step.name}: the program would take more than "
                                   f"{MAX_MULTIPLY_ADDS_PER_EXAMPLE} multiply-adds per example")
-        self.sizes[step.name] = _elements(value)
-        self.held += self.sizes[step.name]
-        if self.held > self.budget:
+        self._hold(step.name, made)
+        if self.held + scratch > self.budget:
             raise GraphLimitError(f"node {step.name}: the program would hold more than "
                                   f"{MAX_ELEMENTS_PER_EXAMPLE} tensor elements per example at once")
-        self.held -= sum(self.sizes.pop(name, 0) for name in released)
+        if not self.keep_all:
+            for name in released:
+                self._drop(name)
         return value
 
+    def _hold(self, name: str, tensors: list[torch.Tensor]) -> None:
+        self.storages_of[name] = []
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = storage._cdata  # the storage's identity: the Python object is made anew on each call
+            if key not in self.storage_users:
+                self.storage_users[key] = 0
+                self.storages[key] = storage, storage.nbytes() // t.element_size()
+                self.held += self.storages[key][1]
+            self.storage_users[key] += 1
+            self.storages_of[name].append(key)
+
+    def _drop(self, name: str) -> None:
+        for key in self.storages_of.pop(name, ()):
+            self.storage_users[key] -= 1
+            if not self.storage_users[key]:
+                del self.storage_users[key]
+                self.held -= self.storages.pop(key)[1]
+
+
+MAX_VALUES_PER_STEP = 1 << 16  # tensors, numbers and items of sequences a step reads or makes, visited to check
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 _POOLS = {nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.MaxPool2d: 2, nn.AvgPool2d: 2}
 _POOL_FUNCTIONS = {F.max_pool1d: 1, F.avg_pool1d: 1, F.max_pool2d: 2, F.avg_pool2d: 2}
 
 
-def _multiply_adds(target, args, kwargs, value) -> int:
-    """The multiply-adds of a call whose cost grows faster than its inputs and output (0 for the others,
-    which the element bounds cover): each output element's reduction, from the shapes alone."""
+def _cost(target, args, kwargs, out: int) -> tuple[int, int]:
+    """``(multiply_adds, scratch)`` of a call whose cost grows faster than its inputs and its ``out``
+    output elements (``(0, 0)`` for the others, which the element bounds cover), from the shapes
+    alone: multiply_adds, each output element's reduction; scratch, the tensor elements the kernel
+    allocates beside its output (a convolution's unfolded input, a batched product's broadcast
+    operands)."""
     if isinstance(target, _CONVOLUTIONS):
         reduction = target.in_channels // target.groups * math.prod(target.kernel_size)
-    elif isinstance(target, nn.Linear):
-        reduction = target.in_features
-    elif isinstance(target, nn.Bilinear):
-        reduction = target.in1_features * target.in2_features
-    elif target is F.linear:
-        reduction = (kwargs["weight"] if "weight" in kwargs else args[1]).shape[-1]
-    elif target is torch.matmul:
-        reduction = (kwargs["input"] if "input" in kwargs else args[0]).shape[-1]
-    elif type(target) in _POOLS:
-        reduction = _kernel_area(target.kernel_size, _POOLS[type(target)])
-    elif target in _POOL_FUNCTIONS:
-        reduction = _kernel_area(kwargs["kernel_size"] if "kernel_size" in kwargs else args[1],
-                                 _POOL_FUNCTIONS[target])
-    else:
-        return 0
-    return _elements(value) * reduction
+        return out * reduction, out // target.out_channels * reduction
+    if isinstance(target, nn.Linear):
+        return out * target.in_features, 0
+    if isinstance(target, nn.Bilinear):
+        return out * target.in1_features * target.in2_features, 0
+    if target is F.linear:
+        return out * (kwargs["weight"] if "weight" in kwargs else args[1]).shape[-1], 0
+    if target is torch.matmul:
+        a = kwargs["input"] if "input" in kwargs else args[0]
+        b = kwargs["other"] if "other" in kwargs else args[1]
+        scratch = 0
+        if a.dim() > 2 or b.dim() > 2:
+            batch = math.prod(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+            scratch = batch * (math.prod(a.shape[-2:]) + math.prod(b.shape[-2:]))
+        return out * a.shape[-1], scratch
+    if type(target) in _POOLS:
+        return out * _kernel_area(target.kernel_size, _POOLS[type(target)]), 0
+    if target in _POOL_FUNCTIONS:
+        kernel_size = kwargs["kernel_size"] if "kernel_size" in kwargs else args[1]
+        return out * _kernel_area(kernel_size, _POOL_FUNCTIONS[target]), 0
+    return 0, 0
 
 
 def _kernel_area(kernel_size, dims: int) -> int:
-    return math.prod(kernel_size) if isinstance(kernel_size, (tuple, list)) else kernel_size ** dims
+    """A pool's window in elements; one size, alone or in a 1-item sequence, is every dim's."""
+    sizes = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else (kernel_size,)
+    return math.prod(sizes * dims if len(sizes) == 1 else sizes)
+
+
+def _tensors(name: str, value, made: bool = False) -> list[torch.Tensor]:
+    """The tensors in ``value``, each time it appears, visiting at most :data:`MAX_VALUES_PER_STEP`
+    items (sequences that share sequences would otherwise take exponential time to walk). ``made``:
+    ``value`` is what step ``name`` made, whose ints and sequences are checked against the bounds.
+    """
+    tensors, stack, visited = [], [value], 0
+    while stack:
+        item = stack.pop()
+        visited += 1
+        if visited > MAX_VALUES_PER_STEP:
+            raise GraphLimitError(f"node {name} reads or makes more than {MAX_VALUES_PER_STEP} values")
+        if isinstance(item, torch.Tensor):
+            tensors.append(item)
+        elif isinstance(item, (tuple, list)):
+            if made and len(item) > MAX_ARGUMENT_ITEMS:
+                raise GraphLimitError(f"node {name} makes a sequence of {len(item)} items, "
+                                      f"more than {MAX_ARGUMENT_ITEMS}")
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif made and type(item) is int and not -MAX_COMPUTED_INT < item < MAX_COMPUTED_INT:
+            raise GraphLimitError(f"node {name} makes an integer beyond ±{MAX_COMPUTED_INT}")
+    return tensors
 
 
 def _fill(value, env: dict):
@@ -440,28 +511,6 @@ def _fill(value, env: dict):
     if kind is slice:
         return slice(_fill(value.start, env), _fill(value.stop, env), _fill(value.step, env))
     return value
-
-
-def _elements(value) -> int:
-    """The tensor elements in ``value``, a tensor counted each time it appears."""
-    if isinstance(value, torch.Tensor):
-        return value.numel()
-    if isinstance(value, (tuple, list)):
-        return sum(map(_elements, value))
-    if isinstance(value, dict):
-        return sum(map(_elements, value.values()))
-    return 0
-
-
-def _check_made(name: str, value) -> None:
-    """Refuse what step ``name`` made when it is an int or a sequence past the bounds."""
-    if type(value) is int and not -MAX_COMPUTED_INT < value < MAX_COMPUTED_INT:
-        raise GraphLimitError(f"node {name} makes an integer beyond ±{MAX_COMPUTED_INT}")
-    if isinstance(value, (tuple, list)):
-        if len(value) > MAX_ARGUMENT_ITEMS:
-            raise GraphLimitError(f"node {name} makes a sequence of {len(value)} items, more than {MAX_ARGUMENT_ITEMS}")
-        for v in value:
-            _check_made(name, v)
 
 
 def _refs(value):
@@ -693,7 +742,7 @@ def _build(description, tensors: dict[str, torch.Tensor]) -> GraphProgram:
         return GraphProgram(root, Program(input_name, steps, output, description)).eval()
     except UnsafeGraphError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError) as exc:
         raise UnsafeGraphError(f"malformed graph description: {_show(str(exc))}") from exc
 
 

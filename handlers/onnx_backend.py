@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 def export_part(part: nn.Module, example: torch.Tensor) -> bytes:
     """One part as ONNX bytes, with a dynamic batch dimension. (B, *in) -> (B, *out)."""
     buffer = io.BytesIO()
-    with torch.no_grad():
-        part.eval()(example)  # a GraphProgram vets an input shape before it can be traced
+    part.eval()(example)  # a GraphProgram vets an input shape (in grad mode, as the tracer runs) before it is traced
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter warns that a newer one exists
         torch.onnx.export(part.eval(), (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,

@@ -37,11 +37,19 @@ def _planted(graph: dict, nodes: list[dict], modules: dict | None = None, output
     return graph
 
 
-def _program(nodes: list[dict], modules: dict | None = None, output: list[str] = ()):
-    """The MLP's upstream, ``x (B, 1, 12) -> relu (B, 16)``, with ``nodes`` planted."""
-    graph_json, weights = dump_graph_module(fully_connected_problem(4, 4)[0].upstream)
+def _method(name: str, target: str, *args) -> dict:
+    return _node(name, target, *args, op="call_method")
+
+
+def _program(nodes: list[dict], modules: dict | None = None, output: list[str] = (),
+             weights: dict[str, torch.Tensor] | None = None):
+    """The MLP's upstream, ``x (B, 1, 12) -> relu (B, 16)``, with ``nodes`` planted (and the
+    planted modules' ``weights``)."""
+    from safetensors.torch import load, save
+
+    graph_json, stored = dump_graph_module(fully_connected_problem(4, 4)[0].upstream)
     graph = _planted(json.loads(graph_json), nodes, modules, output)
-    return load_graph_module(json.dumps(graph).encode(), weights)
+    return load_graph_module(json.dumps(graph).encode(), save({**load(stored), **(weights or {})}))
 
 
 def _pool(output_size: int) -> dict:
@@ -105,10 +113,7 @@ def test_a_broadcast_outer_product_is_refused_before_it_is_made():
     # `p` is 2**20 elements per example, within bounds; `c` = a * b broadcasts to 2**40 (4 TiB per
     # example) from 2**21 read: only the shapes can tell, before the step runs.
     nodes = [_node("p", "pool", X, op="call_module"),
-             {"name": "a", "op": "call_method", "target": "unsqueeze", "args": {"tuple": [{"node": "p"}, 3]},
-              "kwargs": {"dict": {}}},
-             {"name": "b", "op": "call_method", "target": "unsqueeze", "args": {"tuple": [{"node": "p"}, 2]},
-              "kwargs": {"dict": {}}},
+             _method("a", "unsqueeze", {"node": "p"}, 3), _method("b", "unsqueeze", {"node": "p"}, 2),
              _node("c", "operator.mul", {"node": "a"}, {"node": "b"})]
     program = _program(nodes, _pool(1 << 20), output=["c"])
     with pytest.raises(GraphLimitError, match=r"^node c: the program would hold more than 67108864 tensor "
@@ -140,7 +145,7 @@ def test_each_input_shape_is_vetted_once_and_the_weights_are_not_copied():
     upstream = _program([])
     x = torch.randn(3, 1, 12)
     expected = upstream(x)
-    assert upstream._vetted == {(torch.Size([3, 1, 12]), torch.float32)}
+    assert upstream._vetted == {(torch.Size([3, 1, 12]), torch.float32, True)}
     torch.testing.assert_close(upstream(x), expected, rtol=0, atol=0)
     upstream(torch.randn(5, 1, 12))
     assert len(upstream._vetted) == 2
@@ -159,6 +164,85 @@ def test_a_pool_whose_kernel_would_take_hours_is_refused_before_it_runs():
     with pytest.raises(GraphLimitError, match=r"^node m: the program would take more than 68719476736 "
                                               r"multiply-adds per example$"):
         program(torch.zeros(1, 1, 12))
+
+
+def _held(name: str) -> str:
+    return rf"^node {name}: the program would hold more than 67108864 tensor elements per example at once$"
+
+
+def test_small_views_of_released_values_count_as_the_storage_they_keep():
+    # Each c_i (2**24 elements) is released once sliced, but its one-column view keeps all of it:
+    # counted by the view's elements, 120 of them held 7.5 GiB.
+    nodes = [_node("p", "pool", X, op="call_module"),
+             _method("a", "unsqueeze", {"node": "p"}, 3), _method("b", "unsqueeze", {"node": "p"}, 2)]
+    for i in range(6):
+        nodes += [_node(f"c{i}", "operator.mul", {"node": "a"}, {"node": "b"}),
+                  _node(f"v{i}", "operator.getitem", {"node": f"c{i}"},
+                        {"tuple": [{"ellipsis": True}, {"slice": [0, 1, None]}]})]
+    program = _program(nodes, _pool(1 << 12), output=[f"v{i}" for i in range(6)])
+    with pytest.raises(GraphLimitError, match=_held("c3")):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_a_batched_product_counts_its_broadcast_operands():
+    # (32, 1, 1, 2**16) @ (1, 32, 2**16, 1) reads 2**22 and makes 2**10, but ATen copies both operands
+    # broadcast to the (32, 32) batch: 2**27 elements.
+    k = 1 << 16
+    nodes = [_node("pa", "pool", X, op="call_module"), _node("a", "torch.reshape", {"node": "pa"}, {"tuple": [32, 1, 1, k]}),
+             _node("pb", "pool", X, op="call_module"), _node("b", "torch.reshape", {"node": "pb"}, {"tuple": [1, 32, k, 1]}),
+             _node("c", "torch.matmul", {"node": "a"}, {"node": "b"})]
+    program = _program(nodes, _pool(32 * k), output=["c"])
+    with pytest.raises(GraphLimitError, match=_held("c")):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_a_convolution_counts_its_unfolded_input():
+    # One 4096-wide filter over 2**15 positions of a zero-padded 12-value input: 2**27 multiply-adds,
+    # within their bound, but ATen's kernel for it unfolds the input to 2**27 elements first.
+    nodes = [_node("c", "conv", X, op="call_module")]
+    conv = {"conv": {"type": "Conv1d", "kwargs": {"in_channels": 1, "out_channels": 1, "kernel_size": 4096,
+                                                  "padding": 1 << 14, "bias": False}}}
+    program = _program(nodes, conv, output=["c"], weights={"conv.weight": torch.zeros(1, 1, 4096)})
+    with pytest.raises(GraphLimitError, match=_held("c")):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_a_run_recorded_for_autograd_keeps_every_value():
+    # Each sigmoid releases its input, but autograd keeps it for the backward pass (the Grad-CAM
+    # downstream runs so): five values of 2**24 are held at once, not two.
+    nodes = [_node("s0", "pool", X, op="call_module")]
+    nodes += [_node(f"s{i}", "torch.sigmoid", {"node": f"s{i - 1}"}) for i in range(1, 5)]
+    nodes.append(_node("total", "torch.sum", {"node": "s4"}))
+    program = _program(nodes, _pool(1 << 24), output=["total"])
+    with torch.no_grad():
+        program(torch.zeros(1, 1, 12))
+    with torch.enable_grad(), pytest.raises(GraphLimitError, match=_held("s3")):
+        program(torch.zeros(1, 1, 12, requires_grad=True))
+
+
+def test_lists_of_shared_lists_are_refused_before_they_are_walked():
+    # l2 is 4096 references to one 4096-item list: the checks would visit 2**24 items (20 s), a
+    # third level 2**36.
+    everything = {"slice": [None, None, None]}
+    nodes = [_node("l1", "operator.getitem", [0] * 4096, everything),
+             _node("l2", "operator.getitem", [{"node": "l1"}] * 4096, everything),
+             _node("first", "operator.getitem", {"node": "l2"}, 0)]
+    program = _program(nodes, output=["first"])
+    with pytest.raises(GraphLimitError, match=r"^node l2 reads or makes more than 65536 values$"):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_a_pools_one_kernel_size_is_every_dims():
+    from handlers.graph_program import _kernel_area
+
+    assert [_kernel_area(4096, 2), _kernel_area([4096], 2), _kernel_area((3, 5), 2), _kernel_area([7], 1)] \
+        == [1 << 24, 1 << 24, 15, 7]
+
+
+def test_a_module_that_cannot_be_built_is_an_unsafe_graph():
+    with pytest.raises(UnsafeGraphError, match=r"^malformed graph description: 'integer modulo by zero'$"):
+        _program([_node("g", "norm", X, op="call_module")],
+                 {"norm": {"type": "GroupNorm", "kwargs": {"num_groups": 0, "num_channels": 4}}})
 
 
 def test_the_layers_vetted_without_running_keep_their_input_shape_and_dtype():

@@ -117,9 +117,10 @@ MAX_ARGUMENT_ITEMS = 4096  # items of a stored list or tuple, and of a list or t
 MAX_INT = 1 << 24  # an int in the graph or a module's arguments: a size such as output_size or a repeat count
 MAX_COMPUTED_INT = 1 << 63  # an int a step makes (shape arithmetic): a squaring chain stops at its second step
 MAX_ELEMENTS_PER_EXAMPLE = 1 << 26  # tensor elements a step reads, and the program holds at once, per example
-# The multiply-adds of one run, per example: the layers whose cost grows faster than what they read and
-# make (convolutions, linear maps, matrix products, pools with a kernel). ResNet-50 at 224x224 takes 2**32,
-# VGG-16 2**34; 2**36 is minutes of one core at worst (a Bilinear's kernel), where an unbounded one takes hours.
+# The multiply-adds of one run, per example: those of the layers whose cost grows faster than what they
+# read and make (convolutions, linear maps, matrix products, pools), and one per element every other step
+# reads or makes. ResNet-50 at 224x224 takes 2**32, VGG-16 2**34; 2**36 is minutes of one core at worst
+# (a Bilinear's kernel), where an unbounded graph takes hours.
 MAX_MULTIPLY_ADDS_PER_EXAMPLE = 1 << 36
 MAX_VETTED_SHAPES = 1024  # input shapes remembered as within the bounds; past them, each call is vetted again
 
@@ -363,6 +364,7 @@ class _ShapeBounds:
         self.budget = MAX_ELEMENTS_PER_EXAMPLE * examples
         self.work_budget = MAX_MULTIPLY_ADDS_PER_EXAMPLE * examples
         self.work = 0
+        self.visited = 0
         self.keep_all = keep_all
         # Held memory is counted by storage, in elements: a view holds all of its base, and a value
         # that shares its input's storage (a view, an in-place op) holds nothing more.
@@ -377,7 +379,8 @@ class _ShapeBounds:
     def call(self, step: Step, kind: str, target, args, kwargs, released: tuple[str, ...]):
         """The step's value, once checked; ``released``: the values the run drops after it."""
         # Checked before the call: a torch.cat of 4096 references makes 4096 times what it reads.
-        if sum(t.numel() for t in _tensors(step.name, (args, kwargs))) > self.budget:
+        read = sum(t.numel() for t in self._tensors(step.name, (args, kwargs)))
+        if read > self.budget:
             raise GraphLimitError(f"node {step.name} reads more than {MAX_ELEMENTS_PER_EXAMPLE} tensor "
                                   "elements per example")
         if kind == "arithmetic" and not all(isinstance(a, _NUMBERS) for a in args):
@@ -395,20 +398,46 @@ class _ShapeBounds:
                 raise GraphLimitError(f"node {step.name}: its output's shape depends on the values of "
                                       "its input, which the interpreter cannot bound") from exc
             raise
-        made = _tensors(step.name, value, made=True)
-        multiply_adds, scratch = _cost(target, args, kwargs, sum(t.numel() for t in made))
-        self.work += multiply_adds
-        if self.work > self.work_budget:
-            raise GraphLimitError(f"node {step.name}: the program would take more than "
-                                  f"{MAX_MULTIPLY_ADDS_PER_EXAMPLE} multiply-adds per example")
+        made = self._tensors(step.name, value, made=True)
+        out = sum(t.numel() for t in made)
+        multiply_adds, scratch = _cost(target, args, kwargs, value, out)
         self._hold(step.name, made)
         if self.held + scratch > self.budget:
             raise GraphLimitError(f"node {step.name}: the program would hold more than "
                                   f"{MAX_ELEMENTS_PER_EXAMPLE} tensor elements per example at once")
+        self.work += multiply_adds + read + out  # a step without a reduction: one per element it touches
+        if self.work > self.work_budget:
+            raise GraphLimitError(f"node {step.name}: the program would take more than "
+                                  f"{MAX_MULTIPLY_ADDS_PER_EXAMPLE} multiply-adds per example")
         if not self.keep_all:
             for name in released:
                 self._drop(name)
         return value
+
+    def _tensors(self, name: str, value, made: bool = False) -> list[torch.Tensor]:
+        """The tensors in ``value``, each time it appears; the run visits at most
+        :data:`MAX_VALUES_PER_RUN` values (sequences that share sequences would otherwise take
+        exponential time to walk). ``made``: ``value`` is what step ``name`` made, whose ints and
+        sequences are checked against the bounds."""
+        tensors, stack = [], [value]
+        while stack:
+            item = stack.pop()
+            self.visited += 1
+            if self.visited > MAX_VALUES_PER_RUN:
+                raise GraphLimitError(f"node {name}: the program would read or make more than "
+                                      f"{MAX_VALUES_PER_RUN} values")
+            if isinstance(item, torch.Tensor):
+                tensors.append(item)
+            elif isinstance(item, (tuple, list)):
+                if made and len(item) > MAX_ARGUMENT_ITEMS:
+                    raise GraphLimitError(f"node {name} makes a sequence of {len(item)} items, "
+                                          f"more than {MAX_ARGUMENT_ITEMS}")
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+            elif made and type(item) is int and not -MAX_COMPUTED_INT < item < MAX_COMPUTED_INT:
+                raise GraphLimitError(f"node {name} makes an integer beyond ±{MAX_COMPUTED_INT}")
+        return tensors
 
     def _hold(self, name: str, tensors: list[torch.Tensor]) -> None:
         self.storages_of[name] = []
@@ -430,22 +459,32 @@ class _ShapeBounds:
                 self.held -= self.storages.pop(key)[1]
 
 
-MAX_VALUES_PER_STEP = 1 << 16  # tensors, numbers and items of sequences a step reads or makes, visited to check
+MAX_VALUES_PER_RUN = 1 << 20  # tensors, numbers and items of sequences the steps read or make, visited to check
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 _POOLS = {nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.MaxPool2d: 2, nn.AvgPool2d: 2}
 _POOL_FUNCTIONS = {F.max_pool1d: 1, F.avg_pool1d: 1, F.max_pool2d: 2, F.avg_pool2d: 2}
+_ADAPTIVE_POOLS_2D = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, *_ADAPTIVE_POOLS_2D)
+_ADAPTIVE_POOL_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
 
 
-def _cost(target, args, kwargs, out: int) -> tuple[int, int]:
+def _cost(target, args, kwargs, value, out: int) -> tuple[int, int]:
     """``(multiply_adds, scratch)`` of a call whose cost grows faster than its inputs and its ``out``
     output elements (``(0, 0)`` for the others, which the element bounds cover), from the shapes
     alone: multiply_adds, each output element's reduction; scratch, the tensor elements the kernel
-    allocates beside its output (a convolution's unfolded input, a batched product's broadcast
-    operands)."""
+    allocates beside its output (a convolution's unfolded input and padded copy, a batched product's
+    broadcast operands, advanced indexing's int64 indices)."""
     if isinstance(target, _CONVOLUTIONS):
         reduction = target.in_channels // target.groups * math.prod(target.kernel_size)
-        return out * reduction, out // target.out_channels * reduction
+        scratch = out // target.out_channels * reduction
+        if target.padding_mode != "zeros":  # F.pad makes a padded copy of the input first (twice, measured)
+            x, dims = args[0], len(target.kernel_size)
+            pads = ([d * (k - 1) for d, k in zip(target.dilation, target.kernel_size)] if target.padding == "same"
+                    else [0] * dims if target.padding == "valid" else [2 * p for p in target.padding])
+            grid = x.shape[-dims:]
+            scratch += 2 * x.numel() // math.prod(grid) * math.prod(n + p for n, p in zip(grid, pads))
+        return out * reduction, scratch
     if isinstance(target, nn.Linear):
         return out * target.in_features, 0
     if isinstance(target, nn.Bilinear):
@@ -465,6 +504,16 @@ def _cost(target, args, kwargs, out: int) -> tuple[int, int]:
     if target in _POOL_FUNCTIONS:
         kernel_size = kwargs["kernel_size"] if "kernel_size" in kwargs else args[1]
         return out * _kernel_area(kernel_size, _POOL_FUNCTIONS[target]), 0
+    if isinstance(target, _ADAPTIVE_POOLS) or target in _ADAPTIVE_POOL_FUNCTIONS:
+        # Each output element reduces a window of at most ceil(in / out) + 1 inputs along each pooled dim.
+        x, made = args[0], (value[0] if isinstance(value, tuple) else value)
+        dims = 2 if isinstance(target, _ADAPTIVE_POOLS_2D) or target is F.adaptive_avg_pool2d else 1
+        window = math.prod(-(-n // max(1, m)) + 1 for n, m in zip(x.shape[-dims:], made.shape[-dims:]))
+        return out * window, 0
+    if target is operator.getitem and isinstance(args[1], (tuple, torch.Tensor)):
+        # Tensor indices are broadcast together and each converted to int64 at the output's size.
+        indices = sum(isinstance(i, torch.Tensor) for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        return 0, 2 * indices * out
     return 0, 0
 
 
@@ -472,31 +521,6 @@ def _kernel_area(kernel_size, dims: int) -> int:
     """A pool's window in elements; one size, alone or in a 1-item sequence, is every dim's."""
     sizes = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else (kernel_size,)
     return math.prod(sizes * dims if len(sizes) == 1 else sizes)
-
-
-def _tensors(name: str, value, made: bool = False) -> list[torch.Tensor]:
-    """The tensors in ``value``, each time it appears, visiting at most :data:`MAX_VALUES_PER_STEP`
-    items (sequences that share sequences would otherwise take exponential time to walk). ``made``:
-    ``value`` is what step ``name`` made, whose ints and sequences are checked against the bounds.
-    """
-    tensors, stack, visited = [], [value], 0
-    while stack:
-        item = stack.pop()
-        visited += 1
-        if visited > MAX_VALUES_PER_STEP:
-            raise GraphLimitError(f"node {name} reads or makes more than {MAX_VALUES_PER_STEP} values")
-        if isinstance(item, torch.Tensor):
-            tensors.append(item)
-        elif isinstance(item, (tuple, list)):
-            if made and len(item) > MAX_ARGUMENT_ITEMS:
-                raise GraphLimitError(f"node {name} makes a sequence of {len(item)} items, "
-                                      f"more than {MAX_ARGUMENT_ITEMS}")
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif made and type(item) is int and not -MAX_COMPUTED_INT < item < MAX_COMPUTED_INT:
-            raise GraphLimitError(f"node {name} makes an integer beyond ±{MAX_COMPUTED_INT}")
-    return tensors
 
 
 def _fill(value, env: dict):

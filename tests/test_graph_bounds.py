@@ -37,8 +37,8 @@ def _planted(graph: dict, nodes: list[dict], modules: dict | None = None, output
     return graph
 
 
-def _method(name: str, target: str, *args) -> dict:
-    return _node(name, target, *args, op="call_method")
+def _method(name: str, target: str, *args, **kwargs) -> dict:
+    return _node(name, target, *args, op="call_method", **kwargs)
 
 
 def _program(nodes: list[dict], modules: dict | None = None, output: list[str] = (),
@@ -228,7 +228,62 @@ def test_lists_of_shared_lists_are_refused_before_they_are_walked():
              _node("l2", "operator.getitem", [{"node": "l1"}] * 4096, everything),
              _node("first", "operator.getitem", {"node": "l2"}, 0)]
     program = _program(nodes, output=["first"])
-    with pytest.raises(GraphLimitError, match=r"^node l2 reads or makes more than 65536 values$"):
+    with pytest.raises(GraphLimitError, match=r"^node l2: the program would read or make more than 1048576 values$"):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_many_steps_of_shared_lists_are_refused_before_they_are_walked():
+    # Each step reads 15 references to one 4096-item list (61 440 values): 2000 of them took the
+    # checks 31 s, the real run 0.01 s.
+    everything = {"slice": [None, None, None]}
+    nodes = [_node("l1", "operator.getitem", [0] * 4096, everything)]
+    nodes += [_node(f"g{i}", "operator.getitem", [{"node": "l1"}] * 15, 0) for i in range(20)]
+    program = _program(nodes, output=[f"g{i}" for i in range(20)])
+    with pytest.raises(GraphLimitError, match=r"^node g15: the program would read or make more than 1048576 values$"):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_a_2d_adaptive_pool_counts_its_windows():
+    # 2**14 outputs each averaging a column of 2**22 values: 2**37 additions from small tensors.
+    nodes = [_node("p", "pool", X, op="call_module"),
+             _node("col", "torch.reshape", {"node": "p"}, {"tuple": [1, 1, 1 << 22, 1]}),
+             _node("a", "wide", {"node": "col"}, op="call_module")]
+    modules = {**_pool(1 << 22), "wide": {"type": "AdaptiveAvgPool2d", "kwargs": {"output_size": [1, 1 << 14]}}}
+    program = _program(nodes, modules, output=["a"])
+    with pytest.raises(GraphLimitError, match=r"^node a: the program would take more than 68719476736 "
+                                              r"multiply-adds per example$"):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_a_convolution_counts_its_padded_copy():
+    # A 3-wide kernel dilated over 2**25 replicated pads: 12 outputs, but F.pad copies 2**25 + 12 values
+    # (and takes twice that).
+    pad = 1 << 24
+    conv = {"conv": {"type": "Conv1d", "kwargs": {"in_channels": 1, "out_channels": 1, "kernel_size": 3,
+                                                  "padding": pad, "dilation": pad, "padding_mode": "replicate",
+                                                  "bias": False}}}
+    program = _program([_node("c", "conv", X, op="call_module")], conv, output=["c"],
+                       weights={"conv.weight": torch.zeros(1, 1, 3)})
+    with pytest.raises(GraphLimitError, match=_held("c")):
+        program(torch.zeros(1, 1, 12))
+
+
+def test_advanced_indexing_counts_its_int64_indices():
+    # Six int32 index tensors of 16 broadcast to 2**24 positions; ATen makes each an int64 tensor of
+    # that size first (1.5 GB for a 64 MiB answer).
+    nodes = [_node("one", "operator.getitem", X, {"tuple": [0, 0, {"slice": [0, 1, None]}]}),
+             _method("t", "reshape", {"node": "one"}, *[1] * 6)]
+    indices = []
+    for m in range(6):
+        shape = [1] * 6
+        shape[m] = 16
+        nodes += [_node(f"z{m}", "torch.cat", [X] * 16, dim=0),
+                  _method(f"s{m}", "sum", {"node": f"z{m}"}, dim=[1, 2], dtype={"dtype": "int32"}),
+                  _method(f"i{m}", "reshape", {"node": f"s{m}"}, *shape)]
+        indices.append({"node": f"i{m}"})
+    nodes.append(_node("r", "operator.getitem", {"node": "t"}, {"tuple": indices}))
+    program = _program(nodes, output=["r"])
+    with pytest.raises(GraphLimitError, match=_held("r")):
         program(torch.zeros(1, 1, 12))
 
 

@@ -122,6 +122,7 @@ MAX_ELEMENTS_PER_EXAMPLE = 1 << 26  # tensor elements a step reads, and the prog
 # reads or makes. ResNet-50 at 224x224 takes 2**32, VGG-16 2**34; 2**36 is minutes of one core at worst
 # (a Bilinear's kernel), where an unbounded graph takes hours.
 MAX_MULTIPLY_ADDS_PER_EXAMPLE = 1 << 36
+MAX_VALUES_PER_RUN = 1 << 20  # tensors, numbers and items of sequences the steps read or make, visited to check
 MAX_VETTED_SHAPES = 1024  # input shapes remembered as within the bounds; past them, each call is vetted again
 
 _CONSTRUCTOR_SKIP = {"self", "device", "dtype"}
@@ -213,13 +214,14 @@ class GraphProgram(nn.Module):
     The program itself lives in the attribute ``program`` (so no submodule may be named
     ``program`` or one of the private names in ``_RESERVED_NAMES``). Intermediate values are
     released after their last use, as generated code would.
-    Before the first call with an input of a given shape, the program runs once on meta tensors of
-    that shape, which allocate nothing, and each step is checked against the bounds before and after
-    it (:data:`MAX_ELEMENTS_PER_EXAMPLE` and the ints and lengths above). So a crafted graph is
-    refused with :class:`GraphLimitError` naming its step before any of its memory is taken, even by
-    a step that makes far more than it reads (a broadcast outer product, a convolution's padding),
-    and a graph whose shapes depend on its values is refused. Calls with a vetted shape run unchecked;
-    so does ``torch.jit``'s tracer (ONNX export), which needs the shape vetted before.
+    Before the first call with an input of a given shape (and grad mode), the program runs once on
+    meta tensors of that shape, which allocate nothing, and each step is checked against the bounds
+    before and after it (:data:`MAX_ELEMENTS_PER_EXAMPLE`, :data:`MAX_MULTIPLY_ADDS_PER_EXAMPLE` and
+    the others above). So a crafted graph is refused with :class:`GraphLimitError` naming its step
+    before any of its memory or time is taken, even by a step that makes far more than it reads (a
+    broadcast outer product, a convolution's padding), and a graph whose shapes depend on its values
+    is refused. Calls with a vetted shape run unchecked; so does ``torch.jit``'s tracer (ONNX
+    export), which needs the shape vetted before.
     """
 
     def __init__(self, root: nn.Module, program: Program):
@@ -369,10 +371,9 @@ class _ShapeBounds:
         # Held memory is counted by storage, in elements: a view holds all of its base, and a value
         # that shares its input's storage (a view, an in-place op) holds nothing more.
         self.held = 0
-        self.storage_users: dict[int, int] = {}  # storage -> values in the run that hold it
-        # Each counted storage, kept alive while counted (meta storages take no memory) so that its
-        # identity is not reused by a new one after the run has dropped its value.
-        self.storages: dict[int, tuple[torch.UntypedStorage, int]] = {}  # storage -> (it, its elements)
+        # storage -> [it, its elements, the values in the run that hold it]; the storage is kept alive
+        # while counted (meta storages take no memory) so that its identity is not reused by a new one.
+        self.storages: dict[int, list] = {}
         self.storages_of: dict[str, list[int]] = {}  # value -> the storages it holds
         self._hold(input_name, [x])
 
@@ -444,22 +445,18 @@ class _ShapeBounds:
         for t in tensors:
             storage = t.untyped_storage()
             key = storage._cdata  # the storage's identity: the Python object is made anew on each call
-            if key not in self.storage_users:
-                self.storage_users[key] = 0
-                self.storages[key] = storage, storage.nbytes() // t.element_size()
+            if key not in self.storages:
+                self.storages[key] = [storage, storage.nbytes() // t.element_size(), 0]
                 self.held += self.storages[key][1]
-            self.storage_users[key] += 1
+            self.storages[key][2] += 1
             self.storages_of[name].append(key)
 
     def _drop(self, name: str) -> None:
         for key in self.storages_of.pop(name, ()):
-            self.storage_users[key] -= 1
-            if not self.storage_users[key]:
-                del self.storage_users[key]
+            self.storages[key][2] -= 1
+            if not self.storages[key][2]:
                 self.held -= self.storages.pop(key)[1]
 
-
-MAX_VALUES_PER_RUN = 1 << 20  # tensors, numbers and items of sequences the steps read or make, visited to check
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 _POOLS = {nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.MaxPool2d: 2, nn.AvgPool2d: 2}
@@ -506,9 +503,9 @@ def _cost(target, args, kwargs, value, out: int) -> tuple[int, int]:
         return out * _kernel_area(kernel_size, _POOL_FUNCTIONS[target]), 0
     if isinstance(target, _ADAPTIVE_POOLS) or target in _ADAPTIVE_POOL_FUNCTIONS:
         # Each output element reduces a window of at most ceil(in / out) + 1 inputs along each pooled dim.
-        x, made = args[0], (value[0] if isinstance(value, tuple) else value)
+        x, pooled = args[0], (value[0] if isinstance(value, tuple) else value)  # (pooled, indices) with return_indices
         dims = 2 if isinstance(target, _ADAPTIVE_POOLS_2D) or target is F.adaptive_avg_pool2d else 1
-        window = math.prod(-(-n // max(1, m)) + 1 for n, m in zip(x.shape[-dims:], made.shape[-dims:]))
+        window = math.prod(-(-n // max(1, m)) + 1 for n, m in zip(x.shape[-dims:], pooled.shape[-dims:]))
         return out * window, 0
     if target is operator.getitem and isinstance(args[1], (tuple, torch.Tensor)):
         # Tensor indices are broadcast together and each converted to int64 at the output's size.
